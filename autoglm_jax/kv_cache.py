@@ -1,0 +1,48 @@
+"""A preallocated dense KV cache for single-batch generation (the engine uses the paged cache instead).
+
+Slot ``s`` of row ``b`` holds the key/value of position ``s``. A query at position ``p`` attends to slots
+``0..p``; slots past ``p`` may hold stale values (right padding, earlier rows) and are masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from .config import GLMConfig
+from .model.attention_ops import gqa_attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseKVCache:
+    k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+    v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+
+    @classmethod
+    def create(cls, cfg: GLMConfig, batch: int, max_len: int, dtype) -> "DenseKVCache":
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros(), v=zeros())
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @staticmethod
+    def nbytes(cfg: GLMConfig, batch: int, max_len: int, dtype) -> int:
+        return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+    def attend(self, layer: int, q, k, v, positions, *, scale: float):
+        """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache."""
+        rows = jnp.arange(q.shape[0])[:, None]
+        k_all = self.k[layer].at[rows, positions].set(k.astype(self.k[layer].dtype), mode="drop")
+        v_all = self.v[layer].at[rows, positions].set(v.astype(self.v[layer].dtype), mode="drop")
+        slots = jnp.arange(self.max_len)
+        mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        out = gqa_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale=scale)
+        new = DenseKVCache(k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
+                           v=self.v[:layer] + (v_all,) + self.v[layer + 1:])
+        return out, new

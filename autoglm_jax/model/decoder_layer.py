@@ -1,0 +1,36 @@
+"""One GLM decoder layer: pre-norm attention and MLP with residuals (glm4 adds a post-norm to each)."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from ..config import GLMConfig
+from .attention import Attention
+from .mlp import MLP
+from .norm import RMSNorm
+from .remat import ATTENTION_OUT, MLP_OUT
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: GLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_norm = norm()
+        self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attn_norm = norm() if cfg.post_norms else None
+        self.mlp_norm = norm()
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype,
+                       init_std=cfg.initializer_range, rngs=rngs)
+        self.post_mlp_norm = norm() if cfg.post_norms else None
+
+    def __call__(self, h: jax.Array, positions: jax.Array, *, layer: int, cache=None, attention_mask=None):
+        """h: [B, T, D] -> ([B, T, D], cache)."""
+        a, cache = self.attn(self.input_norm(h), positions, layer=layer, cache=cache, attention_mask=attention_mask)
+        if self.post_attn_norm is not None:
+            a = self.post_attn_norm(a)
+        h = h + checkpoint_name(a, ATTENTION_OUT)
+        m = self.mlp(self.mlp_norm(h))
+        if self.post_mlp_norm is not None:
+            m = self.post_mlp_norm(m)
+        return h + checkpoint_name(m, MLP_OUT), cache
