@@ -1,0 +1,128 @@
+"""Generation over a preallocated dense KV cache: one jitted prefill, one jitted decode step (donated cache).
+
+The prompts of a batch are right-padded to a common length; each row keeps its own positions, so row b's
+decode step t writes slot ``len_b + t`` and attends to slots ``0..len_b + t``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .kv_cache import DenseKVCache
+from .sampling import sample_tokens
+
+CACHE_BUCKET = 128  # cache lengths are rounded up to this, so nearby requests share one compilation
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] | None = None  # None = the model config's
+    cache_dtype: str | None = None  # None = the model's compute dtype
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = no limit)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _prefill(graphdef, state, input_ids, positions, cache, last_index):
+    model = nnx.merge(graphdef, state)
+    h, cache = model.hidden_states(input_ids, positions, cache=cache)
+    h_last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]  # [B, D]
+    return model.logits(h_last), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(4,))
+def _decode(graphdef, state, tokens, positions, cache, keys, temperature, top_k, top_p, all_greedy):
+    model = nnx.merge(graphdef, state)
+    h, cache = model.hidden_states(tokens[:, None], positions[:, None], cache=cache)
+    logits = model.logits(h[:, 0])
+    return sample_tokens(logits, keys, temperature, top_k, top_p, all_greedy=all_greedy), cache
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _sample_first(logits, keys, temperature, top_k, top_p, all_greedy):
+    return sample_tokens(logits, keys, temperature, top_k, top_p, all_greedy=all_greedy)
+
+
+def _row_keys(seed: int, step: int, batch: int):
+    return jax.random.split(jax.random.fold_in(jax.random.key(seed), step), batch)
+
+
+def generate_stream(model, prompts: Sequence[Sequence[int]], config: GenerationConfig = GenerationConfig()
+                    ) -> Iterator[np.ndarray]:
+    """Yields the next token of every row, [B] int32, once per step (rows that finished repeat their EOS).
+
+    Raises before any device work when a prompt is empty or prompt + max_new_tokens exceeds the context.
+    """
+    cfg = model.cfg
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    lens = np.array([len(p) for p in prompts], np.int32)
+    limit = cfg.max_position_embeddings
+    if lens.max() + config.max_new_tokens > limit:
+        raise ValueError(f"prompt of {lens.max()} tokens + max_new_tokens={config.max_new_tokens} exceeds the "
+                         f"model's context of {limit} positions")
+    batch, t = len(prompts), int(lens.max())
+    ids = np.zeros((batch, t), np.int32)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = p
+    cache_len = min(-(-(t + config.max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET, limit)
+    eos = np.array(config.eos_token_ids if config.eos_token_ids is not None else cfg.eos_token_ids, np.int32)
+
+    graphdef, state = nnx.split(model)
+    cache = DenseKVCache.create(cfg, batch, cache_len, config.cache_dtype or model.dtype)
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t))
+    temperature = jnp.full((batch,), config.temperature, jnp.float32)
+    top_k = jnp.full((batch,), config.top_k, jnp.int32)
+    top_p = jnp.full((batch,), config.top_p, jnp.float32)
+    greedy = config.temperature == 0
+
+    logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(positions), cache, jnp.asarray(lens - 1))
+    token = _sample_first(logits, _row_keys(config.seed, 0, batch), temperature, top_k, top_p, greedy)
+    done = np.zeros(batch, bool)
+    for step in range(config.max_new_tokens):
+        host = np.asarray(token)
+        if step > 0:
+            host = np.where(done, last, host)
+        done |= np.isin(host, eos)
+        last = host
+        yield host
+        if done.all() or step == config.max_new_tokens - 1:
+            return
+        token, cache = _decode(graphdef, state, token, jnp.asarray(lens + step), cache,
+                               _row_keys(config.seed, step + 1, batch), temperature, top_k, top_p, greedy)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], config: GenerationConfig = GenerationConfig()
+             ) -> list[list[int]]:
+    """Returns each row's new tokens, cut after its first EOS (which is kept)."""
+    steps = list(generate_stream(model, prompts, config))
+    out = []
+    eos = set(config.eos_token_ids if config.eos_token_ids is not None else model.cfg.eos_token_ids)
+    for b in range(len(prompts)):
+        row = []
+        for s in steps:
+            row.append(int(s[b]))
+            if row[-1] in eos:
+                break
+        out.append(row)
+    return out
