@@ -120,3 +120,26 @@ def export_orbax_to_hf(orbax_dir: str | os.PathLike, hf_dir: str | os.PathLike, 
         shutil.copy2(orbax_dir / "config.json", tmp / "config.json")
         _copy_side_files(orbax_dir, tmp)
     return Path(hf_dir)
+
+
+def save_pretrained(model, out_dir: str | os.PathLike, *, side_files_from: str | os.PathLike | None = None,
+                    quantization: dict | None = None, overwrite: bool = False, extra_meta: dict | None = None) -> Path:
+    """Writes a model held in memory (trained, quantized or random) in this project's Orbax layout.
+
+    ``side_files_from``: a directory whose tokenizer/generation files are copied alongside.
+    """
+    from flax import nnx
+
+    tree = nnx.state(model).to_pure_dict()
+    with orbax_io.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        params = tmp / "params"
+        params.mkdir()
+        groups = orbax_io.split_groups(tree)
+        for name, sub in groups.items():
+            orbax_io.write_group(params, name, sub)
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf_dict(), indent=2))
+        if side_files_from is not None:
+            _copy_side_files(Path(side_files_from), tmp)
+        orbax_io.write_marker(tmp, dtype=str(np.dtype(model.param_dtype)), groups=list(groups),
+                              quantization=quantization, extra=extra_meta)
+    return Path(out_dir)
