@@ -1,0 +1,348 @@
+"""Paged decode attention: one query token per sequence over a paged KV cache (flash-decoding).
+
+Public: ``paged_attention`` (dispatch), ``paged_attention_reference`` (plain jnp, the truth).
+
+GPU kernel (Pallas, Triton lowering; grid (B, K, S)): program (b, k, s) owns sequence b, kv head k and
+the s-th split of b's pages. It loads the G query heads of kv head k once ([G, H], G padded to 16 rows
+for the tensor cores), then streams ``pages_per_block`` pages at a time: the page ids are gathered
+from the page table, K and V pages of head k are loaded once and used by all G query heads
+(logits [G, pages_per_block * L]), with an online softmax in float32. With one split the kernel
+writes the normalized output; with several, each split writes its normalized partial output
+[G, H] and log-sum-exp [G] (base 2) and a small combine kernel merges them:
+out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. Empty splits carry lse = -1e30
+and weigh nothing. int8 pages are dequantized in the kernel: K scales multiply the logits per key,
+V scales multiply the probabilities per key (both per token per head), so no dequantized copy exists.
+
+Keys past a sequence's length are masked and V rows past it are zeroed before the product, so stale
+or non-finite slot contents never leak; page-table entries past the last used page are replaced by
+page 0 and entries are clamped into the pool, so no launch reads outside the pool.
+
+Block sizes (keyword-only, static): pages_per_block, num_splits, num_warps, num_stages; when None
+they come from kernels_pallas/tuned/paged_attention.json (written by experiments/tune_paged_attention.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .kv_pages import _is_concrete, page_geometry, validate_page_table
+
+MASK_VALUE = -1e30  # finite: fully masked rows stay NaN-free
+LOG2E = 1.4426950408889634
+BACKENDS = ("triton", "reference")
+_TUNED_PATH = Path(__file__).with_name("tuned") / "paged_attention.json"
+
+
+# ----------------------------------------------------------------------------------------- reference
+def paged_attention_reference(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, v_scales=None,
+                              scale=None):
+    """Decode attention in plain jnp (float32 math). q [B, N, H] -> [B, N, H] in q's dtype."""
+    b, n, h = q.shape
+    kv_heads, _, page_size, _ = k_pages.shape
+    scale = h ** -0.5 if scale is None else scale
+    k = gather_pages(k_pages, page_table, k_scales)  # [B, S, K, H] float32
+    v = gather_pages(v_pages, page_table, v_scales)
+    valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]  # [B, S]
+    k = jnp.where(valid[:, :, None, None], k, 0.0)
+    v = jnp.where(valid[:, :, None, None], v, 0.0)
+    qg = q.astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)  # [B, K, G, H]
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k, precision="highest") * scale
+    logits = jnp.where(valid[:, None, None, :], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgs,bskh->bkgh", probs, v, precision="highest")
+    out = jnp.where((lengths > 0)[:, None, None, None], out, 0.0)
+    return out.reshape(b, n, h).astype(q.dtype)
+
+
+def gather_pages(pages, page_table, scales=None):
+    """[K, P, L, H] pages (+ [K, P, L] scales) and [B, max_pages] table -> [B, max_pages * L, K, H] f32."""
+    kv_heads, num_pages, page_size, h = pages.shape
+    pt = jnp.clip(page_table, 0, num_pages - 1)
+    x = pages[:, pt].astype(jnp.float32)  # [K, B, max_pages, L, H]
+    if scales is not None:
+        x = x * scales[:, pt][..., None]
+    b, mp = page_table.shape
+    return jnp.transpose(x.reshape(kv_heads, b, mp * page_size, h), (1, 2, 0, 3))
+
+
+# ----------------------------------------------------------------------------------------- tuning
+@functools.lru_cache(maxsize=1)
+def _tuned_table() -> dict:
+    try:
+        return json.loads(_TUNED_PATH.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def tuned_blocks(op: str, **key) -> dict:
+    """Nearest tuned entry for ``op`` on this device: same page_size/quantized/group, nearest batch and
+    context (log scale). Returns {} when the table has nothing for this device."""
+    entries = _tuned_table().get(op, {}).get(device_kind(), [])
+    exact = ("page_size", "quantized", "group")
+    cands = [e for e in entries if all(e["key"].get(f) == key.get(f) for f in exact)]
+    if not cands:
+        return {}
+    dist = lambda e: sum(abs(math.log2(max(e["key"][f], 1)) - math.log2(max(key[f], 1)))
+                         for f in ("batch", "context") if f in key and f in e["key"])
+    return dict(min(cands, key=dist)["blocks"])
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------- GPU kernel
+def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad, page_size,
+                   pages_per_block, pages_per_split, num_pages, max_pages, scale, quantized, direct):
+    # len_ref [B]; pt_ref [B, max_pages]; q_ref [B, N, H]; k_ref, v_ref [P, L, H] (head k);
+    # scales [P, L]; outputs: direct -> o_ref [B, N, H], else o_ref [G_pad, H] f32, lse_ref [G_pad].
+    if quantized:
+        ks_ref, vs_ref, *outs = refs
+    else:
+        outs = refs
+    b, kh, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    head_dim = q_ref.shape[-1]
+    block = pages_per_block * page_size
+    length = len_ref[b]
+    n_pages = jnp.minimum((length + page_size - 1) // page_size, max_pages)
+    p0 = s * pages_per_split
+    p1 = jnp.minimum(p0 + pages_per_split, n_pages)
+    n_iter = (jnp.maximum(p1 - p0, 0) + pages_per_block - 1) // pages_per_block
+
+    row_ok = jnp.broadcast_to((jnp.arange(group_pad) < group)[:, None], (group_pad, head_dim))
+    q_at = q_ref.at[b, pl.ds(kh * group, group_pad), :]
+    q = pltriton.load(q_at, mask=row_ok, other=0) if group_pad != group else q_ref[b, pl.ds(kh * group, group), :]
+    cdt = q.dtype
+
+    def body(i, carry):
+        acc, m, l = carry
+        pstart = p0 + i * pages_per_block
+        page_ok = pstart + jnp.arange(pages_per_block) < n_pages
+        ids = pltriton.load(pt_ref.at[b, pl.ds(pstart, pages_per_block)], mask=page_ok, other=0)
+        ids = jnp.clip(jnp.where(page_ok, ids, 0), 0, num_pages - 1)
+        k = k_ref[ids].reshape(block, head_dim)
+        v = v_ref[ids].reshape(block, head_dim)
+        valid = pstart * page_size + jnp.arange(block) < length
+        logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if quantized:
+            logits = logits * ks_ref[ids].reshape(1, block)
+        logits = jnp.where(valid[None, :], logits * (scale * LOG2E), MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(logits - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        if quantized:
+            p = p * vs_ref[ids].reshape(1, block)
+        v = jnp.where(valid[:, None], v.astype(cdt), jnp.zeros((), cdt))
+        acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
+                                                     preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    init = (jnp.zeros((group_pad, head_dim), jnp.float32), jnp.full((group_pad,), MASK_VALUE, jnp.float32),
+            jnp.zeros((group_pad,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, n_iter, body, init)
+    nonempty = l > 0
+    out = acc / jnp.where(nonempty, l, 1.0)[:, None]
+    if direct:
+        (o_ref,) = outs
+        o_at = o_ref.at[b, pl.ds(kh * group, group_pad), :]
+        if group_pad != group:
+            pltriton.store(o_at, out.astype(o_ref.dtype), mask=row_ok)
+        else:
+            o_ref[b, pl.ds(kh * group, group), :] = out.astype(o_ref.dtype)
+    else:
+        o_ref, lse_ref = outs
+        o_ref[...] = out
+        lse_ref[...] = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), MASK_VALUE)
+
+
+def _combine_kernel(o_part_ref, lse_ref, o_ref, *, group, group_pad, num_splits):
+    # o_part_ref [B, K, S, G_pad, H] f32; lse_ref [B, K, S, G_pad]; o_ref [B, N, H].
+    b, kh = pl.program_id(0), pl.program_id(1)
+    head_dim = o_ref.shape[-1]
+
+    def body(s, carry):
+        acc, m, d = carry
+        lse = lse_ref[b, kh, s, :]
+        m_new = jnp.maximum(m, lse)
+        alpha, w = jnp.exp2(m - m_new), jnp.exp2(lse - m_new)
+        return acc * alpha[:, None] + w[:, None] * o_part_ref[b, kh, s, :, :], m_new, d * alpha + w
+
+    init = (jnp.zeros((group_pad, head_dim), jnp.float32), jnp.full((group_pad,), MASK_VALUE, jnp.float32),
+            jnp.zeros((group_pad,), jnp.float32))
+    acc, _, d = lax.fori_loop(0, num_splits, body, init)
+    out = (acc / d[:, None]).astype(o_ref.dtype)
+    if group_pad != group:
+        row_ok = jnp.broadcast_to((jnp.arange(group_pad) < group)[:, None], (group_pad, head_dim))
+        pltriton.store(o_ref.at[b, pl.ds(kh * group, group_pad), :], out, mask=row_ok)
+    else:
+        o_ref[b, pl.ds(kh * group, group), :] = out
+
+
+def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **given) -> dict:
+    """Fills unset block sizes: tuned table first, then a default; clamps to what the shapes allow."""
+    blocks = {k: v for k, v in given.items() if v is not None}
+    if len(blocks) < 4:
+        tuned = tuned_blocks("decode", page_size=page_size, quantized=quantized, group=group,
+                             batch=batch, context=max_pages * page_size)
+        default = dict(pages_per_block=max(1, 128 // page_size), num_splits=-(-512 // (batch * kv_heads)),
+                       num_warps=4, num_stages=3)
+        blocks = {**default, **tuned, **blocks}
+    ppb = blocks["pages_per_block"]
+    if ppb < 1 or ppb & (ppb - 1):
+        raise ValueError(f"pages_per_block must be a power of two >= 1; got {ppb}")
+    ppb = min(ppb, _pow2(max_pages))
+    splits = max(1, min(int(blocks["num_splits"]), -(-max_pages // ppb)))
+    pages_per_split = -(-(-(-max_pages // splits)) // ppb) * ppb
+    return dict(pages_per_block=ppb, pages_per_split=pages_per_split,
+                num_splits=-(-max_pages // pages_per_split),
+                num_warps=int(blocks["num_warps"]), num_stages=int(blocks["num_stages"]))
+
+
+def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, blocks,
+                   interpret, poison):
+    batch, n, head_dim = q.shape
+    kv_heads, num_pages, page_size, _ = k_pages.shape
+    group = n // kv_heads
+    group_pad = max(16, _pow2(group))
+    splits, pps = blocks["num_splits"], blocks["pages_per_split"]
+    quantized = k_scales is not None
+    direct = splits == 1
+    kernel = functools.partial(
+        _decode_kernel, group=group, group_pad=group_pad, page_size=page_size,
+        pages_per_block=blocks["pages_per_block"], pages_per_split=pps, num_pages=num_pages,
+        max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct)
+    whole = pl.BlockSpec()
+    pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, k, s: (k, 0, 0, 0))
+    scales_spec = pl.BlockSpec((None, num_pages, page_size), lambda b, k, s: (k, 0, 0))
+    in_specs = [whole, whole, whole, pages_spec, pages_spec] + ([scales_spec] * 2 if quantized else [])
+    args = [lengths, page_table, q, k_pages, v_pages] + ([k_scales, v_scales] if quantized else [])
+    params = pltriton.CompilerParams(num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
+    if direct:
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        out_specs = [whole]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, splits, group_pad, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, kv_heads, splits, group_pad), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, group_pad, head_dim), lambda b, k, s: (b, k, s, 0, 0)),
+                     pl.BlockSpec((None, None, None, group_pad), lambda b, k, s: (b, k, s, 0))]
+    aliases = {}
+    if poison:  # tests: every output element starts as NaN and must be overwritten
+        args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+        in_specs += out_specs
+        aliases = {len(args) - len(out_shape) + i: i for i in range(len(out_shape))}
+        kernel = _drop_aliased_inputs(kernel, len(out_shape))
+    outs = pl.pallas_call(
+        kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, input_output_aliases=aliases, compiler_params=params, interpret=interpret,
+        name=f"paged_decode_g{group}_l{page_size}_ppb{blocks['pages_per_block']}_s{splits}",
+    )(*args)
+    if direct:
+        return outs[0]
+    o_part, lse = outs
+    combine_args, combine_specs, combine_alias, combine = [o_part, lse], [whole, whole], {}, _combine_kernel
+    combine = functools.partial(_combine_kernel, group=group, group_pad=group_pad, num_splits=splits)
+    if poison:
+        combine_args.append(jnp.full(q.shape, jnp.nan, q.dtype))
+        combine_specs.append(whole)
+        combine_alias = {2: 0}
+        combine = _drop_aliased_inputs(combine, 1)
+    return pl.pallas_call(
+        combine, grid=(batch, kv_heads), in_specs=combine_specs, out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), input_output_aliases=combine_alias,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
+        name=f"paged_decode_combine_s{splits}",
+    )(*combine_args)
+
+
+def _drop_aliased_inputs(kernel, n_out):
+    """The aliased (poisoned) input refs are the same buffers as the outputs: hide them from the kernel."""
+    def wrapped(*refs):
+        return kernel(*refs[: len(refs) - 2 * n_out], *refs[len(refs) - n_out:])
+    return wrapped
+
+
+# ----------------------------------------------------------------------------------------- dispatch
+def check_decode_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales):
+    """Static (shape/dtype) checks; raises ValueError before any launch. Returns (K, P, L, H)."""
+    kv_heads, num_pages, page_size, head_dim = page_geometry(k_pages, v_pages, k_scales, v_scales)
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, N, H]; got shape {q.shape}")
+    batch, n, h = q.shape
+    if h != head_dim:
+        raise ValueError(f"q head_dim {h} must equal the pages' head_dim {head_dim}")
+    if n % kv_heads:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kv_heads} (G = N / K)")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q must be floating point; got {q.dtype}")
+    if lengths.shape != (batch,) or lengths.dtype != jnp.int32:
+        raise ValueError(f"lengths must be int32 [B] = ({batch},); got {lengths.dtype} {lengths.shape}")
+    if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.dtype != jnp.int32:
+        raise ValueError(f"page_table must be int32 [B={batch}, max_pages]; got {page_table.dtype} {page_table.shape}")
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page size L={page_size} must be a power of two (16..256 are supported)")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim H={head_dim} must be a power of two >= 16")
+    return kv_heads, num_pages, page_size, head_dim
+
+
+def _select_backend(backend, interpret):
+    if backend is None:
+        platform = jax.default_backend()
+        backend = "triton" if (platform == "gpu" or interpret) else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
+    return backend
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "num_splits", "num_warps",
+                                             "num_stages", "backend", "interpret", "poison"))
+def _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, pages_per_block,
+                     num_splits, num_warps, num_stages, backend, interpret, poison):
+    kv_heads, _, page_size, head_dim = k_pages.shape
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    if backend == "reference":
+        return paged_attention_reference(q, k_pages, v_pages, lengths, page_table, k_scales=k_scales,
+                                         v_scales=v_scales, scale=scale)
+    blocks = decode_blocks(q.shape[0], kv_heads, q.shape[1] // kv_heads, page_table.shape[1], page_size,
+                           k_scales is not None, pages_per_block=pages_per_block, num_splits=num_splits,
+                           num_warps=num_warps, num_stages=num_stages)
+    return _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
+                          blocks=blocks, interpret=interpret, poison=poison)
+
+
+def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, v_scales=None, scale=None,
+                    pages_per_block=None, num_splits=None, num_warps=None, num_stages=None, backend=None,
+                    interpret=False, _poison=False):
+    """Decode attention over a paged KV cache.
+
+    q [B, N, H]; k_pages, v_pages [K, P, L, H] (bf16/f16/f32, or int8 with k_scales, v_scales [K, P, L]
+    float32); lengths [B] int32 (keys 0..lengths[b]-1, the new token's k/v already written);
+    page_table [B, max_pages] int32. Returns [B, N, H] in q's dtype; query head n uses kv head n // G.
+    A sequence of length 0 gets zeros. ``scale`` defaults to H**-0.5.
+
+    backend: None picks the Pallas GPU kernel on GPU (and under ``interpret=True`` anywhere) and the
+    jnp reference elsewhere; "triton" or "reference" force one. Block sizes default to the tuned table.
+    Shapes are checked before launch; concrete page tables and lengths are also checked on the host
+    (``validate_page_table``).
+    """
+    check_decode_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
+    if _is_concrete(lengths, page_table):
+        validate_page_table(page_table, lengths, num_pages=k_pages.shape[1], page_size=k_pages.shape[2])
+    return _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
+                            pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
+                            num_stages=num_stages, backend=_select_backend(backend, interpret),
+                            interpret=interpret, poison=_poison)
