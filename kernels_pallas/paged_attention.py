@@ -145,7 +145,7 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
         p = jnp.exp2(logits - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         if quantized:
-            p = p * vs_ref[ids].reshape(1, block)
+            p = p * jnp.where(valid[None, :], vs_ref[ids].reshape(1, block), 0.0)
         v = jnp.where(valid[:, None], v.astype(cdt), jnp.zeros((), cdt))
         acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32)

@@ -124,9 +124,9 @@ def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *ref
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(logits - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        if quantized:
-            p = p * vs_ref[ids].reshape(1, block)
         key_ok = pstart * page_size + jnp.arange(block) < kv_end
+        if quantized:
+            p = p * jnp.where(key_ok[None, :], vs_ref[ids].reshape(1, block), 0.0)
         v = jnp.where(key_ok[:, None], v.astype(cdt), jnp.zeros((), cdt))
         acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32)

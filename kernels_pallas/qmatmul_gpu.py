@@ -1,0 +1,171 @@
+"""GPU Pallas kernels (Triton lowering) for ``y[M, O] = x[M, I] @ dequant(w)[I, O]`` on quantized weights.
+
+Shape letters: M rows of x, K = I (reduction), N = O. Two kernels share one body per format:
+
+* ``gemv`` (one row of x, decode): each program owns ``block_n`` columns and a 1/``split_k`` slice of K; it
+  keeps a ``[block_k, block_n]`` float32 FMA accumulator (no tensor cores, no per-step reductions) and
+  reduces it once at the end. Partial sums of the K slices are added by XLA.
+* ``dot`` (tensor cores): ``[block_m, block_n]`` tiles, K loop of ``block_k`` steps, int -> bf16/f16
+  dequantization in registers before ``jnp.dot``; W8A8 uses an int8 x int8 -> int32 dot.
+
+Grid ``(M / block_m, N / block_n, split_k)``: M varies fastest, so programs sharing a weight tile run
+together and the tile is read from DRAM once. Columns past N are masked on load and store (ragged N);
+x is padded to a multiple of ``block_m`` by the caller. Scales (and zero points) are applied per output
+channel (int8) or per group (int4) to the float32 accumulator.
+
+This file knows nothing of dispatch; ``quantized_matmul.py`` validates inputs and picks the config.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .qmatmul_tiles import TileConfig
+from .quant_formats import Int4Weight, Int8Weight, W8A8Weight
+
+_MAGIC = 0x4B000000  # float32 bits of 2**23: or-ing a small non-negative int n into the mantissa gives 2**23 + n
+_TWO23 = 8388608.0
+
+
+def _int8_to_f32(q, fast: bool):
+    """int8 [..] -> float32 exactly; fast: sign-extend, add 2**23 + 128 as bits, subtract."""
+    if not fast:
+        return q.astype(jnp.float32)
+    bits = q.astype(jnp.int32) + (_MAGIC + 128)
+    return lax.bitcast_convert_type(bits, jnp.float32) - (_TWO23 + 128.0)
+
+
+def _nibble_minus(u, z, fast: bool):
+    """u int32 in [0, 15], z float32 zero point -> (u - z) float32 exactly."""
+    if not fast:
+        return u.astype(jnp.float32) - z
+    return lax.bitcast_convert_type(u | _MAGIC, jnp.float32) - (_TWO23 + z)
+
+
+def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group: int, has_zero: bool):
+    if fmt == "w8a8":
+        x_ref, sx_ref, w_ref, s_ref, o_ref = refs
+        z_ref = None
+    elif has_zero:
+        x_ref, w_ref, s_ref, z_ref, o_ref = refs
+    else:
+        x_ref, w_ref, s_ref, o_ref = refs
+        z_ref = None
+    bn, fast = cfg.block_n, cfg.fast_dequant
+    cols = pl.program_id(1) * bn + jnp.arange(bn, dtype=jnp.int32)
+    cmask = cols < n_total  # [BN]: ragged N
+    total_steps = k_total // cfg.block_k
+    per_split = pl.cdiv(total_steps, cfg.split_k)
+    first = pl.program_id(2) * per_split
+    steps = jnp.clip(total_steps - first, 0, per_split)
+
+    def load_cols(ref, rows, dtype=None):  # [rows, BN] tile of a [*, N] ref, zeros past N
+        v = pltriton.load(ref.at[rows, :], mask=cmask[None, :], other=0)
+        return v if dtype is None else v.astype(dtype)
+
+    def load_row(ref, r):  # [1, BN] row r of a [*, N] ref, as float32
+        return load_cols(ref, pl.ds(r, 1), jnp.float32)
+
+    if fmt in ("int8", "w8a8"):
+        bk = cfg.block_k
+        if cfg.kernel == "gemv":
+            def body(i, acc):
+                k0 = pl.multiple_of((first + i) * bk, bk)
+                xt = x_ref[0, pl.ds(k0, bk)].astype(jnp.float32)  # [BK]
+                wt = _int8_to_f32(load_cols(w_ref, pl.ds(k0, bk)), fast)  # [BK, BN]
+                return acc + xt[:, None] * wt
+            acc2 = lax.fori_loop(0, steps, body, jnp.zeros((bk, bn), jnp.float32))
+            acc = jnp.sum(acc2, axis=0)[None, :]
+        elif fmt == "w8a8":
+            def body(i, acc):
+                k0 = pl.multiple_of((first + i) * bk, bk)
+                xt = x_ref[:, pl.ds(k0, bk)]  # [BM, BK] int8
+                wt = load_cols(w_ref, pl.ds(k0, bk))  # [BK, BN] int8
+                return acc + jnp.dot(xt, wt, preferred_element_type=jnp.int32)
+            acci = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.int32))
+            acc = acci.astype(jnp.float32) * sx_ref[...]
+        else:
+            def body(i, acc):
+                k0 = pl.multiple_of((first + i) * bk, bk)
+                xt = x_ref[:, pl.ds(k0, bk)]  # [BM, BK]
+                wt = _int8_to_f32(load_cols(w_ref, pl.ds(k0, bk)), fast).astype(xt.dtype)
+                return acc + jnp.dot(xt, wt, preferred_element_type=jnp.float32)
+            acc = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.float32))
+        acc = acc * load_row(s_ref, 0)
+    else:  # int4, half-group packing: packed rows g*G/2 + j hold x columns g*G + j (lo) and g*G + G/2 + j (hi)
+        g2 = group // 2
+        gps = cfg.block_k // group
+
+        def group_terms(g):
+            p = load_cols(w_ref, pl.ds(pl.multiple_of(g * g2, g2), g2), jnp.int32)  # [G/2, BN]
+            z = load_row(z_ref, g) if z_ref is not None else 8.0
+            s = load_row(s_ref, g)
+            return _nibble_minus(p & 0xF, z, fast), _nibble_minus(p >> 4, z, fast), s
+
+        if cfg.kernel == "gemv":
+            def body(i, acc):
+                for j in range(gps):
+                    g = (first + i) * gps + j
+                    lo, hi, s = group_terms(g)
+                    k0 = pl.multiple_of(g * group, group)
+                    xl = x_ref[0, pl.ds(k0, g2)].astype(jnp.float32)
+                    xh = x_ref[0, pl.ds(k0 + g2, g2)].astype(jnp.float32)
+                    acc = acc + (xl[:, None] * lo + xh[:, None] * hi) * s
+                return acc
+            acc2 = lax.fori_loop(0, steps, body, jnp.zeros((g2, bn), jnp.float32))
+            acc = jnp.sum(acc2, axis=0)[None, :]
+        else:
+            def body(i, acc):
+                for j in range(gps):
+                    g = (first + i) * gps + j
+                    lo, hi, s = group_terms(g)
+                    k0 = pl.multiple_of(g * group, group)
+                    xl = x_ref[:, pl.ds(k0, g2)]
+                    xh = x_ref[:, pl.ds(k0 + g2, g2)]
+                    part = (jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
+                            + jnp.dot(xh, hi.astype(xh.dtype), preferred_element_type=jnp.float32))
+                    acc = acc + part * s
+                return acc
+            acc = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.float32))
+    pltriton.store(o_ref, acc.astype(o_ref.dtype), mask=jnp.broadcast_to(cmask[None, :], acc.shape))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "interpret"))
+def gpu_qmatmul(x, sx, w, *, cfg: TileConfig, out_dtype, interpret: bool = False):
+    """x: [Mp, K] (int8 for W8A8 with sx [Mp, 1] float32, else float with sx None), Mp a multiple of
+    ``cfg.block_m``; w: a validated format -> [Mp, N] in ``out_dtype`` (split_k == 1) or float32 partial
+    sums [split_k, Mp, N]."""
+    mp, k = x.shape
+    n = w.out_features
+    bm, bn = cfg.block_m, cfg.block_n
+    fmt = "w8a8" if isinstance(w, W8A8Weight) else "int8" if isinstance(w, Int8Weight) else "int4"
+    group = w.group if isinstance(w, Int4Weight) else 0
+    grid = (mp // bm, pl.cdiv(n, bn), cfg.split_k)
+    full_k = lambda rows: pl.BlockSpec((rows, bn), lambda mi, ni, si: (0, ni))
+    x_spec = pl.BlockSpec((bm, k), lambda mi, ni, si: (mi, 0))
+    if fmt == "int4":
+        operands = [x, w.packed, w.scale] + ([w.zero] if w.zero is not None else [])
+        specs = [x_spec, full_k(k // 2), full_k(k // group)] + ([full_k(k // group)] if w.zero is not None else [])
+    else:
+        operands = [x] + ([sx] if fmt == "w8a8" else []) + [w.qweight, w.scale.reshape(1, n)]
+        specs = ([x_spec] + ([pl.BlockSpec((bm, 1), lambda mi, ni, si: (mi, 0))] if fmt == "w8a8" else [])
+                 + [full_k(k), full_k(1)])
+    if cfg.split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((mp, n), out_dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda mi, ni, si: (mi, ni))
+    else:
+        out_shape = jax.ShapeDtypeStruct((cfg.split_k, mp, n), jnp.float32)
+        out_spec = pl.BlockSpec((pl.squeezed, bm, bn), lambda mi, ni, si: (si, mi, ni))
+    kernel = functools.partial(_kernel, fmt=fmt, cfg=cfg, n_total=n, k_total=k, group=group,
+                               has_zero=fmt == "int4" and w.zero is not None)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=specs, out_specs=out_spec,
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret, name=f"qmatmul_{fmt}_{cfg.kernel}",
+    )(*operands)

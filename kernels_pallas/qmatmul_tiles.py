@@ -1,0 +1,103 @@
+"""Tile choice for ``quantized_matmul``: the ``TileConfig`` dataclass and the tuned table lookup.
+
+The table (``kernels_pallas/tuned/quantized_matmul.json``) is written by ``experiments/tune_qmatmul.py``:
+one entry per (device, format, M bucket, K, N) with the measured-fastest config, which may be ``"xla"``
+(dequantize-then-dot through XLA) where that beat every kernel. Lookup: exact (device, format, K, N) at the
+smallest tuned M >= M (else the largest tuned M); then the same (device, format) at any shape with the same M
+bucket; else ``default_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned", "quantized_matmul.json")
+KERNELS = ("gemv", "dot", "xla")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TileConfig:
+    """kernel: "gemv" (one row of x, FMA on CUDA cores, split-K), "dot" (tensor-core tiles), or "xla".
+
+    block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
+    step (int4: a multiple of the group), split_k programs along K (partial sums reduced by XLA),
+    num_warps / num_stages for the Triton compiler, fast_dequant: int -> float by exponent bit tricks
+    instead of int-to-float converts.
+    """
+
+    kernel: str = "dot"
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    fast_dequant: bool = True
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"TileConfig.kernel={self.kernel!r}; allowed: {KERNELS}")
+        for name in ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TileConfig.{name}={v!r} must be a positive int")
+        for name in ("block_n", "block_k", "block_m"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"TileConfig.{name}={v} must be a power of two")
+        if self.kernel == "gemv" and self.block_m != 1:
+            raise ValueError("TileConfig: the gemv kernel takes block_m=1")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_config(fmt: str, m: int) -> TileConfig:
+    """The untuned fallback: gemv for one row (not W8A8), small dot tiles for decode, large ones for prefill."""
+    if m == 1 and fmt != "w8a8":
+        return TileConfig(kernel="gemv", block_m=1, block_n=256, block_k=64, split_k=4, num_warps=4,
+                          num_stages=3)
+    if m <= 64:
+        return TileConfig(kernel="dot", block_m=16 if m <= 16 else 32 if m <= 32 else 64, block_n=128,
+                          block_k=128, split_k=4, num_warps=4, num_stages=4)
+    return TileConfig(kernel="dot", block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8,
+                      num_stages=3)
+
+
+def device_key(device_kind: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; unknown kinds are lower-cased with spaces removed."""
+    kind = device_kind.lower()
+    for key in ("h100", "h200", "a100", "l4"):
+        if key in kind:
+            return key
+    return kind.replace(" ", "")
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str = TABLE_PATH) -> tuple:
+    """-> tuple of entries (dicts with device, format, m, k, n, config)."""
+    if not os.path.exists(path):
+        return ()
+    with open(path) as f:
+        data = json.load(f)
+    return tuple(data.get("entries", ()))
+
+
+def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None = None) -> TileConfig:
+    """Tuned config for this problem, or ``default_config`` when the table has none."""
+    entries = [e for e in (load_table() if table is None else table)
+               if e["device"] == device and e["format"] == fmt]
+    if not entries:
+        return default_config(fmt, m)
+    ms = sorted({e["m"] for e in entries})
+    bucket = next((b for b in ms if b >= m), ms[-1])
+    same_m = [e for e in entries if e["m"] == bucket]
+    exact = [e for e in same_m if e["k"] == k and e["n"] == n]
+    pick = exact[0] if exact else min(same_m, key=lambda e: abs(e["k"] * e["n"] - k * n))
+    cfg = TileConfig(**pick["config"])
+    if cfg.kernel == "gemv" and m != 1:  # a gemv entry only serves one row
+        return default_config(fmt, m) if m != 1 else cfg
+    return cfg

@@ -1,0 +1,161 @@
+"""``quantized_matmul(x, qweight)``: ``y[..., O] = x[..., I] @ dequant(qweight)[I, O] (+ bias)``, one entry point.
+
+Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py``. Dispatch by platform:
+
+* GPU: the Pallas kernels of ``qmatmul_gpu.py`` (Triton lowering; ``gemv`` for one row, ``dot`` tiles
+  otherwise), tile config from the tuned table (``qmatmul_tiles.lookup``); where the table says XLA's
+  dequantize-then-dot was faster for that shape, that path. float32 activations take the XLA path.
+* TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
+* CPU: ``quantized_matmul_reference``; ``interpret=True`` runs a Pallas kernel in interpret mode instead.
+
+``impl`` forces a path: ``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"``, ``"reference"`` (``"auto"`` = above).
+Every path is checked against ``quantized_matmul_reference`` (float32 dequantize-then-dot at highest
+precision; W8A8: the same per-token int8 activation quantization and an exact int32 product).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import qmatmul_tiles
+from .qmatmul_tiles import TileConfig
+from .quant_formats import (FORMAT_TYPES, Int4Weight, QuantFormatError, W8A8Weight, quantize_activations)
+
+IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "xla", "reference")
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise QuantFormatError(msg)
+
+
+def validate_inputs(x, qweight, bias=None, out_dtype=None):
+    """Raise ``QuantFormatError`` (a ValueError) naming what is wrong, before any device work."""
+    _check(isinstance(qweight, FORMAT_TYPES),
+           f"qweight must be one of {[t.__name__ for t in FORMAT_TYPES]}; got {type(qweight).__name__}")
+    qweight.validate()
+    _check(hasattr(x, "shape") and hasattr(x, "dtype"), f"x must be an array; got {type(x).__name__}")
+    _check(jnp.dtype(x.dtype) in FLOAT_DTYPES,
+           f"x must be float32, bfloat16 or float16; got {x.dtype} (quantize weights, not activations: "
+           "W8A8 quantizes x itself)")
+    _check(x.ndim >= 1 and x.shape[-1] == qweight.in_features,
+           f"x[..., I] must have I = {qweight.in_features} (the weight's in_features); got x.shape={x.shape}")
+    if bias is not None:
+        _check(bias.shape == (qweight.out_features,) and jnp.issubdtype(bias.dtype, jnp.floating),
+               f"bias must be float [O={qweight.out_features}]; got {bias.dtype} {bias.shape}")
+    if out_dtype is not None:
+        _check(jnp.dtype(out_dtype) in FLOAT_DTYPES, f"out_dtype must be a float dtype; got {out_dtype}")
+
+
+def _finish(y, bias, out_dtype, lead_shape):
+    y = y.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype).reshape(*lead_shape, y.shape[-1])
+
+
+def quantized_matmul_reference(x, qweight, *, bias=None, out_dtype=None):
+    """Plain jnp: float32 ``x @ qweight.dequantize()``; W8A8: per-token int8 x, exact int32 product."""
+    validate_inputs(x, qweight, bias, out_dtype)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(qweight, W8A8Weight):
+        xq, sx = quantize_activations(x2)
+        acc = jnp.dot(xq.astype(jnp.int32), qweight.qweight.astype(jnp.int32))
+        y = acc.astype(jnp.float32) * sx * qweight.scale.astype(jnp.float32)[None, :]
+    else:
+        y = jnp.dot(x2.astype(jnp.float32), qweight.dequantize(jnp.float32), precision=lax.Precision.HIGHEST)
+    return _finish(y, bias, out_dtype, x.shape[:-1])
+
+
+def xla_quantized_matmul(x2, qweight):
+    """XLA's dequantize-then-dot in the activation dtype (the baseline, and the fallback) -> [M, N] float32."""
+    if isinstance(qweight, W8A8Weight):
+        xq, sx = quantize_activations(x2)
+        acc = jnp.dot(xq, qweight.qweight, preferred_element_type=jnp.int32)
+        return acc.astype(jnp.float32) * sx * qweight.scale.astype(jnp.float32)[None, :]
+    if isinstance(qweight, Int4Weight):
+        w = qweight.dequantize(x2.dtype)
+        return jnp.dot(x2, w, preferred_element_type=jnp.float32)
+    y = jnp.dot(x2, qweight.qweight.astype(x2.dtype), preferred_element_type=jnp.float32)
+    return y * qweight.scale.astype(jnp.float32)[None, :]
+
+
+def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
+    """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group),
+    split_k at most the number of K steps, block_m not far above M, W8A8 never on the gemv kernel."""
+    k = qweight.in_features
+    group = qweight.group if isinstance(qweight, Int4Weight) else 16
+    bk = max(cfg.block_k, group)
+    while k % bk and bk > group:
+        bk //= 2
+    kernel, bm = cfg.kernel, cfg.block_m
+    if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
+        kernel, bm = "dot", 16
+    if kernel == "dot":
+        bm = max(16, min(bm, 1 << max(m - 1, 1).bit_length()))
+    split = max(1, min(cfg.split_k, k // bk))
+    return dataclasses.replace(cfg, kernel=kernel, block_m=bm, block_k=bk, split_k=split)
+
+
+def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype):
+    m = x2.shape[0]
+    if isinstance(qweight, W8A8Weight):
+        xk, sx = quantize_activations(x2)
+    else:
+        xk, sx = x2, None
+    mp = -(-m // cfg.block_m) * cfg.block_m
+    if mp != m:
+        xk = jnp.pad(xk, ((0, mp - m), (0, 0)))
+        sx = None if sx is None else jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
+    if platform == "tpu":
+        from .qmatmul_tpu import tpu_qmatmul
+        y = tpu_qmatmul(xk, sx, qweight, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+    else:
+        from .qmatmul_gpu import gpu_qmatmul
+        y = gpu_qmatmul(xk, sx, qweight, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+        if cfg.split_k > 1:
+            y = jnp.sum(y, axis=0)
+    return y[:m]
+
+
+def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto", interpret: bool = False,
+                     config: TileConfig | None = None):
+    """``x[..., I]`` (float32/bfloat16/float16) times a quantized ``[I, O]`` weight -> ``[..., O]``.
+
+    bias: optional ``[O]``; out_dtype defaults to x's dtype; impl: one of ``IMPLS``; interpret: run the
+    Pallas kernel in interpret mode (CPU tests); config: a ``TileConfig`` overriding the tuned table.
+    """
+    validate_inputs(x, qweight, bias, out_dtype)
+    _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
+    _check(config is None or isinstance(config, TileConfig), f"config must be a TileConfig; got {config!r}")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    platform = jax.default_backend()
+    if impl == "auto":
+        if interpret:
+            impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+        else:
+            impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
+    if impl == "reference":
+        return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k, n = x2.shape[0], qweight.in_features, qweight.out_features
+    if impl.startswith("pallas"):
+        if config is None:
+            dev = qmatmul_tiles.device_key(jax.devices()[0].device_kind)
+            config = qmatmul_tiles.lookup(dev, qweight.name, m, k, n)
+        # XLA where the table says it is faster, for float32 activations, or where K has no 16-row tiles.
+        if config.kernel == "xla" or (x.dtype == jnp.float32 and not interpret) or k % 16:
+            impl = "xla"
+    if impl == "xla":
+        y = xla_quantized_matmul(x2, qweight)
+    else:
+        cfg = fit_config(config, qweight, m)
+        y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,
+                    jnp.float32 if bias is not None else out_dtype)
+    return _finish(y, bias, out_dtype, x.shape[:-1])
