@@ -18,7 +18,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
         key = rngs.params()
         self.kernel = nnx.Param(
-            (init_std * jax.random.normal(key, (in_features, out_features), jnp.float32)).astype(param_dtype),
+            init_std * jax.random.normal(key, (in_features, out_features), param_dtype),
             logical_axes=axes)
         self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
                      if use_bias else None)

@@ -1,0 +1,100 @@
+"""Shared by the benchmark scripts: device naming, versions, copy bandwidth, timing and result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_info() -> dict:
+    import jax
+
+    d = jax.devices()[0]
+    return {"platform": d.platform, "kind": getattr(d, "device_kind", str(d)), "count": jax.device_count()}
+
+
+def gpu_tag() -> str:
+    """'h100', 'h200', ... from the device kind; 'cpu' without an accelerator."""
+    kind = device_info()["kind"].lower()
+    for tag in ("h200", "h100", "a100", "l4", "v5", "v6"):
+        if tag in kind:
+            return tag
+    return "cpu" if "cpu" in kind else kind.replace(" ", "_")
+
+
+def versions() -> dict:
+    import importlib
+
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "transformers", "triton"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - absent packages are simply not listed
+            pass
+    return out
+
+
+def measure_copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = nbytes // 4
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)  # one read and one write of every element
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def time_fn(fn, *args, warmup: int = 3, reps: int = 20) -> float:
+    """Median seconds of ``fn(*args)`` (blocking on the result)."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str | Path, name: str, *, rows: list[dict], summary: dict, columns: list[str],
+                  extra: dict | None = None, notes: str = "", device: dict | None = None) -> Path:
+    """Writes ``<name>.json`` (device, date, versions, rows, summary) and ``<name>.md`` beside it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"device": device or device_info(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "versions": versions(), "summary": summary, "rows": rows, **(extra or {})}
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    md = [f"# {name}", "", f"device: {payload['device']}  ", f"date: {payload['date']}  ",
+          f"versions: {payload['versions']}", "", "## Summary", "",
+          markdown_table([{"key": k, "value": v} for k, v in summary.items()], ["key", "value"]), "",
+          "## Rows", "", markdown_table(rows, columns), ""]
+    if notes:
+        md += ["## Notes", "", notes, ""]
+    (out_dir / f"{name}.md").write_text("\n".join(md))
+    return out_dir / f"{name}.json"

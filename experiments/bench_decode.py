@@ -1,0 +1,222 @@
+"""Decode benchmark: GLM-4-9B shapes with random weights, this project vs Hugging Face transformers.
+
+Each side runs in its own process (so their memory pools do not meet):
+
+    python experiments/bench_decode.py --out experiments/results          # both, then writes decode_<gpu>.*
+    python experiments/bench_decode.py --preset tiny --parts jax --out /tmp # a CPU smoke run
+
+Definitions used for both sides: ``prefill_s`` is the time to the first new token; ``ms_per_token`` is
+(generation time - prefill time) / (new tokens - 1) per sequence step; ``tokens_per_s`` is
+batch * new tokens / generation time (prefill included). ``roofline_b1_ms`` is parameter bytes over the
+copy bandwidth measured in the same run (the time to read every weight once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_common  # noqa: E402
+
+
+def _jax_worker(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.generate import CACHE_BUCKET, GenerationConfig, _decode, _prefill, _row_keys, generate_stream
+    from autoglm_jax.kv_cache import DenseKVCache
+    from autoglm_jax.loading import random_model
+
+    cfg = GLMConfig.from_preset(args.preset)
+    bandwidth = bench_common.measure_copy_bandwidth() if jax.default_backend() != "cpu" else None
+    t0 = time.perf_counter()
+    model = random_model(cfg, dtype=args.dtype, seed=0)
+    if args.quant != "none":
+        from autoglm_jax.model.quantized_linear import quantize_model
+        model = quantize_model(model, fmt=args.quant)
+    jax.block_until_ready(nnx.state(model))
+    init_s = time.perf_counter() - t0
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    graphdef, state = nnx.split(model)
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in args.batch:
+        ids = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt)).astype(np.int32)
+        lens = jnp.full((batch,), args.prompt, jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(args.prompt, dtype=jnp.int32), (batch, args.prompt))
+        cache_len = -(-(args.prompt + args.new) // CACHE_BUCKET) * CACHE_BUCKET
+        zeros = jnp.zeros((batch,), jnp.float32)
+        zk = jnp.zeros((batch,), jnp.int32)
+        ones = jnp.ones((batch,), jnp.float32)
+
+        def run_once():
+            cache = DenseKVCache.create(cfg, batch, cache_len, model.dtype)
+            t = time.perf_counter()
+            logits, cache = _prefill(graphdef, state, jnp.asarray(ids), pos, cache, lens - 1)
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            token.block_until_ready()
+            t_first = time.perf_counter() - t
+            for step in range(args.new - 1):
+                token, cache = _decode(graphdef, state, token, lens + step, cache, _row_keys(0, step, batch),
+                                       zeros, zk, ones, True)
+            token.block_until_ready()
+            return t_first, time.perf_counter() - t
+
+        tc = time.perf_counter()
+        run_once()  # compiles prefill and decode
+        compile_s = time.perf_counter() - tc
+        runs = [run_once() for _ in range(args.reps)]
+        prefill_s = float(np.median([r[0] for r in runs]))
+        total_s = float(np.median([r[1] for r in runs]))
+        row = dict(impl=f"autoglm_jax ({args.quant if args.quant != 'none' else args.dtype}, unrolled layers)",
+                   batch=batch, prompt=args.prompt, new_tokens=args.new, prefill_s=prefill_s, total_s=total_s,
+                   ms_per_token=1e3 * (total_s - prefill_s) / (args.new - 1),
+                   tokens_per_s=batch * args.new / total_s, first_run_s=compile_s)
+        if batch == 1:  # the user-facing streaming path (host sync every token), for comparison
+            cfg_gen = GenerationConfig(max_new_tokens=args.new, eos_token_ids=())
+            list(generate_stream(model, ids.tolist(), cfg_gen))
+            t = time.perf_counter()
+            list(generate_stream(model, ids.tolist(), cfg_gen))
+            row["generate_stream_total_s"] = time.perf_counter() - t
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    stats = jax.devices()[0].memory_stats() or {}
+    kv_bytes = DenseKVCache.nbytes(cfg, max(args.batch), cache_len, model.dtype)
+    return dict(rows=rows, param_bytes=param_bytes, bandwidth=bandwidth, init_s=init_s,
+                peak_bytes=stats.get("peak_bytes_in_use"), kv_bytes_max_batch=kv_bytes,
+                layers="unrolled (a Python loop of layers under one jit; no scan on the decode path)")
+
+
+def _hf_worker(args) -> dict:
+    import torch
+    import transformers
+
+    from autoglm_jax.config import GLMConfig
+
+    cfg = GLMConfig.from_preset(args.preset)
+    hf_cfg = transformers.GlmConfig(**{k: v for k, v in cfg.to_hf_dict().items()
+                                       if k not in ("architectures", "model_type", "rope_theta",
+                                                    "partial_rotary_factor")})
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.GlmForCausalLM(hf_cfg).eval()
+    rows, deadline = [], time.perf_counter() + args.hf_budget_s
+    for mode in ("dynamic", "static"):
+        for batch in args.batch:
+            if time.perf_counter() > deadline:
+                rows.append(dict(impl=f"hf_{mode}", batch=batch, skipped="time budget"))
+                continue
+            ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt), device="cuda")
+            kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+            if mode == "static":
+                kw["cache_implementation"] = "static"
+
+            def gen(n):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.no_grad():
+                    model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+                torch.cuda.synchronize()
+                return time.perf_counter() - t
+
+            tc = time.perf_counter()
+            gen(args.new)  # warm-up (torch.compile for the static cache)
+            first = time.perf_counter() - tc
+            prefill_s = min(gen(1) for _ in range(2))
+            total_s = gen(args.new)
+            row = dict(impl=f"hf_{mode}", batch=batch, prompt=args.prompt, new_tokens=args.new,
+                       prefill_s=prefill_s, total_s=total_s,
+                       ms_per_token=1e3 * (total_s - prefill_s) / (args.new - 1),
+                       tokens_per_s=batch * args.new / total_s, first_run_s=first)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return dict(rows=rows, peak_bytes=torch.cuda.max_memory_allocated(), transformers=transformers.__version__,
+                torch=torch.__version__)
+
+
+def _spawn(part: str, args, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", part, "--worker-out", str(out), "--preset", args.preset,
+           "--dtype", args.dtype, "--quant", args.quant, "--prompt", str(args.prompt), "--new", str(args.new),
+           "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s),
+           "--batch", *map(str, args.batch)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(bench_common.RESULTS))
+    p.add_argument("--preset", default="glm-4-9b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quant", default="none", help="none, or a QuantizedLinear format (int8, int4)")
+    p.add_argument("--parts", default="jax,hf")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--hf-budget-s", type=float, default=240.0)
+    p.add_argument("--name", default=None, help="result file name (default decode_<gpu>)")
+    p.add_argument("--worker", choices=["jax", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        res = _jax_worker(args) if args.worker == "jax" else _hf_worker(args)
+        Path(args.worker_out).write_text(json.dumps(res))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    jax_res = _spawn("jax", args, out / "_decode_jax.json") if "jax" in parts else None
+    hf_res = _spawn("hf", args, out / "_decode_hf.json") if "hf" in parts else None
+    rows = (jax_res["rows"] if jax_res else []) + (hf_res["rows"] if hf_res else [])
+
+    def pick(impl_prefix, batch, key):
+        for r in rows:
+            if r["impl"].startswith(impl_prefix) and r.get("batch") == batch and key in r:
+                return r[key]
+        return None
+
+    summary = {}
+    if jax_res:
+        bw = jax_res["bandwidth"]
+        summary.update(
+            b1_ms_per_token=pick("autoglm_jax", 1, "ms_per_token"),
+            b32_tokens_per_s=pick("autoglm_jax", 32, "tokens_per_s"),
+            roofline_b1_ms=1e3 * jax_res["param_bytes"] / bw if bw else None,
+            copy_bandwidth_tb_s=bw / 1e12 if bw else None,
+            param_gib=jax_res["param_bytes"] / 2**30,
+            kv_cache_gib_b32=jax_res["kv_bytes_max_batch"] / 2**30,
+            peak_gib=jax_res["peak_bytes"] / 2**30 if jax_res["peak_bytes"] else None,
+            layers=jax_res["layers"])
+        if summary["roofline_b1_ms"] and summary["b1_ms_per_token"]:
+            summary["b1_frac_of_roofline"] = summary["roofline_b1_ms"] / summary["b1_ms_per_token"]
+        if summary["peak_gib"] is not None:
+            summary["peak_budget_gib"] = summary["param_gib"] + summary["kv_cache_gib_b32"] + 2.0
+    if hf_res:
+        summary.update(hf_static_b1_ms_per_token=pick("hf_static", 1, "ms_per_token"),
+                       hf_static_b32_tokens_per_s=pick("hf_static", 32, "tokens_per_s"),
+                       hf_dynamic_b1_ms_per_token=pick("hf_dynamic", 1, "ms_per_token"),
+                       hf_dynamic_b32_tokens_per_s=pick("hf_dynamic", 32, "tokens_per_s"))
+        if summary.get("b32_tokens_per_s") and summary.get("hf_static_b32_tokens_per_s"):
+            summary["b32_speedup_vs_hf_static"] = summary["b32_tokens_per_s"] / summary["hf_static_b32_tokens_per_s"]
+        if summary.get("b1_ms_per_token") and summary.get("hf_static_b1_ms_per_token"):
+            summary["b1_speedup_vs_hf_static"] = summary["hf_static_b1_ms_per_token"] / summary["b1_ms_per_token"]
+    name = args.name or f"decode_{bench_common.gpu_tag()}"
+    bench_common.write_results(out, name, rows=rows, summary=summary,
+                               columns=["impl", "batch", "prompt", "new_tokens", "prefill_s", "ms_per_token",
+                                        "tokens_per_s", "total_s", "first_run_s"],
+                               notes=__doc__)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
