@@ -1,0 +1,102 @@
+"""Ragged (chunked-prefill) paged attention: kernel vs reference vs plain causal dense attention.
+
+Pools come from ``make_pool`` (shuffled page tables, unused entries outside the pool, NaN in unowned
+slots); outputs are NaN-poisoned; each batch mixes chunks that cross pages, a whole-prompt chunk, a
+one-token chunk and padding rows past query_start[num_seqs], plus an unused page-table row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+from kernels_pallas.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from tests.test_paged_attention import H, dense_attention, make_pool, rel_err
+
+
+def make_batch(rng, *, group, page_size, contexts, chunks, padding=5, quantized=False, dtype=jnp.bfloat16):
+    """contexts[b] cached tokens after the chunk; chunks[b] query tokens (the last ones of the context)."""
+    pool = make_pool(rng, kv_heads=2, page_size=page_size, lengths=list(contexts) + [3], quantized=quantized,
+                     dtype=dtype)
+    starts = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int32)
+    query_start = np.concatenate([starts, [starts[-1]]]).astype(np.int32)  # the unused row: empty
+    t_total = int(starts[-1]) + padding
+    q = jnp.asarray(rng.standard_normal((t_total, 2 * group, H)), dtype)
+    args = (q, pool["k_pages"], pool["v_pages"], pool["page_table"], pool["lengths"], jnp.asarray(query_start),
+            jnp.asarray([len(chunks)], jnp.int32))
+    return args, dict(k_scales=pool["k_scales"], v_scales=pool["v_scales"]), pool, starts
+
+
+class RaggedCases:
+    interpret = False
+
+    @pytest.mark.parametrize("group,page_size,block_q,ppb,quantized", [
+        (16, 16, 4, 2, False), (2, 64, 8, 1, False), (1, 16, 16, 4, False), (16, 16, 2, 1, True)])
+    def test_matches_reference(self, group, page_size, block_q, ppb, quantized):
+        rng = np.random.default_rng([group, page_size, block_q, int(quantized)])
+        l = page_size
+        contexts = [3 * l + 5, l + 1, 2 * l, 37]
+        chunks = [l + 9, l + 1, 1, 37]  # crosses pages; starts mid-page; decode-like; whole prompt
+        args, scales, pool, starts = make_batch(rng, group=group, page_size=page_size, contexts=contexts,
+                                                chunks=chunks, quantized=quantized)
+        out = ragged_paged_attention(*args, **scales, block_q=block_q, pages_per_block=ppb,
+                                     interpret=self.interpret, _poison=True)
+        ref = ragged_paged_attention_reference(*args, **scales)
+        assert out.shape == args[0].shape
+        assert bool(np.isfinite(np.asarray(out, np.float32)).all()), "unwritten (NaN-poisoned) rows"
+        assert not np.any(np.asarray(out[int(starts[-1]):], np.float32)), "padding rows must be zero"
+        assert rel_err(out[: int(starts[-1])], ref[: int(starts[-1])]) < 1e-2
+
+
+@pytest.mark.gpu
+class TestRaggedGPU(RaggedCases):
+    interpret = False
+
+    def test_512_token_chunks(self):
+        rng = np.random.default_rng(9)
+        args, scales, _, starts = make_batch(rng, group=16, page_size=16, contexts=[2048, 600, 512],
+                                             chunks=[512, 512, 512], padding=0)
+        out = ragged_paged_attention(*args, _poison=True)
+        assert bool(np.isfinite(np.asarray(out, np.float32)).all())
+        assert rel_err(out, ragged_paged_attention_reference(*args)) < 1e-2
+
+
+class TestRaggedInterpret(RaggedCases):
+    interpret = True
+
+
+def test_reference_matches_causal_dense_attention():
+    rng = np.random.default_rng(4)
+    contexts, chunks = [40, 17, 5], [9, 17, 1]
+    args, _, pool, starts = make_batch(rng, group=4, page_size=16, contexts=contexts, chunks=chunks,
+                                       dtype=jnp.float32)
+    out = np.asarray(ragged_paged_attention_reference(*args, scale=0.2))
+    q = np.asarray(args[0])
+    for b, (n, c) in enumerate(zip(contexts, chunks)):
+        dense = dense_attention(q[starts[b]: starts[b + 1]], pool["k_logical"][b], pool["v_logical"][b], 0.2,
+                                causal_offset=n - c)
+        np.testing.assert_allclose(out[starts[b]: starts[b + 1]], dense, rtol=1e-5, atol=1e-5)
+    assert not np.any(out[starts[-1]:])
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("chunk_longer_than_context", "query tokens but context_lens"),
+    ("query_start_decreasing", "non-decreasing"),
+    ("heads", "multiple of kv heads"),
+    ("table_oob", "outside the pool"),
+])
+def test_bad_input_raises_before_launch(bad, match):
+    args, scales, _, _ = make_batch(np.random.default_rng(1), group=2, page_size=16, contexts=[20, 30],
+                                    chunks=[4, 30])
+    q, kp, vp, table, ctx, qs, ns = args
+    if bad == "chunk_longer_than_context":
+        ctx = ctx.at[0].set(3)
+    elif bad == "query_start_decreasing":
+        qs = qs.at[1].set(40)
+    elif bad == "heads":
+        q = q[:, :3]
+    elif bad == "table_oob":
+        table = table.at[1, 0].set(-2)
+    with pytest.raises(ValueError, match=match):
+        ragged_paged_attention(q, kp, vp, table, ctx, qs, ns, interpret=True)
