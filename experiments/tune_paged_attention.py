@@ -1,0 +1,119 @@
+"""Tile sweep for the paged attention kernels; writes kernels_pallas/tuned/paged_attention.json for this device.
+
+Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_splits x tokens per block)
+at 4 warps / 3 stages, then (num_warps x num_stages) around the best. Prefill: (block_q x tokens per
+block), then warps/stages. Timed with the benchmark's harness (distinct layers unrolled, L2 rotated).
+
+Usage: python experiments/tune_paged_attention.py [--quick] [--out DIR]   (--quick: fewer points, no write)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from experiments import bench_paged_attention as bench  # noqa: E402
+from kernels_pallas import paged_attention as pa  # noqa: E402
+
+SMS = 132
+
+
+def time_decode(rng, batch, ctx, page_size, quantized, cands):
+    layers, q, lengths, rot = bench.make_decode_inputs(rng, batch, ctx, page_size, quantized)
+    res = []
+    for c in cands:
+        try:
+            t = bench.run_layers(bench.ours(**c), layers, q, lengths, rot)
+        except Exception as e:  # noqa: BLE001 - an illegal tile is skipped
+            print(f"  skip {c}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        res.append((t, c))
+        print(f"  b{batch} ctx{ctx} L{page_size} {'int8' if quantized else 'bf16'} {c} {t * 1e6:.1f} us "
+              f"({bench.kv_bytes(batch, ctx, quantized) / t / 1e12:.2f} TB/s)", flush=True)
+    return min(res, key=lambda r: r[0]) if res else None
+
+
+def tune_decode(rng, batch, ctx, page_size, quantized):
+    max_pages = ctx // page_size
+    splits = sorted({max(1, min(max_pages, round(f * SMS / (batch * bench.K)))) for f in (1, 2, 4)} | {1})
+    ppbs = sorted({max(1, t // page_size) for t in (64, 128)})
+    stage_a = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=3) for s in splits for p in ppbs]
+    best = time_decode(rng, batch, ctx, page_size, quantized, stage_a)
+    if best is None:
+        return None
+    base = best[1]
+    stage_b = [dict(base, num_warps=w, num_stages=st) for w, st in ((8, 3), (4, 2), (4, 4), (8, 2))]
+    b2 = time_decode(rng, batch, ctx, page_size, quantized, stage_b)
+    return min(best, b2, key=lambda r: r[0]) if b2 else best
+
+
+def tune_prefill(rng, page_size=16):
+    def run(cands):
+        res = []
+        for c in cands:
+            try:
+                sec, flops = bench.prefill_case(rng, seqs=4, chunk=512, ctx=4096, page_size=page_size, **c)
+            except Exception as e:  # noqa: BLE001
+                print(f"  skip {c}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            res.append((sec, c))
+            print(f"  prefill L{page_size} {c} {sec * 1e6:.1f} us {flops / sec / 1e12:.1f} TFLOP/s", flush=True)
+        return min(res, key=lambda r: r[0]) if res else None
+    best = run([dict(block_q=bq, pages_per_block=max(1, t // page_size), num_warps=8, num_stages=2)
+                for bq in (4, 8) for t in (32, 64, 128)])
+    if best is None:
+        return None
+    b2 = run([dict(best[1], num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 3), (4, 3))])
+    return min(best, b2, key=lambda r: r[0]) if b2 else best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rng = np.random.default_rng(1)
+    if args.quick:
+        points = [(32, 2048, 16, False), (1, 8192, 16, False)]
+    else:
+        points = [(1, 8192, 16, False), (8, 32768, 16, False), (32, 2048, 16, False), (32, 8192, 16, False),
+                  (128, 8192, 16, False), (8, 2048, 16, False), (8, 32768, 64, False), (32, 2048, 64, False),
+                  (32, 8192, 64, False), (32, 8192, 16, True)]
+    kind = jax.devices()[0].device_kind
+    decode, prefill = [], []
+    for batch, ctx, page_size, quantized in points:
+        best = tune_decode(rng, batch, ctx, page_size, quantized)
+        if best:
+            decode.append(dict(key=dict(batch=batch, context=ctx, page_size=page_size, quantized=quantized,
+                                        group=bench.N // bench.K), blocks=best[1], us=best[0] * 1e6))
+            print(f"BEST decode b{batch} ctx{ctx} L{page_size} q{int(quantized)}: {best[1]} {best[0] * 1e6:.1f} us",
+                  flush=True)
+    best = tune_prefill(rng)
+    if best:
+        prefill.append(dict(key=dict(batch=1, context=2048, page_size=16, quantized=False, group=bench.N // bench.K),
+                            blocks=best[1], us=best[0] * 1e6))
+        print(f"BEST prefill: {best[1]} {best[0] * 1e6:.1f} us", flush=True)
+    if args.quick:
+        return
+    path = pa._TUNED_PATH
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault("decode", {})[kind] = decode
+    table.setdefault("prefill", {})[kind] = prefill
+    table["_doc"] = ("Written by experiments/tune_paged_attention.py: per device kind, the best block sizes found "
+                     "per (batch, context, page_size, quantized, group); lookup takes the nearest batch/context.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    print("wrote", path)
+    if args.out:
+        shutil.copy(path, Path(args.out) / "paged_attention_tuned.json")
+
+
+if __name__ == "__main__":
+    main()
