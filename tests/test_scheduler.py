@@ -6,7 +6,11 @@ request's tokens. The fake model's next token is a function of that context, so 
 missing copy-on-write or a bad prefix mapping changes the generated tokens or fails the read-back.
 """
 
+import collections
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from autoglm_jax.engine import (NULL_PAGE, Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig)
 
@@ -345,3 +349,38 @@ def test_schedule_update_must_alternate_and_tokens_must_be_given():
 def test_config_rejects_a_pool_smaller_than_one_context():
     with pytest.raises(ValueError, match="cannot hold one full context"):
         SchedulerConfig(num_pages=4, page_size=4, max_model_len=16)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_random_workload_with_aborts_never_leaks_and_matches_reference(data):
+    num_pages = data.draw(st.integers(6, 14))
+    sched, dev = make(num_pages=num_pages, page_size=4, max_model_len=20,
+                      max_num_seqs=data.draw(st.integers(1, 4)),
+                      max_num_batched_tokens=data.draw(st.integers(4, 16)),
+                      eviction=data.draw(st.sampled_from(["lru", "priority"])))
+    prompts, lengths, aborted = {}, {}, set()
+    base = [3, 4, 5, 6, 7, 8, 9, 10]  # shared prefixes exercise the prefix cache
+    for i in range(data.draw(st.integers(1, 6))):
+        prompt = base[:data.draw(st.integers(0, 8))] + data.draw(st.lists(st.integers(3, 99), min_size=1,
+                                                                          max_size=6))
+        prompts[f"r{i}"], lengths[f"r{i}"] = prompt, data.draw(st.integers(1, 19 - len(prompt)))
+        add(sched, dev, f"r{i}", prompt, max_tokens=lengths[f"r{i}"], priority=data.draw(st.integers(1, 3)))
+    for _ in range(300):
+        if not sched.has_unfinished():
+            break
+        if data.draw(st.integers(0, 9)) == 0:
+            rid = data.draw(st.sampled_from(sorted(prompts)))
+            if sched.abort(rid):
+                aborted.add(rid)
+        one_step(sched, dev)
+        holders = collections.Counter(p for r in sched.running for p in r.page_ids)
+        assert all(not r.page_ids for r in sched.waiting)
+        for p in range(1, num_pages):
+            assert sched.pool.ref_count(p) == holders[p]
+        assert sched.pool.num_used_pages == len(holders)
+    assert not sched.has_unfinished()
+    assert sched.pool.num_used_pages == 0
+    for rid, prompt in prompts.items():
+        if rid not in aborted:
+            assert dev.truth[rid][len(prompt):] == reference_tokens(prompt, lengths[rid]), rid
