@@ -175,13 +175,14 @@ def test_preemption_victim_is_lowest_priority_latest():
 
 def test_abort_frees_pages_immediately():
     sched, dev = make()
-    add(sched, dev, "a", list(range(3, 13)), max_tokens=20)
+    a = add(sched, dev, "a", list(range(3, 13)), max_tokens=20)
     add(sched, dev, "b", [4, 5, 6], max_tokens=3)
     add(sched, dev, "w", [7, 8], max_tokens=3)
     one_step(sched, dev)
     used = sched.pool.num_used_pages
     a_pages = len(sched.requests["a"].page_ids)
     assert sched.abort("a") is True
+    assert a.status is RequestStatus.FINISHED_ABORTED and a.finish_reason == "abort" and not a.page_ids
     assert sched.pool.num_used_pages == used - a_pages
     assert sched.abort("a") is False and sched.abort("nope") is False
     # abort between schedule() and update(): the plan's entry is skipped, no output for it

@@ -315,9 +315,15 @@ class Scheduler:
         L = self.config.page_size
         c = req.num_computed_tokens
         positions = tuple(range(c, c + n))
+        if n == 1:  # decode: the common case, kept cheap
+            tokens, slots = (req.token_at(c),), (req.page_ids[c // L] * L + c % L,)
+        else:
+            np_ = req.num_prompt_tokens
+            tokens = (*req.prompt_token_ids[c:c + n], *req.output_token_ids[max(c - np_, 0):max(c + n - np_, 0)])
+            pages = req.page_ids
+            slots = tuple(pages[p // L] * L + p % L for p in positions)
         return ScheduledRequest(
-            request_id=req.request_id, token_ids=tuple(req.token_at(p) for p in positions), positions=positions,
-            slot_mapping=tuple(req.page_ids[p // L] * L + p % L for p in positions),
+            request_id=req.request_id, token_ids=tokens, positions=positions, slot_mapping=slots,
             block_table=tuple(req.page_ids), num_computed_tokens=c + n, sample=c + n == req.num_tokens,
             sample_index=len(req.output_token_ids), is_prefill=n > 1 or c + 1 < req.num_tokens,
             sampling_params=req.sampling_params)
