@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding.partition import constrain
+
 from ..config import GLMConfig
 from .attention_ops import causal_mask, gqa_attention
 from .linear import Linear
@@ -21,16 +23,21 @@ class Attention(nnx.Module):
                                dtype=dtype, param_dtype=param_dtype, init_std=std, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, axes=("heads", "embed"),
                              dtype=dtype, param_dtype=param_dtype, init_std=std, rngs=rngs)
+        # qkv_proj columns come in this many groups [q_g | k_g | v_g] (1 = the HF order [q | k | v]);
+        # sharding/layout.py sets it to the tensor degree so each shard's columns are one group.
+        self.qkv_groups = 1
 
     def project_qkv(self, x: jax.Array, positions: jax.Array):
         """x: [B, T, D], positions: [B, T] -> q [B, T, N, H], k and v [B, T, K, H] (RoPE applied to q, k)."""
         cfg = self.cfg
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x)
-        nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q = qkv[..., :nq].reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = qkv[..., nq:nq + nk].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[..., nq + nk:].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        g = self.qkv_groups
+        qkv = self.qkv_proj(x).reshape(b, t, g, cfg.qkv_size // g)  # [B, T, groups, (N + 2K) H / groups]
+        nq, nk = cfg.num_heads * cfg.head_dim // g, cfg.num_kv_heads * cfg.head_dim // g
+        q = constrain(qkv[..., :nq].reshape(b, t, cfg.num_heads, cfg.head_dim), ("batch", "sequence", "heads", None))
+        kv_axes = ("batch", "sequence", "kv_heads", None)
+        k = constrain(qkv[..., nq:nq + nk].reshape(b, t, cfg.num_kv_heads, cfg.head_dim), kv_axes)
+        v = constrain(qkv[..., nq + nk:].reshape(b, t, cfg.num_kv_heads, cfg.head_dim), kv_axes)
         q = apply_rope(q, positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
         k = apply_rope(k, positions, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
         return q, k, v
@@ -53,4 +60,5 @@ class Attention(nnx.Module):
         else:
             out, cache = cache.attend(layer, q, k, v, positions, scale=scale)
         b, t = x.shape[:2]
+        out = constrain(out, ("batch", "sequence", "heads", None))
         return self.o_proj(out.reshape(b, t, -1)), cache

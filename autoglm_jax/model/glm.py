@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding.partition import constrain
+
 from ..config import GLMConfig
 from .decoder_layer import DecoderLayer
 from .linear import Linear
@@ -59,6 +61,7 @@ class GLMForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        h = constrain(h, ("batch", "sequence", "activation_embed"))
         for i, layer in enumerate(self.layers):
             if self.remat != "none" and cache is None:
                 step = nnx.remat(lambda lyr, x, pos, m, i=i: lyr(x, pos, layer=i, attention_mask=m)[0],
@@ -66,6 +69,7 @@ class GLMForCausalLM(nnx.Module):
                 h = step(layer, h, positions, attention_mask)
             else:
                 h, cache = layer(h, positions, layer=i, cache=cache, attention_mask=attention_mask)
+            h = constrain(h, ("batch", "sequence", "activation_embed"))
         return self.final_norm(h), cache
 
     def logits(self, h: jax.Array) -> jax.Array:
