@@ -38,7 +38,7 @@ from .kv_pages import _is_concrete, page_geometry, validate_page_table
 
 MASK_VALUE = -1e30  # finite: fully masked rows stay NaN-free
 LOG2E = 1.4426950408889634
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "mosaic_tpu", "reference")
 _TUNED_PATH = Path(__file__).with_name("tuned") / "paged_attention.json"
 
 
@@ -106,7 +106,8 @@ def _pow2(x: int) -> int:
 
 # ----------------------------------------------------------------------------------------- GPU kernel
 def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad, page_size,
-                   pages_per_block, pages_per_split, num_pages, max_pages, scale, quantized, direct):
+                   pages_per_block, pages_per_split, num_pages, max_pages, scale, quantized, direct,
+                   prefetch_ids):
     # len_ref [B]; pt_ref [B, max_pages]; q_ref [B, N, H]; k_ref, v_ref [P, L, H] (head k);
     # scales [P, L]; outputs: direct -> o_ref [B, N, H], else o_ref [G_pad, H] f32, lse_ref [G_pad].
     if quantized:
@@ -127,12 +128,17 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
     q = pltriton.load(q_at, mask=row_ok, other=0) if group_pad != group else q_ref[b, pl.ds(kh * group, group), :]
     cdt = q.dtype
 
-    def body(i, carry):
-        acc, m, l = carry
-        pstart = p0 + i * pages_per_block
+    def page_ids(pstart):
         page_ok = pstart + jnp.arange(pages_per_block) < n_pages
         ids = pltriton.load(pt_ref.at[b, pl.ds(pstart, pages_per_block)], mask=page_ok, other=0)
-        ids = jnp.clip(jnp.where(page_ok, ids, 0), 0, num_pages - 1)
+        return jnp.clip(jnp.where(page_ok, ids, 0), 0, num_pages - 1)
+
+    def body(i, carry):
+        acc, m, l, ids = carry
+        pstart = p0 + i * pages_per_block
+        ids_next = page_ids(pstart + pages_per_block) if prefetch_ids else None  # issued before this block's loads
+        if not prefetch_ids:
+            ids = page_ids(pstart)
         k = k_ref[ids].reshape(block, head_dim)
         v = v_ref[ids].reshape(block, head_dim)
         valid = pstart * page_size + jnp.arange(block) < length
@@ -149,11 +155,11 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
         v = jnp.where(valid[:, None], v.astype(cdt), jnp.zeros((), cdt))
         acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32)
-        return acc, m_new, l
+        return acc, m_new, l, (ids_next if prefetch_ids else ids)
 
     init = (jnp.zeros((group_pad, head_dim), jnp.float32), jnp.full((group_pad,), MASK_VALUE, jnp.float32),
-            jnp.zeros((group_pad,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, n_iter, body, init)
+            jnp.zeros((group_pad,), jnp.float32), page_ids(p0))
+    acc, m, l, _ = lax.fori_loop(0, n_iter, body, init)
     nonempty = l > 0
     out = acc / jnp.where(nonempty, l, 1.0)[:, None]
     if direct:
@@ -169,37 +175,35 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
         lse_ref[...] = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), MASK_VALUE)
 
 
-def _combine_kernel(o_part_ref, lse_ref, o_ref, *, group, group_pad, num_splits):
-    # o_part_ref [B, K, S, G_pad, H] f32; lse_ref [B, K, S, G_pad]; o_ref [B, N, H].
-    b, kh = pl.program_id(0), pl.program_id(1)
+def _combine_kernel(o_part_ref, lse_ref, o_ref, *, group, num_splits, chunk):
+    # Grid (B, K, G): one query head per program, splits merged `chunk` at a time.
+    # o_part_ref [B, K, S, G_pad, H] f32; lse_ref [B, K, S, G_pad] (base 2); o_ref [B, N, H].
+    b, kh, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim = o_ref.shape[-1]
 
-    def body(s, carry):
+    def body(c, carry):
         acc, m, d = carry
-        lse = lse_ref[b, kh, s, :]
-        m_new = jnp.maximum(m, lse)
+        ok = c * chunk + jnp.arange(chunk) < num_splits
+        lse = pltriton.load(lse_ref.at[b, kh, pl.ds(c * chunk, chunk), g], mask=ok, other=MASK_VALUE)
+        o = pltriton.load(o_part_ref.at[b, kh, pl.ds(c * chunk, chunk), g, :],
+                          mask=jnp.broadcast_to(ok[:, None], (chunk, head_dim)), other=0.0)
+        m_new = jnp.maximum(m, jnp.max(lse))
         alpha, w = jnp.exp2(m - m_new), jnp.exp2(lse - m_new)
-        return acc * alpha[:, None] + w[:, None] * o_part_ref[b, kh, s, :, :], m_new, d * alpha + w
+        return acc * alpha + jnp.sum(w[:, None] * o, axis=0), m_new, d * alpha + jnp.sum(w)
 
-    init = (jnp.zeros((group_pad, head_dim), jnp.float32), jnp.full((group_pad,), MASK_VALUE, jnp.float32),
-            jnp.zeros((group_pad,), jnp.float32))
-    acc, _, d = lax.fori_loop(0, num_splits, body, init)
-    out = (acc / d[:, None]).astype(o_ref.dtype)
-    if group_pad != group:
-        row_ok = jnp.broadcast_to((jnp.arange(group_pad) < group)[:, None], (group_pad, head_dim))
-        pltriton.store(o_ref.at[b, pl.ds(kh * group, group_pad), :], out, mask=row_ok)
-    else:
-        o_ref[b, pl.ds(kh * group, group), :] = out
+    init = (jnp.zeros((head_dim,), jnp.float32), jnp.float32(MASK_VALUE), jnp.float32(0.0))
+    acc, _, d = lax.fori_loop(0, (num_splits + chunk - 1) // chunk, body, init)
+    o_ref[b, kh * group + g, :] = (acc / d).astype(o_ref.dtype)
 
 
 def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **given) -> dict:
     """Fills unset block sizes: tuned table first, then a default; clamps to what the shapes allow."""
     blocks = {k: v for k, v in given.items() if v is not None}
-    if len(blocks) < 4:
+    if len(blocks) < 5:
         tuned = tuned_blocks("decode", page_size=page_size, quantized=quantized, group=group,
                              batch=batch, context=max_pages * page_size)
         default = dict(pages_per_block=max(1, 128 // page_size), num_splits=-(-512 // (batch * kv_heads)),
-                       num_warps=4, num_stages=3)
+                       num_warps=4, num_stages=3, prefetch_ids=True)
         blocks = {**default, **tuned, **blocks}
     ppb = blocks["pages_per_block"]
     if ppb < 1 or ppb & (ppb - 1):
@@ -209,7 +213,8 @@ def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **giv
     pages_per_split = -(-(-(-max_pages // splits)) // ppb) * ppb
     return dict(pages_per_block=ppb, pages_per_split=pages_per_split,
                 num_splits=-(-max_pages // pages_per_split),
-                num_warps=int(blocks["num_warps"]), num_stages=int(blocks["num_stages"]))
+                num_warps=int(blocks["num_warps"]), num_stages=int(blocks["num_stages"]),
+                prefetch_ids=bool(blocks.get("prefetch_ids", True)))
 
 
 def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, blocks,
@@ -224,7 +229,8 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
     kernel = functools.partial(
         _decode_kernel, group=group, group_pad=group_pad, page_size=page_size,
         pages_per_block=blocks["pages_per_block"], pages_per_split=pps, num_pages=num_pages,
-        max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct)
+        max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct,
+        prefetch_ids=blocks["prefetch_ids"])
     whole = pl.BlockSpec()
     pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, k, s: (k, 0, 0, 0))
     scales_spec = pl.BlockSpec((None, num_pages, page_size), lambda b, k, s: (k, 0, 0))
@@ -253,26 +259,114 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
     if direct:
         return outs[0]
     o_part, lse = outs
-    combine_args, combine_specs, combine_alias, combine = [o_part, lse], [whole, whole], {}, _combine_kernel
-    combine = functools.partial(_combine_kernel, group=group, group_pad=group_pad, num_splits=splits)
+    combine_args, combine_specs, combine_alias = [o_part, lse], [whole, whole], {}
+    combine = functools.partial(_combine_kernel, group=group, num_splits=splits, chunk=min(32, _pow2(splits)))
     if poison:
         combine_args.append(jnp.full(q.shape, jnp.nan, q.dtype))
         combine_specs.append(whole)
         combine_alias = {2: 0}
         combine = _drop_aliased_inputs(combine, 1)
     return pl.pallas_call(
-        combine, grid=(batch, kv_heads), in_specs=combine_specs, out_specs=whole,
+        combine, grid=(batch, kv_heads, group), in_specs=combine_specs, out_specs=whole,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), input_output_aliases=combine_alias,
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=2, num_stages=2), interpret=interpret,
         name=f"paged_decode_combine_s{splits}",
     )(*combine_args)
 
 
-def _drop_aliased_inputs(kernel, n_out):
+def _drop_aliased_inputs(kernel, n_out, n_scratch=0):
     """The aliased (poisoned) input refs are the same buffers as the outputs: hide them from the kernel."""
     def wrapped(*refs):
-        return kernel(*refs[: len(refs) - 2 * n_out], *refs[len(refs) - n_out:])
+        end = len(refs) - n_scratch
+        return kernel(*refs[: end - 2 * n_out], *refs[end - n_out:])
     return wrapped
+
+
+# ----------------------------------------------------------------------------------------- TPU kernel
+def _decode_tpu_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, page_size, max_pages, scale, quantized):
+    # Mosaic TPU, grid (B, K, max_pages): one page per step (the pipeline prefetches the next page while
+    # this one computes); q_ref [G, H]; k_ref, v_ref [L, H]; scales [1, L]; o_ref [G, H];
+    # scratch m, l [G, 1], acc [G, H] float32.
+    if quantized:
+        ks_ref, vs_ref, o_ref, m_ref, l_ref, acc_ref = refs
+    else:
+        o_ref, m_ref, l_ref, acc_ref = refs
+    b, p = pl.program_id(0), pl.program_id(2)
+    length = len_ref[b]
+
+    @pl.when(p == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(p * page_size < length)
+    def _page():
+        q = q_ref[...]
+        k = k_ref[...].astype(q.dtype)
+        v = v_ref[...].astype(q.dtype)
+        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if quantized:
+            logits = logits * ks_ref[...]
+        pos = p * page_size + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+        logits = jnp.where(pos < length, logits * scale, MASK_VALUE)
+        m_prev = m_ref[...]
+        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+        alpha = jnp.exp(m_prev - m_new)
+        probs = jnp.exp(logits - m_new)
+        l_ref[...] = l_ref[...] * alpha + jnp.sum(probs, axis=1, keepdims=True)
+        if quantized:
+            probs = probs * jnp.where(pos[:1] < length, vs_ref[...], 0.0)
+        v = jnp.where(p * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0) < length, v, jnp.zeros((), v.dtype))
+        acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(probs.astype(q.dtype), v, (((1,), (0,)), ((), ())),
+                                                              preferred_element_type=jnp.float32)
+        m_ref[...] = m_new
+
+    @pl.when(p == max_pages - 1)
+    def _done():
+        l = l_ref[...]
+        o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+
+
+def _decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, interpret, poison):
+    """Mosaic TPU decode: written for TPU, exercised here only in interpret mode (no TPU to run on)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    batch, n, head_dim = q.shape
+    kv_heads, num_pages, page_size, _ = k_pages.shape
+    group, max_pages = n // kv_heads, page_table.shape[1]
+    quantized = k_scales is not None
+
+    def page(b, p, lens, pt):  # pages past the length repeat the last one: no new DMA is issued
+        last = jnp.maximum((lens[b] + page_size - 1) // page_size - 1, 0)
+        return jnp.clip(pt[b * max_pages + jnp.minimum(p, last)], 0, num_pages - 1)
+
+    q_spec = pl.BlockSpec((None, None, group, head_dim), lambda b, k, p, lens, pt: (b, k, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, page_size, head_dim), lambda b, k, p, lens, pt: (k, page(b, p, lens, pt), 0, 0))
+    sc_spec = pl.BlockSpec((None, None, 1, page_size), lambda b, k, p, lens, pt: (k, page(b, p, lens, pt), 0, 0))
+    in_specs = [q_spec, kv_spec, kv_spec] + ([sc_spec] * 2 if quantized else [])
+    q4 = q.reshape(batch, kv_heads, group, head_dim)
+    args = [q4, k_pages, v_pages]
+    if quantized:
+        args += [k_scales.reshape(kv_heads, num_pages, 1, page_size), v_scales.reshape(kv_heads, num_pages, 1, page_size)]
+    kernel = functools.partial(_decode_tpu_kernel, page_size=page_size, max_pages=max_pages, scale=scale,
+                               quantized=quantized)
+    aliases = {}
+    if poison:
+        args.append(jnp.full(q4.shape, jnp.nan, q.dtype))
+        in_specs.append(q_spec)
+        aliases = {len(args) + 1: 0}  # + the two scalar-prefetch operands
+        kernel = _drop_aliased_inputs(kernel, 1, n_scratch=3)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(batch, kv_heads, max_pages), in_specs=in_specs, out_specs=q_spec,
+        scratch_shapes=[pltpu.VMEM((group, 1), jnp.float32), pltpu.VMEM((group, 1), jnp.float32),
+                        pltpu.VMEM((group, head_dim), jnp.float32)])
+    out = pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q4.shape, q.dtype), input_output_aliases=aliases,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret, name="paged_decode_tpu",
+    )(lengths, page_table.reshape(-1), *args)
+    return out.reshape(q.shape)
 
 
 # ----------------------------------------------------------------------------------------- dispatch
@@ -302,31 +396,34 @@ def check_decode_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, v_sc
 def _select_backend(backend, interpret):
     if backend is None:
         platform = jax.default_backend()
-        backend = "triton" if (platform == "gpu" or interpret) else "reference"
+        backend = {"gpu": "triton", "tpu": "mosaic_tpu"}.get(platform, "triton" if interpret else "reference")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
     return backend
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "num_splits", "num_warps",
-                                             "num_stages", "backend", "interpret", "poison"))
+                                             "num_stages", "prefetch_ids", "backend", "interpret", "poison"))
 def _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, pages_per_block,
-                     num_splits, num_warps, num_stages, backend, interpret, poison):
+                     num_splits, num_warps, num_stages, prefetch_ids, backend, interpret, poison):
     kv_heads, _, page_size, head_dim = k_pages.shape
     scale = head_dim ** -0.5 if scale is None else float(scale)
     if backend == "reference":
         return paged_attention_reference(q, k_pages, v_pages, lengths, page_table, k_scales=k_scales,
                                          v_scales=v_scales, scale=scale)
+    if backend == "mosaic_tpu":
+        return _decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
+                           interpret=interpret, poison=poison)
     blocks = decode_blocks(q.shape[0], kv_heads, q.shape[1] // kv_heads, page_table.shape[1], page_size,
                            k_scales is not None, pages_per_block=pages_per_block, num_splits=num_splits,
-                           num_warps=num_warps, num_stages=num_stages)
+                           num_warps=num_warps, num_stages=num_stages, prefetch_ids=prefetch_ids)
     return _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
                           blocks=blocks, interpret=interpret, poison=poison)
 
 
 def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, v_scales=None, scale=None,
-                    pages_per_block=None, num_splits=None, num_warps=None, num_stages=None, backend=None,
-                    interpret=False, _poison=False):
+                    pages_per_block=None, num_splits=None, num_warps=None, num_stages=None, prefetch_ids=None,
+                    backend=None, interpret=False, _poison=False):
     """Decode attention over a paged KV cache.
 
     q [B, N, H]; k_pages, v_pages [K, P, L, H] (bf16/f16/f32, or int8 with k_scales, v_scales [K, P, L]
@@ -334,8 +431,10 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
     page_table [B, max_pages] int32. Returns [B, N, H] in q's dtype; query head n uses kv head n // G.
     A sequence of length 0 gets zeros. ``scale`` defaults to H**-0.5.
 
-    backend: None picks the Pallas GPU kernel on GPU (and under ``interpret=True`` anywhere) and the
-    jnp reference elsewhere; "triton" or "reference" force one. Block sizes default to the tuned table.
+    backend: None picks the Pallas GPU kernel on GPU (and under ``interpret=True`` on CPU), the Mosaic
+    TPU kernel on TPU, and the jnp reference elsewhere; "triton", "mosaic_tpu" or "reference" force one.
+    Block sizes (pages_per_block, num_splits, num_warps, num_stages, prefetch_ids: load the next block's
+    page ids one iteration ahead) default to the tuned table; the TPU kernel takes one page per step.
     Shapes are checked before launch; concrete page tables and lengths are also checked on the host
     (``validate_page_table``).
     """
@@ -344,5 +443,6 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
         validate_page_table(page_table, lengths, num_pages=k_pages.shape[1], page_size=k_pages.shape[2])
     return _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
                             pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
-                            num_stages=num_stages, backend=_select_backend(backend, interpret),
+                            num_stages=num_stages, prefetch_ids=prefetch_ids,
+                            backend=_select_backend(backend, interpret),
                             interpret=interpret, poison=_poison)

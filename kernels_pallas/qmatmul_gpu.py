@@ -48,7 +48,10 @@ def _nibble_minus(u, z, fast: bool):
     return lax.bitcast_convert_type(u | _MAGIC, jnp.float32) - (_TWO23 + z)
 
 
-def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group: int, has_zero: bool):
+def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group: int, has_zero: bool,
+            aliased: bool = False):
+    if aliased:  # the poisoned output buffer passed in (refs[-2]) is the output itself; drop the input view
+        refs = refs[:-2] + refs[-1:]
     if fmt == "w8a8":
         x_ref, sx_ref, w_ref, s_ref, o_ref = refs
         z_ref = None
@@ -137,7 +140,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "interpret"))
-def gpu_qmatmul(x, sx, w, *, cfg: TileConfig, out_dtype, interpret: bool = False):
+def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bool = False):
     """x: [Mp, K] (int8 for W8A8 with sx [Mp, 1] float32, else float with sx None), Mp a multiple of
     ``cfg.block_m``; w: a validated format -> [Mp, N] in ``out_dtype`` (split_k == 1) or float32 partial
     sums [split_k, Mp, N]."""
@@ -162,10 +165,17 @@ def gpu_qmatmul(x, sx, w, *, cfg: TileConfig, out_dtype, interpret: bool = False
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, mp, n), jnp.float32)
         out_spec = pl.BlockSpec((pl.squeezed, bm, bn), lambda mi, ni, si: (si, mi, ni))
+    aliases = {}
+    if out is not None:  # tests: a poisoned buffer that the kernel must overwrite everywhere
+        if out.shape != out_shape.shape or out.dtype != out_shape.dtype:
+            raise ValueError(f"out must be {out_shape.dtype} {out_shape.shape}; got {out.dtype} {out.shape}")
+        aliases = {len(operands): 0}
+        operands, specs = operands + [out], specs + [out_spec]
     kernel = functools.partial(_kernel, fmt=fmt, cfg=cfg, n_total=n, k_total=k, group=group,
-                               has_zero=fmt == "int4" and w.zero is not None)
+                               has_zero=fmt == "int4" and w.zero is not None, aliased=out is not None)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=specs, out_specs=out_spec,
+        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret, name=f"qmatmul_{fmt}_{cfg.kernel}",
     )(*operands)

@@ -23,7 +23,9 @@ from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, Int8Weight, W8A8Weight
 
 
-def _kernel(*refs, fmt: str, group: int, gps: int, has_zero: bool, compute_dtype):
+def _kernel(*refs, fmt: str, group: int, gps: int, has_zero: bool, compute_dtype, aliased: bool = False):
+    if aliased:  # refs = inputs, poisoned buffer (aliased to the output), output, scratch: drop the input view
+        refs = refs[:-3] + refs[-2:]
     if fmt == "w8a8":
         x_ref, sx_ref, w_ref, s_ref, o_ref, acc_ref = refs
     elif has_zero:
@@ -67,7 +69,7 @@ def _kernel(*refs, fmt: str, group: int, gps: int, has_zero: bool, compute_dtype
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "interpret"))
-def tpu_qmatmul(x, sx, w, *, cfg: TileConfig, out_dtype, interpret: bool = False):
+def tpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bool = False):
     """x: [Mp, K] (int8 + sx [Mp, 1] for W8A8), Mp a multiple of ``cfg.block_m`` -> [Mp, N] ``out_dtype``."""
     mp, k = x.shape
     n = w.out_features
@@ -85,12 +87,19 @@ def tpu_qmatmul(x, sx, w, *, cfg: TileConfig, out_dtype, interpret: bool = False
         operands = [x] + ([sx] if fmt == "w8a8" else []) + [w.qweight, w.scale.reshape(1, n)]
         specs = ([x_spec] + ([pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0))] if fmt == "w8a8" else [])
                  + [pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)), pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))])
+    out_spec = pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))
+    aliases = {}
+    if out is not None:  # tests: a poisoned buffer that the kernel must overwrite everywhere
+        if out.shape != (mp, n) or out.dtype != jnp.dtype(out_dtype):
+            raise ValueError(f"out must be {jnp.dtype(out_dtype)} {(mp, n)}; got {out.dtype} {out.shape}")
+        aliases = {len(operands): 0}
+        operands, specs = operands + [out], specs + [out_spec]
     kernel = functools.partial(_kernel, fmt=fmt, group=group, gps=max(bk // group, 1) if group else 0,
                                has_zero=fmt == "int4" and w.zero is not None,
-                               compute_dtype=x.dtype if fmt != "w8a8" else jnp.int8)
+                               compute_dtype=x.dtype if fmt != "w8a8" else jnp.int8, aliased=out is not None)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype), grid=grid, in_specs=specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+        out_specs=out_spec, input_output_aliases=aliases,
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name=f"qmatmul_{fmt}_tpu",

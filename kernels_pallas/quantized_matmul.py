@@ -103,7 +103,7 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     return dataclasses.replace(cfg, kernel=kernel, block_m=bm, block_k=bk, split_k=split)
 
 
-def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype):
+def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype, poison: bool):
     m = x2.shape[0]
     if isinstance(qweight, W8A8Weight):
         xk, sx = quantize_activations(x2)
@@ -113,23 +113,28 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
     if mp != m:
         xk = jnp.pad(xk, ((0, mp - m), (0, 0)))
         sx = None if sx is None else jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
+    n = qweight.out_features
     if platform == "tpu":
         from .qmatmul_tpu import tpu_qmatmul
-        y = tpu_qmatmul(xk, sx, qweight, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+        out = jnp.full((mp, n), jnp.nan, out_dtype) if poison else None
+        y = tpu_qmatmul(xk, sx, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
     else:
         from .qmatmul_gpu import gpu_qmatmul
-        y = gpu_qmatmul(xk, sx, qweight, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+        shape, dt = ((mp, n), out_dtype) if cfg.split_k == 1 else ((cfg.split_k, mp, n), jnp.float32)
+        out = jnp.full(shape, jnp.nan, dt) if poison else None
+        y = gpu_qmatmul(xk, sx, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
         if cfg.split_k > 1:
             y = jnp.sum(y, axis=0)
     return y[:m]
 
 
 def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto", interpret: bool = False,
-                     config: TileConfig | None = None):
+                     config: TileConfig | None = None, _poison: bool = False):
     """``x[..., I]`` (float32/bfloat16/float16) times a quantized ``[I, O]`` weight -> ``[..., O]``.
 
     bias: optional ``[O]``; out_dtype defaults to x's dtype; impl: one of ``IMPLS``; interpret: run the
-    Pallas kernel in interpret mode (CPU tests); config: a ``TileConfig`` overriding the tuned table.
+    Pallas kernel in interpret mode (CPU tests); config: a ``TileConfig`` overriding the tuned table;
+    _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
     """
     validate_inputs(x, qweight, bias, out_dtype)
     _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
@@ -157,5 +162,5 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     else:
         cfg = fit_config(config, qweight, m)
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,
-                    jnp.float32 if bias is not None else out_dtype)
+                    jnp.float32 if bias is not None else out_dtype, _poison)
     return _finish(y, bias, out_dtype, x.shape[:-1])

@@ -189,6 +189,113 @@ def _prefill_triton(q, k_pages, v_pages, page_table, context_lens, query_start, 
     )(*args)
 
 
+# ----------------------------------------------------------------------------------------- TPU kernel
+def _prefill_tpu_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, page_size, max_pages, scale,
+                        quantized):
+    # Mosaic TPU, grid (query blocks, K, max_pages), one page per step. meta_ref [n_blocks * 4] =
+    # (sequence, position of the block's first token, kv_end, padding); q_ref, o_ref [block_q * G, H]
+    # (row r = token r // G, head r % G); k_ref, v_ref [L, H]; scales [1, L]; scratch m, l, acc.
+    if quantized:
+        ks_ref, vs_ref, o_ref, m_ref, l_ref, acc_ref = refs
+    else:
+        o_ref, m_ref, l_ref, acc_ref = refs
+    j, p = pl.program_id(0), pl.program_id(2)
+    pos0, kv_end = meta_ref[4 * j + 1], meta_ref[4 * j + 2]
+
+    @pl.when(p == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(p * page_size < kv_end)
+    def _page():
+        q = q_ref[...]
+        k = k_ref[...].astype(q.dtype)
+        v = v_ref[...].astype(q.dtype)
+        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if quantized:
+            logits = logits * ks_ref[...]
+        key = p * page_size + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+        q_pos = pos0 + lax.broadcasted_iota(jnp.int32, logits.shape, 0) // group
+        logits = jnp.where((key <= q_pos) & (key < kv_end), logits * scale, MASK_VALUE)
+        m_prev = m_ref[...]
+        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+        alpha = jnp.exp(m_prev - m_new)
+        probs = jnp.exp(logits - m_new)
+        l_ref[...] = l_ref[...] * alpha + jnp.sum(probs, axis=1, keepdims=True)
+        if quantized:
+            probs = probs * jnp.where(key[:1] < kv_end, vs_ref[...], 0.0)
+        v = jnp.where(p * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0) < kv_end, v, jnp.zeros((), v.dtype))
+        acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(probs.astype(q.dtype), v, (((1,), (0,)), ((), ())),
+                                                              preferred_element_type=jnp.float32)
+        m_ref[...] = m_new
+
+    @pl.when(p == max_pages - 1)
+    def _done():
+        l = l_ref[...]
+        o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+
+
+def _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales, *,
+                 scale, block_q, interpret, poison):
+    """Mosaic TPU prefill: written for TPU, exercised here only in interpret mode (no TPU to run on).
+    Query blocks are gathered into an aligned [blocks, K, block_q * G, H] layout by XLA around the kernel."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    t_total, n, head_dim = q.shape
+    kv_heads, num_pages, page_size, _ = k_pages.shape
+    group, max_pages = n // kv_heads, page_table.shape[1]
+    n_blocks = -(-t_total // block_q) + page_table.shape[0]
+    meta = _block_map(query_start, num_seqs, t_total, block_q, n_blocks)
+    seq, t0, t1, pad = meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3]
+    q_end, ctx = query_start[seq + 1], context_lens[seq]
+    kv_end = jnp.where(pad == 1, 0, jnp.minimum(ctx - q_end + t1, ctx))
+    tpu_meta = jnp.stack([seq, ctx - q_end + t0, kv_end, pad], axis=1).reshape(-1).astype(jnp.int32)
+    tok = jnp.clip(t0[:, None] + jnp.arange(block_q)[None, :], 0, t_total - 1)  # [blocks, block_q]
+    qb = q[tok].reshape(n_blocks, block_q, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    qb = qb.reshape(n_blocks, kv_heads, block_q * group, head_dim)
+    quantized = k_scales is not None
+
+    def page(j, k, p, meta, pt):  # pages past kv_end repeat the last one: no new DMA is issued
+        last = jnp.maximum((meta[4 * j + 2] + page_size - 1) // page_size - 1, 0)
+        return jnp.clip(pt[meta[4 * j] * max_pages + jnp.minimum(p, last)], 0, num_pages - 1)
+
+    q_spec = pl.BlockSpec((None, None, block_q * group, head_dim), lambda j, k, p, meta, pt: (j, k, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, page_size, head_dim), lambda j, k, p, meta, pt: (k, page(j, k, p, meta, pt), 0, 0))
+    sc_spec = pl.BlockSpec((None, None, 1, page_size), lambda j, k, p, meta, pt: (k, page(j, k, p, meta, pt), 0, 0))
+    in_specs = [q_spec, kv_spec, kv_spec] + ([sc_spec] * 2 if quantized else [])
+    args = [qb, k_pages, v_pages]
+    if quantized:
+        args += [k_scales.reshape(kv_heads, num_pages, 1, page_size), v_scales.reshape(kv_heads, num_pages, 1, page_size)]
+    kernel = functools.partial(_prefill_tpu_kernel, group=group, page_size=page_size, max_pages=max_pages,
+                               scale=scale, quantized=quantized)
+    aliases = {}
+    if poison:
+        args.append(jnp.full(qb.shape, jnp.nan, q.dtype))
+        in_specs.append(q_spec)
+        aliases = {len(args) + 1: 0}
+        kernel = _drop_aliased_inputs(kernel, 1, n_scratch=3)
+    rows = block_q * group
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(n_blocks, kv_heads, max_pages), in_specs=in_specs, out_specs=q_spec,
+        scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                        pltpu.VMEM((rows, head_dim), jnp.float32)])
+    ob = pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qb.shape, q.dtype), input_output_aliases=aliases,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret, name="ragged_paged_prefill_tpu",
+    )(tpu_meta, page_table.reshape(-1), *args)
+    # Back to token order: token t is row (t - t0[j]) of the block j that holds it.
+    ob = ob.reshape(n_blocks, kv_heads, block_q, group, head_dim).transpose(0, 2, 1, 3, 4)
+    ob = ob.reshape(n_blocks * block_q, n, head_dim)
+    t = jnp.arange(t_total)
+    j_of_t = jnp.clip(jnp.searchsorted(jnp.where(pad == 1, t_total + 1, t1), t, side="right"), 0, n_blocks - 1)
+    real = (t >= t0[j_of_t]) & (t < t1[j_of_t]) & (pad[j_of_t] == 0)
+    out = ob[j_of_t * block_q + jnp.clip(t - t0[j_of_t], 0, block_q - 1)]
+    return jnp.where(real[:, None, None], out, jnp.zeros((), q.dtype))
+
+
 # ----------------------------------------------------------------------------------------- dispatch
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "pages_per_block", "num_warps", "num_stages",
                                              "backend", "interpret", "poison"))
@@ -202,6 +309,11 @@ def _ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query
         return ragged_paged_attention_reference(q, k_pages, v_pages, page_table, context_lens, query_start,
                                                 num_seqs, k_scales=k_scales, v_scales=v_scales, scale=scale)
     kv_heads, _, page_size, _ = k_pages.shape
+    if backend == "mosaic_tpu":
+        group = q.shape[1] // kv_heads
+        bq = block_q or max(1, 128 // group)
+        return _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales,
+                            v_scales, scale=scale, block_q=bq, interpret=interpret, poison=poison)
     blocks = prefill_blocks(q.shape[1] // kv_heads, page_size, k_scales is not None, q.shape[0], block_q=block_q,
                             pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
     return _prefill_triton(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales,

@@ -1,0 +1,118 @@
+"""Quantized linear layer: ``y[..., O] = x[..., I] @ dequant(w)[I, O] + bias[O]`` through ``quantized_matmul``.
+
+Same call signature as ``Linear``. Parameters keep ``logical_axes`` metadata: the integer weight keeps the
+Linear's ``(in, out)`` axes (int4's packed ``[I/2, O]`` too), per-channel scales take the output axis,
+per-group scales and zero points ``[I/group, O]`` take ``(None, out)``. ``quantize_model`` swaps every
+``Linear`` of a ``GLMForCausalLM`` (except those named in ``keep_float``, by default the LM head) so a
+quantized model runs end to end through the kernels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas.quant_formats import (Int4Weight, Int8Weight, QuantFormatError, W8A8Weight, quantize)
+from kernels_pallas.quantized_matmul import quantized_matmul
+
+from .linear import Linear
+
+FORMATS = ("int8", "int4", "w8a8")
+
+
+class QuantizedLinear(nnx.Module):
+    """Holds one quantized weight (see ``kernels_pallas.quant_formats``) and an optional float bias.
+
+    fmt: "int8" | "int4" | "w8a8"; group / symmetric: int4 only; dtype: compute and output dtype;
+    impl / interpret: passed to ``quantized_matmul`` (default: dispatch by platform).
+    """
+
+    def __init__(self, weight, *, axes: tuple[str, str], bias: jax.Array | None = None, dtype=jnp.float32,
+                 impl: str = "auto", interpret: bool = False):
+        if not isinstance(weight, (Int8Weight, Int4Weight)):
+            raise QuantFormatError(f"QuantizedLinear needs a quantized weight; got {type(weight).__name__}")
+        weight.validate()
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.dtype, self.impl, self.interpret = dtype, impl, interpret
+        if isinstance(weight, Int4Weight):
+            self.fmt, self.group = "int4", weight.group
+            self.qweight = nnx.Param(weight.packed, logical_axes=axes)
+            self.scale = nnx.Param(weight.scale, logical_axes=(None, axes[1]))
+            self.zero = None if weight.zero is None else nnx.Param(weight.zero, logical_axes=(None, axes[1]))
+        else:
+            self.fmt, self.group = ("w8a8" if isinstance(weight, W8A8Weight) else "int8"), 0
+            self.qweight = nnx.Param(weight.qweight, logical_axes=axes)
+            self.scale = nnx.Param(weight.scale, logical_axes=(axes[1],))
+            self.zero = None
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias), logical_axes=(axes[1],))
+
+    @classmethod
+    def from_linear(cls, linear: Linear, fmt: str, *, group: int = 128, symmetric: bool = True,
+                    impl: str = "auto", interpret: bool = False) -> "QuantizedLinear":
+        """Quantize a ``Linear``'s kernel (round-to-nearest) into ``fmt``; the bias stays float."""
+        if fmt not in FORMATS:
+            raise QuantFormatError(f"fmt={fmt!r}; allowed: {FORMATS}")
+        axes = tuple(linear.kernel.get_metadata().get("logical_axes", (None, None)))
+        weight = quantize(linear.kernel[...], fmt, group=group, symmetric=symmetric)
+        bias = None if linear.bias is None else linear.bias[...]
+        return cls(weight, axes=axes, bias=bias, dtype=linear.dtype, impl=impl, interpret=interpret)
+
+    def weight(self):
+        """-> the format object (a pytree) built from the parameters."""
+        if self.fmt == "int4":
+            return Int4Weight(packed=self.qweight[...], scale=self.scale[...],
+                              zero=None if self.zero is None else self.zero[...], group=self.group)
+        cls = W8A8Weight if self.fmt == "w8a8" else Int8Weight
+        return cls(qweight=self.qweight[...], scale=self.scale[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., I] -> [..., O] in the compute dtype."""
+        bias = None if self.bias is None else self.bias[...]
+        return quantized_matmul(x.astype(self.dtype), self.weight(), bias=bias, out_dtype=self.dtype,
+                                impl=self.impl, interpret=self.interpret)
+
+
+def _children(module):
+    for name, value in vars(module).items():
+        if isinstance(value, nnx.Module) and not isinstance(value, nnx.List):
+            yield name, value
+        elif isinstance(value, (list, tuple, nnx.List)):
+            for i, item in enumerate(value):
+                if isinstance(item, nnx.Module):
+                    yield f"{name}.{i}", item
+
+
+def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: bool = True,
+                   keep_float: tuple[str, ...] = ("lm_head",), impl: str = "auto",
+                   interpret: bool = False) -> list[str]:
+    """Replace, in place, every ``Linear`` of ``model`` by a ``QuantizedLinear`` in ``fmt``.
+
+    keep_float: glob patterns matched against the dotted path (``"layers.0.mlp.down_proj"``) and against the
+    attribute name; matching layers stay float. For int4, a layer whose I is not a multiple of ``group``
+    raises. Returns the dotted paths of the swapped layers.
+    """
+    swapped = []
+
+    def walk(module, prefix):
+        for name, child in list(_children(module)):
+            path = f"{prefix}{name}"
+            if isinstance(child, Linear):
+                leaf = name.rsplit(".", 1)[-1]
+                if any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(leaf, p) for p in keep_float):
+                    continue
+                new = QuantizedLinear.from_linear(child, fmt, group=group, symmetric=symmetric, impl=impl,
+                                                  interpret=interpret)
+                if "." in name:  # an element of a list attribute
+                    attr, idx = name.split(".")
+                    getattr(module, attr)[int(idx)] = new
+                else:
+                    setattr(module, name, new)
+                swapped.append(path)
+            else:
+                walk(child, path + ".")
+
+    walk(model, "")
+    return swapped

@@ -1,0 +1,250 @@
+"""Benchmark quantized_matmul on GLM-4-9B linear shapes against XLA's dequantize-then-dot and XLA's bf16 dot.
+
+GPU only. For each shape (qkv 4096->4608, o 4096->4096, gate_up 4096->27392, down 13696->4096), each M and
+each format: this project's dispatch (``quantized_matmul``, tuned table), XLA's dequantize-then-dot
+(``impl="xla"``), and XLA's bf16 dot, all in one run, with the copy bandwidth measured in the same run.
+Each op is timed as ``--layers`` distinct layers' weights unrolled in one jit (no scan, no Python loop of
+calls), median of many reps. Writes experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
+
+    python experiments/bench_qmatmul.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from kernels_pallas import qmatmul_tiles  # noqa: E402
+from kernels_pallas.quant_formats import Int4Weight, Int8Weight, W8A8Weight  # noqa: E402
+from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
+
+SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096)}
+MS = (1, 8, 32, 128, 512)
+FORMATS = ("int8", "int4_g128_sym", "int4_g128_asym", "int4_g64_sym", "w8a8")
+
+
+def random_weight(key, fmt: str, k: int, n: int):
+    """A random (never zero) weight of the named format; 'bf16' gives a plain [K, N] bf16 matrix."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    if fmt == "bf16":
+        return (0.02 * jax.random.normal(k1, (k, n), jnp.float32)).astype(jnp.bfloat16)
+    if fmt in ("int8", "w8a8"):
+        q = jax.random.randint(k1, (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+        s = jax.random.uniform(k2, (n,), jnp.float32, 1e-3, 1e-2)
+        return (W8A8Weight if fmt == "w8a8" else Int8Weight)(qweight=q, scale=s)
+    _, g, sym = fmt.split("_")
+    group = int(g[1:])
+    packed = jax.random.randint(k1, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
+    scale = jax.random.uniform(k2, (k // group, n), jnp.float32, 1e-3, 1e-2).astype(jnp.bfloat16)
+    zero = None if sym == "sym" else jax.random.randint(k3, (k // group, n), 0, 16, jnp.int32).astype(jnp.uint8)
+    return Int4Weight(packed=packed, scale=scale, zero=zero, group=group)
+
+
+def weight_bytes(w) -> int:
+    return w.size * w.dtype.itemsize if isinstance(w, jax.Array) else w.nbytes()
+
+
+def time_layers(fn, x, weights, *, min_sample_s: float = 0.02, samples: int = 7) -> tuple[float, float]:
+    """Median seconds per layer of ``fn(x, w)`` over distinct weights unrolled in one jit; also compile s."""
+    f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x, weights))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(3):
+        out = f(x, weights)
+    jax.block_until_ready(out)
+    est = (time.perf_counter() - t0) / 3
+    inner = max(1, int(min_sample_s / max(est, 1e-6)))
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = f(x, weights)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times) / len(weights), compile_s
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by a large device-to-device elementwise copy (x + 1 in bf16)."""
+    a = jax.random.normal(jax.random.key(7), (nbytes // 2,), jnp.float32).astype(jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(a))
+    best = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            b = f(a)
+        jax.block_until_ready(b)
+        best.append((time.perf_counter() - t0) / 10)
+    return 2 * nbytes / statistics.median(best)
+
+
+def gpu_name() -> str:
+    return qmatmul_tiles.device_key(jax.devices()[0].device_kind)
+
+
+def ours(fmt):
+    return lambda x, w: quantized_matmul(x, w)
+
+
+def xla(x, w):
+    return quantized_matmul(x, w, impl="xla")
+
+
+def bf16_dot(x, w):
+    return jnp.dot(x, w)
+
+
+def summarize(rows: list[dict]) -> dict:
+    def t(method, fmt, shape, m):
+        for r in rows:
+            if (r["method"], r["format"], r["shape"], r["m"]) == (method, fmt, shape, m):
+                return r
+        return None
+
+    def worst(fn):
+        vals = [fn(s) for s in ("gate_up", "down")]
+        vals = [v for v in vals if v is not None]
+        return min(vals) if vals else None
+
+    def frac(m):
+        def f(s):
+            r = t("ours", "int8", s, m)
+            return None if r is None else r["frac_bw"]
+        return f
+
+    def speed(fmt, m, base_method, base_fmt):
+        def f(s):
+            a, b = t("ours", fmt, s, m), t(base_method, base_fmt, s, m)
+            return None if a is None or b is None else b["us"] / a["us"]
+        return f
+
+    ratios = []
+    for r in rows:
+        if r["method"] == "ours":
+            b = t("bf16", "bf16", r["shape"], r["m"])
+            if b is not None:
+                ratios.append(r["us"] / b["us"])
+    return {
+        "int8_frac_bw_m1": worst(frac(1)),
+        "int8_frac_bw_m32": worst(frac(32)),
+        "int8_speedup_vs_bf16_m1": worst(speed("int8", 1, "bf16", "bf16")),
+        "int8_speedup_vs_xla_int8_m1": worst(speed("int8", 1, "xla", "int8")),
+        "int4_speedup_vs_bf16_m1": worst(speed("int4_g128_sym", 1, "bf16", "bf16")),
+        "w8a8_speedup_vs_bf16_m512": worst(speed("w8a8", 512, "bf16", "bf16")),
+        "worst_ratio_vs_bf16": max(ratios) if ratios else None,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# quantized_matmul on {result['device']} ({result['date']})", "",
+             f"copy bandwidth (read + write): {result['copy_bw_tbs']:.2f} TB/s; {result['layers']} distinct layers "
+             "per jit; times are per layer (us). frac_bw = weight bytes / time / copy bandwidth.", "",
+             "| shape | M | format | ours us | frac_bw | xla us | bf16 us | ours/bf16 | xla/ours | config |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = result["rows"]
+    idx = {(r["method"], r["format"], r["shape"], r["m"]): r for r in rows}
+    for r in rows:
+        if r["method"] != "ours":
+            continue
+        x = idx.get(("xla", r["format"], r["shape"], r["m"]))
+        b = idx.get(("bf16", "bf16", r["shape"], r["m"]))
+        lines.append(
+            f"| {r['shape']} | {r['m']} | {r['format']} | {r['us']:.1f} | {r['frac_bw']:.2f} | "
+            f"{x['us'] if x else float('nan'):.1f} | {b['us'] if b else float('nan'):.1f} | "
+            f"{r['us'] / b['us'] if b else float('nan'):.2f} | {x['us'] / r['us'] if x else float('nan'):.2f} | "
+            f"{r.get('config', '')} |")
+    lines += ["", "## summary", ""] + [f"- {k}: {v if v is None else round(v, 3)}" for k, v in result["summary"].items()]
+    lines += ["", "Baselines not run: " + "; ".join(result["baselines_missing"])]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--budget_s", type=float, default=1e9, help="stop adding rows after this many seconds")
+    args = ap.parse_args()
+    start = time.time()
+    dev = jax.devices()[0]
+    formats = args.formats.split(",")
+    ms = [int(m) for m in args.ms.split(",")]
+    shapes = args.shapes.split(",")
+    bw = copy_bandwidth()
+    print(f"device {dev.device_kind}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    missing = []
+    for name in ("tokamax", "qwix"):
+        try:
+            __import__(name)
+            missing.append(f"{name}: importable but not wired in")
+        except ImportError:
+            missing.append(f"{name}: not installed on the device image")
+    rows, skipped = [], []
+    # Summary shapes and Ms first, so a budget cut loses the least important rows.
+    order = [(s, m) for m in ms for s in shapes if s in ("gate_up", "down")]
+    order += [(s, m) for m in ms for s in shapes if s not in ("gate_up", "down")]
+    for shape, m in order:
+        k, n = SHAPES[shape]
+        if time.time() - start > args.budget_s:
+            skipped.append(f"{shape} M={m}")
+            continue
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        keys = jax.random.split(jax.random.key(hash((shape, m)) % 2**31), args.layers)
+        ws = [random_weight(kk, "bf16", k, n) for kk in keys]
+        us, cs = time_layers(bf16_dot, x, ws)
+        nb = weight_bytes(ws[0])
+        rows.append(dict(shape=shape, m=m, k=k, n=n, format="bf16", method="bf16", us=us * 1e6, bytes=nb,
+                         frac_bw=nb / us / bw, compile_s=cs))
+        del ws
+        for fmt in formats:
+            ws = [random_weight(kk, fmt, k, n) for kk in keys]
+            nb = weight_bytes(ws[0])
+            cfg = qmatmul_tiles.lookup(gpu_name(), ws[0].name, m, k, n)
+            for method, fn in (("ours", ours(fmt)), ("xla", xla)):
+                try:
+                    us, cs = time_layers(fn, x, ws)
+                except Exception as e:  # report, keep going
+                    print(f"FAILED {method} {fmt} {shape} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                rows.append(dict(shape=shape, m=m, k=k, n=n, format=fmt, method=method, us=us * 1e6, bytes=nb,
+                                 frac_bw=nb / us / bw, compile_s=cs,
+                                 config=(cfg.to_json() if method == "ours" else None)))
+            del ws
+        done = [r for r in rows if r["shape"] == shape and r["m"] == m]
+        print(" ".join(f"{r['format']}/{r['method']}={r['us']:.1f}us" for r in done), f"[{shape} M={m}]",
+              f"t={time.time() - start:.0f}s", flush=True)
+    result = dict(device=dev.device_kind, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  versions=dict(jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
+                                else None),
+                  copy_bw_tbs=bw / 1e12, layers=args.layers, rows=rows, skipped=skipped,
+                  baselines_missing=missing, summary=summarize(rows))
+    for r in result["rows"]:
+        if r.get("config"):
+            c = r["config"]
+            r["config"] = (f"{c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} s{c['split_k']} "
+                           f"w{c['num_warps']} st{c['num_stages']}{' fast' if c['fast_dequant'] else ''}")
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"qmatmul_{gpu_name()}")
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Tile sweep for quantized_matmul: writes the tuned table kernels_pallas/tuned/quantized_matmul.json.
+
+GPU only. For each format, M bucket and GLM-4-9B shape, time a short list of candidate TileConfigs (and XLA's
+dequantize-then-dot as the candidate ``kernel="xla"``) with ``--layers`` distinct weights unrolled in one jit,
+and keep the fastest. Entries from other devices already in the table are kept. A candidate that fails to
+compile is reported and skipped. ``--budget_s`` bounds the sweep; untuned problems use ``default_config``.
+
+    python experiments/tune_qmatmul.py --out $OUT/quantized_matmul.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_qmatmul import SHAPES, gpu_name, random_weight, time_layers  # noqa: E402
+from kernels_pallas import qmatmul_tiles  # noqa: E402
+from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
+from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
+
+
+def T(kernel, bm, bn, bk, split, warps, stages, fast=True):
+    return TileConfig(kernel=kernel, block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
+                      num_stages=stages, fast_dequant=fast)
+
+
+XLA = TileConfig(kernel="xla")
+
+
+def candidates(fmt: str, m: int) -> list[TileConfig]:
+    """Most likely first: the sweep may be cut by the budget."""
+    int4 = fmt.startswith("int4")
+    if m == 1 and fmt != "w8a8":
+        if int4:
+            g = int(fmt.split("_")[1][1:])
+            return [T("gemv", 1, 128, g, 8, 4, 3), T("gemv", 1, 256, g, 8, 8, 3), T("gemv", 1, 128, 2 * g, 4, 4, 3),
+                    T("gemv", 1, 64, g, 16, 4, 3), T("gemv", 1, 128, g, 8, 4, 3, False),
+                    T("dot", 16, 128, 2 * g, 4, 4, 4), XLA]
+        return [T("gemv", 1, 256, 32, 8, 4, 3), T("gemv", 1, 128, 64, 8, 4, 3), T("gemv", 1, 256, 64, 4, 8, 3),
+                T("gemv", 1, 128, 32, 16, 4, 3), T("gemv", 1, 256, 32, 8, 4, 3, False),
+                T("dot", 16, 128, 128, 4, 4, 4), XLA]
+    if m <= 32:
+        bm = 16 if m <= 16 else 32
+        return [T("dot", bm, 128, 128, 4, 4, 4), T("dot", bm, 64, 256, 4, 4, 4), T("dot", bm, 128, 128, 8, 4, 3),
+                T("dot", bm, 256, 128, 2, 8, 3), T("dot", bm, 128, 128, 4, 4, 4, False), XLA]
+    if m <= 128:
+        return [T("dot", 64, 128, 128, 2, 4, 4), T("dot", 128, 128, 64, 1, 8, 3), T("dot", 64, 64, 128, 4, 4, 4),
+                T("dot", 128, 256, 64, 1, 8, 3), XLA]
+    return [T("dot", 128, 128, 64, 1, 8, 3), T("dot", 128, 256, 64, 1, 8, 3), T("dot", 128, 128, 128, 1, 8, 3),
+            T("dot", 64, 128, 64, 1, 4, 4), T("dot", 128, 256, 128, 1, 8, 3), XLA]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=qmatmul_tiles.TABLE_PATH)
+    ap.add_argument("--formats", default="int8,int4_g128_sym,w8a8")
+    ap.add_argument("--ms", default="1,32,512")
+    ap.add_argument("--shapes", default="gate_up,down")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--budget_s", type=float, default=150.0)
+    args = ap.parse_args()
+    start = time.time()
+    dev = gpu_name()
+    entries = [e for e in qmatmul_tiles.load_table() if e["device"] != dev]
+    log = []
+    for m in map(int, args.ms.split(",")):
+        for fmt in args.formats.split(","):
+            for shape in args.shapes.split(","):
+                k, n = SHAPES[shape]
+                keys = jax.random.split(jax.random.key(k * n + m), args.layers)
+                ws = [random_weight(kk, fmt, k, n) for kk in keys]
+                x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+                best = None
+                for cfg in candidates(fmt, m):
+                    if time.time() - start > args.budget_s:
+                        break
+                    fn = lambda x, w, cfg=cfg: quantized_matmul(x, w, config=cfg, impl="pallas_gpu")
+                    try:
+                        s, cs = time_layers(fn, x, ws, min_sample_s=0.01, samples=5)
+                    except Exception as e:
+                        print(f"FAILED {fmt} {shape} M={m} {cfg}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                        continue
+                    log.append(dict(format=fmt, shape=shape, m=m, config=cfg.to_json(), us=s * 1e6, compile_s=cs))
+                    print(f"{fmt:15s} {shape:8s} M={m:<4d} {s * 1e6:8.1f}us compile {cs:5.1f}s {cfg}", flush=True)
+                    if best is None or s < best[0]:
+                        best = (s, cfg)
+                if best is not None:
+                    name = ws[0].name
+                    entries.append(dict(device=dev, format=name, m=m, k=k, n=n, us=round(best[0] * 1e6, 2),
+                                        config=best[1].to_json()))
+                del ws
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(note="written by experiments/tune_qmatmul.py; lookup rules in kernels_pallas/qmatmul_tiles.py",
+                       entries=entries), f, indent=1)
+    with open(os.path.splitext(args.out)[0] + "_sweep.json", "w") as f:
+        json.dump(log, f, indent=1)
+    print(f"wrote {len(entries)} entries to {args.out} in {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""quantized_matmul: every kernel path vs the reference, the reference vs float64 numpy, QuantizedLinear, model swap.
+
+Kernel cases run with a NaN-poisoned output buffer (``_poison=True``; with split-K the partial-sum buffer is
+poisoned), fresh random non-zero inputs, ragged M (padding) and N not a multiple of the block (masking).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas.qmatmul_tiles import TileConfig, default_config, lookup
+from kernels_pallas.quant_formats import QuantFormatError, quantize, quantize_int4, quantize_int8
+from kernels_pallas.quantized_matmul import quantized_matmul, quantized_matmul_reference
+
+FORMATS = [("int8", {}), ("int4", dict(group=64, symmetric=True)), ("int4", dict(group=128, symmetric=False)),
+           ("w8a8", {})]
+FMT_IDS = ["int8", "int4_g64_sym", "int4_g128_asym", "w8a8"]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def problem(seed, m, k, n, fmt, kw, x_dtype=jnp.bfloat16):
+    """Fresh random x [M, K], float w [K, N] and its quantized form (one jit: fast on a busy CPU)."""
+    @jax.jit
+    def make(key):
+        kx, kw_ = jax.random.split(key)
+        w = 0.05 * jax.random.normal(kw_, (k, n), jnp.float32) + 0.01  # offset: asymmetric ranges
+        x = jax.random.normal(kx, (m, k), jnp.float32).astype(x_dtype)
+        return x, quantize(w, fmt, **kw), w
+    return make(jax.random.key(seed))
+
+
+def check_kernel(x, q, cfg, *, impl, interpret):
+    out = jax.jit(lambda x, q: quantized_matmul(x, q, out_dtype=jnp.float32, impl=impl, interpret=interpret,
+                                                config=cfg, _poison=True))(x, q)
+    ref = jax.jit(lambda x, q: quantized_matmul_reference(x, q, out_dtype=jnp.float32))(x, q)
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    assert bool(jnp.isfinite(out).all()), "unwritten (NaN-poisoned) outputs"
+    assert rel_err(out, ref) < 1e-4
+
+
+# (M, K, N, config): gemv with split-K and ragged N; dot with ragged M, N and split-K (exact int->float
+# converts); dot over 2 M blocks. More configs and GLM shapes run on the GPU (TestGpuKernelGPU).
+GPU_CASES = [
+    (1, 256, 200, TileConfig(kernel="gemv", block_m=1, block_n=64, block_k=128, split_k=2, num_warps=4)),
+    (5, 256, 130, TileConfig(kernel="dot", block_m=16, block_n=128, block_k=128, split_k=2, fast_dequant=False)),
+    (33, 256, 72, TileConfig(kernel="dot", block_m=32, block_n=64, block_k=128, split_k=1)),
+]
+
+
+class GpuKernelCases:
+    """The GPU (Triton-lowered) Pallas kernels."""
+    interpret = False
+
+    @pytest.mark.parametrize("fmt,kw", FORMATS, ids=FMT_IDS)
+    @pytest.mark.parametrize("case", range(len(GPU_CASES)))
+    def test_matches_reference(self, fmt, kw, case):
+        m, k, n, cfg = GPU_CASES[case]
+        x, q, _ = problem(100 + case, m, k, n, fmt, kw)
+        check_kernel(x, q, cfg, impl="pallas_gpu", interpret=self.interpret)
+
+
+@pytest.mark.gpu
+class TestGpuKernelGPU(GpuKernelCases):
+    interpret = False
+
+    @pytest.mark.parametrize("fmt,kw", FORMATS + [("int4", dict(group=128, symmetric=True))],
+                             ids=FMT_IDS + ["int4_g128_sym"])
+    @pytest.mark.parametrize("m", [1, 40])
+    def test_dispatch_glm_shapes(self, fmt, kw, m):
+        """The tuned (or default) config at a GLM-4 shape with ragged M, through the public entry point."""
+        x, q, _ = problem(m, m, 4096, 4608, fmt, kw)
+        out = quantized_matmul(x, q, out_dtype=jnp.float32)
+        assert rel_err(out, quantized_matmul_reference(x, q, out_dtype=jnp.float32)) < 1e-3
+
+    @pytest.mark.parametrize("fmt,kw", FORMATS, ids=FMT_IDS)
+    def test_long_k_split(self, fmt, kw):
+        x, q, _ = problem(5, 1, 13696, 4096 + 64, fmt, kw)
+        cfg = TileConfig(kernel="gemv", block_m=1, block_n=256, block_k=128, split_k=8)
+        check_kernel(x, q, cfg, impl="pallas_gpu", interpret=False)
+
+
+class TestGpuKernelInterpret(GpuKernelCases):
+    interpret = True
+
+
+class TestTpuKernelInterpret:
+    """The Mosaic TPU kernel body, in interpret mode (no TPU here)."""
+
+    @pytest.mark.parametrize("fmt,kw", FORMATS, ids=FMT_IDS)
+    @pytest.mark.parametrize("m,k,n", [(20, 256, 200)])
+    def test_matches_reference(self, fmt, kw, m, k, n):
+        x, q, _ = problem(7 + m, m, k, n, fmt, kw)
+        cfg = TileConfig(kernel="dot", block_m=16, block_n=128, block_k=128)
+        check_kernel(x, q, cfg, impl="pallas_tpu", interpret=True)
+
+
+@pytest.mark.parametrize("fmt,kw", FORMATS, ids=FMT_IDS)
+def test_xla_path_matches_reference(fmt, kw):
+    x, q, _ = problem(3, 6, 256, 136, fmt, kw)
+    out = quantized_matmul(x, q, out_dtype=jnp.float32, impl="xla")
+    # int4 on the XLA path dequantizes to bf16 first (w = (u - z) * s rounded); int8 stays exact.
+    assert rel_err(out, quantized_matmul_reference(x, q, out_dtype=jnp.float32)) < (1e-2 if fmt == "int4" else 1e-4)
+
+
+# ------------------------------------------------------------------------- reference vs float64 numpy
+@pytest.mark.parametrize("fmt,kw", FORMATS, ids=FMT_IDS)
+def test_reference_matches_float64_dot_of_dequantized_weight(fmt, kw):
+    x, q, w = problem(11, 4, 256, 96, fmt, kw, x_dtype=jnp.float32)
+    bias = jax.random.normal(jax.random.key(5), (96,), jnp.float32)
+    out = quantized_matmul_reference(x[None], q, bias=bias)  # leading dims are kept
+    xn = np.asarray(x, np.float64)
+    if fmt == "w8a8":  # independent per-token quantization in numpy
+        sx = np.abs(xn).max(axis=1, keepdims=True) / 127.0
+        xn = np.clip(np.round(xn / sx), -127, 127) * sx
+    expect = xn @ np.asarray(q.dequantize(jnp.float32), np.float64) + np.asarray(bias, np.float64)
+    assert out.shape == (1, 4, 96)
+    assert rel_err(out[0], expect) < 1e-5
+    # and quantization error itself is small against the float weight
+    assert rel_err(q.dequantize(), w) < (0.02 if fmt in ("int8", "w8a8") else 0.2)
+
+
+def test_bias_leading_dims_and_out_dtype_through_kernel():
+    x, q, _ = problem(2, 6, 256, 130, "int8", {})
+    x = x.reshape(2, 3, 256)
+    bias = jax.random.normal(jax.random.key(9), (130,), jnp.float32)
+    cfg = TileConfig(kernel="dot", block_m=16, block_n=64, block_k=64, split_k=2)
+    out = quantized_matmul(x, q, bias=bias, impl="pallas_gpu", interpret=True, config=cfg)
+    ref = quantized_matmul_reference(x, q, bias=bias)
+    assert out.shape == (2, 3, 130) and out.dtype == jnp.bfloat16
+    assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2
+
+
+# ------------------------------------------------------------------------------ validation, tuning table
+def test_bad_inputs_raise_before_launch():
+    w = 0.05 * jax.random.normal(jax.random.key(0), (256, 64))
+    q = quantize_int8(w)
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    with pytest.raises(QuantFormatError, match="float32, bfloat16 or float16"):
+        quantized_matmul(x.astype(jnp.int32), q, impl="pallas_gpu")
+    with pytest.raises(QuantFormatError, match="I = 256"):
+        quantized_matmul(jnp.ones((2, 128), jnp.bfloat16), q, impl="pallas_gpu")
+    with pytest.raises(QuantFormatError, match="bias"):
+        quantized_matmul(x, q, bias=jnp.ones((65,)), impl="pallas_gpu")
+    with pytest.raises(QuantFormatError, match="scale"):
+        quantized_matmul(x, type(q)(qweight=q.qweight, scale=q.scale[:10]), impl="pallas_gpu")
+    with pytest.raises(QuantFormatError, match="int8"):
+        quantized_matmul(x, type(q)(qweight=q.qweight.astype(jnp.int32), scale=q.scale), impl="pallas_gpu")
+    q4 = quantize_int4(w, group=64)
+    with pytest.raises(QuantFormatError, match="multiple of group"):
+        quantized_matmul(jnp.ones((2, 224), jnp.bfloat16), type(q4)(packed=q4.packed[:112], scale=q4.scale[:3],
+                                                                    zero=None, group=64), impl="pallas_gpu")
+    with pytest.raises(QuantFormatError, match="impl"):
+        quantized_matmul(x, q, impl="cuda")
+    with pytest.raises(QuantFormatError, match="qweight must be one of"):
+        quantized_matmul(x, w)
+
+
+def test_table_lookup_and_default():
+    table = ({"device": "h100", "format": "int8", "m": 1, "k": 4096, "n": 27392,
+              "config": TileConfig(kernel="gemv", block_m=1, block_n=512, block_k=16, split_k=8).to_json()},
+             {"device": "h100", "format": "int8", "m": 32, "k": 4096, "n": 27392,
+              "config": TileConfig(kernel="xla").to_json()})
+    assert lookup("h100", "int8", 1, 4096, 27392, table=table).block_n == 512
+    assert lookup("h100", "int8", 20, 4096, 27392, table=table).kernel == "xla"  # next tuned M up
+    assert lookup("h100", "int8", 1, 13696, 4096, table=table).block_n == 512  # nearest shape
+    assert lookup("h200", "int8", 1, 4096, 27392, table=table) == default_config("int8", 1)
+    with pytest.raises(ValueError, match="power of two"):
+        TileConfig(block_n=100)
+
+
+# ----------------------------------------------------------------------------- layer and model swap
+def test_quantized_linear_matches_linear_and_keeps_axes():
+    from autoglm_jax.model import Linear
+    from autoglm_jax.model.quantized_linear import QuantizedLinear
+    lin = Linear(256, 192, axes=("embed", "mlp"), use_bias=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    lin.bias[...] = jax.random.normal(jax.random.key(3), (192,))
+    x = jax.random.normal(jax.random.key(4), (2, 3, 256), jnp.float32)
+    for fmt, kw in [("int8", {}), ("int4", dict(group=64, symmetric=False)), ("w8a8", {})]:
+        ql = QuantizedLinear.from_linear(lin, fmt, interpret=True, **kw)
+        out = ql(x)
+        assert out.shape == (2, 3, 192) and out.dtype == jnp.bfloat16
+        assert rel_err(out.astype(jnp.float32), lin(x).astype(jnp.float32)) < (0.03 if fmt != "int4" else 0.15)
+        assert ql.qweight.get_metadata()["logical_axes"] == ("embed", "mlp")
+        assert ql.bias.get_metadata()["logical_axes"] == ("mlp",)
+        assert ql.scale.get_metadata()["logical_axes"][-1] == "mlp"
+
+
+def test_quantize_model_runs_end_to_end():
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.model import GLMForCausalLM, Linear
+    from autoglm_jax.model.quantized_linear import QuantizedLinear, quantize_model
+    cfg = GLMConfig.from_preset("tiny", num_layers=2)
+    model = GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab_size)
+    ref = model(ids)
+    swapped = quantize_model(model, "int8", keep_float=("lm_head", "layers.1.mlp.*"))
+    assert "layers.0.mlp.down_proj" in swapped and "layers.1.mlp.down_proj" not in swapped
+    assert isinstance(model.lm_head, Linear) and isinstance(model.layers[1].mlp.down_proj, Linear)
+    assert isinstance(model.layers[0].attn.qkv_proj, QuantizedLinear)
+    graphdef, state = nnx.split(model)
+    out = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))(state, ids)
+    assert out.shape == ref.shape and bool(jnp.isfinite(out).all())
+    assert 0 < rel_err(out, ref) < 0.05
