@@ -230,3 +230,16 @@ def test_traced_inputs_skip_host_checks_but_run():
     out = f(q, pool["lengths"], pool["page_table"])
     ref = paged_attention_reference(q, pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"])
     assert rel_err(out, ref) < 1e-2
+
+
+def test_mosaic_tpu_kernel_interpret():
+    """The Mosaic TPU kernel (no TPU here: run through the Pallas interpreter), int8 pages, G=2."""
+    rng = np.random.default_rng(21)
+    lengths = [1, 16, 17, 50]
+    pool = make_pool(rng, kv_heads=2, page_size=16, lengths=lengths, quantized=True)
+    q = jnp.asarray(rng.standard_normal((4, 4, H)), jnp.bfloat16)
+    args = (q, pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"])
+    scales = dict(k_scales=pool["k_scales"], v_scales=pool["v_scales"])
+    out = paged_attention(*args, **scales, backend="mosaic_tpu", interpret=True, _poison=True)
+    assert bool(jnp.isfinite(out).all())
+    assert rel_err(out, paged_attention_reference(*args, **scales)) < 1e-2

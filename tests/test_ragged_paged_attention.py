@@ -100,3 +100,13 @@ def test_bad_input_raises_before_launch(bad, match):
         table = table.at[1, 0].set(-2)
     with pytest.raises(ValueError, match=match):
         ragged_paged_attention(q, kp, vp, table, ctx, qs, ns, interpret=True)
+
+
+def test_mosaic_tpu_kernel_interpret():
+    """The Mosaic TPU prefill kernel (no TPU here: run through the Pallas interpreter), G=2."""
+    rng = np.random.default_rng(22)
+    args, scales, _, starts = make_batch(rng, group=2, page_size=16, contexts=[37, 17], chunks=[21, 17])
+    out = ragged_paged_attention(*args, block_q=8, backend="mosaic_tpu", interpret=True, _poison=True)
+    n = int(starts[-1])
+    assert bool(np.isfinite(np.asarray(out, np.float32)).all()) and not np.any(np.asarray(out[n:], np.float32))
+    assert rel_err(out[:n], ragged_paged_attention_reference(*args)[:n]) < 1e-2
