@@ -91,6 +91,28 @@ def main():
                   (32, 2048, 64, False), (128, 8192, 16, False)]
     kind = jax.devices()[0].device_kind
     decode, prefill = [], []
+
+    def save():  # after every point, so a run cut short still leaves its results
+        if args.quick:
+            return
+        path = pa._TUNED_PATH
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table.setdefault("decode", {})[kind] = decode
+        table.setdefault("prefill", {})[kind] = prefill
+        table["_doc"] = ("Written by experiments/tune_paged_attention.py: per device kind, the best block sizes "
+                         "found per (batch, context, page_size, quantized, group); lookup takes the nearest "
+                         "batch/context.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1, sort_keys=True))
+        if args.out:
+            shutil.copy(path, Path(args.out) / "paged_attention_tuned.json")
+
+    best = tune_prefill(rng)
+    if best:
+        prefill.append(dict(key=dict(batch=1, context=2048, page_size=16, quantized=False, group=bench.N // bench.K),
+                            blocks=best[1], us=best[0] * 1e6))
+        print(f"BEST prefill: {best[1]} {best[0] * 1e6:.1f} us", flush=True)
+        save()
     for batch, ctx, page_size, quantized in points:
         best = tune_decode(rng, batch, ctx, page_size, quantized)
         if best:
@@ -98,24 +120,7 @@ def main():
                                         group=bench.N // bench.K), blocks=best[1], us=best[0] * 1e6))
             print(f"BEST decode b{batch} ctx{ctx} L{page_size} q{int(quantized)}: {best[1]} {best[0] * 1e6:.1f} us",
                   flush=True)
-    best = tune_prefill(rng)
-    if best:
-        prefill.append(dict(key=dict(batch=1, context=2048, page_size=16, quantized=False, group=bench.N // bench.K),
-                            blocks=best[1], us=best[0] * 1e6))
-        print(f"BEST prefill: {best[1]} {best[0] * 1e6:.1f} us", flush=True)
-    if args.quick:
-        return
-    path = pa._TUNED_PATH
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table.setdefault("decode", {})[kind] = decode
-    table.setdefault("prefill", {})[kind] = prefill
-    table["_doc"] = ("Written by experiments/tune_paged_attention.py: per device kind, the best block sizes found "
-                     "per (batch, context, page_size, quantized, group); lookup takes the nearest batch/context.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1, sort_keys=True))
-    print("wrote", path)
-    if args.out:
-        shutil.copy(path, Path(args.out) / "paged_attention_tuned.json")
+            save()
 
 
 if __name__ == "__main__":
