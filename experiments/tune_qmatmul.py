@@ -27,9 +27,9 @@ from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
 
 
-def T(kernel, bm, bn, bk, split, warps, stages, fast=True):
+def T(kernel, bm, bn, bk, split, warps, stages, fast=True, prefetch=False):
     return TileConfig(kernel=kernel, block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                      num_stages=stages, fast_dequant=fast)
+                      num_stages=stages, fast_dequant=fast, prefetch=prefetch)
 
 
 XLA = TileConfig(kernel="xla")
@@ -38,27 +38,30 @@ XLA = TileConfig(kernel="xla")
 def candidates(fmt: str, m: int) -> list[TileConfig]:
     """Most likely first: the sweep may be cut by the budget."""
     int4 = fmt.startswith("int4")
+    pf = dict(prefetch=True)
     if m == 1 and fmt != "w8a8":
         if int4:
             g = int(fmt.split("_")[1][1:])
-            return [T("gemv", 1, 128, g, 8, 4, 3), T("gemv", 1, 256, g, 8, 8, 3), T("gemv", 1, 64, g, 16, 4, 3),
-                    T("dot", 16, 128, 2 * g, 4, 4, 4), XLA]
-        return [T("gemv", 1, 256, 32, 8, 4, 3), T("gemv", 1, 128, 64, 8, 4, 3), T("gemv", 1, 128, 32, 16, 4, 3),
-                T("gemv", 1, 256, 32, 8, 4, 3, False), T("dot", 16, 128, 128, 4, 4, 4), XLA]
+            return [T("gemv", 1, 128, g, 8, 4, 3, **pf), T("gemv", 1, 128, g, 8, 4, 3), T("gemv", 1, 64, g, 16, 4, 3, **pf),
+                    T("gemv", 1, 256, g, 8, 8, 3, **pf), T("gemv", 1, 128, g, 16, 4, 3, **pf), XLA]
+        return [T("gemv", 1, 128, 64, 8, 4, 3, **pf), T("gemv", 1, 128, 32, 16, 4, 3, **pf),
+                T("gemv", 1, 128, 64, 8, 4, 3), T("gemv", 1, 128, 32, 16, 4, 3), T("gemv", 1, 256, 64, 8, 8, 3, **pf),
+                T("gemv", 1, 128, 64, 16, 4, 3, **pf), XLA]
     if m <= 32:
         bm = 16 if m <= 16 else 32
-        return [T("dot", bm, 128, 128, 4, 4, 4), T("dot", bm, 64, 256, 4, 4, 4), T("dot", bm, 128, 128, 8, 4, 3),
-                XLA]
+        return [T("dot", bm, 128, 128, 4, 4, 4), T("dot", bm, 64, 128, 8, 4, 4), T("dot", bm, 256, 64, 4, 8, 3),
+                T("dot", bm, 128, 64, 8, 4, 4), XLA]
     if m <= 128:
-        return [T("dot", 64, 128, 128, 2, 4, 4), T("dot", 128, 128, 64, 1, 8, 3), XLA]
-    return [T("dot", 128, 128, 64, 1, 8, 3), T("dot", 128, 256, 64, 1, 8, 3), T("dot", 64, 128, 64, 1, 4, 4), XLA]
+        return [T("dot", 64, 128, 128, 2, 4, 4), T("dot", 128, 128, 64, 1, 8, 3), T("dot", 64, 128, 64, 4, 4, 4), XLA]
+    return [T("dot", 128, 128, 64, 1, 8, 3), T("dot", 128, 256, 64, 1, 8, 3), T("dot", 128, 128, 128, 1, 8, 3),
+            T("dot", 64, 128, 64, 1, 4, 4), XLA]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=qmatmul_tiles.TABLE_PATH)
     ap.add_argument("--formats", default="int8,int4_g128_sym,w8a8")
-    ap.add_argument("--ms", default="1,512,32")
+    ap.add_argument("--ms", default="1,512,32,128")
     ap.add_argument("--shapes", default="gate_up,down")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--budget_s", type=float, default=150.0)

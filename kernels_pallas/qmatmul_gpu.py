@@ -75,24 +75,33 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
     def load_row(ref, r):  # [1, BN] row r of a [*, N] ref, as float32
         return load_cols(ref, pl.ds(r, 1), jnp.float32)
 
-    if fmt in ("int8", "w8a8"):
+    if fmt == "w8a8":  # weight stored [N, K] (K-major): contract the last dims of both tiles
+        bk = cfg.block_k
+
+        def body(i, acc):
+            k0 = pl.multiple_of((first + i) * bk, bk)
+            xt = x_ref[:, pl.ds(k0, bk)]  # [BM, BK] int8
+            wt = pltriton.load(w_ref.at[:, pl.ds(k0, bk)], mask=cmask[:, None], other=0)  # [BN, BK] int8
+            return acc + lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        acci = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.int32))
+        acc = acci.astype(jnp.float32) * sx_ref[...] * load_row(s_ref, 0)
+    elif fmt == "int8":
         bk = cfg.block_k
         if cfg.kernel == "gemv":
-            def body(i, acc):
-                k0 = pl.multiple_of((first + i) * bk, bk)
-                xt = x_ref[0, pl.ds(k0, bk)].astype(jnp.float32)  # [BK]
-                wt = _int8_to_f32(load_cols(w_ref, pl.ds(k0, bk)), fast)  # [BK, BN]
-                return acc + xt[:, None] * wt
-            acc2 = lax.fori_loop(0, steps, body, jnp.zeros((bk, bn), jnp.float32))
+            def load_w(i):  # clamped: a prefetch past the last step re-reads it
+                return load_cols(w_ref, pl.ds(jnp.minimum((first + i) * bk, k_total - bk), bk))
+
+            def step(i, acc, wt):
+                xt = x_ref[0, pl.ds(pl.multiple_of((first + i) * bk, bk), bk)].astype(jnp.float32)  # [BK]
+                return acc + xt[:, None] * _int8_to_f32(wt, fast)  # [BK, BN]
+
+            zero = jnp.zeros((bk, bn), jnp.float32)
+            if cfg.prefetch:  # issue the load of step i + 1 before the math of step i
+                acc2, _ = lax.fori_loop(0, steps, lambda i, c: (step(i, c[0], c[1]), load_w(i + 1)),
+                                        (zero, load_w(0)))
+            else:
+                acc2 = lax.fori_loop(0, steps, lambda i, acc: step(i, acc, load_w(i)), zero)
             acc = jnp.sum(acc2, axis=0)[None, :]
-        elif fmt == "w8a8":
-            def body(i, acc):
-                k0 = pl.multiple_of((first + i) * bk, bk)
-                xt = x_ref[:, pl.ds(k0, bk)]  # [BM, BK] int8
-                wt = load_cols(w_ref, pl.ds(k0, bk))  # [BK, BN] int8
-                return acc + jnp.dot(xt, wt, preferred_element_type=jnp.int32)
-            acci = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.int32))
-            acc = acci.astype(jnp.float32) * sx_ref[...]
         else:
             def body(i, acc):
                 k0 = pl.multiple_of((first + i) * bk, bk)
@@ -104,30 +113,42 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
     else:  # int4, half-group packing: packed rows g*G/2 + j hold x columns g*G + j (lo) and g*G + G/2 + j (hi)
         g2 = group // 2
         gps = cfg.block_k // group
+        n_groups = k_total // group
 
-        def group_terms(g):
-            p = load_cols(w_ref, pl.ds(pl.multiple_of(g * g2, g2), g2), jnp.int32)  # [G/2, BN]
-            z = load_row(z_ref, g) if z_ref is not None else 8.0
-            s = load_row(s_ref, g)
+        def load_group(g):  # raw tiles of group g (clamped to the last group): packed [G/2, BN], scale, zero
+            g = jnp.minimum(g, n_groups - 1)
+            p = load_cols(w_ref, pl.ds(pl.multiple_of(g * g2, g2), g2))
+            return p, load_row(s_ref, g), (load_row(z_ref, g) if z_ref is not None else None)
+
+        def group_terms(raw):
+            p, s, z = raw
+            p = p.astype(jnp.int32)
+            z = 8.0 if z is None else z
             return _nibble_minus(p & 0xF, z, fast), _nibble_minus(p >> 4, z, fast), s
 
         if cfg.kernel == "gemv":
-            def body(i, acc):
+            def step(i, acc, raws):
                 for j in range(gps):
-                    g = (first + i) * gps + j
-                    lo, hi, s = group_terms(g)
-                    k0 = pl.multiple_of(g * group, group)
+                    lo, hi, s = group_terms(raws[j])
+                    k0 = pl.multiple_of(((first + i) * gps + j) * group, group)
                     xl = x_ref[0, pl.ds(k0, g2)].astype(jnp.float32)
                     xh = x_ref[0, pl.ds(k0 + g2, g2)].astype(jnp.float32)
                     acc = acc + (xl[:, None] * lo + xh[:, None] * hi) * s
                 return acc
-            acc2 = lax.fori_loop(0, steps, body, jnp.zeros((g2, bn), jnp.float32))
+
+            load_step = lambda i: tuple(load_group((first + i) * gps + j) for j in range(gps))
+            zero = jnp.zeros((g2, bn), jnp.float32)
+            if cfg.prefetch:
+                acc2, _ = lax.fori_loop(0, steps, lambda i, c: (step(i, c[0], c[1]), load_step(i + 1)),
+                                        (zero, load_step(0)))
+            else:
+                acc2 = lax.fori_loop(0, steps, lambda i, acc: step(i, acc, load_step(i)), zero)
             acc = jnp.sum(acc2, axis=0)[None, :]
         else:
             def body(i, acc):
                 for j in range(gps):
                     g = (first + i) * gps + j
-                    lo, hi, s = group_terms(g)
+                    lo, hi, s = group_terms(load_group(g))
                     k0 = pl.multiple_of(g * group, group)
                     xl = x_ref[:, pl.ds(k0, g2)]
                     xh = x_ref[:, pl.ds(k0 + g2, g2)]
@@ -157,8 +178,9 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
         specs = [x_spec, full_k(k // 2), full_k(k // group)] + ([full_k(k // group)] if w.zero is not None else [])
     else:
         operands = [x] + ([sx] if fmt == "w8a8" else []) + [w.qweight, w.scale.reshape(1, n)]
+        w_spec = pl.BlockSpec((bn, k), lambda mi, ni, si: (ni, 0)) if fmt == "w8a8" else full_k(k)
         specs = ([x_spec] + ([pl.BlockSpec((bm, 1), lambda mi, ni, si: (mi, 0))] if fmt == "w8a8" else [])
-                 + [full_k(k), full_k(1)])
+                 + [w_spec, full_k(1)])
     if cfg.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((mp, n), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda mi, ni, si: (mi, ni))

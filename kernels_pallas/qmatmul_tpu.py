@@ -39,7 +39,8 @@ def _kernel(*refs, fmt: str, group: int, gps: int, has_zero: bool, compute_dtype
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     if fmt == "w8a8":
-        acc_ref[...] += jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.int32).astype(jnp.float32)
+        acc_ref[...] += jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (1,)), ((), ())),  # w: [BN, BK]
+                                            preferred_element_type=jnp.int32).astype(jnp.float32)
     elif fmt == "int8":
         w = w_ref[...].astype(jnp.float32).astype(compute_dtype)
         acc_ref[...] += jnp.dot(x_ref[...], w, preferred_element_type=jnp.float32)
@@ -86,7 +87,9 @@ def tpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     else:
         operands = [x] + ([sx] if fmt == "w8a8" else []) + [w.qweight, w.scale.reshape(1, n)]
         specs = ([x_spec] + ([pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0))] if fmt == "w8a8" else [])
-                 + [pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)), pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))])
+                 + [pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk)) if fmt == "w8a8"
+                    else pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+                    pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))])
     out_spec = pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))
     aliases = {}
     if out is not None:  # tests: a poisoned buffer that the kernel must overwrite everywhere

@@ -16,9 +16,10 @@ data fields, shape-like facts are static meta fields, so a format passes through
     halves of ``x`` -- no interleaving in registers. ``group`` is 64 or 128.
 
 ``W8A8Weight`` (int8 weights x int8 activations)
-    Same storage as ``Int8Weight``; at call time each row (token) of ``x`` is quantized with its own dynamic
+    ``qweight[O, I] int8`` stored transposed (I contiguous: int8 tensor-core instructions need the
+    reduction dim contiguous in both operands), ``scale[O] float32``; at call time each row (token) of ``x`` is quantized with its own dynamic
     scale ``sx[m] = max|x[m, :]| / 127`` and the product accumulates in int32:
-    ``y[m, o] = (sum_i xq[m, i] * qweight[i, o]) * sx[m] * scale[o]``.
+    ``y[m, o] = (sum_i xq[m, i] * qweight[o, i]) * sx[m] * scale[o]``.
 
 Calibration (choosing better scales than absmax/min-max) belongs elsewhere; ``quantize_*`` here use
 round-to-nearest with absmax (symmetric) or min/max (asymmetric) ranges.
@@ -75,16 +76,34 @@ class Int8Weight:
 
 
 @dataclasses.dataclass(frozen=True)
-class W8A8Weight(Int8Weight):
+class W8A8Weight:
+    qweight: jax.Array  # [O, I] int8: K-major (transposed), as int8 tensor-core instructions want B
+    scale: jax.Array  # [O] float32
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
     @property
     def name(self) -> str:
         return "w8a8"
 
     def validate(self):
         _check(self.qweight.ndim == 2 and self.qweight.dtype == jnp.int8,
-               f"W8A8Weight.qweight must be int8 [I, O]; got {self.qweight.dtype} {self.qweight.shape}")
+               f"W8A8Weight.qweight must be int8 [O, I]; got {self.qweight.dtype} {self.qweight.shape}")
         _check(self.scale.shape == (self.out_features,) and jnp.issubdtype(self.scale.dtype, jnp.floating),
                f"W8A8Weight.scale must be float [O={self.out_features}]; got {self.scale.dtype} {self.scale.shape}")
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """-> [I, O] (the weight, not its storage layout)."""
+        return (self.qweight.astype(jnp.float32).T * self.scale.astype(jnp.float32)[None, :]).astype(dtype)
+
+    def nbytes(self) -> int:
+        return self.qweight.size + 4 * self.scale.size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +196,7 @@ def quantize_int8(w) -> Int8Weight:
 def quantize_w8a8(w) -> W8A8Weight:
     """Float ``w[I, O]`` -> ``W8A8Weight`` (activations are quantized per token at call time)."""
     q = quantize_int8(w)
-    return W8A8Weight(qweight=q.qweight, scale=q.scale)
+    return W8A8Weight(qweight=q.qweight.T, scale=q.scale)
 
 
 def pack_int4(u: jax.Array, group: int) -> jax.Array:

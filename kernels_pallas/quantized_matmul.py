@@ -66,7 +66,7 @@ def quantized_matmul_reference(x, qweight, *, bias=None, out_dtype=None):
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(qweight, W8A8Weight):
         xq, sx = quantize_activations(x2)
-        acc = jnp.dot(xq.astype(jnp.int32), qweight.qweight.astype(jnp.int32))
+        acc = jnp.dot(xq.astype(jnp.int32), qweight.qweight.astype(jnp.int32).T)
         y = acc.astype(jnp.float32) * sx * qweight.scale.astype(jnp.float32)[None, :]
     else:
         y = jnp.dot(x2.astype(jnp.float32), qweight.dequantize(jnp.float32), precision=lax.Precision.HIGHEST)
@@ -77,7 +77,7 @@ def xla_quantized_matmul(x2, qweight):
     """XLA's dequantize-then-dot in the activation dtype (the baseline, and the fallback) -> [M, N] float32."""
     if isinstance(qweight, W8A8Weight):
         xq, sx = quantize_activations(x2)
-        acc = jnp.dot(xq, qweight.qweight, preferred_element_type=jnp.int32)
+        acc = lax.dot_general(xq, qweight.qweight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         return acc.astype(jnp.float32) * sx * qweight.scale.astype(jnp.float32)[None, :]
     if isinstance(qweight, Int4Weight):
         w = qweight.dequantize(x2.dtype)

@@ -99,6 +99,6 @@ def test_bad_formats_raise_clear_errors():
         Int4Weight(packed=q.packed.astype(jnp.int8), scale=q.scale, zero=None, group=64).validate()
     q8 = quantize_int8(w)
     with pytest.raises(QuantFormatError, match="scale must be float"):
-        W8A8Weight(qweight=q8.qweight, scale=q8.scale[:-1]).validate()
+        W8A8Weight(qweight=q8.qweight.T, scale=q8.scale[:-1]).validate()
     with pytest.raises(QuantFormatError, match="qweight must be int8"):
         Int8Weight(qweight=q8.qweight.astype(jnp.uint8), scale=q8.scale).validate()

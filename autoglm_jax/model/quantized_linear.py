@@ -1,7 +1,8 @@
 """Quantized linear layer: ``y[..., O] = x[..., I] @ dequant(w)[I, O] + bias[O]`` through ``quantized_matmul``.
 
 Same call signature as ``Linear``. Parameters keep ``logical_axes`` metadata: the integer weight keeps the
-Linear's ``(in, out)`` axes (int4's packed ``[I/2, O]`` too), per-channel scales take the output axis,
+Linear's ``(in, out)`` axes (int4's packed ``[I/2, O]`` too; W8A8's transposed ``[O, I]`` weight has them
+swapped), per-channel scales take the output axis,
 per-group scales and zero points ``[I/group, O]`` take ``(None, out)``. ``quantize_model`` swaps every
 ``Linear`` of a ``GLMForCausalLM`` (except those named in ``keep_float``, by default the LM head) so a
 quantized model runs end to end through the kernels.
@@ -32,7 +33,7 @@ class QuantizedLinear(nnx.Module):
 
     def __init__(self, weight, *, axes: tuple[str, str], bias: jax.Array | None = None, dtype=jnp.float32,
                  impl: str = "auto", interpret: bool = False):
-        if not isinstance(weight, (Int8Weight, Int4Weight)):
+        if not isinstance(weight, (Int8Weight, Int4Weight, W8A8Weight)):
             raise QuantFormatError(f"QuantizedLinear needs a quantized weight; got {type(weight).__name__}")
         weight.validate()
         self.in_features, self.out_features = weight.in_features, weight.out_features
@@ -44,7 +45,8 @@ class QuantizedLinear(nnx.Module):
             self.zero = None if weight.zero is None else nnx.Param(weight.zero, logical_axes=(None, axes[1]))
         else:
             self.fmt, self.group = ("w8a8" if isinstance(weight, W8A8Weight) else "int8"), 0
-            self.qweight = nnx.Param(weight.qweight, logical_axes=axes)
+            # W8A8 stores its int8 weight transposed, [O, I]: the axes follow the storage.
+            self.qweight = nnx.Param(weight.qweight, logical_axes=axes[::-1] if self.fmt == "w8a8" else axes)
             self.scale = nnx.Param(weight.scale, logical_axes=(axes[1],))
             self.zero = None
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias), logical_axes=(axes[1],))
