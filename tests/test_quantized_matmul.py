@@ -72,8 +72,8 @@ class GpuKernelCases:
 class TestGpuKernelGPU(GpuKernelCases):
     interpret = False
 
-    @pytest.mark.parametrize("fmt,kw", FORMATS + [("int4", dict(group=128, symmetric=True))],
-                             ids=FMT_IDS + ["int4_g128_sym"])
+    @pytest.mark.parametrize("fmt,kw", [FORMATS[0], ("int4", dict(group=128, symmetric=True)), FORMATS[3]],
+                             ids=["int8", "int4_g128_sym", "w8a8"])
     @pytest.mark.parametrize("m", [1, 40])
     def test_dispatch_glm_shapes(self, fmt, kw, m):
         """The tuned (or default) config at a GLM-4 shape with ragged M, through the public entry point."""
@@ -84,7 +84,7 @@ class TestGpuKernelGPU(GpuKernelCases):
     @pytest.mark.parametrize("fmt,kw", FORMATS, ids=FMT_IDS)
     def test_long_k_split(self, fmt, kw):
         x, q, _ = problem(5, 1, 13696, 4096 + 64, fmt, kw)
-        cfg = TileConfig(kernel="gemv", block_m=1, block_n=256, block_k=128, split_k=8)
+        cfg = TileConfig(kernel="gemv", block_m=1, block_n=256, block_k=128, split_k=8, prefetch=True)
         check_kernel(x, q, cfg, impl="pallas_gpu", interpret=False)
 
 
