@@ -55,6 +55,10 @@ def logical_axes(model) -> dict[Path, tuple]:
     return out
 
 
+def _shape(v) -> tuple:
+    return tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
+
+
 def _named(mesh: Mesh, axes, shape) -> NamedSharding:
     if axes is None or len(axes) != len(shape):
         return NamedSharding(mesh, PartitionSpec())
@@ -86,7 +90,7 @@ def param_shardings(model, mesh: Mesh) -> dict:
     """Pure-dict tree (same structure as ``nnx.state(model).to_pure_dict()``) of ``NamedSharding``."""
     axes = logical_axes(model)
     flat = _flat(_pure(model))
-    return _tree_from_flat({p: _named(mesh, axes.get(p), np.shape(v)) for p, v in flat.items()})
+    return _tree_from_flat({p: _named(mesh, axes.get(p), _shape(v)) for p, v in flat.items()})
 
 
 def sharding_fn_for(cfg, mesh: Mesh, *, dtype="float32"):

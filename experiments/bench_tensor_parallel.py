@@ -1,0 +1,171 @@
+"""Tensor-parallel decode: GLM-4-9B (random weights) at tensor degree 1 vs 2 (and 4, 8 when the devices exist),
+all in one process: identical greedy tokens, batch-1 ms/token, batch-32 tokens/s, speedups.
+
+    python experiments/bench_tensor_parallel.py                 # GPU: GLM-4-9B bf16 -> results/tensor_parallel_<gpu>x<N>.*
+    python experiments/bench_tensor_parallel.py --tiny --out /tmp   # CPU smoke run (8 virtual devices, tiny shapes)
+
+Each degree t uses ``sharding.shard_model(model, make_mesh(tensor=t))`` (column-parallel q/k/v and gate/up,
+row-parallel o_proj / down_proj, vocab-parallel embedding and LM head, KV heads repeated to t) and the
+same jitted prefill / decode step as ``autoglm_jax.generate`` (dense KV cache created sharded). Decode steps
+are chained on device without host syncs; ``ms_per_token`` = decode time / (new tokens - 1), and
+``tokens_per_s`` = batch x (new tokens - 1) / decode time (prefill excluded; reported separately).
+``roofline_ms`` is the per-device parameter bytes over the copy bandwidth measured on device 0 in this run.
+Floors (2 H100s): tp2_speedup_b1 >= 1.4, tp2_speedup_b32 >= 1.6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--tiny" in sys.argv:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_force_host_platform_device_count=8").strip()
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_common  # noqa: E402
+
+FLOORS = {"tp2_speedup_b1": 1.4, "tp2_speedup_b32": 1.6}
+
+
+def run_degree(model, tp: int, args, cfg, rows, tokens_by):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from autoglm_jax.generate import CACHE_BUCKET, _decode, _prefill, _row_keys
+    from autoglm_jax.kv_cache import DenseKVCache
+    from sharding import cache_shardings, make_mesh, per_device_bytes, shard_model
+
+    t0 = time.perf_counter()
+    if tp == 1:
+        sm, mesh = model, None
+    else:
+        mesh = make_mesh(tensor=tp)
+        sm = shard_model(model, mesh)
+    jax.block_until_ready(nnx.state(sm))
+    shard_s = time.perf_counter() - t0
+    graphdef, state = nnx.split(sm)
+    dev_bytes = max(per_device_bytes(state).values())
+    rng = np.random.default_rng(0)
+    for batch in args.batch:
+        ids = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(batch, args.prompt)).astype(np.int32))
+        lens = jnp.full((batch,), args.prompt, jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(args.prompt, dtype=jnp.int32), (batch, args.prompt))
+        cache_len = -(-(args.prompt + args.new) // CACHE_BUCKET) * CACHE_BUCKET
+        zeros, zk, ones = jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32), jnp.ones((batch,))
+        keys = [_row_keys(0, s, batch) for s in range(args.new)]
+        make_cache = lambda: DenseKVCache.create(sm.cfg, batch, cache_len, sm.dtype)
+        if mesh is not None:
+            make_cache = jax.jit(make_cache, out_shardings=cache_shardings(jax.eval_shape(make_cache), mesh))
+
+        def run_once():
+            cache = make_cache()
+            jax.block_until_ready(cache)
+            t = time.perf_counter()
+            logits, cache = _prefill(graphdef, state, ids, pos, cache, lens - 1)
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            token.block_until_ready()
+            t_prefill = time.perf_counter() - t
+            out = [token]
+            t = time.perf_counter()
+            for step in range(args.new - 1):
+                token, cache = _decode(graphdef, state, token, lens + step, cache, keys[step + 1], zeros, zk, ones,
+                                       True)
+                out.append(token)
+            token.block_until_ready()
+            return t_prefill, time.perf_counter() - t, np.stack([np.asarray(o) for o in out], 1)
+
+        tc = time.perf_counter()
+        run_once()  # compiles
+        compile_s = time.perf_counter() - tc
+        runs = [run_once() for _ in range(args.reps)]
+        decode_s = statistics.median(r[1] for r in runs)
+        tokens_by[(tp, batch)] = runs[-1][2]
+        rows.append(dict(tensor_parallel=tp, batch=batch, prompt=args.prompt, new_tokens=args.new,
+                         ms_per_token=1e3 * decode_s / (args.new - 1),
+                         tokens_per_s=batch * (args.new - 1) / decode_s,
+                         prefill_s=statistics.median(r[0] for r in runs), compile_s=compile_s, shard_s=shard_s,
+                         param_gib_per_device=dev_bytes / 2**30))
+        print(rows[-1], flush=True)
+    del sm, state
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on 8 virtual CPU devices (smoke run)")
+    ap.add_argument("--tp", type=int, nargs="*", default=None, help="degrees (default 1 2 4 8 up to the devices)")
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 32])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny)")
+    ap.add_argument("--out", default=str(bench_common.RESULTS))
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.loading import random_model
+
+    if args.tiny:
+        cfg = GLMConfig.from_preset("tiny").replace(num_heads=8, head_dim=32, vocab_size=1024)
+        args.prompt, args.new = min(args.prompt, 16), min(args.new, 8)
+        dtype = args.dtype or "float32"
+    else:
+        cfg = GLMConfig.from_preset("glm-4-9b")
+        dtype = args.dtype or "bfloat16"
+    n_dev = jax.device_count()
+    degrees = args.tp or [t for t in (1, 2, 4, 8) if t <= n_dev]
+    if 1 not in degrees or any(t > n_dev for t in degrees):
+        raise SystemExit(f"--tp {degrees}: needs 1 (the baseline) and at most {n_dev} (devices present)")
+    bandwidth = bench_common.measure_copy_bandwidth() if jax.default_backend() == "gpu" else None
+    model = random_model(cfg, dtype=dtype, seed=0)
+    rows, tokens_by = [], {}
+    for tp in degrees:
+        run_degree(model, tp, args, cfg, rows, tokens_by)
+    by = {(r["tensor_parallel"], r["batch"]): r for r in rows}
+    for r in rows:
+        base = by[(1, r["batch"])]
+        r["speedup"] = base["ms_per_token"] / r["ms_per_token"]
+        first = tokens_by[(1, r["batch"])]
+        mine = tokens_by[(r["tensor_parallel"], r["batch"])]
+        r["tokens_identical"] = bool(np.array_equal(first, mine))
+        r["first_diverging_step"] = (None if r["tokens_identical"] else
+                                     int(np.argmax((first != mine).any(0))))
+        if bandwidth:
+            r["roofline_ms"] = 1e3 * r["param_gib_per_device"] * 2**30 / bandwidth
+            r["frac_of_roofline"] = r["roofline_ms"] / r["ms_per_token"]
+    summary = {"model": "tiny(N=8)" if args.tiny else "glm-4-9b", "dtype": dtype,
+               "degrees": degrees, "tokens_identical": all(r["tokens_identical"] for r in rows)}
+    b_lo, b_hi = min(args.batch), max(args.batch)
+    for tp in degrees[1:]:
+        summary[f"tp{tp}_speedup_b{b_lo}"] = by[(tp, b_lo)]["speedup"]
+        summary[f"tp{tp}_speedup_b{b_hi}"] = by[(tp, b_hi)]["speedup"]
+    summary.update({f"tp{tp}_b{b_lo}_ms_per_token": by[(tp, b_lo)]["ms_per_token"] for tp in degrees})
+    summary.update({f"tp{tp}_b{b_hi}_tokens_per_s": by[(tp, b_hi)]["tokens_per_s"] for tp in degrees})
+    if bandwidth:
+        summary["copy_bandwidth_tb_s"] = bandwidth / 1e12
+    for key, floor in FLOORS.items():
+        if key in summary:
+            summary[f"{key}_floor"] = floor
+            summary[f"{key}_meets_floor"] = bool(summary[key] >= floor)
+    cols = ["tensor_parallel", "batch", "ms_per_token", "tokens_per_s", "speedup", "tokens_identical",
+            "first_diverging_step", "prefill_s", "param_gib_per_device", "roofline_ms", "frac_of_roofline",
+            "compile_s"]
+    name = f"tensor_parallel_{bench_common.gpu_tag()}x{max(degrees)}"
+    notes = __doc__.split("\n\n", 2)[2] + ("\nCPU smoke run (virtual devices share the host cores): timings mean "
+                                           "nothing, token identity does." if args.tiny else "")
+    print(bench_common.write_results(args.out, name, rows=rows, summary=summary, columns=cols, notes=notes))
+
+
+if __name__ == "__main__":
+    main()
