@@ -87,17 +87,18 @@ def device_kind() -> str:
     return jax.devices()[0].device_kind
 
 
-def tuned_blocks(op: str, **key) -> dict:
-    """Nearest tuned entry for ``op`` on this device: same page_size/quantized/group, nearest batch and
-    context (log scale). Returns {} when the table has nothing for this device."""
+def tuned_blocks(op: str, **key) -> tuple[dict, dict]:
+    """Nearest tuned entry for ``op`` on this device: same quantized/group, nearest batch and context (log
+    scale), same page size preferred. Returns (entry key, blocks), or ({}, {}) when the table has nothing."""
     entries = _tuned_table().get(op, {}).get(device_kind(), [])
-    exact = ("page_size", "quantized", "group")
-    cands = [e for e in entries if all(e["key"].get(f) == key.get(f) for f in exact)]
+    cands = [e for e in entries if all(e["key"].get(f) == key.get(f) for f in ("quantized", "group"))]
     if not cands:
-        return {}
-    dist = lambda e: sum(abs(math.log2(max(e["key"][f], 1)) - math.log2(max(key[f], 1)))
-                         for f in ("batch", "context") if f in key and f in e["key"])
-    return dict(min(cands, key=dist)["blocks"])
+        return {}, {}
+    dist = lambda e: 0.5 * (e["key"].get("page_size") != key.get("page_size")) + sum(
+        abs(math.log2(max(e["key"][f], 1)) - math.log2(max(key[f], 1)))
+        for f in ("batch", "context") if f in key and f in e["key"])
+    best = min(cands, key=dist)
+    return dict(best["key"]), dict(best["blocks"])
 
 
 def _pow2(x: int) -> int:
@@ -200,9 +201,13 @@ def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **giv
     """Fills unset block sizes: tuned table first, then a default; clamps to what the shapes allow."""
     blocks = {k: v for k, v in given.items() if v is not None}
     if len(blocks) < 5:
-        tuned = tuned_blocks("decode", page_size=page_size, quantized=quantized, group=group,
-                             batch=batch, context=max_pages * page_size)
-        default = dict(pages_per_block=max(1, 128 // page_size), num_splits=-(-512 // (batch * kv_heads)),
+        key, tuned = tuned_blocks("decode", page_size=page_size, quantized=quantized, group=group, batch=batch,
+                                  context=max_pages * page_size)
+        if tuned:  # carry the tuned point over as (programs in flight, tokens per block), not raw counts
+            programs = key["batch"] * kv_heads * tuned["num_splits"]
+            tuned["num_splits"] = max(1, round(programs / (batch * kv_heads)))
+            tuned["pages_per_block"] = max(1, tuned["pages_per_block"] * key["page_size"] // page_size)
+        default = dict(pages_per_block=max(1, 64 // page_size), num_splits=max(1, round(128 / (batch * kv_heads))),
                        num_warps=4, num_stages=3, prefetch_ids=True)
         blocks = {**default, **tuned, **blocks}
     ppb = blocks["pages_per_block"]

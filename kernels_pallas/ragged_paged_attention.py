@@ -143,10 +143,13 @@ def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *ref
 def prefill_blocks(group, page_size, quantized, tokens, **given) -> dict:
     blocks = {k: v for k, v in given.items() if v is not None}
     if len(blocks) < 4:
-        tuned = tuned_blocks("prefill", page_size=page_size, quantized=quantized, group=group, batch=1,
-                             context=tokens)
-        default = dict(block_q=max(1, 128 // _pow2(group)), pages_per_block=max(1, 64 // page_size),
-                       num_warps=8, num_stages=2)
+        key, tuned = tuned_blocks("prefill", page_size=page_size, quantized=quantized, group=group, batch=1,
+                                  context=tokens)
+        if tuned:  # tokens per kv block and query rows carry over to other page sizes / groups
+            tuned["pages_per_block"] = max(1, tuned["pages_per_block"] * key["page_size"] // page_size)
+            tuned["block_q"] = max(1, tuned["block_q"] * _pow2(key["group"]) // _pow2(group))
+        default = dict(block_q=max(1, 256 // _pow2(group)), pages_per_block=max(1, 64 // page_size),
+                       num_warps=8, num_stages=4)
         blocks = {**default, **tuned, **blocks}
     for name in ("block_q", "pages_per_block"):
         if blocks[name] < 1 or blocks[name] & (blocks[name] - 1):

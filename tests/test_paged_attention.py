@@ -243,3 +243,18 @@ def test_mosaic_tpu_kernel_interpret():
     out = paged_attention(*args, **scales, backend="mosaic_tpu", interpret=True, _poison=True)
     assert bool(jnp.isfinite(out).all())
     assert rel_err(out, paged_attention_reference(*args, **scales)) < 1e-2
+
+
+def test_tuned_table_lookup_carries_programs_and_tokens(monkeypatch):
+    from kernels_pallas import paged_attention as pa
+    table = {"decode": {"dev": [{"key": dict(batch=8, context=32768, page_size=16, quantized=False, group=16),
+                                 "blocks": dict(num_splits=16, pages_per_block=4, num_warps=8, num_stages=2)}]}}
+    monkeypatch.setattr(pa, "_tuned_table", lambda: table)
+    monkeypatch.setattr(pa, "device_kind", lambda: "dev")
+    # Batch 2 at page size 64: same programs in flight (8*16 = 2*64) and tokens per block (4*16 = 1*64).
+    blocks = pa.decode_blocks(2, 2, 16, 512, 64, False)
+    assert blocks["num_splits"] == 64 and blocks["pages_per_block"] == 1 and blocks["num_warps"] == 8
+    assert blocks["pages_per_split"] * blocks["num_splits"] >= 512
+    # No entry for int8: the default, still clamped to the pages there are.
+    blocks = pa.decode_blocks(1, 2, 16, 3, 16, True)
+    assert blocks["num_splits"] * blocks["pages_per_split"] >= 3 and blocks["num_splits"] <= 3
