@@ -55,7 +55,7 @@ class TestRaggedGPU(RaggedCases):
 
     def test_512_token_chunks(self):
         rng = np.random.default_rng(9)
-        args, scales, _, starts = make_batch(rng, group=16, page_size=16, contexts=[2048, 600, 512],
+        args, scales, _, starts = make_batch(rng, group=16, page_size=16, contexts=[1024, 600, 512],
                                              chunks=[512, 512, 512], padding=0)
         out = ragged_paged_attention(*args, _poison=True)
         assert bool(np.isfinite(np.asarray(out, np.float32)).all())
