@@ -46,11 +46,13 @@ def restore_sharded(ckpt_dir: str | os.PathLike, mesh: Mesh, *, dtype=None, rema
                     progress: bool = False):
     """A model from ``ckpt_dir`` (written by ``save_sharded``, ``save_pretrained`` or ``autoglm convert``),
     sharded over ``mesh``. Each device reads only its own slices of every tensor."""
+    from autoglm_jax.checkpoint import orbax_io
     from autoglm_jax.config import GLMConfig
     from autoglm_jax.loading import load_orbax
 
     cfg = GLMConfig.from_json_file(Path(ckpt_dir) / "config.json")
-    model = load_orbax(ckpt_dir, dtype=dtype, remat=remat, sharding_fn=sharding_fn_for(cfg, mesh),
+    quant = orbax_io.read_marker(ckpt_dir).get("quantization")
+    model = load_orbax(ckpt_dir, dtype=dtype, remat=remat, sharding_fn=sharding_fn_for(cfg, mesh, quantization=quant),
                        progress=progress)
     return shard_model(model, mesh)
 
@@ -64,3 +66,21 @@ def load_hf_sharded(hf_dir: str | os.PathLike, mesh: Mesh, *, dtype=None, remat:
     cfg = GLMConfig.from_json_file(Path(hf_dir) / "config.json")
     model = load_hf(hf_dir, dtype=dtype, remat=remat, sharding_fn=sharding_fn_for(cfg, mesh), progress=progress)
     return shard_model(model, mesh)
+
+
+def from_pretrained_sharded(path_or_preset: str | os.PathLike, mesh: Mesh, *, dtype=None, remat: str = "none",
+                            seed: int = 0, progress: bool = False):
+    """``autoglm_jax.from_pretrained`` onto ``mesh``: what ``autoglm generate --tensor-parallel N`` calls with
+    ``make_mesh(tensor=N)``. Checkpoint directories (Orbax or HF) are read straight into their shards;
+    presets get seeded random weights built on one device, then sharded."""
+    from autoglm_jax.checkpoint import orbax_io
+    from autoglm_jax.loading import EMBEDDED_DIR, from_pretrained
+
+    path = Path(path_or_preset)
+    if path.is_dir() and orbax_io.is_orbax_checkpoint(path):
+        return restore_sharded(path, mesh, dtype=dtype, remat=remat, progress=progress)
+    if path.is_dir() and (path / "config.json").exists():
+        return load_hf_sharded(path, mesh, dtype=dtype, remat=remat, progress=progress)
+    if str(path_or_preset) == "tiny" and orbax_io.is_orbax_checkpoint(EMBEDDED_DIR):
+        return restore_sharded(EMBEDDED_DIR, mesh, dtype=dtype, remat=remat)
+    return shard_model(from_pretrained(path_or_preset, dtype=dtype, remat=remat, seed=seed, progress=progress), mesh)

@@ -19,9 +19,10 @@ config get K' heads, one (or K'/t) per device -- each device holds only the KV h
 The cost is r-fold KV-projection columns (GLM-4-9B, t = 8: 768 instead of 576 qkv columns per device)
 and KV-cache entries equal to "K heads replicated" per device (1 instead of 2 heads per device here).
 
-Every leaf under a ``qkv_proj`` / ``gate_up_proj`` module is permuted along its LAST axis (kernel [I, O],
-bias [O]; quantized ``qweight``/``packed``/``scale``/``zero`` all keep O last), so int8/int4 weights and
-their scales stay consistent.
+Every leaf under a ``qkv_proj`` / ``gate_up_proj`` module is permuted along its output axis -- the one its
+``logical_axes`` name ``qkv`` / ``mlp`` (kernel [I, O], bias [O]; quantized int8/int4 ``qweight``/``packed``
+[I(/2), O] and ``scale``/``zero`` [O] or [I/group, O]; W8A8's transposed ``qweight`` [O, I]) -- so quantized
+weights and their scales stay consistent.
 """
 
 from __future__ import annotations
@@ -89,23 +90,25 @@ def _map_tree(tree: dict, fn, path=()):
     return out
 
 
-def _permute(tree: dict, qkv_idx: np.ndarray, gu_idx: np.ndarray) -> dict:
+def _permute(tree: dict, qkv_idx: np.ndarray, gu_idx: np.ndarray, axes: dict | None) -> dict:
     def fn(path, leaf):
-        if QKV in path:
-            return jnp.take(leaf, qkv_idx, axis=-1)
-        if GATE_UP in path:
-            return jnp.take(leaf, gu_idx, axis=-1)
+        for module, name, idx in ((QKV, "qkv", qkv_idx), (GATE_UP, "mlp", gu_idx)):
+            if module in path:
+                names = (axes or {}).get(tuple(path))
+                axis = names.index(name) if names and name in names else -1
+                return jnp.take(leaf, idx, axis=axis)
         return leaf
     return _map_tree(tree, fn)
 
 
-def to_tp_layout(tree: dict, cfg, layout: TPLayout) -> dict:
-    """Pure-dict model state (canonical) -> the TP layout (cfg: canonical config)."""
-    return _permute(tree, qkv_columns(cfg, layout), gate_up_columns(cfg.intermediate_size, layout.tensor))
+def to_tp_layout(tree: dict, cfg, layout: TPLayout, axes: dict | None = None) -> dict:
+    """Pure-dict model state (canonical) -> the TP layout (cfg: canonical config). ``axes``: {path: logical
+    axes}; a leaf is permuted along its ``qkv`` / ``mlp`` axis (W8A8 stores [O, I]), else its last axis."""
+    return _permute(tree, qkv_columns(cfg, layout), gate_up_columns(cfg.intermediate_size, layout.tensor), axes)
 
 
-def from_tp_layout(tree: dict, cfg, layout: TPLayout) -> dict:
+def from_tp_layout(tree: dict, cfg, layout: TPLayout, axes: dict | None = None) -> dict:
     """Inverse of ``to_tp_layout`` (cfg: canonical config)."""
     qkv = inverse(qkv_columns(cfg, layout), cfg.qkv_size)
     gu = inverse(gate_up_columns(cfg.intermediate_size, layout.tensor), 2 * cfg.intermediate_size)
-    return _permute(tree, qkv, gu)
+    return _permute(tree, qkv, gu, axes)

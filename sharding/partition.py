@@ -93,13 +93,14 @@ def param_shardings(model, mesh: Mesh) -> dict:
     return _tree_from_flat({p: _named(mesh, axes.get(p), _shape(v)) for p, v in flat.items()})
 
 
-def sharding_fn_for(cfg, mesh: Mesh, *, dtype="float32"):
+def sharding_fn_for(cfg, mesh: Mesh, *, quantization: dict | None = None):
     """A ``loading.ShardingFn`` (path, abstract) -> NamedSharding for the canonical (HF-order) layout of
-    ``cfg``: pass it to ``from_pretrained`` so each tensor is placed straight onto its devices."""
-    from autoglm_jax.model import GLMForCausalLM
+    ``cfg`` (quantized as ``quantization`` describes, e.g. an Orbax marker's): pass it to ``from_pretrained``
+    so each tensor is placed straight onto its devices."""
+    from autoglm_jax.loading import abstract_model
 
-    abstract = nnx.eval_shape(lambda: GLMForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    axes = logical_axes(abstract)
+    graphdef, state = abstract_model(cfg, dtype="float32", quantization=quantization)
+    axes = logical_axes(nnx.merge(graphdef, state))
 
     def fn(path: Path, a) -> NamedSharding:
         return _named(mesh, axes.get(tuple(path)), a.shape)
@@ -176,9 +177,10 @@ def shard_model(model, mesh: Mesh):
     tree = jax.device_put(tree, _tree_from_flat(canonical))  # each device gets only its slice
     if t > 1:
         plan = tp.plan(cfg, t)
-        abstract = jax.eval_shape(lambda x: tp.to_tp_layout(x, cfg, plan), tree)
+        relayout = lambda x: tp.to_tp_layout(x, cfg, plan, axes)
+        abstract = jax.eval_shape(relayout, tree)
         target = _tree_from_flat({p: _named(mesh, axes.get(p), a.shape) for p, a in _flat(abstract).items()})
-        tree = jax.jit(lambda x: tp.to_tp_layout(x, cfg, plan), out_shardings=target)(tree)
+        tree = jax.jit(relayout, out_shardings=target)(tree)
     state.replace_by_pure_dict(tree)
     new = nnx.merge(graphdef, state)
     if t > 1:
@@ -206,12 +208,11 @@ def canonical_state(model) -> tuple[dict, object]:
     cfg = model.cfg.replace(num_kv_heads=k)
     plan = tp.TPLayout(tensor=t, kv_repeat=r, num_kv_heads=k)
     mesh = _mesh_of(tree)
-    abstract = jax.eval_shape(lambda x: tp.from_tp_layout(x, cfg, plan), tree)
-    from autoglm_jax.model import GLMForCausalLM
-
-    axes = logical_axes(nnx.eval_shape(lambda: GLMForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    axes = logical_axes(model)  # same names in both layouts
+    undo = lambda x: tp.from_tp_layout(x, cfg, plan, axes)
+    abstract = jax.eval_shape(undo, tree)
     target = _tree_from_flat({p: _named(mesh, axes.get(p), a.shape) for p, a in _flat(abstract).items()})
-    return jax.jit(lambda x: tp.from_tp_layout(x, cfg, plan), out_shardings=target)(tree), cfg
+    return jax.jit(undo, out_shardings=target)(tree), cfg
 
 
 def _mesh_of(tree) -> Mesh:

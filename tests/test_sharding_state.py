@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from autoglm_jax.config import GLMConfig
 from autoglm_jax.loading import from_pretrained, random_model
-from sharding import (batch_sharding, load_hf_sharded, make_mesh, param_shardings, restore_sharded, save_sharded,
-                      shard_model, shardings_like)
+from sharding import (batch_sharding, from_pretrained_sharded, load_hf_sharded, make_mesh, param_shardings,
+                      restore_sharded, save_sharded, shard_model, shardings_like)
 from sharding.partition import canonical_state
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (conftest sets 8 CPU devices)")
@@ -38,7 +38,7 @@ def test_sharded_save_restore_onto_other_meshes(tmp_path):
     _assert_trees_equal(_pure(from_pretrained(path, progress=False)), _pure(model))
     for kw in (dict(fsdp=2, tensor=2), dict(tensor=8)):
         mesh = make_mesh(**kw)
-        restored = restore_sharded(path, mesh)
+        restored = (restore_sharded if kw.get("fsdp") else from_pretrained_sharded)(path, mesh)
         qkv = restored.layers[0].attn.qkv_proj.kernel[...]
         assert qkv.sharding.mesh == mesh and qkv.sharding.spec == P("fsdp" if "fsdp" in kw else None, "tensor")
         tree, cfg = canonical_state(restored)
@@ -128,3 +128,23 @@ def test_paged_attention_per_shard_matches_unsharded():
     np.testing.assert_allclose(np.asarray(out_k), np.asarray(ref), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="multiples of the tensor degree 8"):
         sharded_paged_attention(make_mesh(tensor=8), q, kp, vp, lengths, table, backend="reference")
+
+
+@pytest.mark.parametrize("fmt,tensor", [("int8", 4), ("w8a8", 2), ("int4", 2)])
+def test_quantized_model_tensor_parallel(fmt, tensor):
+    """int8 / W8A8 (weight stored [O, I]) / int4 weights and their scales follow the same TP layout."""
+    from autoglm_jax.model.quantized_linear import quantize_model
+
+    cfg = CFG.replace(intermediate_size=512, num_layers=1)
+    model = random_model(cfg, dtype="float32", seed=11)
+    quantize_model(model, fmt, group=64)
+    ids = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 5)), jnp.int32)
+    ref = nnx.jit(lambda m, x: m(x))(model, ids)
+    mesh = make_mesh(tensor=tensor)
+    sm = shard_model(model, mesh)
+    q = sm.layers[0].mlp.gate_up_proj.qweight[...]
+    assert len({str(s.index) for s in q.addressable_shards}) == tensor  # the integer weight itself is split
+    out = nnx.jit(lambda m, x: m(x))(sm, ids)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+    tree, _ = canonical_state(sm)
+    _assert_trees_equal(tree, _pure(model))
