@@ -93,8 +93,8 @@ def write_tokenizer_files(tok, directory: Path, max_len: int) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=384)
-    ap.add_argument("--minutes", type=float, default=25.0, help="safety cap on training wall time")
+    ap.add_argument("--steps", type=int, default=224)
+    ap.add_argument("--minutes", type=float, default=28.0, help="safety cap on training wall time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)

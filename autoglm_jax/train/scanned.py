@@ -73,7 +73,13 @@ class ScannedGLM:
         return stack_layers(nnx.state(model).to_pure_dict())
 
     def abstract_params(self) -> dict:
-        return jax.eval_shape(lambda: stack_layers(nnx.state(_template(self.cfg, self.dtype)).to_pure_dict()))
+        """ShapeDtypeStruct leaves of ``init_params`` (float32, layers stacked); allocates nothing."""
+        tree = nnx.state(_template(self.cfg, self.dtype)).to_pure_dict()
+        sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+        layers = [tree["layers"][i] for i in sorted(tree["layers"], key=int)]
+        out = {k: jax.tree.map(lambda x: sds(x.shape), v) for k, v in tree.items() if k != "layers"}
+        out["layers"] = jax.tree.map(lambda *xs: sds((len(xs),) + tuple(xs[0].shape)), *layers)
+        return out
 
     def hidden_states(self, params: dict, input_ids: jax.Array, positions: jax.Array | None = None,
                       attention_mask: jax.Array | None = None) -> jax.Array:

@@ -26,6 +26,9 @@ def loss_terms(fwd: ScannedGLM, params: dict, tokens: jax.Array, mask: jax.Array
     return jnp.sum((logz - target_logit) * weights), jnp.sum(weights)
 
 
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
 def _grads(fwd, params, tokens, mask):
     (total, count), grads = jax.value_and_grad(lambda p: loss_terms(fwd, p, tokens, mask), has_aux=True)(params)
     return total, count, grads
@@ -56,7 +59,7 @@ def train_step(fwd: ScannedGLM, tx: optax.GradientTransformation, cfg: TrainConf
                                                 (micro_tokens, micro_mask))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = _global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
