@@ -91,6 +91,14 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / statistics.median(best)
 
 
+def config_label(c) -> str:
+    """A TileConfig (or its dict) as the short label the results tables use."""
+    c = c if isinstance(c, dict) else c.to_json()
+    return (f"{c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} s{c['split_k']} "
+            f"w{c['num_warps']} st{c['num_stages']}{' fast' if c['fast_dequant'] else ''}"
+            f"{' pf' if c.get('prefetch') else ''}")
+
+
 def gpu_name() -> str:
     return qmatmul_tiles.device_key(jax.devices()[0].device_kind)
 
@@ -108,9 +116,10 @@ def bf16_dot(x, w):
 
 
 def summarize(rows: list[dict]) -> dict:
-    def t(method, fmt, shape, m):
+    def t(method, fmt, shape, m, run=None):
         for r in rows:
-            if (r["method"], r["format"], r["shape"], r["m"]) == (method, fmt, shape, m):
+            if (r["method"], r["format"], r["shape"], r["m"]) == (method, fmt, shape, m) and (
+                    run is None or r.get("run", 1) == run):
                 return r
         return None
 
@@ -127,14 +136,15 @@ def summarize(rows: list[dict]) -> dict:
 
     def speed(fmt, m, base_method, base_fmt):
         def f(s):
-            a, b = t("ours", fmt, s, m), t(base_method, base_fmt, s, m)
+            a = t("ours", fmt, s, m)
+            b = None if a is None else t(base_method, base_fmt, s, m, run=a.get("run", 1))
             return None if a is None or b is None else b["us"] / a["us"]
         return f
 
     ratios = []
     for r in rows:
         if r["method"] == "ours":
-            b = t("bf16", "bf16", r["shape"], r["m"])
+            b = t("bf16", "bf16", r["shape"], r["m"], run=r.get("run", 1))
             if b is not None:
                 ratios.append(r["us"] / b["us"])
     return {
@@ -149,23 +159,26 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# quantized_matmul on {result['device']} ({result['date']})", "",
-             f"copy bandwidth (read + write): {result['copy_bw_tbs']:.2f} TB/s; {result['layers']} distinct layers "
-             "per jit; times are per layer (us). frac_bw = weight bytes / time / copy bandwidth.", "",
-             "| shape | M | format | ours us | frac_bw | xla us | bf16 us | ours/bf16 | xla/ours | config |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    runs = "; ".join(f"run {r['run']}: {r['date']}, copy bandwidth (read + write) {r['copy_bw_tbs']:.2f} TB/s"
+                     for r in result["runs"])
+    lines = [f"# quantized_matmul on {result['device']}", "", runs + ".", "",
+             f"{result['layers']} distinct layers per jit; times are per layer (us); frac_bw = weight bytes / time / "
+             "copy bandwidth of the row's run; ours/bf16 uses the bf16 dot of the same run.", "",
+             "| shape | M | format | ours us | frac_bw | xla us | bf16 us | ours/bf16 | xla/ours | config | run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = result["rows"]
-    idx = {(r["method"], r["format"], r["shape"], r["m"]): r for r in rows}
+    idx = {(r["method"], r["format"], r["shape"], r["m"]): r for r in rows if r["method"] != "bf16"}
+    idx.update({("bf16", r["shape"], r["m"], r.get("run", 1)): r for r in rows if r["method"] == "bf16"})
     for r in rows:
         if r["method"] != "ours":
             continue
         x = idx.get(("xla", r["format"], r["shape"], r["m"]))
-        b = idx.get(("bf16", "bf16", r["shape"], r["m"]))
+        b = idx.get(("bf16", r["shape"], r["m"], r.get("run", 1)))
         lines.append(
             f"| {r['shape']} | {r['m']} | {r['format']} | {r['us']:.1f} | {r['frac_bw']:.2f} | "
             f"{x['us'] if x else float('nan'):.1f} | {b['us'] if b else float('nan'):.1f} | "
             f"{r['us'] / b['us'] if b else float('nan'):.2f} | {x['us'] / r['us'] if x else float('nan'):.2f} | "
-            f"{r.get('config', '')} |")
+            f"{r.get('config', '')} | {r.get('run', 1)} |")
     lines += ["", "## summary", ""] + [f"- {k}: {v if v is None else round(v, 3)}" for k, v in result["summary"].items()]
     lines += ["", "Baselines not run: " + "; ".join(result["baselines_missing"])]
     return "\n".join(lines) + "\n"
@@ -180,6 +193,9 @@ def main():
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--budget_s", type=float, default=1e9, help="stop adding rows after this many seconds")
+    ap.add_argument("--merge_into", default=None,
+                    help="a results JSON of the same device: this run's rows replace its rows for the same "
+                         "(format, shape, M) and are tagged with a new run number; summary recomputed")
     args = ap.parse_args()
     start = time.time()
     dev = jax.devices()[0]
@@ -236,9 +252,21 @@ def main():
                   baselines_missing=missing, summary=summarize(rows))
     for r in result["rows"]:
         if r.get("config"):
-            c = r["config"]
-            r["config"] = (f"{c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} s{c['split_k']} "
-                           f"w{c['num_warps']} st{c['num_stages']}{' fast' if c['fast_dequant'] else ''}")
+            r["config"] = config_label(r["config"])
+    result["runs"] = [dict(run=1, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"])]
+    if args.merge_into:
+        with open(args.merge_into) as f:
+            old = json.load(f)
+        runs = old.get("runs") or [dict(run=1, date=old["date"], copy_bw_tbs=old["copy_bw_tbs"])]
+        run = max(r["run"] for r in runs) + 1
+        for r in rows:
+            r["run"] = run
+        fresh = {(r["format"], r["shape"], r["m"]) for r in rows if r["method"] != "bf16"}
+        kept = [r for r in old["rows"] if r["method"] == "bf16" or (r["format"], r["shape"], r["m"]) not in fresh]
+        result["rows"] = kept + rows
+        result["runs"] = runs + [dict(run=run, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"])]
+        result["skipped"] = old.get("skipped", []) + skipped
+        result["summary"] = summarize(result["rows"])
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"qmatmul_{gpu_name()}")
     with open(base + ".json", "w") as f:

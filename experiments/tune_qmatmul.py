@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench_qmatmul import SHAPES, gpu_name, random_weight, time_layers  # noqa: E402
+from bench_qmatmul import SHAPES, config_label, gpu_name, random_weight, time_layers  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
 from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
@@ -57,6 +57,32 @@ def candidates(fmt: str, m: int) -> list[TileConfig]:
             T("dot", 64, 128, 64, 1, 4, 4), XLA]
 
 
+def entries_from_bench(path: str, table: list[dict], margin: float = 0.9) -> list[dict]:
+    """Entries for (format, M, shape) problems the sweep did not cover, from a bench_qmatmul JSON of the same
+    device: the config the bench's dispatch used (re-derived by lookup on ``table``, the table it ran with),
+    or XLA where XLA's dequantize-then-dot was faster by more than ``1 - margin``."""
+    with open(path) as f:
+        bench = json.load(f)
+    dev = qmatmul_tiles.device_key(bench["device"])
+    have = {(e["device"], e["format"], e["m"], e["k"], e["n"]) for e in table}
+    rows = {(r["method"], r["format"], r["shape"], r["m"]): r for r in bench["rows"]}
+    new = []
+    for (method, fmt, shape, m), r in rows.items():
+        x = rows.get(("xla", fmt, shape, m))
+        if method != "ours" or x is None:
+            continue
+        name = random_weight(jax.random.key(0), fmt, 256, 128).name
+        if (dev, name, m, r["k"], r["n"]) in have:
+            continue
+        cfg = qmatmul_tiles.lookup(dev, name, m, r["k"], r["n"], table=tuple(table))
+        if r.get("config") != config_label(cfg):  # the bench ran another config (older lookup rules): unmeasured
+            continue
+        best = (XLA, x["us"]) if x["us"] < margin * r["us"] else (cfg, r["us"])
+        new.append(dict(device=dev, format=name, m=m, k=r["k"], n=r["n"], us=round(best[1], 2),
+                        config=best[0].to_json(), source="bench"))
+    return new
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=qmatmul_tiles.TABLE_PATH)
@@ -65,7 +91,17 @@ def main():
     ap.add_argument("--shapes", default="gate_up,down")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--budget_s", type=float, default=150.0)
+    ap.add_argument("--from_bench", default=None,
+                    help="add entries for the problems of this bench JSON that the table lacks, then exit")
     args = ap.parse_args()
+    if args.from_bench:
+        table = list(qmatmul_tiles.load_table())
+        new = entries_from_bench(args.from_bench, table)
+        with open(args.out, "w") as f:
+            json.dump(dict(note="written by experiments/tune_qmatmul.py; lookup rules in "
+                                "kernels_pallas/qmatmul_tiles.py", entries=table + new), f, indent=1)
+        print(f"added {len(new)} entries from {args.from_bench}")
+        return
     start = time.time()
     dev = gpu_name()
     entries = [e for e in qmatmul_tiles.load_table() if e["device"] != dev]

@@ -3,8 +3,9 @@
 The table (``kernels_pallas/tuned/quantized_matmul.json``) is written by ``experiments/tune_qmatmul.py``:
 one entry per (device, format, M bucket, K, N) with the measured-fastest config, which may be ``"xla"``
 (dequantize-then-dot through XLA) where that beat every kernel. Lookup: exact (device, format, K, N) at the
-smallest tuned M >= M (else the largest tuned M); then the same (device, format) at any shape with the same M
-bucket; else ``default_config``.
+smallest tuned M >= M (else the largest tuned M); then the same (device, format) at the nearest shape (by
+K*N) with the same M bucket; an int4 variant with no entries uses another int4 variant's (same group
+first); else ``default_config``.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ class TileConfig:
 
 def default_config(fmt: str, m: int) -> TileConfig:
     """The untuned fallback: gemv for one row (not W8A8), small dot tiles for decode, large ones for prefill."""
-    if m == 1 and fmt != "w8a8":
-        return TileConfig(kernel="gemv", block_m=1, block_n=256, block_k=64, split_k=4, num_warps=4,
-                          num_stages=3)
+    if m == 1 and fmt != "w8a8":  # [block_k, block_n] float32 accumulator: keep it at 64 registers a thread
+        return TileConfig(kernel="gemv", block_m=1, block_n=128, block_k=128 if fmt.startswith("int4") else 64,
+                          split_k=8, num_warps=4, num_stages=3)
     if m <= 64:
         return TileConfig(kernel="dot", block_m=16 if m <= 16 else 32 if m <= 32 else 64, block_n=128,
                           block_k=128, split_k=4, num_warps=4, num_stages=4)
@@ -89,8 +90,13 @@ def load_table(path: str = TABLE_PATH) -> tuple:
 
 def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None = None) -> TileConfig:
     """Tuned config for this problem, or ``default_config`` when the table has none."""
-    entries = [e for e in (load_table() if table is None else table)
-               if e["device"] == device and e["format"] == fmt]
+    table = load_table() if table is None else table
+    entries = [e for e in table if e["device"] == device and e["format"] == fmt]
+    if not entries and fmt.startswith("int4"):  # an untuned int4 variant borrows the tuned int4 configs
+        family = [e for e in table if e["device"] == device and e["format"].startswith("int4")]
+        same_group = [e for e in family if e["format"].split("_")[1] == fmt.split("_")[1]]
+        entries = same_group or family
+        entries = [e for e in entries if e["format"] == entries[0]["format"]]
     if not entries:
         return default_config(fmt, m)
     ms = sorted({e["m"] for e in entries})
@@ -100,5 +106,5 @@ def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None
     pick = exact[0] if exact else min(same_m, key=lambda e: abs(e["k"] * e["n"] - k * n))
     cfg = TileConfig(**pick["config"])
     if cfg.kernel == "gemv" and m != 1:  # a gemv entry only serves one row
-        return default_config(fmt, m) if m != 1 else cfg
+        return default_config(fmt, m)
     return cfg

@@ -79,7 +79,8 @@ class TestGpuKernelGPU(GpuKernelCases):
         """The tuned (or default) config at a GLM-4 shape with ragged M, through the public entry point."""
         x, q, _ = problem(m, m, 4096, 4608, fmt, kw)
         out = quantized_matmul(x, q, out_dtype=jnp.float32)
-        assert rel_err(out, quantized_matmul_reference(x, q, out_dtype=jnp.float32)) < 1e-3
+        # the table may pick XLA's path, which rounds a dequantized int4 weight to bf16 (~1e-3)
+        assert rel_err(out, quantized_matmul_reference(x, q, out_dtype=jnp.float32)) < (5e-3 if fmt == "int4" else 1e-3)
 
     @pytest.mark.parametrize("fmt,kw", FORMATS, ids=FMT_IDS)
     def test_long_k_split(self, fmt, kw):
@@ -173,6 +174,8 @@ def test_table_lookup_and_default():
     assert lookup("h100", "int8", 20, 4096, 27392, table=table).kernel == "xla"  # next tuned M up
     assert lookup("h100", "int8", 1, 13696, 4096, table=table).block_n == 512  # nearest shape
     assert lookup("h200", "int8", 1, 4096, 27392, table=table) == default_config("int8", 1)
+    int4 = ({**table[0], "format": "int4_g128_sym", "config": {**table[0]["config"], "block_k": 128}},)
+    assert lookup("h100", "int4_g64_asym", 1, 4096, 27392, table=int4).block_n == 512  # borrowed from int4
     with pytest.raises(ValueError, match="power of two"):
         TileConfig(block_n=100)
 
