@@ -1,7 +1,7 @@
 """Tensor-parallel decode: GLM-4-9B (random weights) at tensor degree 1 vs 2 (and 4, 8 when the devices exist),
 all in one process: identical greedy tokens, batch-1 ms/token, batch-32 tokens/s, speedups.
 
-    python experiments/bench_tensor_parallel.py                 # GPU: GLM-4-9B bf16 -> results/tensor_parallel_<gpu>x<N>.*
+    python experiments/bench_tensor_parallel.py     # GPU: GLM-4-9B bf16 -> results/tensor_parallel_<gpu>x<N>.*
     python experiments/bench_tensor_parallel.py --tiny --out /tmp   # CPU smoke run (8 virtual devices, tiny shapes)
 
 Each degree t uses ``sharding.shard_model(model, make_mesh(tensor=t))`` (column-parallel q/k/v and gate/up,

@@ -2,7 +2,7 @@
 at 8 devices, measured from XLA's compiled executables (AOT, ShapeDtypeStruct inputs, 8 virtual CPU devices);
 pipeline parallelism as a paper estimate beside them.
 
-    python experiments/parallel_memory_table.py            # GLM-4-9B shapes -> experiments/results/parallel_memory_table.*
+    python experiments/parallel_memory_table.py         # GLM-4-9B -> experiments/results/parallel_memory_table.*
     python experiments/parallel_memory_table.py --tiny     # tiny shapes, quick check
 
 Method: the step is ``loss -> grad -> AdamW update`` (float32 master weights and Adam moments, bfloat16
@@ -197,7 +197,8 @@ def main():
         # saved input [B/(data*fsdp), T, D] bf16 (XLA:CPU's temp did not shrink with remat, see notes)
         per_dev_batch = batch // (kw.get("data", 1) * kw.get("fsdp", 1))
         remat_est = m1["activation_bytes"] + layers * per_dev_batch * seq * base.hidden_size * 2
-        rows.append(dict(strategy=strat, mesh="x".join(f"{k}={v}" for k, v in kw.items()), source="compiled (1,2 layers -> 40)",
+        rows.append(dict(strategy=strat, mesh="x".join(f"{k}={v}" for k, v in kw.items()),
+                         source="compiled (1,2 layers -> 40)",
                          param_gib=full["param_bytes"] / gib, optimizer_gib=full["optimizer_bytes"] / gib,
                          activation_gib=full["activation_bytes"] / gib, step_temp_gib=full["step_temp_bytes"] / gib,
                          activation_remat_est_gib=remat_est / gib,
@@ -235,10 +236,11 @@ def main():
              "(hence temp bytes) differ from a GPU's. In particular XLA:CPU keeps FSDP's gradient reduction as an "
              "all-reduce of the full gradient followed by a slice, where the GPU/TPU pipelines rewrite it into a "
              "reduce-scatter (1/8 of those operand bytes, and no full-size gradient buffer in temp): read the fsdp "
-             "row's all-reduce and step_temp as upper bounds. XLA:CPU's temp bytes came out identical with remat='none' "
-             "and remat='full' (checked at 1 and 2 layers: 1086 MiB per layer per device for data parallel either "
-             "way), i.e. the activation column is the no-remat footprint; activation_remat_est is what remat=full "
-             "should leave (1-layer figure + each layer's saved bf16 input). Pipeline is a paper estimate, marked as such.")
+             "row's all-reduce and step_temp as upper bounds. XLA:CPU's temp bytes came out identical with "
+             "remat='none' and remat='full' (checked at 1 and 2 layers: 1086 MiB per layer per device for data "
+             "parallel either way), i.e. the activation column is the no-remat footprint; activation_remat_est is what remat=full "
+             "should leave (1-layer figure + each layer's saved bf16 input). Pipeline is a paper estimate, marked "
+             "as such.")
     path = bench_common.write_results(args.out, name, rows=rows, summary=summary, columns=cols, notes=notes)
     print(path)
 
