@@ -239,7 +239,8 @@ def main():
              "row's all-reduce and step_temp as upper bounds. XLA:CPU's temp bytes came out identical with "
              "remat='none' and remat='full' (checked at 1 and 2 layers: 1086 MiB per layer per device for data "
              "parallel either way), i.e. the activation column is the no-remat footprint; activation_remat_est "
-             "is what remat=full should leave (1-layer figure + each layer's saved bf16 input). Pipeline is a paper estimate, marked "
+             "is what remat=full should leave (1-layer figure + each layer's saved bf16 input). Pipeline is a "
+             "paper estimate, marked "
              "as such.")
     path = bench_common.write_results(args.out, name, rows=rows, summary=summary, columns=cols, notes=notes)
     print(path)
