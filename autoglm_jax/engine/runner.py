@@ -1,0 +1,104 @@
+"""Runs scheduler plans on the device: one pure jitted step over a donated page pool.
+
+``step(graphdef, params, pages, inputs) -> (tokens [B], pages)``: embeds the packed tokens as a [1, T] batch,
+runs every layer over the ``PagedKVCache`` (k/v written into the pages, ragged paged attention), applies the
+LM head only to the last token of each sequence and samples with per-row settings and keys
+``fold_in(key(seed), sample_index)``, so a request's draws do not depend on what it is batched with.
+
+Shapes come in buckets (``step_inputs``): the number of distinct compiled programs is bounded, and
+``num_compilations`` (a trace counter: the step body runs in Python only when jax traces a new shape) lets
+callers check that steady-state serving does not recompile. Copy-on-write page copies run on the device
+in a second small jitted function (donated pages, copy count bucketed) before the step's writes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..sampling import sample_tokens
+from .paged_cache import KVPages, PagedKVCache
+from .step_inputs import StepInputs, bucket, build_step_inputs
+
+_TRACES = {"step": 0, "copy": 0}
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def step(graphdef, params, pages: KVPages, inputs: StepInputs):
+    """One engine step. Returns (sampled tokens [B] int32, updated pages)."""
+    _TRACES["step"] += 1
+    model = nnx.merge(graphdef, params)
+    cache = PagedKVCache(pages=pages, slot_mapping=inputs.slot_mapping, page_table=inputs.page_table,
+                         context_lens=inputs.context_lens, query_start=inputs.query_start,
+                         num_seqs=inputs.num_seqs, decode_only=inputs.decode_only)
+    h, cache = model.hidden_states(inputs.token_ids[None], inputs.positions[None], cache=cache)
+    logits = model.logits(h[0, inputs.logits_indices])  # [B, V] float32
+    if inputs.all_greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(inputs.seeds, inputs.sample_index)
+        tokens = sample_tokens(logits, keys, inputs.temperature, inputs.top_k, inputs.top_p)
+    return tokens, cache.pages
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def copy_pages(pages: KVPages, src, dst) -> KVPages:
+    _TRACES["copy"] += 1
+    return pages.copy_pages(src, dst)
+
+
+def num_compilations() -> int:
+    """Programs traced so far by this process's step and copy functions (all runners together)."""
+    return _TRACES["step"] + _TRACES["copy"]
+
+
+class ModelRunner:
+    """Owns the device state of one engine: parameters and the page pool."""
+
+    def __init__(self, model, *, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_pages_per_seq: int, kv_dtype=None):
+        self.cfg = model.cfg
+        self.graphdef, self.params = nnx.split(model)
+        kv_dtype = model.dtype if kv_dtype is None else kv_dtype
+        self.pages = KVPages.create(self.cfg, num_pages=num_pages, page_size=page_size, dtype=kv_dtype)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_pages_per_seq = max_pages_per_seq
+        self.shape_keys: set[tuple] = set()  # step shapes run so far
+        self.num_steps = 0
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))
+
+    def build_inputs(self, plan, seeds: dict[str, int]) -> StepInputs:
+        return build_step_inputs(plan, seeds, max_num_batched_tokens=self.max_num_batched_tokens,
+                                 max_num_seqs=self.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq)
+
+    def copy(self, copy_ops) -> None:
+        if not copy_ops:
+            return
+        c = bucket(len(copy_ops), 4, 1 << 30)  # powers of two: few programs
+        src = np.zeros(c, np.int32)
+        dst = np.zeros(c, np.int32)
+        src[:len(copy_ops)], dst[:len(copy_ops)] = zip(*copy_ops)
+        self.pages = copy_pages(self.pages, src, dst)
+
+    def execute(self, plan, seeds: dict[str, int]) -> dict[str, int]:
+        """Runs ``plan`` (copies first, then the step); returns {request_id: token} for sampling requests."""
+        return self.execute_inputs(plan, None if plan.is_empty else self.build_inputs(plan, seeds))
+
+    def execute_inputs(self, plan, inputs: StepInputs | None) -> dict[str, int]:
+        """``execute`` with the inputs already built (``build_inputs``; None for an empty plan)."""
+        self.copy(plan.copy_ops)
+        if inputs is None:
+            return {}
+        self.shape_keys.add(inputs.shape_key)
+        tokens, self.pages = step(self.graphdef, self.params, self.pages, inputs)
+        self.num_steps += 1
+        host = np.asarray(tokens)
+        return {r.request_id: int(host[i]) for i, r in enumerate(plan.requests) if r.sample}

@@ -1,0 +1,104 @@
+"""Per-step device inputs built from a scheduler plan, padded to a few fixed shapes (buckets).
+
+A step's shapes are (T tokens, B sequences, max_pages per sequence); each is rounded up to a bucket so that
+serving cycles through a small set of compiled programs and never recompiles once they are warm:
+T and B to powers of two (at least ``MIN_TOKENS`` / ``MIN_SEQS``, at most the configured maxima), max_pages
+to a power of two capped at the pages of one full context. A decode-only step (every sequence feeds
+exactly one token) uses T = B, so its tokens line up with its sequences (the decode attention kernel).
+
+Padding: tokens past the real ones have id 0, position 0 and slot -1 (their k/v is not written);
+sequence rows past ``num_seqs`` have context length 0, an empty query range and the null page table.
+Logits rows: one per sequence row (the last token of each sequence; padding rows point at token 0); only
+rows of sequences with ``sample`` set are read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+MIN_TOKENS = 16
+MIN_SEQS = 4
+MIN_PAGES = 4
+
+
+def bucket(n: int, lo: int, hi: int) -> int:
+    """The smallest power of two >= max(n, lo), capped at ``hi`` (``hi`` itself need not be a power of two)."""
+    if n > hi:
+        raise ValueError(f"{n} exceeds the largest bucket {hi}")
+    b = lo
+    while b < n:
+        b *= 2
+    return min(b, hi)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    token_ids: np.ndarray       # [T] int32
+    positions: np.ndarray       # [T] int32
+    slot_mapping: np.ndarray    # [T] int32, -1 = padding
+    page_table: np.ndarray      # [B, max_pages] int32
+    context_lens: np.ndarray    # [B] int32
+    query_start: np.ndarray     # [B + 1] int32
+    num_seqs: np.ndarray        # [1] int32
+    logits_indices: np.ndarray  # [B] int32: packed index of each sequence's last token
+    temperature: np.ndarray     # [B] float32 (0 = greedy)
+    top_k: np.ndarray           # [B] int32
+    top_p: np.ndarray           # [B] float32
+    seeds: np.ndarray           # [B] uint32: per-request seed (the key is fold_in(key(seed), sample_index))
+    sample_index: np.ndarray    # [B] int32: index of the output token being sampled
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    all_greedy: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    @property
+    def shape_key(self) -> tuple:
+        """(T, B, max_pages, decode_only, all_greedy): one compiled step program per distinct key."""
+        return (self.token_ids.shape[0], *self.page_table.shape, self.decode_only, self.all_greedy)
+
+
+def build_step_inputs(plan, seeds: dict[str, int], *, max_num_batched_tokens: int, max_num_seqs: int,
+                      max_pages_per_seq: int) -> StepInputs:
+    """Packs ``plan`` (a ``SchedulerOutput``) into padded host arrays. ``seeds`` maps request id -> seed."""
+    reqs = plan.requests
+    b_real = len(reqs)
+    t_real = plan.num_scheduled_tokens
+    decode_only = all(len(r.token_ids) == 1 for r in reqs)
+    b_pad = bucket(b_real, MIN_SEQS, max_num_seqs)
+    t_pad = b_pad if decode_only else bucket(t_real, MIN_TOKENS, max(max_num_batched_tokens, MIN_TOKENS))
+    pages_needed = max(len(r.block_table) for r in reqs)
+    p_pad = bucket(pages_needed, min(MIN_PAGES, max_pages_per_seq), max_pages_per_seq)
+
+    token_ids = np.zeros(t_pad, np.int32)
+    positions = np.zeros(t_pad, np.int32)
+    slots = np.full(t_pad, -1, np.int32)
+    token_ids[:t_real] = plan.flat_token_ids()
+    positions[:t_real] = plan.flat_positions()
+    slots[:t_real] = plan.flat_slot_mapping()
+    page_table = np.zeros((b_pad, p_pad), np.int32)
+    for i, r in enumerate(reqs):
+        page_table[i, :len(r.block_table)] = r.block_table
+    context_lens = np.zeros(b_pad, np.int32)
+    context_lens[:b_real] = plan.seq_lens()
+    query_start = np.full(b_pad + 1, t_real, np.int32)
+    query_start[:b_real + 1] = plan.query_start_loc()
+    logits_indices = np.zeros(b_pad, np.int32)
+    logits_indices[:b_real] = np.asarray(query_start[1:b_real + 1]) - 1
+    temperature = np.zeros(b_pad, np.float32)
+    top_k = np.zeros(b_pad, np.int32)
+    top_p = np.ones(b_pad, np.float32)
+    seed_arr = np.zeros(b_pad, np.uint32)
+    sample_index = np.zeros(b_pad, np.int32)
+    for i, r in enumerate(reqs):
+        sp = r.sampling_params
+        temperature[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
+        seed_arr[i] = seeds[r.request_id] & 0xFFFFFFFF
+        sample_index[i] = r.sample_index
+    all_greedy = not any(r.sample and r.sampling_params.temperature > 0 for r in reqs)
+    return StepInputs(token_ids=token_ids, positions=positions, slot_mapping=slots, page_table=page_table,
+                      context_lens=context_lens, query_start=query_start,
+                      num_seqs=np.array([b_real], np.int32), logits_indices=logits_indices,
+                      temperature=temperature, top_k=top_k, top_p=top_p, seeds=seed_arr,
+                      sample_index=sample_index, decode_only=decode_only, all_greedy=all_greedy)
