@@ -72,7 +72,7 @@ class GLMConfig:
     # ---- derived sizes -------------------------------------------------------------------------
     @property
     def rotary_dim(self) -> int:
-        return int(round(self.head_dim * self.partial_rotary_factor))
+        return int(self.head_dim * self.partial_rotary_factor)  # truncated, as transformers does
 
     @property
     def q_per_kv(self) -> int:  # G

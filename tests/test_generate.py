@@ -1,0 +1,89 @@
+"""Generation over the dense KV cache and on-device sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autoglm_jax import GenerationConfig, GLMConfig, generate
+from autoglm_jax.loading import random_model
+from autoglm_jax.sampling import sample_tokens
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = GLMConfig.from_preset("tiny", num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4,
+                                num_kv_heads=2, head_dim=16, vocab_size=97, max_position_embeddings=64,
+                                eos_token_ids=())
+    return random_model(cfg, seed=3)
+
+
+def _greedy_no_cache(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(jnp.argmax(model(jnp.array([seq]))[0, -1])))
+    return seq[len(prompt):]
+
+
+def test_cached_greedy_equals_recomputation_ragged_batch(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
+    got = generate(model, prompts, GenerationConfig(max_new_tokens=6))
+    assert got == [_greedy_no_cache(model, p, 6) for p in prompts]
+
+
+def test_stops_at_eos(model):
+    free = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=6))[0]
+    eos = free[2]
+    stopped = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=6, eos_token_ids=(eos,)))[0]
+    assert stopped == free[:free.index(eos) + 1]
+
+
+def test_prompt_longer_than_context_rejected_before_work(model):
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        generate(model, [list(range(60))], GenerationConfig(max_new_tokens=5))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], GenerationConfig(max_new_tokens=5))
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0),
+                                dict(top_p=1.5), dict(top_k=-2)])
+def test_bad_generation_config(kw):
+    with pytest.raises(ValueError):
+        GenerationConfig(**kw)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    a = generate(model, [[1, 2, 3]], cfg)
+    assert a == generate(model, [[1, 2, 3]], cfg)
+    others = [generate(model, [[1, 2, 3]], GenerationConfig(**{**cfg.__dict__, "seed": s}))[0] for s in range(8, 12)]
+    assert any(o != a[0] for o in others)
+
+
+def _draw(logits, n, **kw):
+    b = logits.shape[0]
+    keys = jax.random.split(jax.random.key(0), n)
+    f = jax.jit(lambda k: sample_tokens(logits, jax.random.split(k, b), kw["t"], kw["k"], kw["p"]))
+    return np.stack([np.asarray(f(k)) for k in keys])
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]], jnp.float32))
+    ones = jnp.ones((2,), jnp.float32)
+    draws = _draw(logits, 200, t=ones, k=jnp.array([2, 0], jnp.int32), p=jnp.array([1.0, 0.7], jnp.float32))
+    assert set(draws[:, 0]) == {0, 1}  # top-k 2
+    assert set(draws[:, 1]) == {0, 1}  # top-p 0.7: 0.5 + 0.3 reaches it
+    draws = _draw(logits, 300, t=ones, k=jnp.zeros((2,), jnp.int32), p=jnp.ones((2,), jnp.float32))
+    assert set(draws[:, 0]) == {0, 1, 2, 3}
+    freq = np.mean(draws[:, 0] == 0)
+    assert 0.4 < freq < 0.6
+
+
+def test_temperature_zero_is_argmax():
+    logits = jax.random.normal(jax.random.key(1), (3, 50))
+    z = jnp.zeros((3,), jnp.float32)
+    got = sample_tokens(logits, jax.random.split(jax.random.key(2), 3), z, jnp.zeros((3,), jnp.int32),
+                        jnp.ones((3,), jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), -1))
