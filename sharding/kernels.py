@@ -1,45 +1,68 @@
 """Pallas kernels per shard: ``shard_map`` wrappers that run a kernel on each device's slice.
 
-``sharded_paged_attention``: the paged decode-attention kernel (kernels_pallas/paged_attention.py) with the
-paged KV cache sharded over KV heads (pages [K, P, L, H] split on K over the tensor axis) and the query heads
-split the same way, so device g runs the kernel on its N/t query heads and K/t KV heads -- no
-communication (GQA keeps query head n with KV head n // G, and both splits are contiguous). Lengths and
-the page table are replicated. Use it with a ``shard_model`` model (K' = max(K, t) KV heads).
+The paged attention kernels (kernels_pallas/paged_attention.py: decode; ragged_paged_attention.py: chunked
+prefill) run with the paged KV cache sharded over KV heads (pages [K, P, L, H] split on K over the tensor
+axis) and the query heads split the same way, so device g runs the kernel on its N/t query heads and K/t KV
+heads -- no communication (GQA keeps query head n with KV head n // G, and both splits are contiguous).
+Page tables, lengths and query offsets are replicated. Use them with a ``shard_model`` model (K' = max(K, t)
+KV heads; ``partition.paged_cache_sharding`` places the pages).
 """
 
 from __future__ import annotations
-
 
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .mesh import TENSOR, MeshError, mesh_shape
 
+_HEADS, _PAGES, _REP = P(None, TENSOR, None), P(TENSOR), P()
+
+
+def _check_heads(name: str, mesh: Mesh, n: int, k: int) -> None:
+    t = mesh_shape(mesh).get(TENSOR, 1)
+    if n % t or k % t:
+        raise MeshError(f"{name}: query heads N={n} and KV heads K={k} must both be multiples of the tensor "
+                        f"degree {t} (shard_model repeats KV heads to K' = max(K, t))")
+
+
+def _per_shard(kernel, mesh: Mesh, q, k_pages, v_pages, replicated: tuple, k_scales, v_scales, kwargs):
+    quant = k_scales is not None
+    n_rep = len(replicated)
+
+    def body(q, kp, vp, *rest):
+        reps, scales = rest[:n_rep], rest[n_rep:]
+        ks, vs = scales if quant else (None, None)
+        return kernel(q, kp, vp, *reps, k_scales=ks, v_scales=vs, **kwargs)
+
+    args = (q, k_pages, v_pages) + replicated + ((k_scales, v_scales) if quant else ())
+    specs = (_HEADS, _PAGES, _PAGES) + (_REP,) * n_rep + ((_PAGES, _PAGES) if quant else ())
+    return _shard_map(body, mesh, specs, _HEADS)(*args)
+
 
 def sharded_paged_attention(mesh: Mesh, q, k_pages, v_pages, lengths, page_table, *, k_scales=None,
-                            v_scales=None, scale=None, **kernel_kwargs):
-    """q [B, N, H]; k_pages, v_pages [K, P, L, H] (int8 with k_scales, v_scales [K, P, L]); lengths [B];
-    page_table [B, max_pages] -> [B, N, H] sharded over query heads. ``kernel_kwargs`` go to
-    ``kernels_pallas.paged_attention.paged_attention`` (block sizes, backend, interpret)."""
+                            v_scales=None, **kernel_kwargs):
+    """Decode: q [B, N, H]; k_pages, v_pages [K, P, L, H] (int8 with k_scales, v_scales [K, P, L]); lengths [B];
+    page_table [B, max_pages] -> [B, N, H] sharded over query heads. ``kernel_kwargs`` (scale, block sizes,
+    backend, interpret) go to ``kernels_pallas.paged_attention.paged_attention``."""
     from kernels_pallas.paged_attention import check_decode_inputs, paged_attention
 
     check_decode_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
-    t = mesh_shape(mesh).get(TENSOR, 1)
-    n, k = q.shape[1], k_pages.shape[0]
-    if n % t or k % t:
-        raise MeshError(f"sharded_paged_attention: query heads N={n} and KV heads K={k} must both be multiples "
-                        f"of the tensor degree {t} (shard_model repeats KV heads to K' = max(K, t))")
-    heads, pages, rep = P(None, TENSOR, None), P(TENSOR), P()
-    quant = k_scales is not None
+    _check_heads("sharded_paged_attention", mesh, q.shape[1], k_pages.shape[0])
+    return _per_shard(paged_attention, mesh, q, k_pages, v_pages, (lengths, page_table), k_scales, v_scales,
+                      kernel_kwargs)
 
-    def body(q, kp, vp, lens, pt, *scales):
-        ks, vs = scales if quant else (None, None)
-        return paged_attention(q, kp, vp, lens, pt, k_scales=ks, v_scales=vs, scale=scale, **kernel_kwargs)
 
-    args = (q, k_pages, v_pages, lengths, page_table) + ((k_scales, v_scales) if quant else ())
-    specs = (heads, pages, pages, rep, rep) + ((pages, pages) if quant else ())
-    fn = _shard_map(body, mesh, specs, heads)
-    return fn(*args)
+def sharded_ragged_paged_attention(mesh: Mesh, q, k_pages, v_pages, page_table, context_lens, query_start,
+                                   num_seqs, *, k_scales=None, v_scales=None, **kernel_kwargs):
+    """Chunked prefill: q [T, N, H] packed tokens; the rest as ``kernels_pallas.ragged_paged_attention`` ->
+    [T, N, H] sharded over query heads."""
+    from kernels_pallas.ragged_paged_attention import check_ragged_inputs, ragged_paged_attention
+
+    check_ragged_inputs(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales)
+    _check_heads("sharded_ragged_paged_attention", mesh, q.shape[1], k_pages.shape[0])
+    num_seqs = jax.numpy.asarray(num_seqs, jax.numpy.int32).reshape(1)
+    return _per_shard(ragged_paged_attention, mesh, q, k_pages, v_pages,
+                      (page_table, context_lens, query_start, num_seqs), k_scales, v_scales, kernel_kwargs)
 
 
 def _shard_map(body, mesh, in_specs, out_specs):

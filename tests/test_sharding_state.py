@@ -148,3 +148,21 @@ def test_quantized_model_tensor_parallel(fmt, tensor):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
     tree, _ = canonical_state(sm)
     _assert_trees_equal(tree, _pure(model))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_ragged_paged_attention_per_shard_matches_unsharded(quantized):
+    """Chunked prefill per shard; int8 pages carry their [K, P, L] scales on the same KV-head split."""
+    from kernels_pallas.ragged_paged_attention import ragged_paged_attention_reference
+    from sharding.kernels import sharded_ragged_paged_attention
+
+    from .test_ragged_paged_attention import make_batch
+
+    rng = np.random.default_rng(3)
+    args, scales, _, _ = make_batch(rng, group=4, page_size=16, contexts=[40, 17, 5], chunks=[20, 1, 5],
+                                    quantized=quantized, dtype=jnp.float32)
+    scales = scales if quantized else {}
+    ref = ragged_paged_attention_reference(*args, **scales)
+    out = sharded_ragged_paged_attention(make_mesh(tensor=2), *args, **scales, backend="reference")
+    assert out.sharding.spec == P(None, "tensor", None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
