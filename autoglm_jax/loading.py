@@ -83,7 +83,7 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, remat: str = "none",
     graphdef, state = abstract_model(cfg, dtype=dtype, remat=remat)
     tree = _pure(state)
     for rule in tqdm(hf_rules(cfg), desc=f"loading {directory.name}", disable=not progress, unit="tensor"):
-        array = rule.to_ours([reader.read(n) for n in rule.sources]).astype(dtype)
+        array = rule.to_ours([reader.read(n) for n in rule.sources]).astype(dtype, copy=False)
         _set(tree, rule.path, _place(rule.path, array, _get(tree, rule.path), sharding_fn))
     state.replace_by_pure_dict(tree)
     return nnx.merge(graphdef, state)

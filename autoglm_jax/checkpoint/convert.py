@@ -59,7 +59,7 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             if rule is None:
                 break
             current = group
-            tree[rule.path] = rule.to_ours([reader.read(n) for n in rule.sources]).astype(target)
+            tree[rule.path] = rule.to_ours([reader.read(n) for n in rule.sources]).astype(target, copy=False)
             bar.update(1)
         bar.close()
         out_cfg = dict(hf)
