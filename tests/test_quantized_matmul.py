@@ -202,7 +202,7 @@ def test_quantize_model_runs_end_to_end():
     from autoglm_jax.config import GLMConfig
     from autoglm_jax.model import GLMForCausalLM, Linear
     from autoglm_jax.model.quantized_linear import QuantizedLinear, quantize_model
-    cfg = GLMConfig.from_preset("tiny", num_layers=2)
+    cfg = GLMConfig.from_preset("tiny", num_layers=2, vocab_size=512)
     model = GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (2, 5), 0, cfg.vocab_size)
     run = lambda gd, st, i: jax.jit(lambda s, i: nnx.merge(gd, s)(i))(st, i)
