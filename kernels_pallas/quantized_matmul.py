@@ -103,6 +103,19 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     return dataclasses.replace(cfg, kernel=kernel, block_m=bm, block_k=bk, split_k=split)
 
 
+def fit_tpu_config(cfg: TileConfig, qweight) -> TileConfig | None:
+    """Mosaic TPU tiles: block_m a multiple of 16, block_n and block_k multiples of 128 with block_k dividing K
+    (the K grid axis sums every block, so no ragged K). None when K has no such block_k (use XLA)."""
+    k = qweight.in_features
+    bk = max(cfg.block_k, 128)
+    while k % bk and bk > 128:
+        bk //= 2
+    if k % bk:
+        return None
+    return dataclasses.replace(cfg, kernel="dot", block_m=max(16, cfg.block_m), block_n=max(128, cfg.block_n),
+                               block_k=bk, split_k=1)
+
+
 def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype, poison: bool):
     m = x2.shape[0]
     if isinstance(qweight, W8A8Weight):
@@ -157,10 +170,13 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
         # XLA where the table says it is faster, for float32 activations, or where K has no 16-row tiles.
         if config.kernel == "xla" or (x.dtype == jnp.float32 and not interpret) or k % 16:
             impl = "xla"
+    if impl == "pallas_tpu":
+        config = fit_tpu_config(config, qweight)
+        impl = "xla" if config is None else impl
     if impl == "xla":
         y = xla_quantized_matmul(x2, qweight)
     else:
-        cfg = fit_config(config, qweight, m)
+        cfg = fit_config(config, qweight, m) if impl == "pallas_gpu" else config
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,
                     jnp.float32 if bias is not None else out_dtype, _poison)
     return _finish(y, bias, out_dtype, x.shape[:-1])

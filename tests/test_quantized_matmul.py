@@ -14,7 +14,7 @@ from flax import nnx
 
 from kernels_pallas.qmatmul_tiles import TileConfig, default_config, lookup
 from kernels_pallas.quant_formats import QuantFormatError, quantize, quantize_int4, quantize_int8
-from kernels_pallas.quantized_matmul import quantized_matmul, quantized_matmul_reference
+from kernels_pallas.quantized_matmul import fit_tpu_config, quantized_matmul, quantized_matmul_reference
 
 FORMATS = [("int8", {}), ("int4", dict(group=64, symmetric=True)), ("int4", dict(group=128, symmetric=False)),
            ("w8a8", {})]
@@ -178,6 +178,11 @@ def test_table_lookup_and_default():
     assert lookup("h100", "int4_g64_asym", 1, 4096, 27392, table=int4).block_n == 512  # borrowed from int4
     with pytest.raises(ValueError, match="power of two"):
         TileConfig(block_n=100)
+    # Mosaic TPU tiles: (16, 128)-aligned blocks and a block_k dividing K, else XLA (None)
+    q = quantize_int8(jnp.ones((384, 256)))
+    tpu = fit_tpu_config(TileConfig(kernel="gemv", block_m=1, block_n=64, block_k=512), q)
+    assert (tpu.kernel, tpu.block_m, tpu.block_n, tpu.block_k) == ("dot", 16, 128, 128)
+    assert fit_tpu_config(TileConfig(), quantize_int8(jnp.ones((400, 256)))) is None
 
 
 # ----------------------------------------------------------------------------- layer and model swap
