@@ -88,15 +88,20 @@ class ScannedGLM:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         h = jnp.take(params["embed"], input_ids, axis=0).astype(dtype)
+        h = self.layer_stack(params["layers"], h, positions, attention_mask)
+        return nnx.merge(self.norm_def, params["final_norm"])(h)
 
+    def layer_stack(self, layers: dict, h: jax.Array, positions: jax.Array,
+                    attention_mask: jax.Array | None = None) -> jax.Array:
+        """h: [B, T, D] through every decoder layer: ``lax.scan`` over the stacked [L, ...] ``layers``, the body
+        wrapped in ``jax.checkpoint`` with this object's remat policy (unless ``none``)."""
         def body(h, layer_params):
             layer = nnx.merge(self.layer_def, layer_params)
             return layer(h, positions, layer=0, attention_mask=attention_mask)[0], None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, params["layers"])
-        return nnx.merge(self.norm_def, params["final_norm"])(h)
+        return jax.lax.scan(body, h, layers)[0]
 
     def logits(self, params: dict, h: jax.Array) -> jax.Array:
         """h: [..., D] -> float32 logits [..., V]."""
