@@ -215,6 +215,10 @@ class LLM:
             if self.completions[rid].finish_reason is None:
                 self.abort(rid)
 
+    def warmup(self, *, sampled: bool = True) -> int:
+        """Compiles every step shape this engine can use, so serving never compiles (see ``step_inputs``)."""
+        return self.runner.warmup(sampled=sampled)
+
     # ---- introspection --------------------------------------------------------------------------------
     def stats(self):
         return self.scheduler.stats()

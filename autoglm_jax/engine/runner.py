@@ -22,7 +22,7 @@ from flax import nnx
 
 from ..sampling import sample_tokens
 from .paged_cache import KVPages, PagedKVCache
-from .step_inputs import StepInputs, bucket, build_step_inputs
+from .step_inputs import StepInputs, bucket, build_step_inputs, empty_step_inputs, shape_keys
 
 _TRACES = {"step": 0, "copy": 0}
 
@@ -78,6 +78,20 @@ class ModelRunner:
     def build_inputs(self, plan, seeds: dict[str, int]) -> StepInputs:
         return build_step_inputs(plan, seeds, max_num_batched_tokens=self.max_num_batched_tokens,
                                  max_num_seqs=self.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq)
+
+    def all_shape_keys(self, *, sampled: bool = True) -> list[tuple]:
+        return shape_keys(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+                          max_pages_per_seq=self.max_pages_per_seq, sampled=sampled)
+
+    def warmup(self, *, sampled: bool = True) -> int:
+        """Compiles every step shape (and the smallest page-copy bucket) without touching the pages' contents.
+        ``sampled=False`` skips the sampling variants (greedy-only serving). Returns the number of shapes."""
+        keys = self.all_shape_keys(sampled=sampled)
+        for key in keys:
+            tokens, self.pages = step(self.graphdef, self.params, self.pages, empty_step_inputs(key))
+        self.copy([(0, 0)])
+        tokens.block_until_ready()
+        return len(keys)
 
     def copy(self, copy_ops) -> None:
         if not copy_ops:

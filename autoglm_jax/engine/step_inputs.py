@@ -1,10 +1,14 @@
 """Per-step device inputs built from a scheduler plan, padded to a few fixed shapes (buckets).
 
-A step's shapes are (T tokens, B sequences, max_pages per sequence); each is rounded up to a bucket so that
-serving cycles through a small set of compiled programs and never recompiles once they are warm:
-T and B to powers of two (at least ``MIN_TOKENS`` / ``MIN_SEQS``, at most the configured maxima), max_pages
-to a power of two capped at the pages of one full context. A decode-only step (every sequence feeds
-exactly one token) uses T = B, so its tokens line up with its sequences (the decode attention kernel).
+A step's shapes are (T tokens, B sequences, max_pages per sequence); they are rounded up to buckets so that
+serving cycles through a small, enumerable set of compiled programs (``shape_keys``) and never recompiles
+once they are warm:
+
+* a decode-only step (every sequence feeds exactly one token) uses T = B, B a power of two in
+  ``MIN_SEQS..max_num_seqs``, so its tokens line up with its sequences (the decode attention kernel);
+* any other step uses B = max_num_seqs and T a power of two in ``MIN_TOKENS..max_num_batched_tokens``;
+* max_pages is a power of two in ``MIN_PAGES..max_pages_per_seq`` (the kernels read only the pages a
+  sequence uses, so a larger table costs only its transfer).
 
 Padding: tokens past the real ones have id 0, position 0 and slot -1 (their k/v is not written);
 sequence rows past ``num_seqs`` have context length 0, an empty query range and the null page table.
@@ -21,7 +25,7 @@ import numpy as np
 
 MIN_TOKENS = 16
 MIN_SEQS = 4
-MIN_PAGES = 4
+MIN_PAGES = 64
 
 
 def bucket(n: int, lo: int, hi: int) -> int:
@@ -66,10 +70,11 @@ def build_step_inputs(plan, seeds: dict[str, int], *, max_num_batched_tokens: in
     b_real = len(reqs)
     t_real = plan.num_scheduled_tokens
     decode_only = all(len(r.token_ids) == 1 for r in reqs)
-    b_pad = bucket(b_real, MIN_SEQS, max_num_seqs)
-    t_pad = b_pad if decode_only else bucket(t_real, MIN_TOKENS, max(max_num_batched_tokens, MIN_TOKENS))
-    pages_needed = max(len(r.block_table) for r in reqs)
-    p_pad = bucket(pages_needed, min(MIN_PAGES, max_pages_per_seq), max_pages_per_seq)
+    if decode_only:
+        b_pad = t_pad = bucket(b_real, min(MIN_SEQS, max_num_seqs), max_num_seqs)
+    else:
+        b_pad, t_pad = max_num_seqs, bucket(t_real, MIN_TOKENS, max(max_num_batched_tokens, MIN_TOKENS))
+    p_pad = bucket(max(len(r.block_table) for r in reqs), min(MIN_PAGES, max_pages_per_seq), max_pages_per_seq)
 
     token_ids = np.zeros(t_pad, np.int32)
     positions = np.zeros(t_pad, np.int32)
@@ -102,3 +107,33 @@ def build_step_inputs(plan, seeds: dict[str, int], *, max_num_batched_tokens: in
                       num_seqs=np.array([b_real], np.int32), logits_indices=logits_indices,
                       temperature=temperature, top_k=top_k, top_p=top_p, seeds=seed_arr,
                       sample_index=sample_index, decode_only=decode_only, all_greedy=all_greedy)
+
+
+def _powers(lo: int, hi: int) -> list[int]:
+    out, b = [], min(lo, hi)
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return out + [hi]
+
+
+def shape_keys(*, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,
+               sampled: bool = True) -> list[tuple]:
+    """Every (T, B, max_pages, decode_only, all_greedy) that ``build_step_inputs`` can produce."""
+    pages = _powers(MIN_PAGES, max_pages_per_seq)
+    greedy = (True, False) if sampled else (True,)
+    keys = [(b, b, p, True, g) for b in _powers(MIN_SEQS, max_num_seqs) for p in pages for g in greedy]
+    keys += [(t, max_num_seqs, p, False, g) for t in _powers(MIN_TOKENS, max(max_num_batched_tokens, MIN_TOKENS))
+             for p in pages for g in greedy]
+    return keys
+
+
+def empty_step_inputs(key: tuple) -> StepInputs:
+    """Inputs of shape ``key`` with no sequences and no writes (for compiling ahead of traffic)."""
+    t, b, p, decode_only, all_greedy = key
+    zi = lambda *shape: np.zeros(shape, np.int32)
+    return StepInputs(token_ids=zi(t), positions=zi(t), slot_mapping=np.full(t, -1, np.int32),
+                      page_table=zi(b, p), context_lens=zi(b), query_start=zi(b + 1), num_seqs=zi(1),
+                      logits_indices=zi(b), temperature=np.zeros(b, np.float32), top_k=zi(b),
+                      top_p=np.ones(b, np.float32), seeds=np.zeros(b, np.uint32), sample_index=zi(b),
+                      decode_only=decode_only, all_greedy=all_greedy)
