@@ -19,7 +19,7 @@ from sharding.partition import canonical_state
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (conftest sets 8 CPU devices)")
 
-CFG = GLMConfig.from_preset("tiny").replace(num_heads=8, head_dim=32, num_layers=2, vocab_size=1024)
+CFG = GLMConfig.from_preset("tiny").replace(num_heads=8, head_dim=32, num_layers=1, vocab_size=1024)
 
 
 def _pure(model):
