@@ -5,6 +5,8 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
 * GPU: the Pallas kernels of ``qmatmul_gpu.py`` (Triton lowering; ``gemv`` for one row, ``dot`` tiles
   otherwise), tile config from the tuned table (``qmatmul_tiles.lookup``); where the table says XLA's
   dequantize-then-dot was faster for that shape, that path. float32 activations take the XLA path.
+  There is no Mosaic GPU kernel yet (the Triton lowering is deprecated since jax 0.11); measured speeds and
+  gaps: experiments/results/qmatmul_h100_notes.md.
 * TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
 * CPU: ``quantized_matmul_reference``; ``interpret=True`` runs a Pallas kernel in interpret mode instead.
 
