@@ -1,0 +1,100 @@
+"""Where does a decode step's time go beyond reading the weights? Compares XLA flag variants per process.
+
+    python experiments/diag_decode_overhead.py --layers 10 --batch 1
+
+Each variant runs in a fresh process (XLA flags are read at start-up) and reports the decode step time,
+the bytes of weights read, the number of kernels in the compiled step, and the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+VARIANTS = {
+    "default": "",
+    "command_buffers": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
+                       "--xla_gpu_graph_min_graph_size=1",
+    "no_command_buffers": "--xla_gpu_enable_command_buffer=",
+}
+
+
+def worker(args):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import bench_common
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.generate import _decode, _row_keys
+    from autoglm_jax.kv_cache import DenseKVCache
+    from autoglm_jax.loading import random_model
+
+    smoke = jax.default_backend() == "cpu"  # a quick check of this script on a CPU
+    cfg = GLMConfig.from_preset("tiny" if smoke else "glm-4-9b", num_layers=args.layers)
+    model = random_model(cfg, dtype="bfloat16")
+    graphdef, state = nnx.split(model)
+    b = args.batch
+    cache = DenseKVCache.create(cfg, b, 640, jnp.bfloat16)
+    tok = jnp.zeros((b,), jnp.int32)
+    z, zk, o = jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)
+    pos = jnp.full((b,), 512, jnp.int32)
+    keys = _row_keys(0, 0, b)
+    text = _decode.lower(graphdef, state, tok, pos, cache, keys, z, zk, o, True).compile().as_text()
+    entry = text[text.find("ENTRY"):]
+    kernels = len(re.findall(r"= \S+ (fusion|custom-call|convolution|dot|scatter|gather)\(", entry))
+    for _ in range(3):
+        tok, cache = _decode(graphdef, state, tok, pos, cache, keys, z, zk, o, True)
+    tok.block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(32):
+            tok, cache = _decode(graphdef, state, tok, pos, cache, keys, z, zk, o, True)
+        tok.block_until_ready()
+        times.append((time.perf_counter() - t) / 32)
+    step = statistics.median(times)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state)) - model.embed[...].nbytes
+    bw = bench_common.measure_copy_bandwidth(64 << 20 if smoke else 4 << 30)
+    # One GEMV alone, 8 distinct layers unrolled: gate_up [4096, 27392] at M=b.
+    din, dout = (256, 512) if smoke else (4096, 27392)
+    ws = [jax.random.normal(jax.random.key(i), (din, dout), jnp.bfloat16) for i in range(8)]
+    x = jax.random.normal(jax.random.key(99), (b, din), jnp.bfloat16)
+    f = jax.jit(lambda x, ws: sum(x @ w for w in ws))
+    t_gemv = bench_common.time_fn(f, x, ws) / 8
+    res = dict(variant=args.variant, layers=args.layers, batch=b, step_ms=step * 1e3, kernels=kernels,
+               weight_gb=weight_bytes / 1e9, copy_tb_s=bw / 1e12,
+               step_frac_of_roofline=(weight_bytes / bw) / step,
+               per_layer_overhead_us=1e6 * (step - weight_bytes / bw) / args.layers,
+               gate_up_gemv_us=t_gemv * 1e6, gate_up_frac_bw=(din * dout * 2 / t_gemv) / bw)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--layers", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        return worker(args)
+    for v in args.variants.split(","):
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[v]).strip())
+        out = subprocess.run([sys.executable, __file__, "--variant", v, "--layers", str(args.layers),
+                              "--batch", str(args.batch)], env=env, capture_output=True, text=True)
+        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        print(lines[0][7:] if lines else f"{v}: failed\n{out.stderr[-2000:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
