@@ -6,6 +6,7 @@ hits with copy-on-write, preemption under a tiny pool. int8 KV is checked for cl
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -91,6 +92,7 @@ def test_preemption_under_tiny_pool_matches_dense(model):
 
 def _paged_prefill_logits(model, prompt, kv_dtype):
     """Logits of a prompt prefilled through PagedKVCache (pages 1.. in order), packed as a [1, T] batch."""
+    import jax
     import jax.numpy as jnp
     L, t = 8, len(prompt)
     n_pages = -(-t // L)
@@ -99,14 +101,22 @@ def _paged_prefill_logits(model, prompt, kv_dtype):
                          page_table=jnp.arange(1, n_pages + 1, dtype=jnp.int32)[None],
                          context_lens=jnp.array([t], jnp.int32), query_start=jnp.array([0, t], jnp.int32),
                          num_seqs=jnp.array([1], jnp.int32))
-    ids = jnp.array([prompt], jnp.int32)
-    h, _ = model.hidden_states(ids, jnp.arange(t, dtype=jnp.int32)[None], cache=cache)
-    return np.asarray(model.logits(h[0]))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, cache):
+        m = nnx.merge(graphdef, state)
+        h, _ = m.hidden_states(ids, jnp.arange(t, dtype=jnp.int32)[None], cache=cache)
+        return m.logits(h[0])
+
+    return np.asarray(run(state, jnp.array([prompt], jnp.int32), cache))
 
 
 def test_paged_cache_logits_float_exact_int8_close(model):
     prompt = random_prompts((29,), seed=5)[0]
-    want = np.asarray(model(np.array([prompt], np.int32))[0])  # cache-free causal forward
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids))
+    want = np.asarray(forward(state, np.array([prompt], np.int32))[0])  # cache-free causal forward
     got_f32 = _paged_prefill_logits(model, prompt, "float32")
     np.testing.assert_allclose(got_f32, want, atol=1e-5 * np.abs(want).max(), rtol=1e-4)
     got_i8 = _paged_prefill_logits(model, prompt, "int8")
@@ -201,3 +211,17 @@ def test_seeded_sampling_reproducible_per_request(model):
     assert other != alone
     assert len(set(alone)) > 1  # really sampled, not a repeated argmax
     assert all(crowd.completions[i].finished for i in ids)
+
+
+def test_buckets_cover_all_sizes_and_reject_bad_lists():
+    from autoglm_jax.engine import Buckets
+    b = Buckets.make(max_num_batched_tokens=100, max_num_seqs=24, max_pages_per_seq=600)
+    assert b.tokens == (16, 32, 64, 100) and b.seqs == (4, 8, 16, 24) and b.pages == (256, 512, 600)
+    assert [Buckets.pick(b.tokens, n) for n in (1, 16, 17, 99, 100)] == [16, 16, 32, 100, 100]
+    with pytest.raises(ValueError, match="exceeds the largest bucket 100"):
+        Buckets.pick(b.tokens, 101)
+    with pytest.raises(ValueError, match="largest is 24"):
+        Buckets.make(max_num_batched_tokens=100, max_num_seqs=24, max_pages_per_seq=8, seq_buckets=(8, 16))
+    custom = Buckets.make(max_num_batched_tokens=2048, max_num_seqs=256, max_pages_per_seq=88,
+                          token_buckets=(1024, 2048), seq_buckets=(32, 256, 64))
+    assert custom.seqs == (32, 64, 256) and len(custom.shape_keys(sampled=False)) == 5

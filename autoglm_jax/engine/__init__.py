@@ -11,12 +11,12 @@ from .request import Request, RequestStatus, SamplingParams, validate_request
 from .runner import ModelRunner, num_compilations
 from .scheduler import (RequestOutput, ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput,
                         SchedulerStats)
-from .step_inputs import StepInputs, build_step_inputs
+from .step_inputs import Buckets, StepInputs, build_step_inputs
 
 __all__ = [
     "NULL_PAGE", "BlockPool", "OutOfPages", "CacheStats", "EvictionPolicy", "LRUPolicy", "PriorityScorePolicy",
     "make_policy", "priority_score", "PrefixCache", "chain_hash", "Request", "RequestStatus", "SamplingParams",
     "validate_request", "RequestOutput", "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput",
     "SchedulerStats", "AsyncLLM", "LLM", "Completion", "KVPages", "PagedKVCache", "ModelRunner",
-    "num_compilations", "StepInputs", "build_step_inputs",
+    "num_compilations", "Buckets", "StepInputs", "build_step_inputs",
 ]

@@ -22,7 +22,7 @@ from flax import nnx
 
 from ..sampling import sample_tokens
 from .paged_cache import KVPages, PagedKVCache
-from .step_inputs import StepInputs, bucket, build_step_inputs, empty_step_inputs, shape_keys
+from .step_inputs import Buckets, StepInputs, bucket, build_step_inputs, empty_step_inputs
 
 _TRACES = {"step": 0, "copy": 0}
 
@@ -60,14 +60,14 @@ class ModelRunner:
     """Owns the device state of one engine: parameters and the page pool."""
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_pages_per_seq: int, kv_dtype=None):
+                 max_pages_per_seq: int, kv_dtype=None, token_buckets=None, seq_buckets=None):
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
         kv_dtype = model.dtype if kv_dtype is None else kv_dtype
         self.pages = KVPages.create(self.cfg, num_pages=num_pages, page_size=page_size, dtype=kv_dtype)
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_pages_per_seq = max_pages_per_seq
+        self.buckets = Buckets.make(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                    max_pages_per_seq=max_pages_per_seq, token_buckets=token_buckets,
+                                    seq_buckets=seq_buckets)
         self.shape_keys: set[tuple] = set()  # step shapes run so far
         self.num_steps = 0
 
@@ -76,12 +76,10 @@ class ModelRunner:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))
 
     def build_inputs(self, plan, seeds: dict[str, int]) -> StepInputs:
-        return build_step_inputs(plan, seeds, max_num_batched_tokens=self.max_num_batched_tokens,
-                                 max_num_seqs=self.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq)
+        return build_step_inputs(plan, seeds, self.buckets)
 
     def all_shape_keys(self, *, sampled: bool = True) -> list[tuple]:
-        return shape_keys(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
-                          max_pages_per_seq=self.max_pages_per_seq, sampled=sampled)
+        return self.buckets.shape_keys(sampled=sampled)
 
     def warmup(self, *, sampled: bool = True) -> int:
         """Compiles every step shape (and the smallest page-copy bucket) without touching the pages' contents.

@@ -4,9 +4,10 @@ A step's shapes are (T tokens, B sequences, max_pages per sequence); they are ro
 serving cycles through a small, enumerable set of compiled programs (``shape_keys``) and never recompiles
 once they are warm:
 
-* a decode-only step (every sequence feeds exactly one token) uses T = B, B a power of two in
-  ``MIN_SEQS..max_num_seqs``, so its tokens line up with its sequences (the decode attention kernel);
-* any other step uses B = max_num_seqs and T a power of two in ``MIN_TOKENS..max_num_batched_tokens``;
+* a decode-only step (every sequence feeds exactly one token) uses T = B, B a seq bucket (default: powers
+  of two in ``MIN_SEQS..max_num_seqs``), so its tokens line up with its sequences (the decode kernel);
+* any other step uses B = max_num_seqs and T a token bucket (default: powers of two in
+  ``MIN_TOKENS..max_num_batched_tokens``);
 * max_pages is a power of two in ``MIN_PAGES..max_pages_per_seq`` (the kernels read only the pages a
   sequence uses, so a larger table costs only its transfer).
 
@@ -25,7 +26,7 @@ import numpy as np
 
 MIN_TOKENS = 16
 MIN_SEQS = 4
-MIN_PAGES = 64
+MIN_PAGES = 256
 
 
 def bucket(n: int, lo: int, hi: int) -> int:
@@ -36,6 +37,55 @@ def bucket(n: int, lo: int, hi: int) -> int:
     while b < n:
         b *= 2
     return min(b, hi)
+
+
+def _powers(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], min(lo, hi)
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return (*out, hi)
+
+
+def _check_buckets(name: str, values, top: int) -> tuple[int, ...]:
+    vals = tuple(sorted(set(int(v) for v in values)))
+    if not vals or vals[0] < 1 or vals[-1] != top:
+        raise ValueError(f"{name}={tuple(values)} must be positive sizes whose largest is {top}")
+    return vals
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Buckets:
+    """Padded sizes a step may take: tokens (T of a step that is not decode-only), seqs (B of a decode-only
+    step), pages (max_pages). Each tuple is sorted and ends at the configured maximum."""
+
+    tokens: tuple[int, ...]
+    seqs: tuple[int, ...]
+    pages: tuple[int, ...]
+    max_num_seqs: int
+
+    @classmethod
+    def make(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,
+             token_buckets=None, seq_buckets=None) -> "Buckets":
+        """Defaults: powers of two from MIN_TOKENS / MIN_SEQS / MIN_PAGES up to the maxima."""
+        t_top = max(max_num_batched_tokens, MIN_TOKENS)
+        return cls(tokens=_check_buckets("token_buckets", token_buckets or _powers(MIN_TOKENS, t_top), t_top),
+                   seqs=_check_buckets("seq_buckets", seq_buckets or _powers(MIN_SEQS, max_num_seqs), max_num_seqs),
+                   pages=_powers(MIN_PAGES, max_pages_per_seq), max_num_seqs=max_num_seqs)
+
+    @staticmethod
+    def pick(values: tuple[int, ...], n: int) -> int:
+        for v in values:
+            if v >= n:
+                return v
+        raise ValueError(f"{n} exceeds the largest bucket {values[-1]}")
+
+    def shape_keys(self, *, sampled: bool = True) -> list[tuple]:
+        """Every (T, B, max_pages, decode_only, all_greedy) that ``build_step_inputs`` can produce."""
+        greedy = (True, False) if sampled else (True,)
+        keys = [(b, b, p, True, g) for b in self.seqs for p in self.pages for g in greedy]
+        keys += [(t, self.max_num_seqs, p, False, g) for t in self.tokens for p in self.pages for g in greedy]
+        return keys
 
 
 @jax.tree_util.register_dataclass
@@ -63,18 +113,17 @@ class StepInputs:
         return (self.token_ids.shape[0], *self.page_table.shape, self.decode_only, self.all_greedy)
 
 
-def build_step_inputs(plan, seeds: dict[str, int], *, max_num_batched_tokens: int, max_num_seqs: int,
-                      max_pages_per_seq: int) -> StepInputs:
+def build_step_inputs(plan, seeds: dict[str, int], buckets: Buckets) -> StepInputs:
     """Packs ``plan`` (a ``SchedulerOutput``) into padded host arrays. ``seeds`` maps request id -> seed."""
     reqs = plan.requests
     b_real = len(reqs)
     t_real = plan.num_scheduled_tokens
     decode_only = all(len(r.token_ids) == 1 for r in reqs)
     if decode_only:
-        b_pad = t_pad = bucket(b_real, min(MIN_SEQS, max_num_seqs), max_num_seqs)
+        b_pad = t_pad = Buckets.pick(buckets.seqs, b_real)
     else:
-        b_pad, t_pad = max_num_seqs, bucket(t_real, MIN_TOKENS, max(max_num_batched_tokens, MIN_TOKENS))
-    p_pad = bucket(max(len(r.block_table) for r in reqs), min(MIN_PAGES, max_pages_per_seq), max_pages_per_seq)
+        b_pad, t_pad = buckets.max_num_seqs, Buckets.pick(buckets.tokens, t_real)
+    p_pad = Buckets.pick(buckets.pages, max(len(r.block_table) for r in reqs))
 
     token_ids = np.zeros(t_pad, np.int32)
     positions = np.zeros(t_pad, np.int32)
@@ -108,24 +157,6 @@ def build_step_inputs(plan, seeds: dict[str, int], *, max_num_batched_tokens: in
                       temperature=temperature, top_k=top_k, top_p=top_p, seeds=seed_arr,
                       sample_index=sample_index, decode_only=decode_only, all_greedy=all_greedy)
 
-
-def _powers(lo: int, hi: int) -> list[int]:
-    out, b = [], min(lo, hi)
-    while b < hi:
-        out.append(b)
-        b *= 2
-    return out + [hi]
-
-
-def shape_keys(*, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,
-               sampled: bool = True) -> list[tuple]:
-    """Every (T, B, max_pages, decode_only, all_greedy) that ``build_step_inputs`` can produce."""
-    pages = _powers(MIN_PAGES, max_pages_per_seq)
-    greedy = (True, False) if sampled else (True,)
-    keys = [(b, b, p, True, g) for b in _powers(MIN_SEQS, max_num_seqs) for p in pages for g in greedy]
-    keys += [(t, max_num_seqs, p, False, g) for t in _powers(MIN_TOKENS, max(max_num_batched_tokens, MIN_TOKENS))
-             for p in pages for g in greedy]
-    return keys
 
 
 def empty_step_inputs(key: tuple) -> StepInputs:
