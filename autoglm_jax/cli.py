@@ -24,6 +24,8 @@ def _generate(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the checkpoint's dtype")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the model over N devices (tensor parallelism)")
     args = p.parse_args(argv)
 
     import warnings
@@ -42,9 +44,15 @@ def _generate(argv: Sequence[str]) -> int:
         EMBEDDED_DIR if args.model == "tiny" and EMBEDDED_DIR.is_dir() else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = from_pretrained(args.model, dtype=args.dtype)
+        if args.tensor_parallel > 1:
+            from sharding import from_pretrained_sharded, make_mesh
+
+            model = from_pretrained_sharded(args.model, make_mesh(tensor=args.tensor_parallel), dtype=args.dtype)
+        else:
+            model = from_pretrained(args.model, dtype=args.dtype)
     for w in caught:
-        print(f"autoglm generate: note: {w.message}", file=sys.stderr)
+        if "random weights" in str(w.message):
+            print(f"autoglm generate: note: {w.message}", file=sys.stderr)
     tok = load_tokenizer(model_dir)
     ids = tok.encode(args.prompt)
     if not ids:
@@ -127,12 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"autoglm: unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
         return 2
+    from sharding.mesh import MeshError
+
     from .checkpoint.safetensors_io import CheckpointError
     from .config import ConfigError
 
     try:
         return COMMANDS[argv[0]][0](argv[1:]) or 0
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, MeshError, FileExistsError, FileNotFoundError) as e:
         print(f"autoglm {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

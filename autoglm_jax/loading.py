@@ -57,7 +57,7 @@ def _place(path: tuple, array: np.ndarray, abstract, sharding_fn: ShardingFn | N
 
 
 def _pure(state) -> dict:
-    return state.to_pure_dict()
+    return nnx.to_pure_dict(state)
 
 
 def _get(tree: dict, path: tuple):
@@ -85,7 +85,7 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, remat: str = "none",
     for rule in tqdm(hf_rules(cfg), desc=f"loading {directory.name}", disable=not progress, unit="tensor"):
         array = rule.to_ours([reader.read(n) for n in rule.sources]).astype(dtype, copy=False)
         _set(tree, rule.path, _place(rule.path, array, _get(tree, rule.path), sharding_fn))
-    state.replace_by_pure_dict(tree)
+    nnx.replace_by_pure_dict(state, tree)
     return nnx.merge(graphdef, state)
 
 
@@ -111,7 +111,7 @@ def load_orbax(directory: str | os.PathLike, *, dtype=None, remat: str = "none",
             shard = jax.tree_util.tree_map_with_path(
                 lambda p, a: sharding_fn(prefix + tuple(k.key for k in p), a), groups[name])
         loaded[name] = orbax_io.restore_group(directory, name, groups[name], shard)
-    state.replace_by_pure_dict(orbax_io.join_groups(loaded))
+    nnx.replace_by_pure_dict(state, orbax_io.join_groups(loaded))
     return nnx.merge(graphdef, state)
 
 

@@ -66,7 +66,7 @@ def _named(mesh: Mesh, axes, shape) -> NamedSharding:
 
 
 def _pure(model) -> dict:
-    return nnx.state(model).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model))
 
 
 def _tree_from_flat(flat: dict[Path, object]) -> dict:
@@ -87,7 +87,7 @@ def _flat(tree: dict, prefix=()) -> dict[Path, object]:
 
 
 def param_shardings(model, mesh: Mesh) -> dict:
-    """Pure-dict tree (same structure as ``nnx.state(model).to_pure_dict()``) of ``NamedSharding``."""
+    """Pure-dict tree (same structure as ``nnx.to_pure_dict(nnx.state(model))``) of ``NamedSharding``."""
     axes = logical_axes(model)
     flat = _flat(_pure(model))
     return _tree_from_flat({p: _named(mesh, axes.get(p), _shape(v)) for p, v in flat.items()})
@@ -172,7 +172,7 @@ def shard_model(model, mesh: Mesh):
     t = mesh_shape(mesh).get(TENSOR, 1)
     graphdef, state = nnx.split(model)
     axes = logical_axes(model)
-    tree = state.to_pure_dict()
+    tree = nnx.to_pure_dict(state)
     canonical = {p: _named(mesh, axes.get(p), np.shape(v)) for p, v in _flat(tree).items()}
     tree = jax.device_put(tree, _tree_from_flat(canonical))  # each device gets only its slice
     if t > 1:
@@ -181,7 +181,7 @@ def shard_model(model, mesh: Mesh):
         abstract = jax.eval_shape(relayout, tree)
         target = _tree_from_flat({p: _named(mesh, axes.get(p), a.shape) for p, a in _flat(abstract).items()})
         tree = jax.jit(relayout, out_shardings=target)(tree)
-    state.replace_by_pure_dict(tree)
+    nnx.replace_by_pure_dict(state, tree)
     new = nnx.merge(graphdef, state)
     if t > 1:
         set_tp_layout(new, plan, tp.tp_config(cfg, plan))

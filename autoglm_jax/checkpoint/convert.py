@@ -130,7 +130,7 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, side_files_from: str |
     """
     from flax import nnx
 
-    tree = nnx.state(model).to_pure_dict()
+    tree = nnx.to_pure_dict(nnx.state(model))
     with orbax_io.atomic_directory(out_dir, overwrite=overwrite) as tmp:
         params = tmp / "params"
         params.mkdir()
