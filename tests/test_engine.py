@@ -58,6 +58,15 @@ def test_greedy_equals_dense_with_chunked_prefill(model):
     assert [llm.completions[i].token_ids for i in ids] == dense(model, prompts, 8)
 
 
+def test_gpu_kernel_code_in_interpret_mode_equals_dense(model):
+    """The Pallas GPU kernels (ragged prefill and decode), run by the interpreter on CPU, inside the engine."""
+    prompts = random_prompts((5, 21, 40), seed=13)
+    llm = LLM(model, num_pages=32, interpret=True, **{**ENGINE, "max_num_seqs": 4, "max_model_len": 64})
+    got = [c.token_ids for c in llm.generate(prompts, greedy(4))]
+    assert any(k[3] for k in llm.runner.shape_keys) and any(not k[3] for k in llm.runner.shape_keys)
+    assert got == dense(model, prompts, 4)
+
+
 def test_prefix_hits_and_copy_on_write_match_dense(model):
     prefix = random_prompts((40,), seed=1)[0]  # 5 full pages of 8
     a = prefix + random_prompts((8,), seed=2)[0]   # 48 tokens: 6 full pages
@@ -75,7 +84,13 @@ def test_prefix_hits_and_copy_on_write_match_dense(model):
     assert llm.stats().prefix_hit_rate > 0
     assert llm.completions[rb].num_cached_tokens == 40
     assert llm.completions[rc].num_cached_tokens == 47  # all but the last token, whose logits are needed
-    assert any(plan.copy_ops for plan in plans)
+    copies = [op for plan in plans for op in plan.copy_ops]
+    assert copies
+    src, dst = copies[0]  # the page was copied on device before c wrote its last token into the copy
+    for k in llm.runner.pages.k + llm.runner.pages.v:
+        k = np.asarray(k)
+        np.testing.assert_array_equal(k[:, dst, :7], k[:, src, :7])
+        np.testing.assert_allclose(k[:, dst, 7], k[:, src, 7], rtol=1e-5, atol=1e-6)
     want = dense(model, [a, b, c], 10)
     assert [llm.completions[r].token_ids for r in (ra, rb, rc)] == want
 

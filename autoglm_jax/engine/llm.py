@@ -9,6 +9,9 @@ Shapes: steps are padded to buckets (``step_inputs.Buckets``; ``token_buckets`` 
 the default powers of two, each must end at max_num_batched_tokens / max_num_seqs); ``warmup()`` compiles
 them all so that serving never compiles.
 
+Kernels: ``attention_backend`` / ``interpret`` pass through to the paged attention kernels (default: by
+platform; ``interpret=True`` runs the GPU kernels' Pallas code on CPU, for tests).
+
 Sizing: ``num_pages=None`` takes what device memory allows (``autoglm_jax.memory``): free memory now (the
 parameters are already loaded) less a headroom and the step workspace, divided by the page size in bytes.
 Without a memory query (CPU) it allocates enough pages for ``max_num_seqs`` full contexts, at most 1 GiB.
@@ -73,7 +76,8 @@ class LLM:
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None, kv_dtype=None,
                  tokenizer=None, eviction: str = "lru", enable_prefix_caching: bool = True, seed: int = 0,
                  memory_headroom: float = 0.1, model_key: str = "", token_buckets: Sequence[int] | None = None,
-                 seq_buckets: Sequence[int] | None = None):
+                 seq_buckets: Sequence[int] | None = None, attention_backend: str | None = None,
+                 interpret: bool = False):
         cfg = model.cfg
         self.cfg, self.tokenizer = cfg, tokenizer
         max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
@@ -104,7 +108,8 @@ class LLM:
         self.scheduler = Scheduler(sched_cfg, detokenize=None if tokenizer is None else tokenizer.decode)
         self.runner = ModelRunner(model, num_pages=num_pages, page_size=page_size, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, max_pages_per_seq=pages_per_seq,
-                                  kv_dtype=self.kv_dtype, token_buckets=token_buckets, seq_buckets=seq_buckets)
+                                  kv_dtype=self.kv_dtype, token_buckets=token_buckets, seq_buckets=seq_buckets,
+                                  attention_backend=attention_backend, interpret=interpret)
         kv_bytes = num_pages * plan.page_bytes
         self.memory = {"param_bytes": self.runner.param_bytes, "page_bytes": plan.page_bytes,
                        "num_pages": num_pages, "kv_bytes": kv_bytes, "workspace_bytes": plan.workspace_bytes,

@@ -86,6 +86,8 @@ class PagedKVCache:
     query_start: jax.Array    # [B + 1] int32
     num_seqs: jax.Array       # [1] int32
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    backend: str | None = dataclasses.field(default=None, metadata=dict(static=True))  # kernels' dispatch
+    interpret: bool = dataclasses.field(default=False, metadata=dict(static=True))   # Pallas interpret mode
 
     def attend(self, layer: int, q, k, v, positions, *, scale: float):
         """q [1, T, N, H], k, v [1, T, K, H] (packed tokens of all sequences) -> (out [1, T, N, H], cache).
@@ -104,10 +106,11 @@ class PagedKVCache:
         ks, vs = (written[2], written[3]) if quant else (None, None)
         if self.decode_only:  # one query token per sequence: row b of q is sequence b
             out = paged_attention(q[0], kl, vl, self.context_lens, self.page_table, k_scales=ks, v_scales=vs,
-                                  scale=scale)
+                                  scale=scale, backend=self.backend, interpret=self.interpret)
         else:
             out = ragged_paged_attention(q[0], kl, vl, self.page_table, self.context_lens, self.query_start,
-                                         self.num_seqs, k_scales=ks, v_scales=vs, scale=scale)
+                                         self.num_seqs, k_scales=ks, v_scales=vs, scale=scale,
+                                         backend=self.backend, interpret=self.interpret)
         put = lambda xs, x: xs[:layer] + (x,) + xs[layer + 1:]
         pages = KVPages(k=put(p.k, kl), v=put(p.v, vl), k_scales=put(p.k_scales, ks) if quant else (),
                         v_scales=put(p.v_scales, vs) if quant else ())

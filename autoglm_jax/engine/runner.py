@@ -27,14 +27,15 @@ from .step_inputs import Buckets, StepInputs, bucket, build_step_inputs, empty_s
 _TRACES = {"step": 0, "copy": 0}
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def step(graphdef, params, pages: KVPages, inputs: StepInputs):
-    """One engine step. Returns (sampled tokens [B] int32, updated pages)."""
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
+def step(graphdef, params, pages: KVPages, inputs: StepInputs, attention: tuple = ()):
+    """One engine step. Returns (sampled tokens [B] int32, updated pages). ``attention``: static
+    (name, value) pairs for the kernels' dispatch (``backend``, ``interpret``)."""
     _TRACES["step"] += 1
     model = nnx.merge(graphdef, params)
     cache = PagedKVCache(pages=pages, slot_mapping=inputs.slot_mapping, page_table=inputs.page_table,
                          context_lens=inputs.context_lens, query_start=inputs.query_start,
-                         num_seqs=inputs.num_seqs, decode_only=inputs.decode_only)
+                         num_seqs=inputs.num_seqs, decode_only=inputs.decode_only, **dict(attention))
     h, cache = model.hidden_states(inputs.token_ids[None], inputs.positions[None], cache=cache)
     logits = model.logits(h[0, inputs.logits_indices])  # [B, V] float32
     if inputs.all_greedy:
@@ -60,7 +61,8 @@ class ModelRunner:
     """Owns the device state of one engine: parameters and the page pool."""
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_pages_per_seq: int, kv_dtype=None, token_buckets=None, seq_buckets=None):
+                 max_pages_per_seq: int, kv_dtype=None, token_buckets=None, seq_buckets=None,
+                 attention_backend: str | None = None, interpret: bool = False):
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
         kv_dtype = model.dtype if kv_dtype is None else kv_dtype
@@ -68,6 +70,7 @@ class ModelRunner:
         self.buckets = Buckets.make(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                     max_pages_per_seq=max_pages_per_seq, token_buckets=token_buckets,
                                     seq_buckets=seq_buckets)
+        self.attention = (("backend", attention_backend), ("interpret", bool(interpret)))
         self.shape_keys: set[tuple] = set()  # step shapes run so far
         self.num_steps = 0
 
@@ -86,7 +89,7 @@ class ModelRunner:
         ``sampled=False`` skips the sampling variants (greedy-only serving). Returns the number of shapes."""
         keys = self.all_shape_keys(sampled=sampled)
         for key in keys:
-            tokens, self.pages = step(self.graphdef, self.params, self.pages, empty_step_inputs(key))
+            tokens, self.pages = step(self.graphdef, self.params, self.pages, empty_step_inputs(key), self.attention)
         self.copy([(0, 0)])
         tokens.block_until_ready()
         return len(keys)
@@ -110,7 +113,7 @@ class ModelRunner:
         if inputs is None:
             return {}
         self.shape_keys.add(inputs.shape_key)
-        tokens, self.pages = step(self.graphdef, self.params, self.pages, inputs)
+        tokens, self.pages = step(self.graphdef, self.params, self.pages, inputs, self.attention)
         self.num_steps += 1
         host = np.asarray(tokens)
         return {r.request_id: int(host[i]) for i, r in enumerate(plan.requests) if r.sample}
