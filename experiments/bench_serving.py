@@ -10,8 +10,8 @@ Parts, each in its own process (so memory pools and peaks do not mix):
   Each builds ``LLM`` (KV pages from free memory via ``autoglm_jax.memory``), compiles every step shape
   (``LLM.warmup``), then serves both arrival patterns and measures batch-32 decode steps alone.
 * ``hf``: ``transformers`` ``generate`` on fixed batches (static cache, the faster HF mode in
-  decode_<gpu>.md), requests in arrival order, each batch generating its longest output; only requested
-  tokens count. It is an offline batch run: only its all-at-once throughput is compared.
+  decode_<gpu>.md), requests in arrival order, every batch generating ``--max-out`` tokens (a static
+  batch runs until its longest request; one cache shape, compiled once); only requested tokens count. It is an offline batch run: only its all-at-once throughput is compared.
 
     python experiments/bench_serving.py                                   # GPU: writes serving_<gpu>.json/.md
     python experiments/bench_serving.py --tiny --out /tmp/serving_smoke   # CPU smoke (tiny model)
@@ -202,10 +202,15 @@ def hf_worker(args) -> dict:
     rows = []
     deadline = time.perf_counter() + args.hf_budget_s
     for batch in args.hf_batch:
+        # Every batch generates max_out tokens (a static batch runs until its longest request; one cache shape,
+        # so the static cache compiles once, in the warm-up on the first batch).
+        n = args.max_out
         ids0 = torch.tensor([p for _, p, _ in reqs[:batch]], device=dev)
-        with torch.no_grad():  # warm-up (compiles the static-cache decode)
-            model.generate(ids0, max_new_tokens=4, min_new_tokens=4, **kw)
+        tw = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids0, max_new_tokens=n, min_new_tokens=n, **kw)
         sync()
+        warm_s = time.perf_counter() - tw
         t0 = time.perf_counter()
         useful, done = 0, 0
         for s in range(0, len(reqs), batch):
@@ -213,7 +218,6 @@ def hf_worker(args) -> dict:
                 break
             chunk = reqs[s:s + batch]
             ids = torch.tensor([p for _, p, _ in chunk], device=dev)  # equal lengths: no padding needed
-            n = max(k for _, _, k in chunk)
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
             sync()
@@ -221,7 +225,7 @@ def hf_worker(args) -> dict:
             done += len(chunk)
         wall = time.perf_counter() - t0
         row = dict(impl=f"hf {'static' if dev == 'cuda' else 'dynamic'}", pattern="all_at_once", hf_batch=batch,
-                   requests=done, output_tokens=useful, wall_s=wall, throughput_tok_s=useful / wall)
+                   requests=done, output_tokens=useful, wall_s=wall, throughput_tok_s=useful / wall, warmup_s=warm_s)
         rows.append(row)
         print(json.dumps(row), flush=True)
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None

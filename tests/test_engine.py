@@ -240,3 +240,20 @@ def test_buckets_cover_all_sizes_and_reject_bad_lists():
     custom = Buckets.make(max_num_batched_tokens=2048, max_num_seqs=256, max_pages_per_seq=88,
                           token_buckets=(1024, 2048), seq_buckets=(32, 256, 64))
     assert custom.seqs == (32, 64, 256) and len(custom.shape_keys(sampled=False)) == 5
+
+
+def test_text_prompts_and_output_text_with_a_tokenizer(model):
+    class Tok:  # a stand-in tokenizer: one token per character
+        def encode(self, s):
+            return [1 + ord(ch) % (CFG.vocab_size - 1) for ch in s]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    llm = LLM(model, num_pages=64, tokenizer=Tok(), **ENGINE)
+    (c,) = llm.generate("hello world", greedy(5))
+    assert c.prompt_token_ids == tuple(Tok().encode("hello world"))
+    assert c.text == Tok().decode(c.token_ids) and len(c.token_ids) == 5
+    assert c.token_ids == dense(model, [list(c.prompt_token_ids)], 5)[0]
+    streamed = list(llm.stream("hello world", greedy(5)))
+    assert streamed == c.token_ids

@@ -6,8 +6,9 @@ scheduler: it is held to add, abort, schedule and update, never during device wo
 its step is on the device loses its pages at once; the scheduler ignores its entry when the step completes.
 
 Cancelling a consumer (``task.cancel()``, leaving the ``async for`` early, or ``abort(request_id)``) aborts
-the request, so its pages go back to the pool immediately. A bad request raises ``ValueError`` from
-``generate`` before anything is queued; the other requests keep running.
+the request, so its pages go back to the pool immediately (a loop left with ``break`` aborts when the
+generator is closed: wrap it in ``contextlib.aclosing`` to make that immediate). A bad request raises
+``ValueError`` on the first iteration of ``generate``, before anything is queued; other requests keep running.
 """
 
 from __future__ import annotations
