@@ -30,6 +30,9 @@ class GenerationConfig:
     seed: int = 0
     eos_token_ids: tuple[int, ...] | None = None  # None = the model config's
     cache_dtype: str | None = None  # None = the model's compute dtype
+    # Prefill at most this many tokens per call (whole rows; the row count divides the batch), bounding the
+    # activation memory of a large batch at a small cost in prefill speed.
+    max_prefill_tokens: int = 4096
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -40,6 +43,8 @@ class GenerationConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = no limit)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={self.max_prefill_tokens} must be >= 1")
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
@@ -67,6 +72,28 @@ def _row_keys(seed: int, step: int, batch: int):
     return jax.random.split(jax.random.fold_in(jax.random.key(seed), step), batch)
 
 
+def prefill_rows(batch: int, length: int, max_tokens: int) -> int:
+    """The largest divisor of ``batch`` whose rows hold at most ``max_tokens`` tokens (at least 1)."""
+    fit = max(1, max_tokens // max(length, 1))
+    return max(d for d in range(1, batch + 1) if batch % d == 0 and d <= fit)
+
+
+def prefill(graphdef, state, ids: np.ndarray, lens: np.ndarray, cache: DenseKVCache, *, max_tokens: int):
+    """Prefills right-padded ``ids`` [B, T] in row chunks of at most ``max_tokens`` tokens.
+
+    Returns (logits of each row's last prompt token [B, V], cache); the cache is donated.
+    """
+    batch, t = ids.shape
+    rows = prefill_rows(batch, t, max_tokens)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (rows, t))
+    parts = []
+    for r0 in range(0, batch, rows):
+        part, cache = _prefill(graphdef, state, jnp.asarray(ids[r0:r0 + rows]), positions, cache.with_rows(r0),
+                               jnp.asarray(lens[r0:r0 + rows] - 1))
+        parts.append(part)
+    return (parts[0] if len(parts) == 1 else jnp.concatenate(parts)), cache.with_rows(0)
+
+
 def generate_stream(model, prompts: Sequence[Sequence[int]], config: GenerationConfig = GenerationConfig()
                     ) -> Iterator[np.ndarray]:
     """Yields the next token of every row, [B] int32, once per step (rows that finished repeat their EOS).
@@ -90,13 +117,12 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], config: GenerationC
 
     graphdef, state = nnx.split(model)
     cache = DenseKVCache.create(cfg, batch, cache_len, config.cache_dtype or model.dtype)
-    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t))
     temperature = jnp.full((batch,), config.temperature, jnp.float32)
     top_k = jnp.full((batch,), config.top_k, jnp.int32)
     top_p = jnp.full((batch,), config.top_p, jnp.float32)
     greedy = config.temperature == 0
 
-    logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(positions), cache, jnp.asarray(lens - 1))
+    logits, cache = prefill(graphdef, state, ids, lens, cache, max_tokens=config.max_prefill_tokens)
     token = _sample_first(logits, _row_keys(config.seed, 0, batch), temperature, top_k, top_p, greedy)
     done = np.zeros(batch, bool)
     for step in range(config.max_new_tokens):

@@ -20,12 +20,18 @@ from .model.attention_ops import gqa_attention
 class DenseKVCache:
     k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
     v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+    # First cache row that the queries' rows map to: a prefill of rows r0..r0+b-1 (to bound activation
+    # memory) writes and reads only those rows. A traced int32 scalar, so chunks share one compilation.
+    row_offset: jax.Array | int = 0
 
     @classmethod
     def create(cls, cfg: GLMConfig, batch: int, max_len: int, dtype) -> "DenseKVCache":
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(k=zeros(), v=zeros())
+        return cls(k=zeros(), v=zeros(), row_offset=jnp.int32(0))
+
+    def with_rows(self, row_offset) -> "DenseKVCache":
+        return dataclasses.replace(self, row_offset=jnp.asarray(row_offset, jnp.int32))
 
     @property
     def max_len(self) -> int:
@@ -37,12 +43,18 @@ class DenseKVCache:
 
     def attend(self, layer: int, q, k, v, positions, *, scale: float):
         """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache."""
-        rows = jnp.arange(q.shape[0])[:, None]
+        b = q.shape[0]
+        rows = self.row_offset + jnp.arange(b)[:, None]
         k_all = self.k[layer].at[rows, positions].set(k.astype(self.k[layer].dtype), mode="drop")
         v_all = self.v[layer].at[rows, positions].set(v.astype(self.v[layer].dtype), mode="drop")
+        if b != k_all.shape[0]:  # a row chunk: attend over its own rows only
+            k_rows = jax.lax.dynamic_slice_in_dim(k_all, self.row_offset, b, axis=0)
+            v_rows = jax.lax.dynamic_slice_in_dim(v_all, self.row_offset, b, axis=0)
+        else:
+            k_rows, v_rows = k_all, v_all
         slots = jnp.arange(self.max_len)
         mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        out = gqa_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale=scale)
+        out = gqa_attention(q, k_rows.astype(q.dtype), v_rows.astype(q.dtype), mask, scale=scale)
         new = DenseKVCache(k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
-                           v=self.v[:layer] + (v_all,) + self.v[layer + 1:])
+                           v=self.v[:layer] + (v_all,) + self.v[layer + 1:], row_offset=self.row_offset)
         return out, new

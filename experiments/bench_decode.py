@@ -31,7 +31,7 @@ def _jax_worker(args) -> dict:
     from flax import nnx
 
     from autoglm_jax.config import GLMConfig
-    from autoglm_jax.generate import CACHE_BUCKET, GenerationConfig, _decode, _prefill, _row_keys, generate_stream
+    from autoglm_jax.generate import CACHE_BUCKET, GenerationConfig, _decode, _row_keys, generate_stream, prefill
     from autoglm_jax.kv_cache import DenseKVCache
     from autoglm_jax.loading import random_model
 
@@ -50,8 +50,8 @@ def _jax_worker(args) -> dict:
     rng = np.random.default_rng(0)
     for batch in args.batch:
         ids = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt)).astype(np.int32)
-        lens = jnp.full((batch,), args.prompt, jnp.int32)
-        pos = jnp.broadcast_to(jnp.arange(args.prompt, dtype=jnp.int32), (batch, args.prompt))
+        lens_np = np.full((batch,), args.prompt, np.int32)
+        lens = jnp.asarray(lens_np)
         cache_len = -(-(args.prompt + args.new) // CACHE_BUCKET) * CACHE_BUCKET
         zeros = jnp.zeros((batch,), jnp.float32)
         zk = jnp.zeros((batch,), jnp.int32)
@@ -60,7 +60,8 @@ def _jax_worker(args) -> dict:
         def run_once():
             cache = DenseKVCache.create(cfg, batch, cache_len, model.dtype)
             t = time.perf_counter()
-            logits, cache = _prefill(graphdef, state, jnp.asarray(ids), pos, cache, lens - 1)
+            logits, cache = prefill(graphdef, state, ids, lens_np, cache,
+                                    max_tokens=GenerationConfig().max_prefill_tokens)
             token = jnp.argmax(logits, -1).astype(jnp.int32)
             token.block_until_ready()
             t_first = time.perf_counter() - t

@@ -87,3 +87,20 @@ def test_temperature_zero_is_argmax():
     got = sample_tokens(logits, jax.random.split(jax.random.key(2), 3), z, jnp.zeros((3,), jnp.int32),
                         jnp.ones((3,), jnp.float32))
     np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), -1))
+
+
+def test_row_chunked_prefill_equals_one_prefill(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42], [9, 9, 9, 9]]
+    whole = generate(model, prompts, GenerationConfig(max_new_tokens=5))
+    chunked = generate(model, prompts, GenerationConfig(max_new_tokens=5, max_prefill_tokens=7))  # 1 row a call
+    halves = generate(model, prompts, GenerationConfig(max_new_tokens=5, max_prefill_tokens=14))  # 2 rows a call
+    assert whole == chunked == halves
+    assert whole == [_greedy_no_cache(model, p, 5) for p in prompts]
+
+
+def test_prefill_rows():
+    from autoglm_jax.generate import prefill_rows
+
+    assert prefill_rows(32, 512, 4096) == 8
+    assert prefill_rows(7, 512, 4096) == 7 and prefill_rows(7, 512, 2048) == 1
+    assert prefill_rows(1, 10000, 4096) == 1
