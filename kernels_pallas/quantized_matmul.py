@@ -13,6 +13,10 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
 ``impl`` forces a path: ``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"``, ``"reference"`` (``"auto"`` = above).
 Every path is checked against ``quantized_matmul_reference`` (float32 dequantize-then-dot at highest
 precision; W8A8: the same per-token int8 activation quantization and an exact int32 product).
+
+W8A8 static activations: ``act_scale`` (a float32 scalar or ``[1]``, e.g. from calibration, see
+``autoglm_jax.quant``) replaces the dynamic per-token scale: ``xq = clip(round(x / act_scale), -127, 127)``
+and every row gets ``sx[m] = act_scale``; the kernels take it as that per-row scale, unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def _check(cond: bool, msg: str):
         raise QuantFormatError(msg)
 
 
-def validate_inputs(x, qweight, bias=None, out_dtype=None):
+def validate_inputs(x, qweight, bias=None, out_dtype=None, act_scale=None):
     """Raise ``QuantFormatError`` (a ValueError) naming what is wrong, before any device work."""
     _check(isinstance(qweight, FORMAT_TYPES),
            f"qweight must be one of {[t.__name__ for t in FORMAT_TYPES]}; got {type(qweight).__name__}")
@@ -52,6 +56,23 @@ def validate_inputs(x, qweight, bias=None, out_dtype=None):
                f"bias must be float [O={qweight.out_features}]; got {bias.dtype} {bias.shape}")
     if out_dtype is not None:
         _check(jnp.dtype(out_dtype) in FLOAT_DTYPES, f"out_dtype must be a float dtype; got {out_dtype}")
+    if act_scale is not None:
+        _check(isinstance(qweight, W8A8Weight),
+               f"act_scale (a static activation scale) is for W8A8 weights only; got {type(qweight).__name__}")
+        _check(hasattr(act_scale, "shape") and tuple(act_scale.shape) in ((), (1,))
+               and jnp.issubdtype(act_scale.dtype, jnp.floating),
+               f"act_scale must be a float scalar or [1] array; got {getattr(act_scale, 'dtype', type(act_scale))} "
+               f"{getattr(act_scale, 'shape', '')}")
+
+
+def quantize_x(x2, act_scale=None):
+    """W8A8 activations ``x2[M, I]`` -> (``xq[M, I] int8``, ``sx[M, 1] float32``): per-token dynamic scales, or
+    the one static ``act_scale`` for every row (values beyond ``127 * act_scale`` saturate)."""
+    if act_scale is None:
+        return quantize_activations(x2)
+    s = jnp.asarray(act_scale, jnp.float32).reshape(())
+    xq = jnp.clip(jnp.round(x2.astype(jnp.float32) / s), -127, 127).astype(jnp.int8)
+    return xq, jnp.full((x2.shape[0], 1), s, jnp.float32)
 
 
 def _finish(y, bias, out_dtype, lead_shape):
@@ -61,13 +82,14 @@ def _finish(y, bias, out_dtype, lead_shape):
     return y.astype(out_dtype).reshape(*lead_shape, y.shape[-1])
 
 
-def quantized_matmul_reference(x, qweight, *, bias=None, out_dtype=None):
-    """Plain jnp: float32 ``x @ qweight.dequantize()``; W8A8: per-token int8 x, exact int32 product."""
-    validate_inputs(x, qweight, bias, out_dtype)
+def quantized_matmul_reference(x, qweight, *, bias=None, out_dtype=None, act_scale=None):
+    """Plain jnp: float32 ``x @ qweight.dequantize()``; W8A8: int8 x (per-token dynamic scales, or the static
+    ``act_scale``), exact int32 product."""
+    validate_inputs(x, qweight, bias, out_dtype, act_scale)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(qweight, W8A8Weight):
-        xq, sx = quantize_activations(x2)
+        xq, sx = quantize_x(x2, act_scale)
         acc = jnp.dot(xq.astype(jnp.int32), qweight.qweight.astype(jnp.int32).T)
         y = acc.astype(jnp.float32) * sx * qweight.scale.astype(jnp.float32)[None, :]
     else:
@@ -75,10 +97,10 @@ def quantized_matmul_reference(x, qweight, *, bias=None, out_dtype=None):
     return _finish(y, bias, out_dtype, x.shape[:-1])
 
 
-def xla_quantized_matmul(x2, qweight):
+def xla_quantized_matmul(x2, qweight, act_scale=None):
     """XLA's dequantize-then-dot in the activation dtype (the baseline, and the fallback) -> [M, N] float32."""
     if isinstance(qweight, W8A8Weight):
-        xq, sx = quantize_activations(x2)
+        xq, sx = quantize_x(x2, act_scale)
         acc = lax.dot_general(xq, qweight.qweight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         return acc.astype(jnp.float32) * sx * qweight.scale.astype(jnp.float32)[None, :]
     if isinstance(qweight, Int4Weight):
@@ -118,10 +140,11 @@ def fit_tpu_config(cfg: TileConfig, qweight) -> TileConfig | None:
                                block_k=bk, split_k=1)
 
 
-def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype, poison: bool):
+def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype, poison: bool,
+            act_scale=None):
     m = x2.shape[0]
     if isinstance(qweight, W8A8Weight):
-        xk, sx = quantize_activations(x2)
+        xk, sx = quantize_x(x2, act_scale)
     else:
         xk, sx = x2, None
     mp = -(-m // cfg.block_m) * cfg.block_m
@@ -144,14 +167,15 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
 
 
 def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto", interpret: bool = False,
-                     config: TileConfig | None = None, _poison: bool = False):
+                     config: TileConfig | None = None, act_scale=None, _poison: bool = False):
     """``x[..., I]`` (float32/bfloat16/float16) times a quantized ``[I, O]`` weight -> ``[..., O]``.
 
     bias: optional ``[O]``; out_dtype defaults to x's dtype; impl: one of ``IMPLS``; interpret: run the
     Pallas kernel in interpret mode (CPU tests); config: a ``TileConfig`` overriding the tuned table;
+    act_scale: W8A8 only, a static activation scale (float32 scalar or [1]) instead of per-token dynamic ones;
     _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
     """
-    validate_inputs(x, qweight, bias, out_dtype)
+    validate_inputs(x, qweight, bias, out_dtype, act_scale)
     _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
     _check(config is None or isinstance(config, TileConfig), f"config must be a TileConfig; got {config!r}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -162,7 +186,7 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
         else:
             impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
     if impl == "reference":
-        return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype)
+        return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype, act_scale=act_scale)
     x2 = x.reshape(-1, x.shape[-1])
     m, k, n = x2.shape[0], qweight.in_features, qweight.out_features
     if impl.startswith("pallas"):
@@ -176,9 +200,9 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
         config = fit_tpu_config(config, qweight)
         impl = "xla" if config is None else impl
     if impl == "xla":
-        y = xla_quantized_matmul(x2, qweight)
+        y = xla_quantized_matmul(x2, qweight, act_scale)
     else:
         cfg = fit_config(config, qweight, m) if impl == "pallas_gpu" else config
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,
-                    jnp.float32 if bias is not None else out_dtype, _poison)
+                    jnp.float32 if bias is not None else out_dtype, _poison, act_scale)
     return _finish(y, bias, out_dtype, x.shape[:-1])

@@ -6,6 +6,11 @@ swapped), per-channel scales take the output axis,
 per-group scales and zero points ``[I/group, O]`` take ``(None, out)``. ``quantize_model`` swaps every
 ``Linear`` of a ``GLMForCausalLM`` (except those named in ``keep_float``, by default the LM head) so a
 quantized model runs end to end through the kernels.
+
+W8A8 with static activations: ``act_scale`` (a ``[1]`` float32 param, e.g. from calibration in
+``autoglm_jax.quant``) is the one activation scale of the layer; without it activations are quantized per token
+at call time. ``quantize_model(..., static_activations=True)`` gives every W8A8 layer an ``act_scale`` (1.0
+until set; a checkpoint restores the calibrated values).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class QuantizedLinear(nnx.Module):
     """
 
     def __init__(self, weight, *, axes: tuple[str, str], bias: jax.Array | None = None, dtype=jnp.float32,
-                 impl: str = "auto", interpret: bool = False):
+                 impl: str = "auto", interpret: bool = False, act_scale: jax.Array | None = None):
         if not isinstance(weight, (Int8Weight, Int4Weight, W8A8Weight)):
             raise QuantFormatError(f"QuantizedLinear needs a quantized weight; got {type(weight).__name__}")
         weight.validate()
@@ -50,17 +55,22 @@ class QuantizedLinear(nnx.Module):
             self.scale = nnx.Param(weight.scale, logical_axes=(axes[1],))
             self.zero = None
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias), logical_axes=(axes[1],))
+        if act_scale is not None and self.fmt != "w8a8":
+            raise QuantFormatError(f"act_scale (static activation scale) is for w8a8 only; this layer is {self.fmt}")
+        self.act_scale = None if act_scale is None else nnx.Param(
+            jnp.asarray(act_scale, jnp.float32).reshape(1), logical_axes=(None,))
 
     @classmethod
     def from_linear(cls, linear: Linear, fmt: str, *, group: int = 128, symmetric: bool = True,
-                    impl: str = "auto", interpret: bool = False) -> "QuantizedLinear":
+                    impl: str = "auto", interpret: bool = False, act_scale=None) -> "QuantizedLinear":
         """Quantize a ``Linear``'s kernel (round-to-nearest) into ``fmt``; the bias stays float."""
         if fmt not in FORMATS:
             raise QuantFormatError(f"fmt={fmt!r}; allowed: {FORMATS}")
         axes = tuple(linear.kernel.get_metadata().get("logical_axes", (None, None)))
         weight = quantize(linear.kernel[...], fmt, group=group, symmetric=symmetric)
         bias = None if linear.bias is None else linear.bias[...]
-        return cls(weight, axes=axes, bias=bias, dtype=linear.dtype, impl=impl, interpret=interpret)
+        return cls(weight, axes=axes, bias=bias, dtype=linear.dtype, impl=impl, interpret=interpret,
+                   act_scale=act_scale)
 
     def weight(self):
         """-> the format object (a pytree) built from the parameters."""
@@ -73,8 +83,9 @@ class QuantizedLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., I] -> [..., O] in the compute dtype."""
         bias = None if self.bias is None else self.bias[...]
+        act_scale = None if getattr(self, "act_scale", None) is None else self.act_scale[...]
         return quantized_matmul(x.astype(self.dtype), self.weight(), bias=bias, out_dtype=self.dtype,
-                                impl=self.impl, interpret=self.interpret)
+                                impl=self.impl, interpret=self.interpret, act_scale=act_scale)
 
 
 def _children(module):
@@ -89,13 +100,16 @@ def _children(module):
 
 def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: bool = True,
                    keep_float: tuple[str, ...] = ("lm_head",), impl: str = "auto",
-                   interpret: bool = False) -> list[str]:
+                   interpret: bool = False, static_activations: bool = False) -> list[str]:
     """Replace, in place, every ``Linear`` of ``model`` by a ``QuantizedLinear`` in ``fmt``.
 
     keep_float: glob patterns matched against the dotted path (``"layers.0.mlp.down_proj"``) and against the
     attribute name; matching layers stay float. For int4, a layer whose I is not a multiple of ``group``
-    raises. Returns the dotted paths of the swapped layers.
+    raises. static_activations (w8a8 only): each layer gets a static ``act_scale`` (1.0; set it from
+    calibration, or restore it from a checkpoint). Returns the dotted paths of the swapped layers.
     """
+    if static_activations and fmt != "w8a8":
+        raise QuantFormatError(f"static_activations is for fmt='w8a8' only; got fmt={fmt!r}")
     swapped = []
 
     def walk(module, prefix):
@@ -106,7 +120,8 @@ def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: 
                 if any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(leaf, p) for p in keep_float):
                     continue
                 new = QuantizedLinear.from_linear(child, fmt, group=group, symmetric=symmetric, impl=impl,
-                                                  interpret=interpret)
+                                                  interpret=interpret,
+                                                  act_scale=jnp.ones((1,), jnp.float32) if static_activations else None)
                 if "." in name:  # an element of a list attribute
                     attr, idx = name.split(".")
                     getattr(module, attr)[int(idx)] = new
