@@ -117,11 +117,27 @@ def _memory(argv: Sequence[str]) -> int:
     return memory_main(argv)
 
 
+def _serve_bench(argv: Sequence[str]) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "bench_serving.py"
+    if not script.exists():
+        print("autoglm serve-bench: experiments/bench_serving.py is part of the source checkout, not the wheel; "
+              "run it from a clone of the repository", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("bench_serving", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(argv)) or 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "generate": (_generate, "generate text from a checkpoint or preset (streams to stdout)"),
     "convert": (_convert, "Hugging Face safetensors -> Orbax (streamed, atomic)"),
     "export": (_export, "Orbax -> Hugging Face safetensors (bit-exact for the same dtype)"),
     "memory": (_memory, "predict parameter / KV-cache / workspace memory before allocating"),
+    "serve-bench": (_serve_bench, "drive the serving engine with a benchmark workload (experiments/bench_serving.py)"),
 }
 
 
