@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from experiments import bench_common  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
 from kernels_pallas.quant_formats import Int4Weight, Int8Weight, W8A8Weight  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
@@ -77,18 +78,8 @@ def time_layers(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes read + written per second by a large device-to-device elementwise copy (x + 1 in bf16)."""
-    a = jax.random.normal(jax.random.key(7), (nbytes // 2,), jnp.float32).astype(jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    jax.block_until_ready(f(a))
-    best = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(10):
-            b = f(a)
-        jax.block_until_ready(b)
-        best.append((time.perf_counter() - t0) / 10)
-    return 2 * nbytes / statistics.median(best)
+    """Bytes read + written per second by a large device-to-device copy (bench_common's measurement)."""
+    return bench_common.measure_copy_bandwidth(nbytes)
 
 
 def config_label(c) -> str:
