@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time

@@ -51,11 +51,17 @@ def test_stack_unstack_roundtrip_is_exact():
     assert stacked["layers"]["attn"]["qkv_proj"]["kernel"].shape == (CFG.num_layers, CFG.hidden_size, CFG.qkv_size)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", "save_attention_out"])
-def test_gradients_equal_no_remat(policy):
+@pytest.fixture(scope="module")
+def reference():
+    """(params, tokens, mask, gradients without remat), computed once for the policy tests."""
     params = ScannedGLM.create(CFG).init_params(7)
     tokens, mask = _batch()
-    want = _grads(CFG, "none", params, tokens, mask)
+    return params, tokens, mask, _grads(CFG, "none", params, tokens, mask)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "save_attention_out"])
+def test_gradients_equal_no_remat(policy, reference):
+    params, tokens, mask, want = reference
     got = _grads(CFG, policy, params, tokens, mask)
     flat_w, flat_g = jax.tree.leaves(want), jax.tree.leaves(got)
     assert len(flat_w) == len(flat_g) and all(float(jnp.abs(w).max()) > 0 for w in flat_w)
@@ -64,11 +70,9 @@ def test_gradients_equal_no_remat(policy):
 
 
 @pytest.mark.gpu
-def test_offload_gradients_equal_no_remat_on_gpu():
-    params = ScannedGLM.create(CFG).init_params(7)
-    tokens, mask = _batch()
+def test_offload_gradients_equal_no_remat_on_gpu(reference):
+    params, tokens, mask, want = reference
     check_remat_supported("offload")
-    want = _grads(CFG, "none", params, tokens, mask)
     got = _grads(CFG, "offload", params, tokens, mask)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)

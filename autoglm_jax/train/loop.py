@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Iterable
 
 import jax
@@ -38,9 +38,18 @@ class TrainResult:
 
 
 def build(model_cfg: GLMConfig, cfg: TrainConfig, *, offload_fallback: bool = False):
-    """(forward, optimizer, jitted step): validates the remat policy against this backend first."""
+    """(forward, optimizer, jitted step): validates the remat policy against this backend first.
+
+    Cached on the fields that change the compiled step, so runs that differ only in logging, checkpointing,
+    seed or length (e.g. a resume) reuse one compilation.
+    """
     remat = resolve_remat(cfg.remat, fallback=offload_fallback)
-    fwd = ScannedGLM.create(model_cfg, dtype=cfg.dtype, remat=remat)
+    return _build(model_cfg, cfg.replace(remat=remat, log_every=1, checkpoint_every=0, keep_checkpoints=1, seed=0))
+
+
+@functools.lru_cache(maxsize=16)
+def _build(model_cfg: GLMConfig, cfg: TrainConfig):
+    fwd = ScannedGLM.create(model_cfg, dtype=cfg.dtype, remat=cfg.remat)
     tx = make_optimizer(cfg)
     return fwd, tx, make_train_step(fwd, tx, cfg)
 
