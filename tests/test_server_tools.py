@@ -174,3 +174,26 @@ def test_queue_full_answers_429_with_retry_after_and_pages_return(served):
     assert m['autoglm_requests_total{endpoint="completions",status="429"}'] == 1
     engine.script_text = "ok"
     assert client.completions.create(model="tiny", prompt="c").choices[0].text == "ok"  # serving again
+
+
+def test_client_gone_before_a_non_streamed_answer_aborts_it(served):
+    engine, _, url = served
+    engine.script_text = "y = 2\n" * 80
+    before = metrics(url).get('autoglm_request_finished_total{finish_reason="abort"}', 0)
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "tiny", "prompt": "z", "max_tokens": 400}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 30
+        while metrics(url)["autoglm_kv_pages_in_use"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the request holds pages
+        assert metrics(url)["autoglm_requests_in_flight"] == 1
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = metrics(url)
+        if m["autoglm_requests_in_flight"] == 0 and m["autoglm_kv_pages_in_use"] == 0:
+            break
+        time.sleep(0.05)
+    assert m["autoglm_requests_in_flight"] == 0 and m["autoglm_kv_pages_in_use"] == 0
+    assert m['autoglm_request_finished_total{finish_reason="abort"}'] == before + 1

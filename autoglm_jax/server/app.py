@@ -32,6 +32,7 @@ from .streaming import SSE_DONE, IncrementalText, SSEResponse, sse
 from .tool_calls import ContentDelta, ToolCallParser
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_BODY_BYTES = 32 << 20       # a larger request body is answered 413 without being read further
 
 
 class _Generation:
@@ -113,8 +114,13 @@ class OpenAIServer:
 
     # ---- request checks -------------------------------------------------------------------------------
     async def _parse(self, request: Request, cls):
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > MAX_BODY_BYTES:
+                raise P.APIError(f"The request body is larger than {MAX_BODY_BYTES} bytes", status=413)
         try:
-            req = cls.model_validate_json(await request.body())
+            req = cls.model_validate_json(bytes(body))
         except P.ValidationError as e:
             msg, param = P.validation_message(e)
             raise P.APIError(msg, param=param) from None
@@ -173,10 +179,9 @@ class OpenAIServer:
             async def body():
                 it = gen.stream()
                 try:
-                    async for piece, out in it:
-                        if piece or out.finished:
-                            yield sse({**head, "choices": [{"index": 0, "text": piece, "logprobs": None,
-                                                            "finish_reason": out.finish_reason}]})
+                    async for piece, out in it:  # one chunk per token (text "" while a character is incomplete)
+                        yield sse({**head, "choices": [{"index": 0, "text": piece, "logprobs": None,
+                                                        "finish_reason": out.finish_reason}]})
                     if include_usage:
                         yield sse({**head, "choices": [], "usage": P.usage(len(ids), gen.num_tokens)})
                 except RuntimeError as e:
