@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
-from flax import nnx
 
-from autoglm_jax import GLMConfig, GLMForCausalLM
-from autoglm_jax.engine import AsyncLLM, SamplingParams
-from autoglm_jax.generate import GenerationConfig, generate
+from autoglm_jax.engine import AsyncLLM
+from .engine_fixtures import CFG, dense, greedy, make_model, random_prompts
 
-CFG = GLMConfig.from_preset("tiny").replace(num_layers=2)
 ENGINE = dict(page_size=8, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128, num_pages=64)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return GLMForCausalLM(CFG, rngs=nnx.Rngs(0))
-
-
-def random_prompts(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(1, CFG.vocab_size, n)] for n in lengths]
-
-
-def greedy(n):
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return make_model()
 
 
 async def collect(engine, prompt, params, **kw):
@@ -50,7 +37,7 @@ def test_concurrent_streams_equal_dense(model):
     got = [[t for o in outs for t in o.new_token_ids] for outs in results]
     assert [outs[-1].finished for outs in results] == [True] * 3
     assert [o.finished for outs in results for o in outs[:-1]] == [False] * sum(len(r) - 1 for r in results)
-    assert got == generate(model, prompts, GenerationConfig(max_new_tokens=7, eos_token_ids=()))
+    assert got == dense(model, prompts, 7)
 
 
 def test_cancelled_consumer_frees_pages_others_continue(model):

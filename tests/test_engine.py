@@ -11,30 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from autoglm_jax import GLMConfig, GLMForCausalLM
 from autoglm_jax.engine import LLM, KVPages, PagedKVCache, SamplingParams, num_compilations
-from autoglm_jax.generate import GenerationConfig, generate
+from .engine_fixtures import CFG, dense, greedy, make_model, random_prompts
 
-CFG = GLMConfig.from_preset("tiny").replace(num_layers=2)
 ENGINE = dict(page_size=8, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return GLMForCausalLM(CFG, rngs=nnx.Rngs(0))
-
-
-def random_prompts(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(1, CFG.vocab_size, n)] for n in lengths]
-
-
-def greedy(n):
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-
-def dense(model, prompts, n):
-    return generate(model, prompts, GenerationConfig(max_new_tokens=n, eos_token_ids=()))
+    return make_model()
 
 
 def run_all(llm):
