@@ -92,12 +92,12 @@ def write_tokenizer_files(tok, directory: Path, max_len: int) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=448)
     ap.add_argument("--minutes", type=float, default=28.0, help="safety cap on training wall time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=131072, help="held-out tokens scored (from the start)")
     ap.add_argument("--out", default=str(EMBEDDED_DIR))
