@@ -1,0 +1,152 @@
+"""The seed's precision table, measured: GLM-4-9B shapes (random weights) at FP32, BF16, FP16, INT8 weight-only,
+INT4 (g128, symmetric) and W8A8 (dynamic per-token activations) on one GPU.
+
+    python experiments/seed_precision_table.py                              # all six (about 15 min on an H100)
+    python experiments/seed_precision_table.py --variants fp32,bf16,fp16    # a subset (each <10 min call) ...
+    python experiments/seed_precision_table.py --variants int8,int4,w8a8    # ... merged with earlier workers
+    python experiments/seed_precision_table.py --preset tiny --new 8 --prompt 16 --out /tmp/t   # CPU smoke run
+
+Each variant runs ``experiments/bench_decode.py``'s JAX worker (``_jax_worker``: random weights in the float
+dtype, ``quantize_model(model, fmt=...)`` for the quantized ones, then prefill + greedy decode with the dense
+cache) in its own process, so peak memory is per variant. Per variant: parameter bytes (exact), the process's
+peak device memory (``memory_stats()['peak_bytes_in_use']``; for the quantized variants it includes the
+bfloat16 weights that exist before quantization -- a quantized checkpoint loaded with ``from_pretrained`` never
+holds them, so ``param_bytes`` is the serving number), decode ms/token at batch 1 and tokens/s at batch 32.
+Ratios are against FP32 and BF16 measured in the same run, beside the seed's claims (FP16: 50% memory, 1.8x
+speed; INT8: 25% memory, 3.5x speed; latency 120 ms FP32 / 85 ms FP16 / 68 ms INT8 -- the seed gives no model,
+batch or hardware for them). Copy bandwidth (the roofline: parameter bytes / bandwidth per batch-1 token) is
+measured in each worker. FP32 matmuls run at XLA's default precision (TF32 on H100).
+
+Writes experiments/results/seed_precision_table_<gpu>.{json,md}; worker outputs stay in
+``<out>/_seed_precision_<variant>.json`` so subsets can be run in separate calls and merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_common  # noqa: E402
+
+# variant -> (float dtype, quantization format or "none")
+VARIANTS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "fp16": ("float16", "none"),
+            "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4"), "w8a8": ("bfloat16", "w8a8")}
+SEED = {"fp32": {"memory": 1.0, "speed": 1.0, "latency_ms": 120.0},
+        "fp16": {"memory": 0.5, "speed": 1.8, "latency_ms": 85.0},
+        "int8": {"memory": 0.25, "speed": 3.5, "latency_ms": 68.0}}
+
+
+def _worker(variant: str, args) -> dict:
+    import bench_decode
+
+    import autoglm_jax.model.quantized_linear as ql
+
+    original = ql.quantize_model
+
+    def quantize_model(model, **kw):  # bench_decode assigns the result: hand back the model either way
+        original(model, **kw)
+        return model
+
+    ql.quantize_model = quantize_model
+    dtype, quant = VARIANTS[variant]
+    ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
+                            reps=args.reps, batch=args.batch, hf_budget_s=0.0)
+    res = bench_decode._jax_worker(ns)
+    res.update(variant=variant, dtype=dtype, quant=quant)
+    return res
+
+
+def _pick(res: dict, batch: int, key: str):
+    for r in res["rows"]:
+        if r.get("batch") == batch and key in r:
+            return r[key]
+    return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--preset", default="glm-4-9b")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--out", default=str(bench_common.RESULTS))
+    p.add_argument("--name", default=None, help="result name (default seed_precision_table_<gpu>)")
+    p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        Path(args.worker_out).write_text(json.dumps(_worker(args.worker, args)))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; allowed: {list(VARIANTS)}")
+    for v in wanted:
+        cmd = [sys.executable, __file__, "--worker", v, "--worker-out", str(out / f"_seed_precision_{v}.json"),
+               "--preset", args.preset, "--prompt", str(args.prompt), "--new", str(args.new),
+               "--reps", str(args.reps), "--batch", *map(str, args.batch)]
+        print(f"--- {v}: {' '.join(cmd[1:])}", flush=True)
+        r = subprocess.run(cmd)
+        if r.returncode:
+            print(f"{v}: worker failed (exit {r.returncode}); continuing", flush=True)
+    results = {}
+    for v in VARIANTS:  # this call's workers and earlier ones (subsets run in separate calls)
+        f = out / f"_seed_precision_{v}.json"
+        if f.exists():
+            results[v] = json.loads(f.read_text())
+    rows = []
+    for v, res in results.items():
+        b1 = _pick(res, 1, "ms_per_token")
+        bw = res.get("bandwidth")
+        rows.append(dict(variant=v, dtype=res["dtype"], quant=res["quant"], param_gib=res["param_bytes"] / 2**30,
+                         peak_gib=res["peak_bytes"] / 2**30 if res.get("peak_bytes") else None,
+                         b1_ms_per_token=b1, b32_tokens_per_s=_pick(res, max(args.batch), "tokens_per_s"),
+                         b1_roofline_ms=1e3 * res["param_bytes"] / bw if bw else None,
+                         b1_frac_of_roofline=(1e3 * res["param_bytes"] / bw / b1) if (bw and b1) else None,
+                         copy_bandwidth_tb_s=bw / 1e12 if bw else None))
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        for ref in ("fp32", "bf16"):
+            base = by.get(ref)
+            if base:
+                r[f"memory_vs_{ref}"] = r["param_gib"] / base["param_gib"]
+                if r["b1_ms_per_token"] and base["b1_ms_per_token"]:
+                    r[f"b1_speedup_vs_{ref}"] = base["b1_ms_per_token"] / r["b1_ms_per_token"]
+                if r["b32_tokens_per_s"] and base["b32_tokens_per_s"]:
+                    r[f"b32_speedup_vs_{ref}"] = r["b32_tokens_per_s"] / base["b32_tokens_per_s"]
+        seed = SEED.get(r["variant"])
+        if seed:
+            r.update(seed_memory_vs_fp32=seed["memory"], seed_speedup_vs_fp32=seed["speed"],
+                     seed_latency_ms=seed["latency_ms"])
+    get = lambda v, k: by.get(v, {}).get(k)
+    summary = {"int8_b1_speedup_vs_bf16": get("int8", "b1_speedup_vs_bf16"),
+               "int4_b1_speedup_vs_bf16": get("int4", "b1_speedup_vs_bf16"),
+               "fp16_b1_speedup_vs_fp32": get("fp16", "b1_speedup_vs_fp32"),
+               "w8a8_b1_speedup_vs_bf16": get("w8a8", "b1_speedup_vs_bf16"),
+               "int8_b1_speedup_vs_fp32": get("int8", "b1_speedup_vs_fp32"),
+               "fp16_memory_vs_fp32": get("fp16", "memory_vs_fp32"), "int8_memory_vs_fp32": get("int8", "memory_vs_fp32"),
+               "int4_memory_vs_fp32": get("int4", "memory_vs_fp32"),
+               "seed_claims": "FP16 50% memory 1.8x speed, INT8 25% memory 3.5x speed (vs FP32); "
+                              "latency 120 / 85 / 68 ms (FP32 / FP16 / INT8)",
+               "setup": {"preset": args.preset, "prompt": args.prompt, "new_tokens": args.new, "batches": args.batch,
+                         "reps": args.reps}}
+    name = args.name or f"seed_precision_table_{bench_common.gpu_tag()}"
+    bench_common.write_results(out, name, rows=rows, summary=summary,
+                               columns=["variant", "param_gib", "peak_gib", "b1_ms_per_token", "b32_tokens_per_s",
+                                        "memory_vs_fp32", "b1_speedup_vs_fp32", "b1_speedup_vs_bf16",
+                                        "b32_speedup_vs_bf16", "b1_frac_of_roofline", "seed_memory_vs_fp32",
+                                        "seed_speedup_vs_fp32", "seed_latency_ms"],
+                               notes=__doc__)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
