@@ -117,6 +117,18 @@ def _memory(argv: Sequence[str]) -> int:
     return memory_main(argv)
 
 
+def _quantize(argv: Sequence[str]) -> int:
+    from .quant.cli import quantize_main
+
+    return quantize_main(argv)
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from .server.main import serve_main
+
+    return serve_main(argv)
+
+
 def _serve_bench(argv: Sequence[str]) -> int:
     import importlib.util
     from pathlib import Path
@@ -137,6 +149,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "convert": (_convert, "Hugging Face safetensors -> Orbax (streamed, atomic)"),
     "export": (_export, "Orbax -> Hugging Face safetensors (bit-exact for the same dtype)"),
     "memory": (_memory, "predict parameter / KV-cache / workspace memory before allocating"),
+    "quantize": (_quantize, "post-training quantization (int8, int4, w8a8) to a quantized Orbax checkpoint"),
+    "serve": (_serve, "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)"),
     "serve-bench": (_serve_bench, "drive the serving engine with a benchmark workload (experiments/bench_serving.py)"),
 }
 
@@ -144,7 +158,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = "autoglm COMMAND [--help]\n\ncommands:\n" + "\n".join(
-        f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items())
+        f"  {name:<12} {desc}" for name, (_, desc) in COMMANDS.items())
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2

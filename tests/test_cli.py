@@ -13,7 +13,7 @@ from autoglm_jax.cli import main
 
 def test_module_and_help():
     out = subprocess.run([sys.executable, "-m", "autoglm_jax", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("generate", "convert", "export", "memory"):
+    for cmd in ("generate", "convert", "export", "memory", "quantize", "serve", "serve-bench"):
         assert cmd in out.stdout
 
 
