@@ -17,7 +17,13 @@ built by ``autoglm_jax.server.main.build_server`` from the same flags):
 * ``cold``: process start -> server ready -> first streamed token of one request, with an empty jax
   compilation cache (cold) and again with the cache it left (warm); ``--cold-reps`` of each.
 
-Floor: HTTP all-at-once throughput >= 0.9 x in-process (``http_vs_engine`` in the summary).
+Floor: HTTP all-at-once throughput >= 0.9 x in-process (``http_vs_engine`` in the summary). Each part first
+serves a few priming requests (another seed, so another prefix) so that first executions are not measured.
+
+What the persistent compilation cache saves: XLA compilation only. A warm start still traces and lowers every
+warmed-up step shape in Python (on the CPU here about 1 s per shape for the tiny model, measured with
+cProfile: ~45% tracing, ~30% lowering, the rest running each shape once), so the warm start grows with the
+number of buckets: serve with only the buckets the workload needs (``--token-buckets`` / ``--seq-buckets``).
 
     python experiments/bench_server.py                                  # GPU: server_<gpu>.json/.md
     python experiments/bench_server.py --tiny --out /tmp/server_smoke   # CPU smoke (embedded tiny model)
@@ -274,20 +280,22 @@ def first_token_s(port: int, t0: float) -> float:
     return got[0] - t0
 
 
-def cold_flags(args, port: int, cache: str) -> list[str]:
-    """The throughput runs' server, but warming up every shape; with --tiny, ``autoglm serve``'s own defaults."""
-    if not args.tiny:
-        return [*server_flags(args, port, cache), "--warmup", "all"]
+def cold_flags(args, config: str, port: int, cache: str) -> list[str]:
+    """``bench``: the throughput runs' server (greedy shapes of its buckets); ``defaults``: ``autoglm serve``'s
+    own defaults (every shape of the default buckets)."""
+    if config == "bench":
+        return server_flags(args, port, cache)
     return ["--model", args.model, "--port", str(port), "--compilation-cache", cache, "--served-model-name", "bench"]
 
 
 def cold_part(args) -> dict:
     rows = []
-    for rep in range(args.cold_reps):
+    for config, rep in [(c, r) for c in (("defaults", "bench") if args.tiny else ("bench",))
+                        for r in range(args.cold_reps)]:
         cache = tempfile.mkdtemp(prefix="autoglm_jax_cold_")
         for state in ("cold", "warm"):
             port = free_port()
-            srv = Server(cold_flags(args, port, cache))
+            srv = Server(cold_flags(args, config, port, cache))
             try:
                 ready = srv.wait_ready()
                 ttft = first_token_s(port, srv.t0)
@@ -295,7 +303,7 @@ def cold_part(args) -> dict:
                 srv.stop()
             report = next((x for x in srv.log if "warmup_s=" in x), "")
             fields = dict(kv.split("=", 1) for kv in report.split() if "=" in kv)
-            rows.append(dict(cache=state, rep=rep, process_start_to_ready_s=ready, process_start_to_first_token_s=ttft,
+            rows.append(dict(impl="cold_start", pattern=config, cache=state, rep=rep, process_start_to_ready_s=ready, process_start_to_first_token_s=ttft,
                              load_s=float(fields.get("load_s", "nan")), warmup_s=float(fields.get("warmup_s", "nan")),
                              warmup_shapes=int(fields.get("warmup_shapes", 0))))
             print(json.dumps(rows[-1]), flush=True)
@@ -351,7 +359,8 @@ def main(argv=None):
     parts, res = args.parts.split(","), {}
     if "engine" in parts:
         f = out / "_server_engine.json"
-        code = subprocess.run([sys.executable, __file__, *argv, "--worker", "engine", "--worker-out", str(f)]).returncode
+        cmd = [sys.executable, __file__, *argv, "--worker", "engine", "--worker-out", str(f)]
+        code = subprocess.run(cmd).returncode
         res["engine"] = json.loads(f.read_text()) if code == 0 else None
     if "http" in parts:
         res["http"] = http_part(args)
@@ -363,17 +372,28 @@ def main(argv=None):
     def tput(impl, pattern="all_at_once"):
         return next((r["throughput_tok_s"] for r in rows if r["impl"] == impl and r["pattern"] == pattern), None)
 
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    def cold(state, key, config="bench"):
+        return _median([r[key] for r in cold_rows if r["cache"] == state and r["pattern"] == config])
+
     eng, http = tput("engine"), tput("http")
     summary = dict(
-        http_vs_engine=http / eng if http and eng else None, async_vs_engine=(tput("async_llm") or 0) / eng if eng else None,
-        http_vs_engine_poisson=(tput("http", "poisson") or 0) / tput("engine", "poisson") if tput("engine", "poisson") else None,
-        floor_http_vs_engine=0.9, engine_throughput_tok_s=eng, http_throughput_tok_s=http,
-        http_failed_requests=sum(r["requests"] - r["ok"] for r in rows if r["impl"] == "http"),
+        http_vs_engine=ratio(http, eng), async_vs_engine=ratio(tput("async_llm"), eng),
+        http_vs_engine_poisson=ratio(tput("http", "poisson"), tput("engine", "poisson")),
+        floor_http_vs_engine=0.9 if http else None, engine_throughput_tok_s=eng, http_throughput_tok_s=http,
+        http_failed_requests=sum(r["requests"] - r["ok"] for r in rows if r["impl"] == "http") if http else None,
         http_pages_in_use_after=max((r["pages_in_use_after"] for r in rows if r["impl"] == "http"), default=None),
-        cold_start_to_first_token_s=_median([r["process_start_to_first_token_s"] for r in cold_rows if r["cache"] == "cold"]),
-        warm_start_to_first_token_s=_median([r["process_start_to_first_token_s"] for r in cold_rows if r["cache"] == "warm"]),
-        cold_start_to_ready_s=_median([r["process_start_to_ready_s"] for r in cold_rows if r["cache"] == "cold"]),
-        warm_start_to_ready_s=_median([r["process_start_to_ready_s"] for r in cold_rows if r["cache"] == "warm"]))
+        cold_start_to_first_token_s=cold("cold", "process_start_to_first_token_s"),
+        warm_start_to_first_token_s=cold("warm", "process_start_to_first_token_s"),
+        cold_start_to_ready_s=cold("cold", "process_start_to_ready_s"),
+        warm_start_to_ready_s=cold("warm", "process_start_to_ready_s"),
+        cold_warmup_s=cold("cold", "warmup_s"), warm_warmup_s=cold("warm", "warmup_s"),
+        defaults_cold_start_to_first_token_s=cold("cold", "process_start_to_first_token_s", "defaults"),
+        defaults_warm_start_to_first_token_s=cold("warm", "process_start_to_first_token_s", "defaults"),
+        defaults_cold_warmup_s=cold("cold", "warmup_s", "defaults"),
+        defaults_warm_warmup_s=cold("warm", "warmup_s", "defaults"))
     if res.get("http"):
         summary["http_server_exit_code"] = res["http"]["exit_code"]
     summary = {k: v for k, v in summary.items() if v is not None}

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402
 
 from autoglm_jax.server.metrics import parse_metrics  # noqa: E402
 

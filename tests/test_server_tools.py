@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+import openai  # noqa: E402
+import uvicorn  # noqa: E402
 
 from autoglm_jax.engine import LLM, AsyncLLM, RequestOutput  # noqa: E402
 from autoglm_jax.loading import EMBEDDED_DIR, from_pretrained  # noqa: E402
@@ -25,8 +25,9 @@ from autoglm_jax.server import create_app  # noqa: E402
 from autoglm_jax.server.metrics import parse_metrics  # noqa: E402
 from autoglm_jax.tokenizer import load_tokenizer  # noqa: E402
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+TOOLS = [{"type": "function", "function": {
+             "name": "get_weather", "description": "Weather of a city",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
          {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
 MESSAGES = [{"role": "user", "content": "What is the weather in Beijing?"}]
 MAX_CONCURRENCY = 2

@@ -38,13 +38,15 @@ def stream_parse(text, names=NAMES, *, piece=1, forced=None):
 CASES = [
     # (model text, expected content, expected [(name, arguments as a dict)])
     ('get_weather\n{"city": "Beijing"}', "", [("get_weather", {"city": "Beijing"})]),
-    ('\nget_weather\n  {"city": "Beijing", "days": [1, 2]}\n', "", [("get_weather", {"city": "Beijing", "days": [1, 2]})]),
+    ('\nget_weather\n  {"city": "Beijing", "days": [1, 2]}\n', "",
+     [("get_weather", {"city": "Beijing", "days": [1, 2]})]),
     ("\nHello there, how can I help?", "Hello there, how can I help?", []),
     ("get_weather is a tool\n{not a call}", "get_weather is a tool\n{not a call}", []),
     ("unknown_fn\n{\"a\": 1}", "unknown_fn\n{\"a\": 1}", []),  # bare calls must name one of the tools
     ("get_weather\nsunny", "get_weather\nsunny", []),
     ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
-     "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", "", [("get_weather", {"city": "Beijing", "days": 3})]),
+     "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", "",
+     [("get_weather", {"city": "Beijing", "days": 3})]),
     ("Let me look.\n<tool_call>search\n{\"q\": \"jax\"}</tool_call>\n<tool_call>get_weather\n"
      "<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>", "Let me look.\n",
      [("search", {"q": "jax"}), ("get_weather", {"city": "Paris"})]),

@@ -28,7 +28,7 @@ from ..engine import AsyncLLM, SamplingParams
 from . import protocol as P
 from .chat_template import GLM4_CHAT_STOP_TOKENS, ChatTemplate, ChatTemplateError
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .streaming import SSE_DONE, IncrementalText, SSEResponse, sse
+from .streaming import SSE_DONE, ChunkTemplate, IncrementalText, SSEResponse, sse
 from .tool_calls import ContentDelta, ToolCallParser
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -91,7 +91,7 @@ class OpenAIServer:
         self.vocab_size = llm.cfg.vocab_size
         self.chat_stop_ids = tuple(ids[0] for ids in (tokenizer.encode(t) for t in GLM4_CHAT_STOP_TOKENS)
                                    if len(ids) == 1)
-        self.hidden_ids = frozenset(llm.cfg.eos_token_ids) | frozenset(tokenizer.eos_token_ids) | set(self.chat_stop_ids)
+        self.hidden_ids = frozenset((*llm.cfg.eos_token_ids, *tokenizer.eos_token_ids, *self.chat_stop_ids))
         self.metrics = ServerMetrics(engine.stats)
         self.in_flight: set[str] = set()
         self.created = int(time.time())
@@ -146,7 +146,8 @@ class OpenAIServer:
 
     def _params(self, req, max_tokens: int, extra_stop_ids=()) -> SamplingParams:
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            return SamplingParams(max_tokens=max_tokens,
+                                  temperature=1.0 if req.temperature is None else req.temperature,
                                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
                                   stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos,
                                   stop_token_ids=tuple(extra_stop_ids) + tuple(req.stop_token_ids or ()))
@@ -179,9 +180,11 @@ class OpenAIServer:
             async def body():
                 it = gen.stream()
                 try:
+                    chunk = ChunkTemplate({**head, "choices": [{
+                        "index": 0, "text": ChunkTemplate.FIELD, "logprobs": None,
+                        "finish_reason": ChunkTemplate.REASON}]})
                     async for piece, out in it:  # one chunk per token (text "" while a character is incomplete)
-                        yield sse({**head, "choices": [{"index": 0, "text": piece, "logprobs": None,
-                                                        "finish_reason": out.finish_reason}]})
+                        yield chunk(piece, out.finish_reason)
                     if include_usage:
                         yield sse({**head, "choices": [], "usage": P.usage(len(ids), gen.num_tokens)})
                 except RuntimeError as e:
@@ -238,13 +241,17 @@ class OpenAIServer:
                 return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                  "finish_reason": reason}]})
 
+            content_chunk = ChunkTemplate({**head, "choices": [{
+                "index": 0, "delta": {"content": ChunkTemplate.FIELD}, "logprobs": None,
+                "finish_reason": ChunkTemplate.REASON}]})
+
             async def body():
                 it = gen.stream()
                 try:
                     yield chunk({"role": "assistant", "content": ""})
                     async for piece, out in it:
                         for d in deltas(piece, out.finished):
-                            yield chunk(d)
+                            yield content_chunk(d["content"]) if len(d) == 1 and "content" in d else chunk(d)
                         if out.finished:
                             yield chunk({}, finish_reason(out.finish_reason))
                     if include_usage:

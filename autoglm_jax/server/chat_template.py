@@ -70,7 +70,8 @@ class ChatTemplate:
         def tojson(x, indent=None, ensure_ascii=False, sort_keys=False):
             return json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         named = source if isinstance(source, list) else None

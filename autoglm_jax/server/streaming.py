@@ -36,6 +36,7 @@ class IncrementalText:
         self.text = ""              # decoded so far (complete characters only)
         self.sent = 0               # characters of ``text`` handed out
         self._prefix = self._read = 0
+        self._before = ""
 
     def push(self, token_ids) -> str:
         self.ids.extend(int(t) for t in token_ids if int(t) not in self.hidden)
@@ -60,15 +61,35 @@ class IncrementalText:
     def _decode(self, *, final: bool) -> None:
         if self._read == len(self.ids):
             return
-        before = self.tok.decode(self.ids[self._prefix:self._read])
+        before = self._before  # decode(ids[prefix:read]), kept from the last advance
         after = self.tok.decode(self.ids[self._prefix:])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
+            delta = after[len(before):]
+            self.text += delta
+            # The window ended on a whole character, so (byte-level BPE) the new window's text is the delta.
+            self._prefix, self._read, self._before = self._read, len(self.ids), delta
 
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class ChunkTemplate:
+    """``sse(chunk)`` for chunks that differ only in one string field and the finish reason, without building
+    and serialising the whole object per token: ``obj`` holds the sentinel ``FIELD`` where the string goes."""
+
+    FIELD, REASON = "\x00field\x00", "\x00reason\x00"
+
+    def __init__(self, obj: dict):
+        text = sse(obj)
+        field, reason = json.dumps(self.FIELD), json.dumps(self.REASON)
+        a, rest = text.split(field)
+        b, c = rest.split(reason)
+        self._parts = a, b, c
+
+    def __call__(self, value: str, finish_reason: str | None = None) -> str:
+        a, b, c = self._parts
+        return f"{a}{json.dumps(value, ensure_ascii=False)}{b}{json.dumps(finish_reason)}{c}"
 
 
 SSE_DONE = "data: [DONE]\n\n"
