@@ -138,3 +138,12 @@ def test_not_a_checkpoint(tmp_path):
         from_pretrained(tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="preset"):
         from_pretrained("no-such-model", progress=False)
+
+
+def test_orbax_loads_into_another_float_dtype(hf_dir, tmp_path):
+    convert_hf_to_orbax(hf_dir, tmp_path / "o", progress=False)  # stored as bfloat16
+    up = from_pretrained(tmp_path / "o", dtype="float32", progress=False)
+    ref = from_pretrained(hf_dir, dtype="float32", progress=False)
+    assert up.embed[...].dtype == np.float32
+    ids = np.random.default_rng(1).integers(1, 200, size=(1, 9))
+    np.testing.assert_array_equal(np.asarray(up(ids)), np.asarray(ref(ids)))

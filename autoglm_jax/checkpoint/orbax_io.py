@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -119,7 +120,10 @@ def _flat(tree: dict, prefix=()) -> dict[tuple, Any]:
 
 
 def check_groups(ckpt_dir: Path, abstract: dict[str, dict]) -> None:
-    """One error listing every missing, unexpected and mis-shaped tensor across all groups."""
+    """One error listing every missing, unexpected and mis-shaped tensor across all groups.
+
+    Float tensors may be restored into another float dtype (restore casts); integer tensors must match.
+    """
     problems = []
     ckptr = ocp.PyTreeCheckpointer()
     for name, sub in abstract.items():
@@ -136,7 +140,9 @@ def check_groups(ckpt_dir: Path, abstract: dict[str, dict]) -> None:
         for p in sorted(set(stored) - set(want)):
             problems.append(f"{name}: unexpected tensor {'/'.join(p)}")
         for p in sorted(set(want) & set(stored)):
-            if tuple(stored[p].shape) != tuple(want[p].shape) or np.dtype(stored[p].dtype) != np.dtype(want[p].dtype):
+            have_dt, want_dt = np.dtype(stored[p].dtype), np.dtype(want[p].dtype)
+            castable = have_dt == want_dt or (jnp.issubdtype(have_dt, jnp.floating) and jnp.issubdtype(want_dt, jnp.floating))
+            if tuple(stored[p].shape) != tuple(want[p].shape) or not castable:
                 problems.append(f"{name}: {'/'.join(p)} is {np.dtype(stored[p].dtype)}{list(stored[p].shape)}, "
                                 f"expected {np.dtype(want[p].dtype)}{list(want[p].shape)}")
     if problems:
