@@ -18,7 +18,8 @@ batch or hardware for them). Copy bandwidth (the roofline: parameter bytes / ban
 measured in each worker. FP32 matmuls run at XLA's default precision (TF32 on H100).
 
 Writes experiments/results/seed_precision_table_<gpu>.{json,md}; worker outputs stay in
-``<out>/_seed_precision_<variant>.json`` so subsets can be run in separate calls and merged.
+``<out>/_seed_precision_<variant>.json`` (with the device they ran on) so subsets can be run in separate calls
+and merged: copy them into one directory and run ``--variants '' --out DIR`` (no workers, only the table).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _worker(variant: str, args) -> dict:
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
                             reps=args.reps, batch=args.batch, hf_budget_s=0.0)
     res = bench_decode._jax_worker(ns)
-    res.update(variant=variant, dtype=dtype, quant=quant)
+    res.update(variant=variant, dtype=dtype, quant=quant, device=bench_common.device_info(),
+               gpu_tag=bench_common.gpu_tag(), versions=bench_common.versions())
     return res
 
 
@@ -138,8 +140,15 @@ def main(argv=None):
                               "latency 120 / 85 / 68 ms (FP32 / FP16 / INT8)",
                "setup": {"preset": args.preset, "prompt": args.prompt, "new_tokens": args.new, "batches": args.batch,
                          "reps": args.reps}}
-    name = args.name or f"seed_precision_table_{bench_common.gpu_tag()}"
-    bench_common.write_results(out, name, rows=rows, summary=summary,
+    if not results:
+        p.error(f"no worker results in {out}")
+    first = next(iter(results.values()))  # the measuring machine (merging may run elsewhere)
+    tags = {r.get("gpu_tag") for r in results.values()}
+    if len(tags) > 1:
+        print(f"warning: worker results come from different devices {sorted(map(str, tags))}", flush=True)
+    summary["workers"] = {v: {"device": r.get("device"), "versions": r.get("versions")} for v, r in results.items()}
+    name = args.name or f"seed_precision_table_{first.get('gpu_tag') or bench_common.gpu_tag()}"
+    bench_common.write_results(out, name, rows=rows, summary=summary, device=first.get("device"),
                                columns=["variant", "param_gib", "peak_gib", "b1_ms_per_token", "b32_tokens_per_s",
                                         "memory_vs_fp32", "b1_speedup_vs_fp32", "b1_speedup_vs_bf16",
                                         "b32_speedup_vs_bf16", "b1_frac_of_roofline", "seed_memory_vs_fp32",
