@@ -43,7 +43,7 @@ def abstract_model(cfg: GLMConfig, *, dtype, remat: str = "none", quantization: 
         model = GLMForCausalLM(cfg, dtype=dtype, param_dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
         if quantization:
             from .model.quantized_linear import quantize_model  # quantized checkpoints (see autoglm quantize)
-            model = quantize_model(model, **quantization)
+            quantize_model(model, **quantization)  # in place
         return model
 
     graphdef, state = nnx.split(nnx.eval_shape(build))

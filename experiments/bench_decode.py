@@ -41,7 +41,7 @@ def _jax_worker(args) -> dict:
     model = random_model(cfg, dtype=args.dtype, seed=0)
     if args.quant != "none":
         from autoglm_jax.model.quantized_linear import quantize_model
-        model = quantize_model(model, fmt=args.quant)
+        quantize_model(model, fmt=args.quant)  # in place
     jax.block_until_ready(nnx.state(model))
     init_s = time.perf_counter() - t0
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
