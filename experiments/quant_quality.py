@@ -275,8 +275,8 @@ def write_markdown(path: Path, doc: dict) -> None:
               f"- harder case, the LM head in int4 too: PTQ {s['hard_int4_with_lm_head']['ptq_of_finetune_ppl']:.3f} "
               f"vs QAT {s['hard_int4_with_lm_head']['qat_ppl']:.3f} vs the fine-tuned control {s['float_finetune_control_ppl']:.3f}: "
               f"{100 * s['hard_int4_with_lm_head']['qat_gap_recovered_vs_finetuned_control']:.0f}% of the gap recovered", "",
-              "The tiny model is under-trained (224 steps), so any fine-tune lowers its perplexity; the control row "
-              "separates what QAT recovers from what the extra training gives. int8 KV is measured in the dense "
+              "The tiny model is under-trained, so any fine-tune lowers its held-out perplexity; the control rows "
+              "separate what QAT recovers from what the extra training gives. int8 KV is measured in the dense "
               "path (k/v quantized and dequantized with the engine's int8 page format), not through the paged "
               "kernel.", ""]
     path.write_text("\n".join(lines))

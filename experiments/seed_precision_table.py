@@ -44,15 +44,6 @@ SEED = {"fp32": {"memory": 1.0, "speed": 1.0, "latency_ms": 120.0},
 def _worker(variant: str, args) -> dict:
     import bench_decode
 
-    import autoglm_jax.model.quantized_linear as ql
-
-    original = ql.quantize_model
-
-    def quantize_model(model, **kw):  # bench_decode assigns the result: hand back the model either way
-        original(model, **kw)
-        return model
-
-    ql.quantize_model = quantize_model
     dtype, quant = VARIANTS[variant]
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
                             reps=args.reps, batch=args.batch, hf_budget_s=0.0)

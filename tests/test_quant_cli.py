@@ -3,8 +3,6 @@ is refused before any work and leaves nothing behind."""
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +11,6 @@ from flax import nnx
 
 from autoglm_jax import loading
 from autoglm_jax.quant.cli import quantize_main
-
-# loading.abstract_model assigned quantize_model's return value (the list of swapped paths) as the model, so no
-# quantized checkpoint could load; the fix is to call quantize_model(model, **quantization) for its effect.
-_LOADER_BROKEN = "model = quantize_model(" in inspect.getsource(loading.abstract_model)
-needs_loader = pytest.mark.xfail(_LOADER_BROKEN, strict=True, raises=Exception,
-                                 reason="loading.abstract_model uses quantize_model's return value as the model")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,6 @@ def _no_output(out):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
 
 
-@needs_loader
 def test_static_w8a8_checkpoint_round_trips_exactly(tmp_path, calib_file):
     out = tmp_path / "w8a8"
     assert quantize_main(["tiny", str(out), "--method", "w8a8", "--calib", str(calib_file), "--observer",
@@ -54,7 +45,6 @@ def test_static_w8a8_checkpoint_round_trips_exactly(tmp_path, calib_file):
     assert float(model.layers[1].mlp.down_proj.act_scale[...][0]) != 1.0  # calibrated, not the placeholder
 
 
-@needs_loader
 def test_in_memory_model_equals_reloaded(tmp_path):
     from autoglm_jax.checkpoint.convert import save_pretrained
     from autoglm_jax.quant import PTQConfig, quantize
@@ -73,7 +63,6 @@ def test_in_memory_model_equals_reloaded(tmp_path):
     np.testing.assert_array_equal(np.asarray(run(model)), np.asarray(run(back)))
 
 
-@needs_loader
 def test_generate_loads_quantized_checkpoint(tmp_path, capsys):
     from autoglm_jax.cli import main
     out = tmp_path / "int8"

@@ -176,3 +176,21 @@ def test_quantized_tiny_model_logits_close_to_float(tiny):
             assert 0 < float(s[0]) * 127 <= stats["layers.0.attn.o_proj"].amax * 1.0001
         err = _rel(_logits(model, ids), ref)
         assert 0 < err < bounds[name], (name, err)
+
+
+def test_static_activation_scale_in_quantized_matmul():
+    from kernels_pallas.quant_formats import QuantFormatError
+    from kernels_pallas.quantized_matmul import quantized_matmul
+    w = W8A8Weight(qweight=jnp.array([[1, 0, 0], [0, 1, 1]], jnp.int8), scale=jnp.array([1.0, 0.5]))
+    x = jnp.array([[0.5, -1.0, 2.0]])  # / 0.01 -> [50, -100, 200 -> saturates at 127]
+    y = quantized_matmul(x, w, act_scale=jnp.array([0.01]), impl="reference")
+    np.testing.assert_allclose(np.asarray(y), [[0.5, (-100 + 127) * 0.01 * 0.5]], rtol=1e-6)
+    y_xla = quantized_matmul(x, w, act_scale=jnp.array(0.01), impl="xla")
+    np.testing.assert_allclose(np.asarray(y_xla), np.asarray(y), rtol=1e-6)
+    dyn = quantized_matmul(x, w, impl="reference")  # dynamic: scale 2 / 127, nothing saturates
+    np.testing.assert_allclose(np.asarray(dyn), [[0.5, 0.5]], atol=2 / 127)
+    with pytest.raises(QuantFormatError, match="W8A8 weights only"):
+        quantized_matmul(x, Int8Weight(qweight=jnp.ones((3, 2), jnp.int8), scale=jnp.ones(2)),
+                         act_scale=jnp.array([0.01]))
+    with pytest.raises(QuantFormatError, match="scalar or \\[1\\]"):
+        quantized_matmul(x, w, act_scale=jnp.ones((3,)))
