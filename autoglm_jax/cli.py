@@ -28,32 +28,17 @@ def _generate(argv: Sequence[str]) -> int:
                    help="shard the model over N devices (tensor parallelism)")
     args = p.parse_args(argv)
 
-    import warnings
-    from pathlib import Path
-
     from .generate import GenerationConfig, generate_stream
-    from .loading import EMBEDDED_DIR, from_pretrained
-    from .tokenizer import TextStreamer, load_tokenizer
+    from .loading import load_model_and_tokenizer
+    from .tokenizer import TextStreamer
 
     try:
         gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         p.error(str(e))
-    model_dir = Path(args.model) if Path(args.model).is_dir() else (
-        EMBEDDED_DIR if args.model == "tiny" and EMBEDDED_DIR.is_dir() else None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if args.tensor_parallel > 1:
-            from sharding import from_pretrained_sharded, make_mesh
-
-            model = from_pretrained_sharded(args.model, make_mesh(tensor=args.tensor_parallel), dtype=args.dtype)
-        else:
-            model = from_pretrained(args.model, dtype=args.dtype)
-    for w in caught:
-        if "random weights" in str(w.message):
-            print(f"autoglm generate: note: {w.message}", file=sys.stderr)
-    tok = load_tokenizer(model_dir)
+    model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel,
+                                          note=lambda m: print(f"autoglm generate: {m}", file=sys.stderr))
     ids = tok.encode(args.prompt)
     if not ids:
         p.error("the prompt encodes to no tokens")

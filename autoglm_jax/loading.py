@@ -142,3 +142,31 @@ def from_pretrained(path_or_preset: str | os.PathLike, *, dtype=None, remat: str
         warnings.warn(f"preset {name!r}: seeded random weights (seed={seed}), not a trained model", stacklevel=2)
         return random_model(PRESETS[name], dtype=dtype or "float32", seed=seed, remat=remat)
     raise FileNotFoundError(f"{name!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}")
+
+
+def load_model_and_tokenizer(name: str | os.PathLike, *, dtype=None, tensor_parallel: int = 1,
+                             note: Callable[[str], None] = print):
+    """What the commands load: (model, tokenizer) for a checkpoint directory or preset, sharded over
+    ``tensor_parallel`` devices when > 1; ``note`` receives the random-weights notice of a preset."""
+    from .tokenizer import load_tokenizer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if tensor_parallel > 1:
+            from sharding import from_pretrained_sharded, make_mesh
+
+            model = from_pretrained_sharded(name, make_mesh(tensor=tensor_parallel), dtype=dtype)
+        else:
+            model = from_pretrained(name, dtype=dtype)
+    for w in caught:
+        if "random weights" in str(w.message):
+            note(f"note: {w.message}")
+    return model, load_tokenizer(checkpoint_dir(name))
+
+
+def checkpoint_dir(name: str | os.PathLike) -> Path | None:
+    """The directory holding ``name``'s files (tokenizer, chat template): itself, the embedded model's for
+    ``tiny``, or None for a preset with random weights."""
+    if Path(name).is_dir():
+        return Path(name)
+    return EMBEDDED_DIR if str(name) == "tiny" and EMBEDDED_DIR.is_dir() else None

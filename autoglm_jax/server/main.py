@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -97,26 +96,13 @@ def build_server(args, *, log=print):
     """(app, startup report) from parsed arguments: cache, model, tokenizer, engine, warm-up."""
     cache = enable_compilation_cache(args.compilation_cache)
     from ..engine import AsyncLLM, LLM
-    from ..loading import EMBEDDED_DIR, from_pretrained
-    from ..tokenizer import load_tokenizer
+    from ..loading import checkpoint_dir, load_model_and_tokenizer
     from .app import create_app
     from .chat_template import ChatTemplate
 
     t0 = time.perf_counter()
-    model_dir = Path(args.model) if Path(args.model).is_dir() else (
-        EMBEDDED_DIR if args.model == "tiny" and EMBEDDED_DIR.is_dir() else None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if args.tensor_parallel > 1:
-            from sharding import from_pretrained_sharded, make_mesh
-
-            model = from_pretrained_sharded(args.model, make_mesh(tensor=args.tensor_parallel), dtype=args.dtype)
-        else:
-            model = from_pretrained(args.model, dtype=args.dtype)
-    for w in caught:
-        if "random weights" in str(w.message):
-            log(f"note: {w.message}")
-    tokenizer = load_tokenizer(model_dir)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel,
+                                                note=log)
     llm = LLM(model, tokenizer=tokenizer, num_pages=args.num_pages, page_size=args.page_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, kv_dtype=args.kv_dtype, token_buckets=args.token_buckets,
@@ -126,6 +112,7 @@ def build_server(args, *, log=print):
     if args.warmup != "none":
         shapes = llm.warmup(sampled=args.warmup == "all")
     t_warm = time.perf_counter() - t0 - t_load
+    model_dir = checkpoint_dir(args.model)
     template = ChatTemplate.from_checkpoint(model_dir, args.chat_template)
     name = args.served_model_name or (Path(args.model).name if model_dir is not None else str(args.model))
     app = create_app(AsyncLLM(llm), tokenizer, model_name=name, chat_template=template,
