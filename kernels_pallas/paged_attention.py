@@ -292,45 +292,64 @@ def _decode_tpu_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, page_size, m
     # Mosaic TPU, grid (B, K, max_pages): one page per step (the pipeline prefetches the next page while
     # this one computes); q_ref [G, H]; k_ref, v_ref [L, H]; scales [1, L]; o_ref [G, H];
     # scratch m, l [G, 1], acc [G, H] float32.
-    if quantized:
-        ks_ref, vs_ref, o_ref, m_ref, l_ref, acc_ref = refs
-    else:
-        o_ref, m_ref, l_ref, acc_ref = refs
+    o_ref, m_ref, l_ref, acc_ref = refs[-4:]  # int8 pages put (k scales, v scales) first
     b, p = pl.program_id(0), pl.program_id(2)
     length = len_ref[b]
 
     @pl.when(p == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        tpu_init(m_ref, l_ref, acc_ref)
 
     @pl.when(p * page_size < length)
     def _page():
-        q = q_ref[...]
-        k = k_ref[...].astype(q.dtype)
-        v = v_ref[...].astype(q.dtype)
-        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if quantized:
-            logits = logits * ks_ref[...]
-        pos = p * page_size + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        logits = jnp.where(pos < length, logits * scale, MASK_VALUE)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_new)
-        probs = jnp.exp(logits - m_new)
-        l_ref[...] = l_ref[...] * alpha + jnp.sum(probs, axis=1, keepdims=True)
-        if quantized:
-            probs = probs * jnp.where(pos[:1] < length, vs_ref[...], 0.0)
-        v = jnp.where(p * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0) < length, v, jnp.zeros((), v.dtype))
-        acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(probs.astype(q.dtype), v, (((1,), (0,)), ((), ())),
-                                                              preferred_element_type=jnp.float32)
-        m_ref[...] = m_new
+        tpu_page_step(q_ref, k_ref, v_ref, refs[:2] if quantized else None, m_ref, l_ref, acc_ref,
+                      page_start=p * page_size, limit=length, scale=scale)
 
     @pl.when(p == max_pages - 1)
     def _done():
-        l = l_ref[...]
-        o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+        tpu_finish(o_ref, l_ref, acc_ref)
+
+
+def tpu_init(m_ref, l_ref, acc_ref):
+    """Online-softmax state before the first page (the Mosaic TPU kernels)."""
+    m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+
+def tpu_page_step(q_ref, k_ref, v_ref, scale_refs, m_ref, l_ref, acc_ref, *, page_start, limit, scale,
+                  query_pos=None):
+    """One page of the online softmax (the Mosaic TPU kernels): q_ref [rows, H]; k_ref, v_ref [L, H];
+    scale_refs = (k scales, v scales) [1, L] for int8 pages, else None. Key page_start + i counts when it is
+    < limit and, if ``query_pos(shape)`` gives each row's position, when it is <= that position (causal)."""
+    q = q_ref[...]
+    k = k_ref[...].astype(q.dtype)
+    v = v_ref[...].astype(q.dtype)
+    logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if scale_refs is not None:
+        logits = logits * scale_refs[0][...]
+    key = page_start + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    valid = key < limit
+    if query_pos is not None:
+        valid = (key <= query_pos(logits.shape)) & valid
+    logits = jnp.where(valid, logits * scale, MASK_VALUE)
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_new)
+    probs = jnp.exp(logits - m_new)
+    l_ref[...] = l_ref[...] * alpha + jnp.sum(probs, axis=1, keepdims=True)
+    if scale_refs is not None:
+        probs = probs * jnp.where(key[:1] < limit, scale_refs[1][...], 0.0)
+    v = jnp.where(page_start + lax.broadcasted_iota(jnp.int32, v.shape, 0) < limit, v, jnp.zeros((), v.dtype))
+    acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(probs.astype(q.dtype), v, (((1,), (0,)), ((), ())),
+                                                          preferred_element_type=jnp.float32)
+    m_ref[...] = m_new
+
+
+def tpu_finish(o_ref, l_ref, acc_ref):
+    """The output rows after the last page: acc / l (0 where no key counted)."""
+    l = l_ref[...]
+    o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
 def _decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, interpret, poison):

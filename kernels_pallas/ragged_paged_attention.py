@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .kv_pages import _is_concrete, page_geometry, validate_page_table
-from .paged_attention import (BACKENDS, LOG2E, MASK_VALUE, _drop_aliased_inputs, _pow2, _select_backend,
-                              gather_pages, tuned_blocks)
+from .paged_attention import (LOG2E, MASK_VALUE, _drop_aliased_inputs, _pow2, _select_backend,
+                              gather_pages, tpu_finish, tpu_init, tpu_page_step, tuned_blocks)
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -198,46 +198,23 @@ def _prefill_tpu_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, pag
     # Mosaic TPU, grid (query blocks, K, max_pages), one page per step. meta_ref [n_blocks * 4] =
     # (sequence, position of the block's first token, kv_end, padding); q_ref, o_ref [block_q * G, H]
     # (row r = token r // G, head r % G); k_ref, v_ref [L, H]; scales [1, L]; scratch m, l, acc.
-    if quantized:
-        ks_ref, vs_ref, o_ref, m_ref, l_ref, acc_ref = refs
-    else:
-        o_ref, m_ref, l_ref, acc_ref = refs
+    o_ref, m_ref, l_ref, acc_ref = refs[-4:]  # int8 pages put (k scales, v scales) first
     j, p = pl.program_id(0), pl.program_id(2)
     pos0, kv_end = meta_ref[4 * j + 1], meta_ref[4 * j + 2]
 
     @pl.when(p == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        tpu_init(m_ref, l_ref, acc_ref)
 
     @pl.when(p * page_size < kv_end)
     def _page():
-        q = q_ref[...]
-        k = k_ref[...].astype(q.dtype)
-        v = v_ref[...].astype(q.dtype)
-        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if quantized:
-            logits = logits * ks_ref[...]
-        key = p * page_size + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        q_pos = pos0 + lax.broadcasted_iota(jnp.int32, logits.shape, 0) // group
-        logits = jnp.where((key <= q_pos) & (key < kv_end), logits * scale, MASK_VALUE)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_new)
-        probs = jnp.exp(logits - m_new)
-        l_ref[...] = l_ref[...] * alpha + jnp.sum(probs, axis=1, keepdims=True)
-        if quantized:
-            probs = probs * jnp.where(key[:1] < kv_end, vs_ref[...], 0.0)
-        v = jnp.where(p * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0) < kv_end, v, jnp.zeros((), v.dtype))
-        acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(probs.astype(q.dtype), v, (((1,), (0,)), ((), ())),
-                                                              preferred_element_type=jnp.float32)
-        m_ref[...] = m_new
+        tpu_page_step(q_ref, k_ref, v_ref, refs[:2] if quantized else None, m_ref, l_ref, acc_ref,
+                      page_start=p * page_size, limit=kv_end, scale=scale,
+                      query_pos=lambda shape: pos0 + lax.broadcasted_iota(jnp.int32, shape, 0) // group)
 
     @pl.when(p == max_pages - 1)
     def _done():
-        l = l_ref[...]
-        o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+        tpu_finish(o_ref, l_ref, acc_ref)
 
 
 def _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales, *,
