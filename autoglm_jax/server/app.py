@@ -35,6 +35,24 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 MAX_BODY_BYTES = 32 << 20       # a larger request body is answered 413 without being read further
 
 
+def _sse_response(chunks, gen, *, head: dict, prompt_tokens: int, include_usage: bool) -> SSEResponse:
+    """A streamed answer: ``chunks(it)`` turns the generation's (piece, output) stream into SSE chunks; then
+    the usage chunk if asked for, an error chunk if the engine failed, and ``data: [DONE]``."""
+    async def body():
+        it = gen.stream()
+        try:
+            async for c in chunks(it):
+                yield c
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": P.usage(prompt_tokens, gen.num_tokens)})
+        except RuntimeError as e:
+            yield sse(P.error_body(str(e), type="internal_error"))
+        finally:
+            await it.aclose()
+        yield SSE_DONE
+    return SSEResponse(body(), on_close=gen.release)
+
+
 class _Generation:
     """One admitted request: iterates (text piece, RequestOutput), records metrics, frees its slot once."""
 
@@ -177,22 +195,13 @@ class OpenAIServer:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            async def body():
-                it = gen.stream()
-                try:
-                    chunk = ChunkTemplate({**head, "choices": [{
-                        "index": 0, "text": ChunkTemplate.FIELD, "logprobs": None,
-                        "finish_reason": ChunkTemplate.REASON}]})
-                    async for piece, out in it:  # one chunk per token (text "" while a character is incomplete)
-                        yield chunk(piece, out.finish_reason)
-                    if include_usage:
-                        yield sse({**head, "choices": [], "usage": P.usage(len(ids), gen.num_tokens)})
-                except RuntimeError as e:
-                    yield sse(P.error_body(str(e), type="internal_error"))
-                finally:
-                    await it.aclose()
-                yield SSE_DONE
-            return SSEResponse(body(), on_close=gen.release)
+            chunk = ChunkTemplate({**head, "choices": [{
+                "index": 0, "text": ChunkTemplate.FIELD, "logprobs": None, "finish_reason": ChunkTemplate.REASON}]})
+
+            async def chunks(it):
+                async for piece, out in it:  # one chunk per token (text "" while a character is incomplete)
+                    yield chunk(piece, out.finish_reason)
+            return _sse_response(chunks, gen, head=head, prompt_tokens=len(ids), include_usage=include_usage)
 
         pieces = await self._collect(request, gen)
         return JSONResponse({**head, "choices": [{"index": 0, "text": "".join(pieces), "logprobs": None,
@@ -245,23 +254,14 @@ class OpenAIServer:
                 "index": 0, "delta": {"content": ChunkTemplate.FIELD}, "logprobs": None,
                 "finish_reason": ChunkTemplate.REASON}]})
 
-            async def body():
-                it = gen.stream()
-                try:
-                    yield chunk({"role": "assistant", "content": ""})
-                    async for piece, out in it:
-                        for d in deltas(piece, out.finished):
-                            yield content_chunk(d["content"]) if len(d) == 1 and "content" in d else chunk(d)
-                        if out.finished:
-                            yield chunk({}, finish_reason(out.finish_reason))
-                    if include_usage:
-                        yield sse({**head, "choices": [], "usage": P.usage(len(ids), gen.num_tokens)})
-                except RuntimeError as e:
-                    yield sse(P.error_body(str(e), type="internal_error"))
-                finally:
-                    await it.aclose()
-                yield SSE_DONE
-            return SSEResponse(body(), on_close=gen.release)
+            async def chunks(it):
+                yield chunk({"role": "assistant", "content": ""})
+                async for piece, out in it:
+                    for d in deltas(piece, out.finished):
+                        yield content_chunk(d["content"]) if len(d) == 1 and "content" in d else chunk(d)
+                    if out.finished:
+                        yield chunk({}, finish_reason(out.finish_reason))
+            return _sse_response(chunks, gen, head=head, prompt_tokens=len(ids), include_usage=include_usage)
 
         text = "".join(await self._collect(request, gen))
         message: dict = {"role": "assistant", "content": text}
