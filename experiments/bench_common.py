@@ -105,3 +105,16 @@ def write_results(out_dir: str | Path, name: str, *, rows: list[dict], summary: 
         md += ["## Notes", "", notes, ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     return out_dir / f"{name}.json"
+
+
+def pyplot_or_none():
+    """matplotlib.pyplot on the Agg backend, or None (saying so) where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written")
+        return None
+    return plt

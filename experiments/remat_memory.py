@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from experiments.bench_common import pyplot_or_none  # noqa: E402
 
 from autoglm_jax.config import GLMConfig  # noqa: E402
 from autoglm_jax.model.remat import REMAT_POLICIES, offload_supported  # noqa: E402
@@ -216,12 +217,8 @@ def markdown(doc) -> str:
 
 
 def plot(path: Path, rows) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot written")
+    plt = pyplot_or_none()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for policy in REMAT_POLICIES:

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from experiments.bench_common import pyplot_or_none  # noqa: E402
 from autoglm_jax.checkpoint.convert import save_pretrained  # noqa: E402
 from autoglm_jax.config import GLMConfig  # noqa: E402
 from autoglm_jax.generate import GenerationConfig, generate  # noqa: E402
@@ -219,12 +220,8 @@ def write_markdown(path: Path, doc: dict) -> None:
 
 
 def plot(path: Path, history: list[dict]) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot written")
+    plt = pyplot_or_none()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history])
