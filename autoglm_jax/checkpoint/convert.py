@@ -53,7 +53,7 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         for rule in rules + [None]:
             group = rule.group if rule else None
             if group != current and current is not None:
-                orbax_io.write_group(params, current, orbax_io.split_groups(_nest(current, tree))[current])
+                orbax_io.write_group(params, current, orbax_io.split_groups(orbax_io.unflatten_tree(tree))[current])
                 groups.append(current)
                 tree = {}
             if rule is None:
@@ -68,17 +68,6 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         _copy_side_files(hf_dir, tmp)
         orbax_io.write_marker(tmp, dtype=str(np.dtype(target)), groups=groups, extra={"source": str(hf_dir)})
     return Path(out_dir)
-
-
-def _nest(group: str, flat: dict[tuple, np.ndarray]) -> dict:
-    """Turns {path tuple: array} of one group into the pure-dict model-state shape."""
-    tree: dict = {}
-    for path, array in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = array
-    return tree
 
 
 def export_orbax_to_hf(orbax_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, overwrite: bool = False,
