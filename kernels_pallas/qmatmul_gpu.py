@@ -48,6 +48,17 @@ def _nibble_minus(u, z, fast: bool):
     return lax.bitcast_convert_type(u | _MAGIC, jnp.float32) - (_TWO23 + z)
 
 
+def _gemv_loop(steps, step, load, zero, prefetch: bool):
+    """The GEMV reduction over ``steps`` K tiles: ``acc = step(i, acc, load(i))`` on a [rows, BN] float32
+    accumulator, summed over rows to [1, BN]. With ``prefetch`` the load of tile i + 1 is issued before the
+    math of tile i."""
+    if prefetch:
+        acc, _ = lax.fori_loop(0, steps, lambda i, c: (step(i, c[0], c[1]), load(i + 1)), (zero, load(0)))
+    else:
+        acc = lax.fori_loop(0, steps, lambda i, acc: step(i, acc, load(i)), zero)
+    return jnp.sum(acc, axis=0)[None, :]
+
+
 def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group: int, has_zero: bool,
             aliased: bool = False):
     if aliased:  # the poisoned output buffer passed in (refs[-2]) is the output itself; drop the input view
@@ -95,13 +106,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                 xt = x_ref[0, pl.ds(pl.multiple_of((first + i) * bk, bk), bk)].astype(jnp.float32)  # [BK]
                 return acc + xt[:, None] * _int8_to_f32(wt, fast)  # [BK, BN]
 
-            zero = jnp.zeros((bk, bn), jnp.float32)
-            if cfg.prefetch:  # issue the load of step i + 1 before the math of step i
-                acc2, _ = lax.fori_loop(0, steps, lambda i, c: (step(i, c[0], c[1]), load_w(i + 1)),
-                                        (zero, load_w(0)))
-            else:
-                acc2 = lax.fori_loop(0, steps, lambda i, acc: step(i, acc, load_w(i)), zero)
-            acc = jnp.sum(acc2, axis=0)[None, :]
+            acc = _gemv_loop(steps, step, load_w, jnp.zeros((bk, bn), jnp.float32), cfg.prefetch)
         else:
             def body(i, acc):
                 k0 = pl.multiple_of((first + i) * bk, bk)
@@ -137,13 +142,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                 return acc
 
             load_step = lambda i: tuple(load_group((first + i) * gps + j) for j in range(gps))
-            zero = jnp.zeros((g2, bn), jnp.float32)
-            if cfg.prefetch:
-                acc2, _ = lax.fori_loop(0, steps, lambda i, c: (step(i, c[0], c[1]), load_step(i + 1)),
-                                        (zero, load_step(0)))
-            else:
-                acc2 = lax.fori_loop(0, steps, lambda i, acc: step(i, acc, load_step(i)), zero)
-            acc = jnp.sum(acc2, axis=0)[None, :]
+            acc = _gemv_loop(steps, step, load_step, jnp.zeros((g2, bn), jnp.float32), cfg.prefetch)
         else:
             def body(i, acc):
                 for j in range(gps):
