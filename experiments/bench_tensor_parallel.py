@@ -36,11 +36,10 @@ FLOORS = {"tp2_speedup_b1": 1.4, "tp2_speedup_b32": 1.6}
 
 def run_degree(model, tp: int, args, cfg, rows, tokens_by):
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from autoglm_jax.generate import CACHE_BUCKET, _decode, _prefill, _row_keys
+    from autoglm_jax.generate import CACHE_BUCKET, GenerationConfig, decode_stream
     from autoglm_jax.kv_cache import DenseKVCache
     from sharding import cache_shardings, make_mesh, per_device_bytes, shard_model
 
@@ -52,35 +51,28 @@ def run_degree(model, tp: int, args, cfg, rows, tokens_by):
         sm = shard_model(model, mesh)
     jax.block_until_ready(nnx.state(sm))
     shard_s = time.perf_counter() - t0
-    graphdef, state = nnx.split(sm)
-    dev_bytes = max(per_device_bytes(state).values())
+    dev_bytes = max(per_device_bytes(nnx.state(sm)).values())
     rng = np.random.default_rng(0)
+    gen_cfg = GenerationConfig(max_new_tokens=args.new, eos_token_ids=())
     for batch in args.batch:
-        ids = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(batch, args.prompt)).astype(np.int32))
-        lens = jnp.full((batch,), args.prompt, jnp.int32)
-        pos = jnp.broadcast_to(jnp.arange(args.prompt, dtype=jnp.int32), (batch, args.prompt))
+        prompts = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt)).astype(np.int32).tolist()
         cache_len = -(-(args.prompt + args.new) // CACHE_BUCKET) * CACHE_BUCKET
-        zeros, zk, ones = jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32), jnp.ones((batch,))
-        keys = [_row_keys(0, s, batch) for s in range(args.new)]
         make_cache = lambda: DenseKVCache.create(sm.cfg, batch, cache_len, sm.dtype)
         if mesh is not None:
             make_cache = jax.jit(make_cache, out_shardings=cache_shardings(jax.eval_shape(make_cache), mesh))
 
         def run_once():
+            # generate()'s device loop (decode_stream) on the (sharded) model and a cache sharded like it.
             cache = make_cache()
             jax.block_until_ready(cache)
             t = time.perf_counter()
-            logits, cache = _prefill(graphdef, state, ids, pos, cache, lens - 1)
-            token = jnp.argmax(logits, -1).astype(jnp.int32)
-            token.block_until_ready()
+            steps = decode_stream(sm, prompts, gen_cfg, cache=cache)
+            out = [next(steps)]
+            out[0].block_until_ready()
             t_prefill = time.perf_counter() - t
-            out = [token]
             t = time.perf_counter()
-            for step in range(args.new - 1):
-                token, cache = _decode(graphdef, state, token, lens + step, cache, keys[step + 1], zeros, zk, ones,
-                                       True)
-                out.append(token)
-            token.block_until_ready()
+            out.extend(steps)
+            out[-1].block_until_ready()
             return t_prefill, time.perf_counter() - t, np.stack([np.asarray(o) for o in out], 1)
 
         tc = time.perf_counter()
@@ -95,7 +87,7 @@ def run_degree(model, tp: int, args, cfg, rows, tokens_by):
                          prefill_s=statistics.median(r[0] for r in runs), compile_s=compile_s, shard_s=shard_s,
                          param_gib_per_device=dev_bytes / 2**30))
         print(rows[-1], flush=True)
-    del sm, state
+
 
 
 def main():

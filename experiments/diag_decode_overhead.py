@@ -31,35 +31,35 @@ VARIANTS = {
 def worker(args):
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     import bench_common
     from autoglm_jax.config import GLMConfig
-    from autoglm_jax.generate import _decode, _row_keys
+    from autoglm_jax.generate import _decode
+    from autoglm_jax.model.static_graph import StaticGraph
     from autoglm_jax.kv_cache import DenseKVCache
     from autoglm_jax.loading import random_model
 
     smoke = jax.default_backend() == "cpu"  # a quick check of this script on a CPU
     cfg = GLMConfig.from_preset("tiny" if smoke else "glm-4-9b", num_layers=args.layers)
     model = random_model(cfg, dtype="bfloat16")
-    graphdef, state = nnx.split(model)
+    graph, state = StaticGraph.split(model)
     b = args.batch
     cache = DenseKVCache.create(cfg, b, 640, jnp.bfloat16)
     tok = jnp.zeros((b,), jnp.int32)
     z, zk, o = jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)
     pos = jnp.full((b,), 512, jnp.int32)
-    keys = _row_keys(0, 0, b)
-    text = _decode.lower(graphdef, state, tok, pos, cache, keys, z, zk, o, True).compile().as_text()
+    key, step0 = jax.random.key(0), jnp.int32(1)
+    text = _decode.lower(graph, state, tok, pos, cache, key, step0, z, zk, o, True).compile().as_text()
     entry = text[text.find("ENTRY"):]
     kernels = len(re.findall(r"= \S+ (fusion|custom-call|convolution|dot|scatter|gather)\(", entry))
     for _ in range(3):
-        tok, cache = _decode(graphdef, state, tok, pos, cache, keys, z, zk, o, True)
+        tok, _, _, cache = _decode(graph, state, tok, pos, cache, key, step0, z, zk, o, True)
     tok.block_until_ready()
     times = []
     for _ in range(5):
         t = time.perf_counter()
         for _ in range(32):
-            tok, cache = _decode(graphdef, state, tok, pos, cache, keys, z, zk, o, True)
+            tok, _, _, cache = _decode(graph, state, tok, pos, cache, key, step0, z, zk, o, True)
         tok.block_until_ready()
         times.append((time.perf_counter() - t) / 32)
     step = statistics.median(times)

@@ -229,8 +229,9 @@ def kv_cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 
 def cache_shardings(cache, mesh: Mesh):
-    """Shardings for a ``DenseKVCache`` (a tree of [B, S, K, H] arrays) -- for ``jax.device_put`` or jit."""
-    return jax.tree.map(lambda a: kv_cache_sharding(mesh, a.shape), cache)
+    """Shardings for a ``DenseKVCache`` (a tree of [B, S, K, H] arrays and a scalar row offset, replicated)
+    -- for ``jax.device_put`` or jit."""
+    return jax.tree.map(lambda a: kv_cache_sharding(mesh, a.shape) if a.ndim else NamedSharding(mesh, PartitionSpec()), cache)
 
 
 def paged_cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

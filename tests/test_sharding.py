@@ -88,12 +88,13 @@ def test_sharded_generation_without_mesh_context_and_cache_sharding(model, refer
     mesh = make_mesh(tensor=8)
     sm = shard_model(model, mesh)
     from autoglm_jax.generate import _prefill
+    from autoglm_jax.model.static_graph import StaticGraph
 
-    graphdef, state = nnx.split(sm)
+    graph, state = StaticGraph.split(sm)
     ids = jnp.asarray([[5, 17, 300, 2]], jnp.int32)
     cache = DenseKVCache.create(sm.cfg, 1, 16, jnp.float32)
     pos = jnp.arange(4, dtype=jnp.int32)[None]
-    logits, cache = _prefill(graphdef, state, ids, pos, cache, jnp.asarray([3]))
+    logits, cache = _prefill(graph, state, ids, pos, cache, jnp.asarray([3]))
     k0 = cache.k[0]
     assert k0.shape == (1, 16, 8, CFG.head_dim)  # K' = 8 (each of the K = 2 heads repeated 4 times)
     assert {tuple(s.data.shape) for s in k0.addressable_shards} == {(1, 16, 1, CFG.head_dim)}

@@ -1,6 +1,6 @@
 """Runs scheduler plans on the device: one pure jitted step over a donated page pool.
 
-``step(graphdef, params, pages, inputs) -> (tokens [B], pages)``: embeds the packed tokens as a [1, T] batch,
+``step(graph, params, pages, inputs) -> (tokens [B], pages)``: embeds the packed tokens as a [1, T] batch,
 runs every layer over the ``PagedKVCache`` (k/v written into the pages, ragged paged attention), applies the
 LM head only to the last token of each sequence and samples with per-row settings and keys
 ``fold_in(key(seed), sample_index)``, so a request's draws do not depend on what it is batched with.
@@ -18,8 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from ..model.static_graph import StaticGraph
 from ..sampling import sample_tokens
 from .paged_cache import KVPages, PagedKVCache
 from .step_inputs import Buckets, StepInputs, bucket, build_step_inputs, empty_step_inputs
@@ -28,11 +28,11 @@ _TRACES = {"step": 0, "copy": 0}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
-def step(graphdef, params, pages: KVPages, inputs: StepInputs, attention: tuple = ()):
+def step(graph: StaticGraph, params, pages: KVPages, inputs: StepInputs, attention: tuple = ()):
     """One engine step. Returns (sampled tokens [B] int32, updated pages). ``attention``: static
     (name, value) pairs for the kernels' dispatch (``backend``, ``interpret``)."""
     _TRACES["step"] += 1
-    model = nnx.merge(graphdef, params)
+    model = graph.merge(params)
     cache = PagedKVCache(pages=pages, slot_mapping=inputs.slot_mapping, page_table=inputs.page_table,
                          context_lens=inputs.context_lens, query_start=inputs.query_start,
                          num_seqs=inputs.num_seqs, decode_only=inputs.decode_only, **dict(attention))
@@ -64,7 +64,7 @@ class ModelRunner:
                  max_pages_per_seq: int, kv_dtype=None, token_buckets=None, seq_buckets=None,
                  attention_backend: str | None = None, interpret: bool = False):
         self.cfg = model.cfg
-        self.graphdef, self.params = nnx.split(model)
+        self.graph, self.params = StaticGraph.split(model)
         kv_dtype = model.dtype if kv_dtype is None else kv_dtype
         self.pages = KVPages.create(self.cfg, num_pages=num_pages, page_size=page_size, dtype=kv_dtype)
         self.buckets = Buckets.make(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -89,7 +89,7 @@ class ModelRunner:
         ``sampled=False`` skips the sampling variants (greedy-only serving). Returns the number of shapes."""
         keys = self.all_shape_keys(sampled=sampled)
         for key in keys:
-            tokens, self.pages = step(self.graphdef, self.params, self.pages, empty_step_inputs(key), self.attention)
+            tokens, self.pages = step(self.graph, self.params, self.pages, empty_step_inputs(key), self.attention)
         self.copy([(0, 0)])
         tokens.block_until_ready()
         return len(keys)
@@ -113,7 +113,7 @@ class ModelRunner:
         if inputs is None:
             return {}
         self.shape_keys.add(inputs.shape_key)
-        tokens, self.pages = step(self.graphdef, self.params, self.pages, inputs, self.attention)
+        tokens, self.pages = step(self.graph, self.params, self.pages, inputs, self.attention)
         self.num_steps += 1
         host = np.asarray(tokens)
         return {r.request_id: int(host[i]) for i, r in enumerate(plan.requests) if r.sample}
