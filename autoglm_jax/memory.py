@@ -28,6 +28,15 @@ Three parts (all in bytes; shape letters as in the README):
    Layers run one after another, so only one layer's intermediates live at a time. Attention itself is
    flash-style (paged kernel, no [T, S] scores). XLA's fusion may lower the peak; this is an upper estimate.
 
+4. **Tensor parallelism** (``tensor=t``, the engine on a ``make_mesh(tensor=t)`` mesh): every number is per
+   device. KV heads are first repeated to K' = max(K, t) (``sharding.shard_model``), then each device holds
+   K'/t of them: ``kv_bytes_per_token_per_layer = 2 * (K'/t) * H * b`` (+ ``2 * (K'/t) * 4`` for int8).
+   Weight matrices and biases are split t ways (column-parallel qkv / gate_up / LM head / embedding,
+   row-parallel o_proj / down_proj, with K' KV heads in qkv), norms are replicated; quantized scales are
+   counted split too (an estimate: row-parallel int4 scales are in fact replicated). Workspace: the
+   residual stream is replicated, the attention and MLP intermediates and the logits are split t ways, the
+   float32 sort buffers of top-k/p are counted whole.
+
 From ``free_bytes`` the plan reserves ``headroom`` (fragmentation, compiler scratch), subtracts parameters
 and workspace, and gives the rest to KV pages: ``num_pages = rest // page_bytes`` (page 0 is the null page).
 """
@@ -94,10 +103,24 @@ def _bytes_of(dtype: str, table: dict, what: str) -> int:
     return table[dtype]
 
 
-def param_bytes(cfg: GLMConfig, *, dtype: str, quant=None) -> dict[str, int]:
-    """Parameter bytes per group: embed, attention, mlp, norms, lm_head."""
+def _tensor(tensor) -> int:
+    if not isinstance(tensor, int) or isinstance(tensor, bool) or tensor < 1:
+        raise ValueError(f"tensor={tensor!r} must be a positive integer (the tensor-parallel degree)")
+    return tensor
+
+
+def _tp_config(cfg: GLMConfig, tensor: int) -> GLMConfig:
+    """``cfg`` with its KV heads repeated to K' = max(K, t), as ``sharding.shard_model`` lays them out."""
+    k = max(cfg.num_kv_heads, tensor)
+    return cfg if k == cfg.num_kv_heads else cfg.replace(num_kv_heads=k)
+
+
+def param_bytes(cfg: GLMConfig, *, dtype: str, quant=None, tensor: int = 1) -> dict[str, int]:
+    """Parameter bytes per group: embed, attention, mlp, norms, lm_head (per device with ``tensor`` > 1)."""
     a = _bytes_of(dtype, DTYPE_BYTES, "dtype")
     q = _quant(quant)
+    t = _tensor(tensor)
+    cfg = _tp_config(cfg, t)
     d, f, v, h = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     n, k, layers = cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
 
@@ -111,14 +134,19 @@ def param_bytes(cfg: GLMConfig, *, dtype: str, quant=None) -> dict[str, int]:
     # The embedding table [V, D] is quantized per row (channel = token), like a linear with I = D, O = V.
     embed = linear("embed", d, v)
     head = 0 if cfg.tie_word_embeddings else linear("lm_head", d, v)
-    return {"embed": embed, "attention": layers * attn, "mlp": layers * mlp, "norms": norms, "lm_head": head}
+    split = lambda x: -(-x // t)
+    return {"embed": split(embed), "attention": layers * split(attn), "mlp": layers * split(mlp), "norms": norms,
+            "lm_head": split(head)}
 
 
-def kv_bytes_per_token_per_layer(cfg: GLMConfig, kv_dtype: str) -> int:
+def kv_bytes_per_token_per_layer(cfg: GLMConfig, kv_dtype: str, *, tensor: int = 1) -> int:
+    """K and V of one token in one layer (on each device with ``tensor`` > 1: K'/t heads)."""
     b = _bytes_of(kv_dtype, KV_DTYPE_BYTES, "kv_dtype")
-    per = 2 * cfg.num_kv_heads * cfg.head_dim * b
+    t = _tensor(tensor)
+    heads = -(-_tp_config(cfg, t).num_kv_heads // t)
+    per = 2 * heads * cfg.head_dim * b
     if kv_dtype == "int8":
-        per += 2 * cfg.num_kv_heads * 4  # a float32 scale per token per head, for K and for V
+        per += 2 * heads * 4  # a float32 scale per token per head, for K and for V
     return per
 
 
@@ -127,18 +155,21 @@ def kv_cache_bytes(cfg: GLMConfig, *, kv_dtype: str, tokens: int) -> int:
     return tokens * cfg.num_layers * kv_bytes_per_token_per_layer(cfg, kv_dtype)
 
 
-def workspace_bytes(cfg: GLMConfig, *, dtype: str, batch: int, chunk: int, logits_rows: int | None = None
-                    ) -> dict[str, int]:
+def workspace_bytes(cfg: GLMConfig, *, dtype: str, batch: int, chunk: int, logits_rows: int | None = None,
+                    tensor: int = 1) -> dict[str, int]:
     """Activation workspace of one step (see the module docstring); keys resid/attention/mlp/head/total."""
     a = _bytes_of(dtype, DTYPE_BYTES, "dtype")
+    t = _tensor(tensor)
+    cfg = _tp_config(cfg, t)
     m = max(chunk, batch)
     r = batch if logits_rows is None else logits_rows
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    split = lambda x: -(-x // t)
     out = {
         "resid": 2 * m * d * a,
-        "attention": m * cfg.qkv_size * a + m * cfg.num_heads * cfg.head_dim * a,
-        "mlp": m * 2 * f * a + m * f * a,
-        "head": r * v * (a + 4) + r * v * (4 + 4),
+        "attention": split(m * cfg.qkv_size * a + m * cfg.num_heads * cfg.head_dim * a),
+        "mlp": split(m * 2 * f * a + m * f * a),
+        "head": split(r * v * (a + 4)) + r * v * (4 + 4),
     }
     out["total"] = out["resid"] + max(out["attention"], out["mlp"], out["head"])
     return out
@@ -154,6 +185,7 @@ class MemoryPlan:
     context: int
     page_size: int
     chunk: int
+    tensor: int                      # tensor-parallel degree: the byte counts below are per device
     param_bytes_by_group: tuple[tuple[str, int], ...]
     param_bytes: int
     kv_bytes_per_token_per_layer: int
@@ -173,8 +205,12 @@ class MemoryPlan:
 
 def plan_memory(cfg: GLMConfig, *, dtype: str = "bfloat16", quant=None, kv_dtype: str | None = None, batch: int,
                 context: int, page_size: int = 16, chunk: int = 2048, free_bytes: int | None = None,
-                headroom: float = 0.05, logits_rows: int | None = None, model: str = "") -> MemoryPlan:
-    for key, val in (("batch", batch), ("context", context), ("page_size", page_size), ("chunk", chunk)):
+                headroom: float = 0.05, logits_rows: int | None = None, model: str = "", tensor: int = 1
+                ) -> MemoryPlan:
+    """The memory plan of a serving setup; with ``tensor`` = t > 1, bytes per device of a t-way
+    tensor-parallel engine (``free_bytes``: one device's free memory)."""
+    for key, val in (("batch", batch), ("context", context), ("page_size", page_size), ("chunk", chunk),
+                     ("tensor", tensor)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{key}={val!r} must be a positive integer")
     if not 0 <= headroom < 1:
@@ -183,13 +219,13 @@ def plan_memory(cfg: GLMConfig, *, dtype: str = "bfloat16", quant=None, kv_dtype
         raise ValueError(f"context={context} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     q = _quant(quant)
-    groups = param_bytes(cfg, dtype=dtype, quant=q)
+    groups = param_bytes(cfg, dtype=dtype, quant=q, tensor=tensor)
     params = sum(groups.values())
-    per_tl = kv_bytes_per_token_per_layer(cfg, kv_dtype)
+    per_tl = kv_bytes_per_token_per_layer(cfg, kv_dtype, tensor=tensor)
     page = page_size * cfg.num_layers * per_tl
     pages_per_seq = -(-context // page_size)
     kv_needed = (batch * pages_per_seq + 1) * page
-    ws = workspace_bytes(cfg, dtype=dtype, batch=batch, chunk=chunk, logits_rows=logits_rows)
+    ws = workspace_bytes(cfg, dtype=dtype, batch=batch, chunk=chunk, logits_rows=logits_rows, tensor=tensor)
     num_pages = max_seqs = fits = None
     if free_bytes is not None:
         rest = int(free_bytes * (1 - headroom)) - params - ws["total"]
@@ -199,7 +235,7 @@ def plan_memory(cfg: GLMConfig, *, dtype: str = "bfloat16", quant=None, kv_dtype
     qname = "none" if q is None else (q.method if q.method == "int8" else f"int4/g{q.group_size}")
     return MemoryPlan(
         model=model, dtype=dtype, quant=qname, kv_dtype=kv_dtype, batch=batch, context=context, page_size=page_size,
-        chunk=chunk, param_bytes_by_group=tuple(groups.items()), param_bytes=params,
+        chunk=chunk, tensor=tensor, param_bytes_by_group=tuple(groups.items()), param_bytes=params,
         kv_bytes_per_token_per_layer=per_tl, kv_bytes_per_token=per_tl * cfg.num_layers, page_bytes=page,
         pages_per_seq=pages_per_seq, kv_bytes_needed=kv_needed,
         workspace_by_part=tuple((k, v) for k, v in ws.items() if k != "total"), workspace_bytes=ws["total"],
@@ -223,7 +259,8 @@ def format_memory_table(plan: MemoryPlan) -> str:
     rows += [(f"workspace/{k}", v, "") for k, v in plan.workspace_by_part]
     rows.append(("workspace (peak)", plan.workspace_bytes, f"chunk {plan.chunk}, batch {plan.batch}"))
     rows.append(("total needed", plan.total_needed, "params + workspace + kv"))
-    lines = [f"Memory plan: {plan.model or 'model'}, batch {plan.batch}, context {plan.context}", "",
+    per_dev = f", tensor parallel {plan.tensor} (bytes per device)" if plan.tensor > 1 else ""
+    lines = [f"Memory plan: {plan.model or 'model'}, batch {plan.batch}, context {plan.context}{per_dev}", "",
              "| item | bytes | GiB | note |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {name} | {v:,} | {_gib(v)} | {note} |" for name, v, note in rows]
     if plan.free_bytes is not None:
@@ -234,13 +271,17 @@ def format_memory_table(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def device_free_bytes() -> int | None:
-    """Free memory of the first jax device (``bytes_limit - bytes_in_use``), or None when unknown."""
+def device_free_bytes(devices=None) -> int | None:
+    """Free memory (``bytes_limit - bytes_in_use``) of the first jax device, or the least over ``devices``
+    (e.g. a mesh's); None when unknown."""
     import jax  # only here: the model itself is pure arithmetic
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    free = []
+    for dev in ([jax.devices()[0]] if devices is None else list(devices)):
+        stats = dev.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return None
+        free.append(int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    return min(free) if free else None
 
 
 def memory_main(argv: Sequence[str] | None = None) -> int:
@@ -258,6 +299,8 @@ def memory_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--free-gib", type=float, default=None, help="free device memory (GiB)")
     p.add_argument("--device", action="store_true", help="read free memory from the first jax device")
     p.add_argument("--headroom", type=float, default=0.05)
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="bytes per device of N-way "
+                   "tensor parallelism (free memory is then one device's)")
     args = p.parse_args(argv)
     try:
         cfg = GLMConfig.from_preset(args.model) if args.model in PRESETS else GLMConfig.from_json_file(args.model)
@@ -267,7 +310,7 @@ def memory_main(argv: Sequence[str] | None = None) -> int:
         quant = None if args.quant == "none" else QuantSpec(method=args.quant, group_size=args.group_size)
         plan = plan_memory(cfg, dtype=args.dtype, quant=quant, kv_dtype=args.kv_dtype, batch=args.batch,
                            context=args.context, page_size=args.page_size, chunk=args.chunk, free_bytes=free,
-                           headroom=args.headroom, model=args.model)
+                           headroom=args.headroom, model=args.model, tensor=args.tensor_parallel)
     except (ValueError, OSError) as e:
         print(f"autoglm memory: error: {e}", file=sys.stderr)
         return 2

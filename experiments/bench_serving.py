@@ -131,8 +131,9 @@ def decode_b32(llm, cfg, args, bandwidth, embed_bytes: int) -> dict:
         llm.step()
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times[1:-1] if len(times) > 3 else times))
-    kv_tok = kv_bytes_per_token_per_layer(cfg, llm.kv_dtype) * cfg.num_layers
+    kv_tok = kv_bytes_per_token_per_layer(cfg, llm.kv_dtype, tensor=llm.memory["tensor_parallel"]) * cfg.num_layers
     # every weight once, except the embedding table (only the batch's rows are gathered), plus each KV read
+    # (per device with --tensor-parallel: its shards, against one device's copy bandwidth)
     read = llm.memory["param_bytes"] - embed_bytes + 32 * (ctx + args.decode_steps // 2) * kv_tok
     out = dict(b32_decode_step_ms=1e3 * step_s, b32_bytes_per_step=read)
     if bandwidth:
@@ -158,10 +159,15 @@ def jax_worker(args) -> dict:
     jax.block_until_ready(nnx.state(model))
     max_len = args.prefix + args.suffix + args.max_out
     t = time.perf_counter()
+    mesh = None
+    if args.tensor_parallel > 1:  # shard here, so no full copy stays on device 0 (it would shrink the pool)
+        from sharding import make_mesh, shard_model
+        mesh = make_mesh(tensor=args.tensor_parallel)
+        model = shard_model(model, mesh)
     llm = LLM(model, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
               num_pages=args.num_pages, kv_dtype=args.kv_dtype, memory_headroom=args.headroom,
-              token_buckets=args.token_buckets, seq_buckets=args.seq_buckets)
+              token_buckets=args.token_buckets, seq_buckets=args.seq_buckets, mesh=mesh)
     n_shapes = llm.warmup(sampled=False)
     warm_s = time.perf_counter() - t
     comp_warm = llm.num_compilations
@@ -171,7 +177,8 @@ def jax_worker(args) -> dict:
         row = dict(impl=f"autoglm_jax {args.worker}", **serve(llm, reqs, tag=f"{args.worker}-{tag}"))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    dec = decode_b32(llm, cfg, args, None if on_cpu else bandwidth, embed_bytes=model.embed[...].nbytes)
+    dec = decode_b32(llm, cfg, args, None if on_cpu else bandwidth,
+                     embed_bytes=model.embed[...].nbytes // args.tensor_parallel)
     stats = jax.devices()[0].memory_stats() or {}
     return dict(rows=rows, bandwidth=bandwidth, warmup_s=warm_s, warmup_shapes=n_shapes,
                 compilations_after_warmup=llm.num_compilations - comp_warm, memory=llm.memory,
@@ -265,6 +272,8 @@ def main(argv=None):
     p.add_argument("--token-buckets", type=int, nargs="+", default=[256, 1024, 2048])
     p.add_argument("--seq-buckets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--num-pages", type=int, default=None, help="default: from free memory")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="engine parts: model and KV pages sharded over N devices (bytes and roofline per device)")
     p.add_argument("--headroom", type=float, default=0.1)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--hf-batch", type=int, nargs="+", default=[64])

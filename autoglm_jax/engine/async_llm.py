@@ -23,9 +23,16 @@ from .scheduler import RequestOutput
 
 
 class AsyncLLM:
-    def __init__(self, engine_or_model, *, idle_wait_s: float = 0.02, **llm_kwargs):
-        """Wraps an ``LLM`` (or builds one from a model and ``llm_kwargs``)."""
-        self.engine = engine_or_model if isinstance(engine_or_model, LLM) else LLM(engine_or_model, **llm_kwargs)
+    def __init__(self, engine_or_model, *, idle_wait_s: float = 0.02, mesh=None, **llm_kwargs):
+        """Wraps an ``LLM`` (or builds one from a model, ``mesh`` -- tensor parallelism, see ``LLM`` -- and
+        ``llm_kwargs``)."""
+        if isinstance(engine_or_model, LLM):
+            if mesh is not None or llm_kwargs:
+                raise ValueError("AsyncLLM(engine) takes the engine as built; pass mesh and other engine "
+                                 f"options to LLM(...) instead (got {sorted(llm_kwargs) + ['mesh'] * bool(mesh)})")
+            self.engine = engine_or_model
+        else:
+            self.engine = LLM(engine_or_model, mesh=mesh, **llm_kwargs)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False

@@ -15,6 +15,14 @@ platform; ``interpret=True`` runs the GPU kernels' Pallas code on CPU, for tests
 Sizing: ``num_pages=None`` takes what device memory allows (``autoglm_jax.memory``): free memory now (the
 parameters are already loaded) less a headroom and the step workspace, divided by the page size in bytes.
 Without a memory query (CPU) it allocates enough pages for ``max_num_seqs`` full contexts, at most 1 GiB.
+
+Tensor parallelism: ``mesh=sharding.make_mesh(tensor=t)`` shards the model (unless it already is, on that
+mesh; a tensor-parallel model without ``mesh=`` runs on its own mesh), splits the page pool over KV heads and
+runs the attention kernels per shard (``tensor_parallel.py``). Sizing then counts bytes per device: the
+least free memory over the mesh's devices, a page's K'/t heads. A mesh that does not fit raises ``MeshError``
+before any device work. Sharding here leaves the caller's unsharded model where it is (one full copy on its
+device, counted against that device's free memory): pass an already sharded model
+(``sharding.from_pretrained_sharded``) to serve large models.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from .request import Request, SamplingParams
 from .runner import ModelRunner, num_compilations
 from .scheduler import RequestOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from .step_inputs import StepInputs
+from .tensor_parallel import check_engine_mesh, place_model, tensor_degree
 
 CPU_KV_BUDGET = 1 * GiB
 
@@ -77,7 +86,7 @@ class LLM:
                  tokenizer=None, eviction: str = "lru", enable_prefix_caching: bool = True, seed: int = 0,
                  memory_headroom: float = 0.1, model_key: str = "", token_buckets: Sequence[int] | None = None,
                  seq_buckets: Sequence[int] | None = None, attention_backend: str | None = None,
-                 interpret: bool = False):
+                 interpret: bool = False, mesh=None):
         cfg = model.cfg
         self.cfg, self.tokenizer = cfg, tokenizer
         max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
@@ -87,12 +96,13 @@ class LLM:
         if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size={page_size!r} must be a power of two (the paged kernels need it)")
         self.kv_dtype = _kv_dtype_name(kv_dtype, model.dtype)
+        self.mesh = check_engine_mesh(model, mesh)  # MeshError before any device work
         pages_per_seq = -(-max_model_len // page_size)
         plan = plan_memory(cfg, dtype=jnp.dtype(model.dtype).name, kv_dtype=self.kv_dtype, batch=max_num_seqs,
                            context=max_model_len, page_size=page_size, chunk=max_num_batched_tokens,
-                           logits_rows=max_num_seqs)
+                           logits_rows=max_num_seqs, tensor=tensor_degree(self.mesh))
         if num_pages is None:
-            free = device_free_bytes()
+            free = device_free_bytes(None if self.mesh is None else self.mesh.devices.flat)
             if free is None:
                 num_pages = min(max_num_seqs * pages_per_seq + 1, max(CPU_KV_BUDGET // plan.page_bytes, 2))
             else:
@@ -106,12 +116,15 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, eviction=eviction, model_key=model_key,
             enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, detokenize=None if tokenizer is None else tokenizer.decode)
+        model = place_model(model, self.mesh)
+        self.cfg = model.cfg  # a sharded model's: K' KV heads
         self.runner = ModelRunner(model, num_pages=num_pages, page_size=page_size, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, max_pages_per_seq=pages_per_seq,
                                   kv_dtype=self.kv_dtype, token_buckets=token_buckets, seq_buckets=seq_buckets,
-                                  attention_backend=attention_backend, interpret=interpret)
-        kv_bytes = num_pages * plan.page_bytes
-        self.memory = {"param_bytes": self.runner.param_bytes, "page_bytes": plan.page_bytes,
+                                  attention_backend=attention_backend, interpret=interpret, mesh=self.mesh)
+        kv_bytes = num_pages * plan.page_bytes  # per device on a mesh, like the other entries
+        self.memory = {"tensor_parallel": plan.tensor, "param_bytes": self.runner.param_bytes,
+                       "page_bytes": plan.page_bytes,
                        "num_pages": num_pages, "kv_bytes": kv_bytes, "workspace_bytes": plan.workspace_bytes,
                        "predicted_peak_bytes": self.runner.param_bytes + kv_bytes + plan.workspace_bytes}
         self._rng = np.random.default_rng(seed)

@@ -9,6 +9,10 @@ Shapes come in buckets (``step_inputs``): the number of distinct compiled progra
 ``num_compilations`` (a trace counter: the step body runs in Python only when jax traces a new shape) lets
 callers check that steady-state serving does not recompile. Copy-on-write page copies run on the device
 in a second small jitted function (donated pages, copy count bucketed) before the step's writes.
+
+With a ``mesh`` (tensor parallelism, ``tensor_parallel.py``) the model is sharded, the pool is split over KV
+heads, step inputs are replicated and the mesh rides in the static ``attention`` options to the kernels; both
+jitted functions pin the pool's output sharding to its input's, so steps never recompile for a layout.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import numpy as np
 
 from ..model.static_graph import StaticGraph
 from ..sampling import sample_tokens
+from sharding.partition import per_device_bytes
+
 from .paged_cache import KVPages, PagedKVCache
 from .step_inputs import Buckets, StepInputs, bucket, build_step_inputs, empty_step_inputs
+from .tensor_parallel import check_engine_mesh, place_model, replicate
 
 _TRACES = {"step": 0, "copy": 0}
 
@@ -30,12 +37,13 @@ _TRACES = {"step": 0, "copy": 0}
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
 def step(graph: StaticGraph, params, pages: KVPages, inputs: StepInputs, attention: tuple = ()):
     """One engine step. Returns (sampled tokens [B] int32, updated pages). ``attention``: static
-    (name, value) pairs for the kernels' dispatch (``backend``, ``interpret``)."""
+    (name, value) pairs for the kernels' dispatch (``backend``, ``interpret``, ``mesh``)."""
     _TRACES["step"] += 1
     model = graph.merge(params)
+    options = dict(attention)
     cache = PagedKVCache(pages=pages, slot_mapping=inputs.slot_mapping, page_table=inputs.page_table,
                          context_lens=inputs.context_lens, query_start=inputs.query_start,
-                         num_seqs=inputs.num_seqs, decode_only=inputs.decode_only, **dict(attention))
+                         num_seqs=inputs.num_seqs, decode_only=inputs.decode_only, **options)
     h, cache = model.hidden_states(inputs.token_ids[None], inputs.positions[None], cache=cache)
     logits = model.logits(h[0, inputs.logits_indices])  # [B, V] float32
     if inputs.all_greedy:
@@ -43,13 +51,13 @@ def step(graph: StaticGraph, params, pages: KVPages, inputs: StepInputs, attenti
     else:
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(inputs.seeds, inputs.sample_index)
         tokens = sample_tokens(logits, keys, inputs.temperature, inputs.top_k, inputs.top_p)
-    return tokens, cache.pages
+    return tokens, cache.pages.constrain(options.get("mesh"))
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def copy_pages(pages: KVPages, src, dst) -> KVPages:
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def copy_pages(pages: KVPages, src, dst, mesh=None) -> KVPages:
     _TRACES["copy"] += 1
-    return pages.copy_pages(src, dst)
+    return pages.copy_pages(src, dst).constrain(mesh)
 
 
 def num_compilations() -> int:
@@ -58,25 +66,30 @@ def num_compilations() -> int:
 
 
 class ModelRunner:
-    """Owns the device state of one engine: parameters and the page pool."""
+    """Owns the device state of one engine: parameters and the page pool (sharded over ``mesh`` if given:
+    ``tensor_parallel.py``; the model is sharded here unless it already is, on that mesh)."""
 
     def __init__(self, model, *, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_pages_per_seq: int, kv_dtype=None, token_buckets=None, seq_buckets=None,
-                 attention_backend: str | None = None, interpret: bool = False):
-        self.cfg = model.cfg
-        self.graph, self.params = StaticGraph.split(model)
-        kv_dtype = model.dtype if kv_dtype is None else kv_dtype
-        self.pages = KVPages.create(self.cfg, num_pages=num_pages, page_size=page_size, dtype=kv_dtype)
+                 attention_backend: str | None = None, interpret: bool = False, mesh=None):
         self.buckets = Buckets.make(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                     max_pages_per_seq=max_pages_per_seq, token_buckets=token_buckets,
                                     seq_buckets=seq_buckets)
-        self.attention = (("backend", attention_backend), ("interpret", bool(interpret)))
+        self.mesh = check_engine_mesh(model, mesh)  # errors first, then device work
+        model = place_model(model, self.mesh)
+        self.cfg = model.cfg
+        self.graph, self.params = StaticGraph.split(model)
+        kv_dtype = model.dtype if kv_dtype is None else kv_dtype
+        self.pages = KVPages.create(self.cfg, num_pages=num_pages, page_size=page_size, dtype=kv_dtype,
+                                    mesh=self.mesh)
+        self.attention = (("backend", attention_backend), ("interpret", bool(interpret)), ("mesh", self.mesh))
         self.shape_keys: set[tuple] = set()  # step shapes run so far
         self.num_steps = 0
 
     @property
     def param_bytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))
+        """Parameter bytes on the fullest device (all of them without a mesh)."""
+        return max(per_device_bytes(self.params).values(), default=0)
 
     def build_inputs(self, plan, seeds: dict[str, int]) -> StepInputs:
         return build_step_inputs(plan, seeds, self.buckets)
@@ -89,7 +102,8 @@ class ModelRunner:
         ``sampled=False`` skips the sampling variants (greedy-only serving). Returns the number of shapes."""
         keys = self.all_shape_keys(sampled=sampled)
         for key in keys:
-            tokens, self.pages = step(self.graph, self.params, self.pages, empty_step_inputs(key), self.attention)
+            inputs = replicate(empty_step_inputs(key), self.mesh)
+            tokens, self.pages = step(self.graph, self.params, self.pages, inputs, self.attention)
         self.copy([(0, 0)])
         tokens.block_until_ready()
         return len(keys)
@@ -101,7 +115,7 @@ class ModelRunner:
         src = np.zeros(c, np.int32)
         dst = np.zeros(c, np.int32)
         src[:len(copy_ops)], dst[:len(copy_ops)] = zip(*copy_ops)
-        self.pages = copy_pages(self.pages, src, dst)
+        self.pages = copy_pages(self.pages, *replicate((src, dst), self.mesh), self.mesh)
 
     def execute(self, plan, seeds: dict[str, int]) -> dict[str, int]:
         """Runs ``plan`` (copies first, then the step); returns {request_id: token} for sampling requests."""
@@ -113,6 +127,7 @@ class ModelRunner:
         if inputs is None:
             return {}
         self.shape_keys.add(inputs.shape_key)
+        inputs = replicate(inputs, self.mesh)
         tokens, self.pages = step(self.graph, self.params, self.pages, inputs, self.attention)
         self.num_steps += 1
         host = np.asarray(tokens)

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-concurrency", type=int, default=256, metavar="N",
                    help="requests in flight (running + queued); one more is answered 429 with Retry-After")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="shard the model over N devices")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="shard the model and the KV pages "
+                   "over N devices (tensor parallelism)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests per engine step")
@@ -101,12 +102,17 @@ def build_server(args, *, log=print):
     from .chat_template import ChatTemplate
 
     t0 = time.perf_counter()
+    mesh = None
+    if args.tensor_parallel > 1:
+        from sharding import make_mesh
+
+        mesh = make_mesh(tensor=args.tensor_parallel)  # MeshError (a ValueError) before loading
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel,
                                                 note=log)
     llm = LLM(model, tokenizer=tokenizer, num_pages=args.num_pages, page_size=args.page_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, kv_dtype=args.kv_dtype, token_buckets=args.token_buckets,
-              seq_buckets=args.seq_buckets, model_key=str(args.model))
+              seq_buckets=args.seq_buckets, model_key=str(args.model), mesh=mesh)
     t_load = time.perf_counter() - t0
     shapes = 0
     if args.warmup != "none":
@@ -119,7 +125,8 @@ def build_server(args, *, log=print):
                      max_concurrency=args.max_concurrency, log=lambda m: log(m))
     report = {"model": name, "load_s": round(t_load, 3), "warmup_s": round(t_warm, 3), "warmup_shapes": shapes,
               "compilations": llm.num_compilations, "compilation_cache": str(cache) if cache else None,
-              "chat_template": template.origin, "num_pages": llm.memory["num_pages"],
+              "chat_template": template.origin, "tensor_parallel": args.tensor_parallel,
+              "num_pages": llm.memory["num_pages"],
               "max_model_len": llm.scheduler.config.max_model_len}
     return app, report
 
