@@ -10,7 +10,10 @@ same jitted prefill / decode step as ``autoglm_jax.generate`` (dense KV cache cr
 are chained on device without host syncs; ``ms_per_token`` = decode time / (new tokens - 1), and
 ``tokens_per_s`` = batch x (new tokens - 1) / decode time (prefill excluded; reported separately).
 ``roofline_ms`` is the per-device parameter bytes over the copy bandwidth measured on device 0 in this run.
-Floors (2 H100s): tp2_speedup_b1 >= 1.4, tp2_speedup_b32 >= 1.6.
+Floors (2 H100s): tp2_speedup_b1 >= 1.4, tp2_speedup_b32 >= 1.6. ``tokens_identical`` in the summary is the
+float32 check (``--check-dtype``: ``--check-batch`` prompts, ``--check-new`` greedy tokens, every degree against
+degree 1); the timed bfloat16 runs' own token comparison is ``tokens_identical_bfloat16``, where the
+all-reduce's summation order may flip a near-tie argmax of random weights.
 """
 
 from __future__ import annotations
@@ -90,6 +93,33 @@ def run_degree(model, tp: int, args, cfg, rows, tokens_by):
 
 
 
+def check_tokens(cfg, degrees, args, dtype: str) -> dict:
+    """Greedy tokens of every degree against degree 1 with ``dtype`` weights (a float32 check: in bfloat16 the
+    all-reduce's other summation order can flip a near-tie argmax of random weights; that is not a bug)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from autoglm_jax.generate import GenerationConfig, decode_stream
+    from autoglm_jax.loading import random_model
+    from sharding import make_mesh, shard_model
+
+    batch, new = args.check_batch, args.check_new
+    prompts = np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, args.prompt)).astype(np.int32).tolist()
+    gen_cfg = GenerationConfig(max_new_tokens=new, eos_token_ids=())
+    model = random_model(cfg, dtype=dtype, seed=0)
+    out = {}
+    for tp in degrees:  # (under highest matmul precision: on GPU float32 dots default to TF32)
+        sm = model if tp == 1 else shard_model(model, make_mesh(tensor=tp))
+        out[tp] = np.stack([np.asarray(t) for t in decode_stream(sm, prompts, gen_cfg)], 1)
+        if tp != 1:
+            del sm
+        jax.block_until_ready(nnx.state(model))
+    base = out[1]
+    return {f"tp{tp}_identical": bool(np.array_equal(base, out[tp])) for tp in degrees[1:]} | {
+        "dtype": dtype, "batch": batch, "prompt": args.prompt, "new_tokens": new}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on 8 virtual CPU devices (smoke run)")
@@ -100,6 +130,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny)")
     ap.add_argument("--out", default=str(bench_common.RESULTS))
+    ap.add_argument("--check-dtype", default="float32", help="weights of the token-identity check ('' = skip)")
+    ap.add_argument("--check-batch", type=int, default=4)
+    ap.add_argument("--check-new", type=int, default=32)
     args = ap.parse_args()
 
     import jax
@@ -124,6 +157,11 @@ def main():
     rows, tokens_by = [], {}
     for tp in degrees:
         run_degree(model, tp, args, cfg, rows, tokens_by)
+    del model
+    check = None
+    if args.check_dtype:
+        with jax.default_matmul_precision("highest"):
+            check = check_tokens(cfg, degrees, args, args.check_dtype)
     by = {(r["tensor_parallel"], r["batch"]): r for r in rows}
     for r in rows:
         base = by[(1, r["batch"])]
@@ -137,7 +175,13 @@ def main():
             r["roofline_ms"] = 1e3 * r["param_gib_per_device"] * 2**30 / bandwidth
             r["frac_of_roofline"] = r["roofline_ms"] / r["ms_per_token"]
     summary = {"model": "tiny(N=8)" if args.tiny else "glm-4-9b", "dtype": dtype,
-               "degrees": degrees, "tokens_identical": all(r["tokens_identical"] for r in rows)}
+               "xla_flags": os.environ.get("XLA_FLAGS", ""),
+               "degrees": degrees, f"tokens_identical_{dtype}": all(r["tokens_identical"] for r in rows)}
+    if check:
+        summary["token_check"] = check
+        summary["tokens_identical"] = all(v for k, v in check.items() if k.endswith("_identical"))
+    else:
+        summary["tokens_identical"] = summary[f"tokens_identical_{dtype}"]
     b_lo, b_hi = min(args.batch), max(args.batch)
     for tp in degrees[1:]:
         summary[f"tp{tp}_speedup_b{b_lo}"] = by[(tp, b_lo)]["speedup"]

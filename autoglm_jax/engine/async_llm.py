@@ -117,6 +117,20 @@ class AsyncLLM:
         except RuntimeError:  # the consumer's loop is closed
             pass
 
+    def _deliver_step(self, outputs) -> None:
+        """One step's outputs: a single wake-up per consumer loop (not one per request), which hands each
+        output to its queue on the loop's thread."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            target = self._queues.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumers' loop is closed
+                pass
+
     def _run(self) -> None:
         engine = self.engine
         while not self._stop:
@@ -137,5 +151,9 @@ class AsyncLLM:
                         self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
                 return
             with self._lock:
-                for out in engine.finish_step(plan, sampled):
-                    self._deliver(out.request_id, out)
+                self._deliver_step(engine.finish_step(plan, sampled))
+
+
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -131,6 +131,9 @@ def build_server(args, *, log=print):
     return app, report
 
 
+_GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def serve_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_concurrency < 1:
@@ -141,6 +144,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    # The engine thread and the event loop share the GIL; at Python's default 5 ms switch interval the
+    # engine thread can wait that long for it after each device step while the loop streams chunks.
+    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
     try:
         app, report = build_server(args, log=log)
     except ValueError as e:
