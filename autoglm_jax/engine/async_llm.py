@@ -132,18 +132,26 @@ class AsyncLLM:
                 pass
 
     def _run(self) -> None:
+        """schedule -> launch step N -> hand step N-1's outputs to the consumers -> wait for step N -> update.
+
+        Outputs are handed over only once the next step is on the device, so the event loop streams them
+        while the device works instead of competing for the GIL with the scheduling of the next step."""
         engine = self.engine
+        pending: list = []  # outputs of the last finished step, not yet handed over
         while not self._stop:
             with self._lock:
                 plan = inputs = None
                 if engine.has_unfinished():
                     plan, inputs = engine.schedule()
             if plan is None:
+                pending = self._hand_over(pending)
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
                 continue
             try:
-                sampled = engine.run(plan, inputs)
+                handle = engine.launch(plan, inputs)
+                pending = self._hand_over(pending)
+                sampled = engine.collect(handle)
             except BaseException as e:  # noqa: BLE001 - reported to every waiting consumer
                 with self._lock:
                     self.error = e
@@ -151,7 +159,14 @@ class AsyncLLM:
                         self._deliver(rid, RuntimeError(f"engine step failed: {e!r}"))
                 return
             with self._lock:
-                self._deliver_step(engine.finish_step(plan, sampled))
+                pending = engine.finish_step(plan, sampled)
+        self._hand_over(pending)
+
+    def _hand_over(self, outputs) -> list:
+        if outputs:
+            with self._lock:
+                self._deliver_step(outputs)
+        return []
 
 
 def _put_all(items) -> None:

@@ -181,6 +181,13 @@ class LLM:
         """Device half: copy-on-write copies, then the step. Returns sampled tokens by request id."""
         return self.runner.execute_inputs(plan, inputs)
 
+    def launch(self, plan: SchedulerOutput, inputs: StepInputs | None):
+        """``run`` split in two: dispatch now, ``collect(handle)`` waits for the sampled tokens."""
+        return self.runner.launch(plan, inputs)
+
+    def collect(self, handle) -> dict[str, int]:
+        return self.runner.collect(handle)
+
     def finish_step(self, plan: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
         outs = self.scheduler.update(plan, sampled)
         now = time.perf_counter()

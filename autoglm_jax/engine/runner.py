@@ -123,12 +123,24 @@ class ModelRunner:
 
     def execute_inputs(self, plan, inputs: StepInputs | None) -> dict[str, int]:
         """``execute`` with the inputs already built (``build_inputs``; None for an empty plan)."""
+        return self.collect(self.launch(plan, inputs))
+
+    def launch(self, plan, inputs: StepInputs | None):
+        """Dispatches the step without waiting for it; ``collect`` the returned handle for its tokens."""
         self.copy(plan.copy_ops)
         if inputs is None:
-            return {}
+            return plan, None
         self.shape_keys.add(inputs.shape_key)
         inputs = replicate(inputs, self.mesh)
         tokens, self.pages = step(self.graph, self.params, self.pages, inputs, self.attention)
         self.num_steps += 1
+        return plan, tokens
+
+    @staticmethod
+    def collect(launched) -> dict[str, int]:
+        """Waits for a launched step: {request_id: token} for its sampling requests."""
+        plan, tokens = launched
+        if tokens is None:
+            return {}
         host = np.asarray(tokens)
         return {r.request_id: int(host[i]) for i, r in enumerate(plan.requests) if r.sample}
