@@ -31,8 +31,10 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] | None = None  # None = the model config's
     cache_dtype: str | None = None  # None = the model's compute dtype
     # Prefill at most this many tokens per call (whole rows; the row count divides the batch), bounding the
-    # activation memory of a large batch at a small cost in prefill speed.
-    max_prefill_tokens: int = 4096
+    # activation memory of a large batch at a small cost in prefill speed. The dense attention's float32
+    # logits dominate: rows x N x T x S x 4 bytes (4096 tokens of 512 over a 640-slot cache: 0.31 GiB, with
+    # masked and exponentiated copies about 1 GiB; the H100 peak at 4096 was 2.8 GiB over params + KV).
+    max_prefill_tokens: int = 2048
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
