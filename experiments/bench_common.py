@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +109,52 @@ def write_results(out_dir: str | Path, name: str, *, rows: list[dict], summary: 
         md += ["## Notes", "", notes, ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     return out_dir / f"{name}.json"
+
+
+def error_text(e: BaseException) -> str:
+    """How a failed measurement is recorded in a result row."""
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def env_for_workers() -> dict[str, str]:
+    """For a parent process that spawns measuring workers (``spawn_worker``): the environment to give them.
+
+    Call it once, before jax touches a device here. From then on this process takes device memory as it
+    needs it instead of preallocating 75% of the device, so the workers (given the environment as it was)
+    still get theirs.
+    """
+    env = dict(os.environ)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return env
+
+
+def spawn_worker(script: str | Path, argv: list[str], *, env: dict[str, str] | None = None,
+                 timeout_s: float | None = None) -> dict:
+    """Runs ``python script *argv --worker-out FILE`` in a fresh process; the dict it wrote, or ``{"error": ...}``.
+
+    One process per measurement: the device's memory statistics (``peak_bytes_in_use`` is a high-water mark
+    of the whole process that never resets) and an out-of-memory failure then belong to that measurement
+    alone. The worker side is ``write_worker_result``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "worker.json"
+        try:
+            code = subprocess.run([sys.executable, str(script), *argv, "--worker-out", str(out)], env=env,
+                                  timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return {"error": f"worker {' '.join(argv)} did not finish in {timeout_s} s"}
+        if code != 0 or not out.exists():
+            return {"error": f"worker {' '.join(argv)} exited with code {code} and wrote no result"}
+        return json.loads(out.read_text())
+
+
+def write_worker_result(measure, out_path: str | Path) -> None:
+    """In a worker: writes ``measure()``'s dict to ``out_path``, or ``{"error": ...}`` when it raises."""
+    try:
+        res = measure()
+    except Exception as e:  # noqa: BLE001 -- e.g. out of memory: recorded, the parent goes on
+        res = {"error": error_text(e)}
+    Path(out_path).write_text(json.dumps(res))
 
 
 def pyplot_or_none():

@@ -13,10 +13,15 @@ weight-sized buffers (the scan's weight-gradient and weight-slice buffers, measu
 T=16) is subtracted. "Time added" on CPU is the extra FLOPs of the
 compiled step (``cost_analysis``) relative to ``none``; on the GPU it is measured.
 
+On the GPU each (policy, seq) step is allocated, run and timed in a fresh process (a hidden ``--worker``), so
+its peak (``peak_bytes_in_use``, a high-water mark of the whole process that never resets) is its own; the
+workers run first, then this process compiles (AOT) as on CPU.
+
 Seed claim checked: "gradient checkpointing: activations recomputed instead of stored" -- the table shows
 how much memory each policy stores per layer and what recomputation it costs.
 
-Writes experiments/results/remat_memory[_<gpu>].json and .md (+ .png if matplotlib is installed).
+Writes experiments/results/remat_memory[_<gpu>].json and .md, e.g. remat_memory_h100 (+ .png if matplotlib is
+installed).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from experiments.bench_common import pyplot_or_none  # noqa: E402
+from experiments import bench_common  # noqa: E402
 
 from autoglm_jax.config import GLMConfig  # noqa: E402
 from autoglm_jax.model.remat import REMAT_POLICIES, offload_supported  # noqa: E402
@@ -47,6 +52,8 @@ RESULTS = REPO / "experiments" / "results"
 SEQS = (2048, 4096, 8192)
 TINY_SEQ = 16  # activations negligible: what still grows per layer is weight-sized (gradient buffers, slices)
 GB = 1 << 30
+MEASURED_LAYERS = 4
+WORKER_TIMEOUT_S = 300
 
 
 def layer_grad_fn(fwd: ScannedGLM):
@@ -78,7 +85,9 @@ def compile_policy(cfg, policy, num_layers, seq):
 
 
 def measure_gpu(cfg, policy, num_layers, seq, reps=5):
-    """Allocates real inputs, runs the step, returns (peak bytes, median seconds)."""
+    """Allocates real inputs, runs the step: peak bytes (None without memory statistics), median seconds.
+
+    Run it in a fresh process (``measure_in_worker``): the peak is the whole process's high-water mark."""
     dev = jax.devices()[0]
     fwd = ScannedGLM.create(cfg.replace(num_layers=num_layers), dtype="bfloat16", remat=policy)
     f = layer_grad_fn(fwd)
@@ -88,35 +97,56 @@ def measure_gpu(cfg, policy, num_layers, seq, reps=5):
     h = jax.random.normal(jax.random.key(1), h_a.shape).astype(h_a.dtype)
     cot = jax.random.normal(jax.random.key(2), h_a.shape).astype(h_a.dtype)
     jax.block_until_ready(f(layers, h, cot))
-    base = dev.memory_stats().get("bytes_in_use", 0)
+    base = (dev.memory_stats() or {}).get("bytes_in_use")
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(f(layers, h, cot))
         times.append(time.perf_counter() - t0)
-    peak = dev.memory_stats().get("peak_bytes_in_use", 0)
+    peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
     del layers, h, cot
-    return {"peak_bytes": int(peak), "bytes_in_use_before": int(base), "step_s": float(np.median(times))}
+    return {"peak_bytes": peak, "bytes_in_use_before": base, "step_s": float(np.median(times))}
+
+
+def measure_in_worker(preset: str, policy: str, seq: int, *, env: dict | None = None) -> dict:
+    """``measure_gpu`` of ``MEASURED_LAYERS`` layers in a fresh process; its fields as ``gpu_*`` (or ``gpu_error``)."""
+    argv = ["--worker", policy, "--preset", preset, "--seqs", str(seq)]
+    res = bench_common.spawn_worker(__file__, argv, env=env, timeout_s=WORKER_TIMEOUT_S)
+    return {"gpu_error": res["error"]} if "error" in res else {f"gpu_{k}": v for k, v in res.items()}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="also run and time on the GPU (needs one)")
     ap.add_argument("--seqs", default=",".join(map(str, SEQS)))
+    ap.add_argument("--preset", default="glm-4-9b", help="model preset whose layer shapes are compiled")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # one policy's GPU step at --seqs, in a fresh process
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     seqs = [int(s) for s in args.seqs.split(",")]
-    cfg = GLMConfig.from_preset("glm-4-9b")
+    cfg = GLMConfig.from_preset(args.preset)
+    if args.worker:
+        bench_common.write_worker_result(lambda: measure_gpu(cfg, args.worker, MEASURED_LAYERS, seqs[0]),
+                                         args.worker_out)
+        return
+    worker_env = bench_common.env_for_workers() if args.gpu else None  # before jax touches the device here
     backend = jax.default_backend()
     offload_ok, offload_why = offload_supported()
+    measured = {}  # (seq, policy) -> gpu_* fields; measured before this process compiles on the device
+    if args.gpu and backend == "gpu":
+        for seq in seqs:
+            for policy in (p for p in REMAT_POLICIES if p != "offload" or offload_ok):
+                measured[seq, policy] = measure_in_worker(args.preset, policy, seq, env=worker_env)
+                print(seq, policy, json.dumps(measured[seq, policy]), flush=True)
     rows, weight_overhead = [], {}
     for seq in seqs:
         for policy in REMAT_POLICIES:
-            row = {"seq_len": seq, "policy": policy}
+            row = {"seq_len": seq, "policy": policy, **measured.get((seq, policy), {})}
             try:
                 c2, c4 = compile_policy(cfg, policy, 2, seq), compile_policy(cfg, policy, 4, seq)
             except Exception as e:  # noqa: BLE001 -- recorded, the table says so
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row["error"] = bench_common.error_text(e)
                 rows.append(row)
                 print(seq, policy, row["error"], flush=True)
                 continue
@@ -136,11 +166,6 @@ def main(argv=None):
                 "offload_note": None if policy != "offload" or offload_ok else
                 f"compiled on {backend}: {offload_why}; nothing moves to host here",
             })
-            if args.gpu and backend == "gpu" and (policy != "offload" or offload_ok):
-                try:
-                    row.update({f"gpu_{k}": v for k, v in measure_gpu(cfg, policy, 4, seq).items()})
-                except Exception as e:  # noqa: BLE001 -- e.g. out of memory at 8192 with no remat
-                    row["gpu_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
     for seq in seqs:
@@ -152,12 +177,14 @@ def main(argv=None):
             r["flops_added_vs_none"] = r["flops_L4"] / base["flops_L4"] - 1
             if "gpu_step_s" in r and "gpu_step_s" in base:
                 r["gpu_time_added_vs_none"] = r["gpu_step_s"] / base["gpu_step_s"] - 1
-                r["gpu_peak_saved_vs_none"] = 1 - r["gpu_peak_bytes"] / base["gpu_peak_bytes"]
+                if r["gpu_peak_bytes"] and base["gpu_peak_bytes"]:
+                    r["gpu_peak_saved_vs_none"] = 1 - r["gpu_peak_bytes"] / base["gpu_peak_bytes"]
     device = jax.devices()[0].device_kind
-    name = "remat_memory" + ("" if backend == "cpu" else "_" + device.lower().replace(" ", "_"))
+    name = "remat_memory" + ("" if backend == "cpu" else "_" + bench_common.gpu_tag())
     doc = {"device": f"{backend}: {device}", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "versions": {"jax": jax.__version__, "python": platform.python_version()},
-        "model": "glm-4-9b layer shapes (D=4096, F=13696, N=32, K=2, H=128), bfloat16, batch 1",
+        "model": f"{args.preset} layer shapes (D={cfg.hidden_size}, F={cfg.intermediate_size}, N={cfg.num_heads}, "
+                 f"K={cfg.num_kv_heads}, H={cfg.head_dim}), bfloat16, batch 1",
         "rows": rows, "summary": summarize(rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,10 +222,13 @@ def markdown(doc) -> str:
                  f"{r['estimator_saved_bytes_per_layer'] / 2**20:.0f}", f"{r['activation_gib_40_layers']:.1f}",
                  f"{100 * r.get('memory_saved_vs_none', 0):.0f}%", f"{100 * r.get('flops_added_vs_none', 0):+.0f}%"]
         if gpu:
-            cells += [f"{r.get('gpu_peak_bytes', 0) / GB:.1f}" if "gpu_peak_bytes" in r else "-",
+            cells += [f"{r['gpu_peak_bytes'] / GB:.1f}" if r.get("gpu_peak_bytes") is not None else "-",
                       f"{1e3 * r['gpu_step_s']:.1f}" if "gpu_step_s" in r else r.get("gpu_error", "-")[:40],
                       f"{100 * r['gpu_time_added_vs_none']:+.0f}%" if "gpu_time_added_vs_none" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    if gpu:
+        lines += ["", f"GPU columns: {MEASURED_LAYERS} layers, each (seq, policy) run in its own process, so its peak "
+                  "(`peak_bytes_in_use`) is its own."]
     if doc["device"].startswith("cpu"):
         lines += ["", "On CPU, XLA computes bfloat16 elementwise work in float32 (its bf16 normalisation), so tensors it "
                   "stores can be float32-sized: XLA's per-layer figures for the remat policies are about twice the "
@@ -217,7 +247,7 @@ def markdown(doc) -> str:
 
 
 def plot(path: Path, rows) -> None:
-    plt = pyplot_or_none()
+    plt = bench_common.pyplot_or_none()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))

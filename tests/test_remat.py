@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +111,23 @@ def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown remat policy"):
         ScannedGLM.create(CFG, remat="dots")
     assert REMAT_POLICIES == ("none", "full", "dots_saveable", "save_attention_out", "offload")
+
+
+def _not_in_this_process(*args, **kwargs):
+    raise AssertionError("measured in the benchmark's own process; each step must run in a fresh worker")
+
+
+def test_remat_benchmark_measures_each_step_in_a_fresh_worker(monkeypatch):
+    """experiments/remat_memory.py --gpu measures each (policy, seq) in its own process, so the peak it reports
+    is that step's; a step that fails there is a gpu_error, not a crash of the benchmark."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    bench = importlib.import_module("experiments.remat_memory")
+    monkeypatch.setattr(bench, "measure_gpu", _not_in_this_process)
+    got = bench.measure_in_worker("tiny", "full", 16)
+    assert "gpu_error" not in got and got["gpu_step_s"] > 0, got
+    if jax.default_backend() == "cpu":
+        assert got["gpu_peak_bytes"] is None  # no memory statistics on CPU
+    else:
+        assert got["gpu_peak_bytes"] >= got["gpu_bytes_in_use_before"] > 0
+    bad = bench.measure_in_worker("tiny", "dots", 16)
+    assert set(bad) == {"gpu_error"} and "unknown remat policy 'dots'" in bad["gpu_error"]
