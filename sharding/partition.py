@@ -10,11 +10,12 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import layout as tp
 from .mesh import DATA, FSDP, TENSOR, MeshError, mesh_shape
-from .rules import RULES, logical_to_spec
+from .rules import logical_to_spec
 
 Path = tuple  # a parameter's path in the pure-dict model state, e.g. ("layers", 3, "attn", "qkv_proj", "kernel")
 
@@ -69,28 +70,11 @@ def _pure(model) -> dict:
     return nnx.to_pure_dict(nnx.state(model))
 
 
-def _tree_from_flat(flat: dict[Path, object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _flat(tree: dict, prefix=()) -> dict[Path, object]:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-    return out
-
-
 def param_shardings(model, mesh: Mesh) -> dict:
     """Pure-dict tree (same structure as ``nnx.to_pure_dict(nnx.state(model))``) of ``NamedSharding``."""
     axes = logical_axes(model)
-    flat = _flat(_pure(model))
-    return _tree_from_flat({p: _named(mesh, axes.get(p), _shape(v)) for p, v in flat.items()})
+    flat = flatten_dict(_pure(model))
+    return unflatten_dict({p: _named(mesh, axes.get(p), _shape(v)) for p, v in flat.items()})
 
 
 def sharding_fn_for(cfg, mesh: Mesh, *, quantization: dict | None = None):
@@ -120,7 +104,7 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 def shardings_like(tree, param_shards: dict, mesh: Mesh):
     """Shardings for a tree holding copies of the params (optax state: mu, nu, ...): every leaf whose path
     ends with a param path and has that param's shape gets the param's sharding; others are replicated."""
-    flat_params = _flat(param_shards)
+    flat_params = flatten_dict(param_shards)
     by_suffix = {p: s for p, s in flat_params.items()}
 
     def pick(path, leaf):
@@ -173,13 +157,13 @@ def shard_model(model, mesh: Mesh):
     graphdef, state = nnx.split(model)
     axes = logical_axes(model)
     tree = nnx.to_pure_dict(state)
-    canonical = {p: _named(mesh, axes.get(p), np.shape(v)) for p, v in _flat(tree).items()}
-    tree = jax.device_put(tree, _tree_from_flat(canonical))  # each device gets only its slice
+    canonical = {p: _named(mesh, axes.get(p), np.shape(v)) for p, v in flatten_dict(tree).items()}
+    tree = jax.device_put(tree, unflatten_dict(canonical))  # each device gets only its slice
     if t > 1:
         plan = tp.plan(cfg, t)
         relayout = lambda x: tp.to_tp_layout(x, cfg, plan, axes)
         abstract = jax.eval_shape(relayout, tree)
-        target = _tree_from_flat({p: _named(mesh, axes.get(p), a.shape) for p, a in _flat(abstract).items()})
+        target = unflatten_dict({p: _named(mesh, axes.get(p), a.shape) for p, a in flatten_dict(abstract).items()})
         tree = jax.jit(relayout, out_shardings=target)(tree)
     nnx.replace_by_pure_dict(state, tree)
     new = nnx.merge(graphdef, state)
@@ -211,7 +195,7 @@ def canonical_state(model) -> tuple[dict, object]:
     axes = logical_axes(model)  # same names in both layouts
     undo = lambda x: tp.from_tp_layout(x, cfg, plan, axes)
     abstract = jax.eval_shape(undo, tree)
-    target = _tree_from_flat({p: _named(mesh, axes.get(p), a.shape) for p, a in _flat(abstract).items()})
+    target = unflatten_dict({p: _named(mesh, axes.get(p), a.shape) for p, a in flatten_dict(abstract).items()})
     return jax.jit(undo, out_shardings=target)(tree), cfg
 
 

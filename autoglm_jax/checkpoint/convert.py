@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import jax
+from flax.traverse_util import unflatten_dict
 from tqdm.auto import tqdm
 
 from ..config import GLMConfig
@@ -53,7 +54,7 @@ def convert_hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         for rule in rules + [None]:
             group = rule.group if rule else None
             if group != current and current is not None:
-                orbax_io.write_group(params, current, orbax_io.split_groups(orbax_io.unflatten_tree(tree))[current])
+                orbax_io.write_group(params, current, orbax_io.split_groups(unflatten_dict(tree))[current])
                 groups.append(current)
                 tree = {}
             if rule is None:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
 
 from .safetensors_io import CheckpointError
 
@@ -109,28 +110,6 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).exists()
 
 
-def flatten_tree(tree: dict, prefix=()) -> dict[tuple, Any]:
-    """{path tuple: leaf} of a nested dict (a pure-dict model state)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten_tree(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten_tree(flat: dict[tuple, Any]) -> dict:
-    """The nested dict of ``{path tuple: leaf}`` (inverse of ``flatten_tree``)."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return tree
-
-
 def check_groups(ckpt_dir: Path, abstract: dict[str, dict]) -> None:
     """One error listing every missing, unexpected and mis-shaped tensor across all groups.
 
@@ -143,8 +122,8 @@ def check_groups(ckpt_dir: Path, abstract: dict[str, dict]) -> None:
         if not gdir.exists():
             problems.append(f"missing group {name!r}")
             continue
-        stored = flatten_tree(ckptr.metadata(gdir).item_metadata.tree)
-        want = flatten_tree(sub)
+        stored = flatten_dict(ckptr.metadata(gdir).item_metadata.tree)
+        want = flatten_dict(sub)
         stored = {tuple(str(k) for k in p): m for p, m in stored.items()}
         want = {tuple(str(k) for k in p): a for p, a in want.items()}
         for p in sorted(set(want) - set(stored)):
