@@ -248,17 +248,8 @@ def spawn(part: str, argv: list[str], out: Path) -> dict | None:
     return json.loads(out.read_text())
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model and workload")
-    p.add_argument("--out", default=str(bench_common.RESULTS))
-    p.add_argument("--name", default=None, help="result file name (default serving_<gpu>)")
-    p.add_argument("--parts", default="hf,bf16,int8")
-    p.add_argument("--reuse", action="store_true", help="merge _serving_<part>.json of parts not run now")
-    p.add_argument("--preset", default="glm-4-9b")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--kv-dtype", default=None, help="None (= model dtype) or int8")
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The workload and engine flags, shared with bench_server.py (which serves the same workload over HTTP)."""
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--prefix", type=int, default=1024)
     p.add_argument("--suffix", type=int, default=128)
@@ -272,6 +263,20 @@ def main(argv=None):
     p.add_argument("--token-buckets", type=int, nargs="+", default=[256, 1024, 2048])
     p.add_argument("--seq-buckets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--num-pages", type=int, default=None, help="default: from free memory")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model and workload")
+    p.add_argument("--out", default=str(bench_common.RESULTS))
+    p.add_argument("--name", default=None, help="result file name (default serving_<gpu>)")
+    p.add_argument("--parts", default="hf,bf16,int8")
+    p.add_argument("--reuse", action="store_true", help="merge _serving_<part>.json of parts not run now")
+    p.add_argument("--preset", default="glm-4-9b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kv-dtype", default=None, help="None (= model dtype) or int8")
+    add_workload_args(p)
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="engine parts: model and KV pages sharded over N devices (bytes and roofline per device)")
     p.add_argument("--headroom", type=float, default=0.1)
