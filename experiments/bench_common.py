@@ -148,6 +148,19 @@ def spawn_worker(script: str | Path, argv: list[str], *, env: dict[str, str] | N
         return json.loads(out.read_text())
 
 
+def write_doc(out_dir: str | Path, name: str, doc: dict, markdown: str, plot=None) -> Path:
+    """Writes ``<name>.json`` (the document) and ``<name>.md``, then ``plot(<name>.png)`` if given; prints the
+    Markdown. For scripts whose documents are shaped their own way (``write_results`` builds a standard one)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    (out_dir / f"{name}.md").write_text(markdown)
+    if plot is not None:
+        plot(out_dir / f"{name}.png")
+    print(markdown)
+    return out_dir / f"{name}.json"
+
+
 def write_worker_result(measure, out_path: str | Path) -> None:
     """In a worker: writes ``measure()``'s dict to ``out_path``, or ``{"error": ...}`` when it raises."""
     try:

@@ -22,7 +22,6 @@ import json
 import platform
 import re
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from experiments import bench_common  # noqa: E402
 from experiments.bench_common import pyplot_or_none  # noqa: E402
 
 RESULTS = REPO / "experiments" / "results"
@@ -98,16 +98,6 @@ def count_fusions(hlo_text: str) -> dict:
     return out
 
 
-def median_time(fn, args, reps):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def run_block(name, specs, ops, reps):
     names = list(specs)
     fused = jax.jit(lambda *a: fused_fn(ops)(**dict(zip(names, a))))
@@ -149,7 +139,8 @@ def run_block(name, specs, ops, reps):
         return env[ops[-1][0]]
 
     np.testing.assert_allclose(np.asarray(op_by_op(*arrays)), np.asarray(fused(*arrays)), rtol=2e-3, atol=2e-3)
-    t_fused, t_ops = median_time(fused, arrays, reps), median_time(op_by_op, arrays, reps)
+    t_fused = bench_common.time_fn(fused, *arrays, warmup=1, reps=reps)
+    t_ops = bench_common.time_fn(op_by_op, *arrays, warmup=1, reps=reps)
     return {"block": name, "ops": len(ops), "fused_peak_bytes": int(fused_peak), "fused_temp_bytes": int(ma.temp_size_in_bytes),
             "op_by_op_peak_bytes": int(peak), "op_by_op_sum_bytes": int(total_sum),
             "peak_reduction": 1 - fused_peak / peak, "fused_s": t_fused, "op_by_op_s": t_ops,
@@ -216,12 +207,7 @@ def main(argv=None):
            "summary": {"peak_reduction_min": min(reductions), "peak_reduction_max": max(reductions),
                        "peak_reduction_mean": float(np.mean(reductions)),
                        "seed_claim_30pct_holds_for": [r["block"] for r in rows if r["peak_reduction"] >= 0.25]}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=2))
-    (out / f"{name}.md").write_text(markdown(doc))
-    plot(out / f"{name}.png", rows)
-    print(markdown(doc))
+    bench_common.write_doc(args.out, name, doc, markdown(doc), plot=lambda path: plot(path, rows))
 
 
 def markdown(doc) -> str:

@@ -186,12 +186,7 @@ def main(argv=None):
         "model": f"{args.preset} layer shapes (D={cfg.hidden_size}, F={cfg.intermediate_size}, N={cfg.num_heads}, "
                  f"K={cfg.num_kv_heads}, H={cfg.head_dim}), bfloat16, batch 1",
         "rows": rows, "summary": summarize(rows)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=2))
-    (out / f"{name}.md").write_text(markdown(doc))
-    plot(out / f"{name}.png", rows)
-    print(markdown(doc))
+    bench_common.write_doc(args.out, name, doc, markdown(doc), plot=lambda path: plot(path, rows))
 
 
 def summarize(rows):

@@ -184,11 +184,7 @@ def main(argv=None):
            "summary": {"best_policy": best, "best_tokens_per_s": max((r["tokens_per_s"] for r in timed), default=None),
                        "best_mfu": next((r["mfu"] for r in timed if r["policy"] == best), None),
                        "peak_flops_assumed": peak_flops(kind), "wall_s": time.perf_counter() - start}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=2))
-    (out / f"{name}.md").write_text(markdown(doc))
-    print(markdown(doc))
+    bench_common.write_doc(args.out, name, doc, markdown(doc))
 
 
 def markdown(doc) -> str:
