@@ -352,10 +352,41 @@ def tpu_finish(o_ref, l_ref, acc_ref):
     o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-def _decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, interpret, poison):
-    """Mosaic TPU decode: written for TPU, exercised here only in interpret mode (no TPU to run on)."""
+def tpu_paged_call(kernel, page, qx, q_spec, k_pages, v_pages, k_scales, v_scales, *, prefetch, grid, interpret,
+                   poison, name):
+    """The launch both Mosaic TPU kernels (decode, ragged prefill) share. ``qx`` [rows0, K, R, H] with its
+    ``q_spec``; K/V pages [K, P, L, H] (and int8 scales [K, P, L]) arrive one page per grid step (i, k, p) at
+    ``page(i, p, *prefetch)``; ``prefetch``: the two scalar-prefetch operands; scratch m, l [R, 1] and
+    acc [R, H] float32 for the online softmax; with ``poison`` the output aliases a NaN-filled buffer."""
     from jax.experimental.pallas import tpu as pltpu
 
+    kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    rows = qx.shape[2]
+    kv_spec = pl.BlockSpec((None, None, page_size, head_dim), lambda i, k, p, *pf: (k, page(i, p, *pf), 0, 0))
+    in_specs, args = [q_spec, kv_spec, kv_spec], [qx, k_pages, v_pages]
+    if k_scales is not None:
+        sc_spec = pl.BlockSpec((None, None, 1, page_size), lambda i, k, p, *pf: (k, page(i, p, *pf), 0, 0))
+        in_specs += [sc_spec] * 2
+        args += [k_scales.reshape(kv_heads, num_pages, 1, page_size), v_scales.reshape(kv_heads, num_pages, 1, page_size)]
+    aliases = {}
+    if poison:
+        args.append(jnp.full(qx.shape, jnp.nan, qx.dtype))
+        in_specs.append(q_spec)
+        aliases = {len(args) + len(prefetch) - 1: 0}  # operand index counts the scalar-prefetch operands
+        kernel = _drop_aliased_inputs(kernel, 1, n_scratch=3)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(prefetch), grid=grid, in_specs=in_specs, out_specs=q_spec,
+        scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                        pltpu.VMEM((rows, head_dim), jnp.float32)])
+    return pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qx.shape, qx.dtype), input_output_aliases=aliases,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret, name=name,
+    )(*prefetch, *args)
+
+
+def _decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, interpret, poison):
+    """Mosaic TPU decode: written for TPU, exercised here only in interpret mode (no TPU to run on)."""
     batch, n, head_dim = q.shape
     kv_heads, num_pages, page_size, _ = k_pages.shape
     group, max_pages = n // kv_heads, page_table.shape[1]
@@ -366,30 +397,11 @@ def _decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *,
         return jnp.clip(pt[b * max_pages + jnp.minimum(p, last)], 0, num_pages - 1)
 
     q_spec = pl.BlockSpec((None, None, group, head_dim), lambda b, k, p, lens, pt: (b, k, 0, 0))
-    kv_spec = pl.BlockSpec((None, None, page_size, head_dim), lambda b, k, p, lens, pt: (k, page(b, p, lens, pt), 0, 0))
-    sc_spec = pl.BlockSpec((None, None, 1, page_size), lambda b, k, p, lens, pt: (k, page(b, p, lens, pt), 0, 0))
-    in_specs = [q_spec, kv_spec, kv_spec] + ([sc_spec] * 2 if quantized else [])
-    q4 = q.reshape(batch, kv_heads, group, head_dim)
-    args = [q4, k_pages, v_pages]
-    if quantized:
-        args += [k_scales.reshape(kv_heads, num_pages, 1, page_size), v_scales.reshape(kv_heads, num_pages, 1, page_size)]
     kernel = functools.partial(_decode_tpu_kernel, page_size=page_size, max_pages=max_pages, scale=scale,
                                quantized=quantized)
-    aliases = {}
-    if poison:
-        args.append(jnp.full(q4.shape, jnp.nan, q.dtype))
-        in_specs.append(q_spec)
-        aliases = {len(args) + 1: 0}  # + the two scalar-prefetch operands
-        kernel = _drop_aliased_inputs(kernel, 1, n_scratch=3)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(batch, kv_heads, max_pages), in_specs=in_specs, out_specs=q_spec,
-        scratch_shapes=[pltpu.VMEM((group, 1), jnp.float32), pltpu.VMEM((group, 1), jnp.float32),
-                        pltpu.VMEM((group, head_dim), jnp.float32)])
-    out = pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q4.shape, q.dtype), input_output_aliases=aliases,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret, name="paged_decode_tpu",
-    )(lengths, page_table.reshape(-1), *args)
+    out = tpu_paged_call(kernel, page, q.reshape(batch, kv_heads, group, head_dim), q_spec, k_pages, v_pages,
+                         k_scales, v_scales, prefetch=(lengths, page_table.reshape(-1)), grid=(batch, kv_heads, max_pages),
+                         interpret=interpret, poison=poison, name="paged_decode_tpu")
     return out.reshape(q.shape)
 
 

@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .kv_pages import _is_concrete, page_geometry, validate_page_table
 from .paged_attention import (LOG2E, MASK_VALUE, _drop_aliased_inputs, _pow2, _select_backend,
-                              gather_pages, tpu_finish, tpu_init, tpu_page_step, tuned_blocks)
+                              gather_pages, tpu_finish, tpu_init, tpu_page_step, tpu_paged_call, tuned_blocks)
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -221,8 +221,6 @@ def _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num
                  scale, block_q, interpret, poison):
     """Mosaic TPU prefill: written for TPU, exercised here only in interpret mode (no TPU to run on).
     Query blocks are gathered into an aligned [blocks, K, block_q * G, H] layout by XLA around the kernel."""
-    from jax.experimental.pallas import tpu as pltpu
-
     t_total, n, head_dim = q.shape
     kv_heads, num_pages, page_size, _ = k_pages.shape
     group, max_pages = n // kv_heads, page_table.shape[1]
@@ -237,35 +235,16 @@ def _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num
     qb = qb.reshape(n_blocks, kv_heads, block_q * group, head_dim)
     quantized = k_scales is not None
 
-    def page(j, k, p, meta, pt):  # pages past kv_end repeat the last one: no new DMA is issued
+    def page(j, p, meta, pt):  # pages past kv_end repeat the last one: no new DMA is issued
         last = jnp.maximum((meta[4 * j + 2] + page_size - 1) // page_size - 1, 0)
         return jnp.clip(pt[meta[4 * j] * max_pages + jnp.minimum(p, last)], 0, num_pages - 1)
 
     q_spec = pl.BlockSpec((None, None, block_q * group, head_dim), lambda j, k, p, meta, pt: (j, k, 0, 0))
-    kv_spec = pl.BlockSpec((None, None, page_size, head_dim), lambda j, k, p, meta, pt: (k, page(j, k, p, meta, pt), 0, 0))
-    sc_spec = pl.BlockSpec((None, None, 1, page_size), lambda j, k, p, meta, pt: (k, page(j, k, p, meta, pt), 0, 0))
-    in_specs = [q_spec, kv_spec, kv_spec] + ([sc_spec] * 2 if quantized else [])
-    args = [qb, k_pages, v_pages]
-    if quantized:
-        args += [k_scales.reshape(kv_heads, num_pages, 1, page_size), v_scales.reshape(kv_heads, num_pages, 1, page_size)]
     kernel = functools.partial(_prefill_tpu_kernel, group=group, page_size=page_size, max_pages=max_pages,
                                scale=scale, quantized=quantized)
-    aliases = {}
-    if poison:
-        args.append(jnp.full(qb.shape, jnp.nan, q.dtype))
-        in_specs.append(q_spec)
-        aliases = {len(args) + 1: 0}
-        kernel = _drop_aliased_inputs(kernel, 1, n_scratch=3)
-    rows = block_q * group
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(n_blocks, kv_heads, max_pages), in_specs=in_specs, out_specs=q_spec,
-        scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
-                        pltpu.VMEM((rows, head_dim), jnp.float32)])
-    ob = pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qb.shape, q.dtype), input_output_aliases=aliases,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret, name="ragged_paged_prefill_tpu",
-    )(tpu_meta, page_table.reshape(-1), *args)
+    ob = tpu_paged_call(kernel, page, qb, q_spec, k_pages, v_pages, k_scales, v_scales,
+                        prefetch=(tpu_meta, page_table.reshape(-1)), grid=(n_blocks, kv_heads, max_pages),
+                        interpret=interpret, poison=poison, name="ragged_paged_prefill_tpu")
     # Back to token order: token t is row (t - t0[j]) of the block j that holds it.
     ob = ob.reshape(n_blocks, kv_heads, block_q, group, head_dim).transpose(0, 2, 1, 3, 4)
     ob = ob.reshape(n_blocks * block_q, n, head_dim)
