@@ -128,24 +128,68 @@ def env_for_workers() -> dict[str, str]:
     return env
 
 
+# For processes that only compile (AOT ``memory_analysis``): XLA's GPU autotuner picks among kernels for the
+# same fusions, so what the step keeps alive does not depend on it (at most a GEMM's scratch workspace, MiBs),
+# but profiling takes seconds per compile and device memory of its own (it can fail for want of it).
+NO_AUTOTUNE = "--xla_gpu_autotune_level=0"
+
+
+def with_xla_flags(env, *flags: str) -> str:
+    """``env``'s XLA_FLAGS with ``flags`` appended (to set as XLA_FLAGS before jax initialises a backend)."""
+    return " ".join([env.get("XLA_FLAGS", ""), *flags]).strip()
+
+
+# A persistent compilation cache that keeps every executable, however small or quick to compile.
+COMPILE_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def spawn_worker(script: str | Path, argv: list[str], *, env: dict[str, str] | None = None,
-                 timeout_s: float | None = None) -> dict:
+                 timeout_s: float | None = None, warm_compile_cache: bool = False) -> dict:
     """Runs ``python script *argv --worker-out FILE`` in a fresh process; the dict it wrote, or ``{"error": ...}``.
 
     One process per measurement: the device's memory statistics (``peak_bytes_in_use`` is a high-water mark
     of the whole process that never resets) and an out-of-memory failure then belong to that measurement
-    alone. The worker side is ``write_worker_result``.
+    alone. The worker side is ``write_worker_result``. A worker that runs past ``timeout_s`` is killed; what
+    it had written to FILE by then (a worker may write partial results as it goes) comes back with the error.
+
+    ``warm_compile_cache``: the worker runs twice over a persistent compilation cache of this call's own (a
+    temporary folder; ``JAX_COMPILATION_CACHE_DIR`` and ``COMPILE_CACHE_ENV``): a warm-up pass that compiles
+    and fills the cache (its result is dropped, unless it is an error, which is returned), then the measured
+    pass, which loads its executables from the cache and so neither compiles nor autotunes. XLA's GPU
+    autotuner allocates device memory of its own while it profiles kernels; without the warm-up that would
+    be the process's peak, not the step. The measured result then also has ``compile_cache_hits`` and
+    ``compile_cache_misses`` (counted in the worker), ``compile_cache_warm`` (True when it loaded every
+    executable and compiled none) and ``warm_pass_wall_s`` (the warm-up process's wall time).
     """
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "worker.json"
-        try:
-            code = subprocess.run([sys.executable, str(script), *argv, "--worker-out", str(out)], env=env,
-                                  timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
-            return {"error": f"worker {' '.join(argv)} did not finish in {timeout_s} s"}
-        if code != 0 or not out.exists():
-            return {"error": f"worker {' '.join(argv)} exited with code {code} and wrote no result"}
-        return json.loads(out.read_text())
+        warm_s = None
+        if warm_compile_cache:
+            env = {**(os.environ if env is None else env), **COMPILE_CACHE_ENV,
+                   "JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "jax_cache")}
+            t0 = time.perf_counter()
+            first = _run_worker(script, argv, env, timeout_s, Path(tmp) / "warm_up.json")
+            warm_s = time.perf_counter() - t0
+            if "error" in first:  # nothing compiled (or the step failed): the measured pass would fail alike
+                return first
+        res = _run_worker(script, argv, env, timeout_s, Path(tmp) / "worker.json")
+        if warm_compile_cache and "error" not in res:
+            res["compile_cache_warm"] = res.get("compile_cache_misses") == 0 and res.get("compile_cache_hits", 0) > 0
+            res["warm_pass_wall_s"] = warm_s
+        return res
+
+
+def _run_worker(script, argv, env, timeout_s, out: Path) -> dict:
+    """One run of a worker for ``spawn_worker``: the dict it wrote to ``out``, or one with "error"."""
+    try:
+        code = subprocess.run([sys.executable, str(script), *argv, "--worker-out", str(out)], env=env,
+                              timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        partial = json.loads(out.read_text()) if out.exists() else {}
+        return {**partial, "error": f"did not finish in {timeout_s} s: worker {' '.join(argv)}"}
+    if code != 0 or not out.exists():
+        return {"error": f"worker {' '.join(argv)} exited with code {code} and wrote no result"}
+    return json.loads(out.read_text())
 
 
 def write_doc(out_dir: str | Path, name: str, doc: dict, markdown: str, plot=None) -> Path:
@@ -162,9 +206,25 @@ def write_doc(out_dir: str | Path, name: str, doc: dict, markdown: str, plot=Non
 
 
 def write_worker_result(measure, out_path: str | Path) -> None:
-    """In a worker: writes ``measure()``'s dict to ``out_path``, or ``{"error": ...}`` when it raises."""
+    """In a worker: writes ``measure()``'s dict to ``out_path``, or ``{"error": ...}`` when it raises.
+
+    Under a persistent compilation cache (``JAX_COMPILATION_CACHE_DIR`` set, as ``spawn_worker`` does with
+    ``warm_compile_cache``) the dict also gets ``compile_cache_hits`` / ``compile_cache_misses``: how many
+    executables this process loaded from the cache and how many it compiled and wrote there.
+    """
+    counts = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        import jax.monitoring
+
+        def count(event, **_):
+            if event in counts:
+                counts[event] += 1
+        jax.monitoring.register_event_listener(count)
     try:
         res = measure()
+        if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            res = {**res, "compile_cache_hits": counts["/jax/compilation_cache/cache_hits"],
+                   "compile_cache_misses": counts["/jax/compilation_cache/cache_misses"]}
     except Exception as e:  # noqa: BLE001 -- e.g. out of memory: recorded, the parent goes on
         res = {"error": error_text(e)}
     Path(out_path).write_text(json.dumps(res))

@@ -4,13 +4,25 @@ and the largest sequence length whose step fits in device memory, per policy (AO
 
     pip install --no-deps -e . && python experiments/training_gpu.py --out experiments/results
 
-Sized to finish in about 5 minutes on one H100 (``--budget-s`` stops the sequence-length search early and
-records what was not measured). Writes training_<gpu>.json and .md (e.g. training_h100).
+Sized to finish in about 5 minutes on one H100: five timed policies of ~35 s each, then the sequence-length
+searches side by side, each cut off at ``--budget-s`` (what it tried by then is kept; the table says whether
+it completed). Writes training_<gpu>.json and .md (e.g. training_h100).
 
 Each policy's timed steps run in a fresh process (a hidden ``--worker``), so its measured peak
 (``peak_bytes_in_use``, a high-water mark of the whole process that never resets) is its own, and a policy
-that runs out of memory leaves nothing behind for the next. The sequence-length search compiles only (AOT)
-and runs in this process, after the workers. ``--tiny`` (hidden) runs the same on CPU with the tiny preset.
+that runs out of memory leaves nothing behind for the next. The worker runs twice over a persistent
+compilation cache (``bench_common.spawn_worker(warm_compile_cache=True)``): the measured pass loads the
+executable compiled by the first, so its peak leaves out the device memory XLA's autotuner takes while it
+compiles. ``--tiny`` (hidden) runs the same on CPU with the tiny preset.
+
+The sequence-length search (batch 1) compiles only (AOT) and runs one process per policy (a hidden
+``--search-worker``), all at once, after the timed workers: from 2048 it doubles while the step fits (up to
+262144), or halves while it does not (down to 256); it fits when the compiled total is within this device's
+allocator limit (``bytes_limit``), which the workers are given. They compile with
+``--xla_gpu_autotune_level=0`` and without preallocation: the autotuner only chooses among kernels for
+the same fusions, so the buffers the step keeps alive -- what decides whether it fits -- do not depend on
+its choice (at most a GEMM's scratch workspace does, MiBs), while autotuning a 1.3 B model takes 20-40 s
+per compile.
 
 MFU = model FLOPs per step / step time / peak dense bf16 FLOP/s of the device. Model FLOPs per token =
 6 * (matmul parameters incl. LM head) + 12 * L * N * H * T (attention scores and values; no causal discount);
@@ -20,6 +32,7 @@ recomputation under remat is not counted (it is work, not model FLOPs).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import platform
@@ -48,6 +61,7 @@ GLM_1B = GLMConfig.from_preset("glm-4-9b", hidden_size=2048, intermediate_size=5
                                num_heads=16, num_kv_heads=2, head_dim=128, max_position_embeddings=131072)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 WORKER_TIMEOUT_S = 300
+SEARCH_START, SEARCH_MIN, SEARCH_MAX = 2048, 256, 262144
 TINY = GLMConfig.from_preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                               head_dim=16)  # --tiny: a CPU smoke of the whole path in seconds
 
@@ -112,7 +126,7 @@ def measure_in_worker(policy: str, batch: int, seq: int, steps: int, *, tiny: bo
     """``time_policy`` in a fresh process (its peak memory is its own); a row with "error" if it failed."""
     argv = ["--worker", policy, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
     res = bench_common.spawn_worker(__file__, argv + (["--tiny"] if tiny else []), env=env,
-                                    timeout_s=WORKER_TIMEOUT_S)
+                                    timeout_s=WORKER_TIMEOUT_S, warm_compile_cache=True)
     return res if "error" not in res else {"policy": policy, "batch": batch, "seq_len": seq, **res}
 
 
@@ -130,19 +144,79 @@ def fits(cfg: GLMConfig, policy: str, seq: int, limit: int) -> tuple[bool, int]:
     return mem["total"] <= limit, mem["total"]
 
 
+def search_max_seq(fits_at, progress=None) -> dict:
+    """The largest power-of-two length for which ``fits_at(seq) -> (fits, compiled_total_bytes)`` holds.
+
+    From ``SEARCH_START`` it doubles while the step fits, or halves while it does not, within
+    [``SEARCH_MIN``, ``SEARCH_MAX``]. Every try is recorded; ``complete`` once both a fitting and a failing
+    length were found or a bound was reached. ``progress`` gets the result so far after each try.
+    """
+    tried = []
+
+    def result(complete: bool) -> dict:
+        fitting = [t["seq_len"] for t in tried if t["fits"]]
+        return {"largest_fitting_power_of_two": max(fitting, default=None), "tried": tried, "complete": complete}
+
+    seq, up = SEARCH_START, None
+    while SEARCH_MIN <= seq <= SEARCH_MAX:
+        t0 = time.perf_counter()
+        try:
+            ok, total = fits_at(seq)
+        except Exception as e:  # noqa: BLE001 -- recorded with what was found so far
+            return {**result(False), "error": bench_common.error_text(e)}
+        tried.append({"seq_len": seq, "fits": ok, "compiled_total_bytes": total,
+                      "compile_s": time.perf_counter() - t0})
+        if up is None:
+            up = ok
+        elif ok != up:
+            return result(True)  # crossed from fitting to failing (or back)
+        if progress is not None:
+            progress(result(False))
+        seq = seq * 2 if up else seq // 2
+    return result(True)  # a bound was reached
+
+
+def search_in_worker(cfg: GLMConfig, policy: str, limit: int, out_path: str) -> None:
+    """The ``--search-worker`` side: ``search_max_seq`` for one policy; each try is written to ``out_path``
+    at once, so a worker cut off at ``--budget-s`` still reports what it found."""
+    def progress(res):
+        Path(out_path).write_text(json.dumps(res))
+    bench_common.write_worker_result(lambda: search_max_seq(lambda seq: fits(cfg, policy, seq, limit), progress),
+                                     out_path)
+
+
+def search_all(policies_: list[str], limit: int, budget_s: float, *, tiny: bool, env: dict) -> dict:
+    """One ``--search-worker`` per policy, all at once, each cut off after ``budget_s``: policy -> result."""
+    env = {**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",  # several share the device; they only compile
+           "XLA_FLAGS": bench_common.with_xla_flags(env, bench_common.NO_AUTOTUNE)}
+
+    def one(policy):
+        argv = ["--search-worker", policy, "--limit-bytes", str(limit)] + (["--tiny"] if tiny else [])
+        return bench_common.spawn_worker(__file__, argv, env=env, timeout_s=budget_s)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(policies_)) as pool:
+        return dict(zip(policies_, pool.map(one, policies_)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--budget-s", type=float, default=270.0)
+    ap.add_argument("--budget-s", type=float, default=150.0,
+                    help="seconds each policy's sequence-length search may take (0: no search)")
     ap.add_argument("--policies", help="comma-separated remat policies (default: all this device supports)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # CPU smoke: tiny preset, no GPU
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # one policy's timing, in a fresh process
+    ap.add_argument("--search-worker", help=argparse.SUPPRESS)  # one policy's max-seq search, fresh process
+    ap.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)  # the parent's allocator limit
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = model_config(args.tiny)
+    if args.search_worker:
+        search_in_worker(cfg, args.search_worker, args.limit_bytes, args.worker_out)
+        return
     if args.worker:
         bench_common.write_worker_result(lambda: time_policy(cfg, args.worker, args.batch, args.seq, args.steps),
                                          args.worker_out)
@@ -163,24 +237,15 @@ def main(argv=None):
     best = max(timed, key=lambda r: r["tokens_per_s"])["policy"] if timed else None
     dev = jax.devices()[0]
     limit = int((dev.memory_stats() or {}).get("bytes_limit", 0)) or int(75 * 2**30)
-    max_seq = {}
-    for policy in chosen:
-        largest, seq, tried = None, 4096, []
-        while seq <= 262144 and time.perf_counter() - start < args.budget_s:
-            ok, total = fits(cfg, policy, seq, limit)
-            tried.append({"seq_len": seq, "fits": ok, "compiled_total_bytes": total})
-            if not ok:
-                break
-            largest, seq = seq, seq * 2
-        max_seq[policy] = {"largest_fitting_power_of_two": largest, "tried": tried,
-                           "complete": bool(tried) and not tried[-1]["fits"]}
-        print(policy, json.dumps(max_seq[policy]), flush=True)
+    max_seq = search_all(chosen, limit, args.budget_s, tiny=args.tiny, env=worker_env) if args.budget_s > 0 else {}
+    for policy, res in max_seq.items():
+        print(policy, json.dumps(res), flush=True)
     kind = dev.device_kind
     name = "training_" + bench_common.gpu_tag()
     doc = {"device": f"{dev.platform}: {kind}", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "versions": {"jax": jax.__version__, "python": platform.python_version()},
            "model": {**cfg.to_hf_dict(), "num_params": cfg.num_params()},
-           "rows": rows, "max_seq_len_batch1": max_seq, "memory_limit_bytes": limit,
+           "rows": rows, "max_seq_len_batch1": max_seq, "memory_limit_bytes": limit, "search_budget_s": args.budget_s,
            "summary": {"best_policy": best, "best_tokens_per_s": max((r["tokens_per_s"] for r in timed), default=None),
                        "best_mfu": next((r["mfu"] for r in timed if r["policy"] == best), None),
                        "peak_flops_assumed": peak_flops(kind), "wall_s": time.perf_counter() - start}}
@@ -191,7 +256,10 @@ def markdown(doc) -> str:
     lines = [f"# Training step on {doc['device']} ({doc['date']})", "",
              f"GLM, {doc['model']['num_params'] / 1e9:.2f} B parameters, D={doc['model']['hidden_size']}, "
              f"L={doc['model']['num_hidden_layers']}, bfloat16 compute, float32 params + AdamW moments.", "",
-             "Each policy ran in its own process: its measured peak is its own.", "",
+             "Each policy ran in its own process, twice: the measured pass loaded the step compiled by the first "
+             "from a persistent compilation cache, so its peak is the step's own (no compiling or autotuning): "
+             f"{sum(bool(r.get('compile_cache_warm')) for r in doc['rows'])} of {len(doc['rows'])} measured passes "
+             "loaded every executable from the cache.", "",
              "| policy | batch x seq | step ms | tokens/s | MFU | peak GiB (measured) | compiled GiB | estimated GiB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
@@ -203,12 +271,24 @@ def markdown(doc) -> str:
         lines.append(f"| {r['policy']} | {r['batch']} x {r['seq_len']} | {1e3 * r['step_s']:.0f} | {r['tokens_per_s']:.0f} | "
                      f"{mfu} | {peak} | {r['compiled_total_bytes'] / 2**30:.1f} | "
                      f"{r['estimated_total_bytes'] / 2**30:.1f} |")
-    lines += ["", "Largest power-of-two sequence length (batch 1) whose compiled step fits:", "",
-              "| policy | largest seq | search complete |", "|---|---|---|"]
+    lines += ["", f"Largest power-of-two sequence length (batch 1) whose compiled step fits in "
+              f"{doc['memory_limit_bytes'] / 2**30:.1f} GiB (AOT, autotuning off; one process per policy, "
+              f"{doc['search_budget_s']:.0f} s each; tries: seq GiB, x = does not fit):", "",
+              "| policy | largest seq | tries | search complete |", "|---|---|---|---|"]
     for p, v in doc["max_seq_len_batch1"].items():
-        lines.append(f"| {p} | {v['largest_fitting_power_of_two']} | {v['complete']} |")
+        tries = ", ".join(f"{t['seq_len']} {gib(t['compiled_total_bytes'])}" + ("" if t["fits"] else " x")
+                          for t in v.get("tried", []))
+        done = str(v.get("complete", False)) + (f" ({v['error'][:60]})" if "error" in v else "")
+        lines.append(f"| {p} | {v.get('largest_fitting_power_of_two')} | {tries} | {done} |")
+    if not doc["max_seq_len_batch1"]:
+        lines.append("| (not searched: --budget-s 0) | | | |")
     lines += ["", f"Best policy: {doc['summary']['best_policy']}.", ""]
     return "\n".join(lines)
+
+
+def gib(nbytes: int) -> str:
+    """A compiled total in GiB; 'refused' where XLA would not compile the step (-1: out of memory)."""
+    return f"{nbytes / 2**30:.1f}" if nbytes >= 0 else "refused"
 
 
 if __name__ == "__main__":
