@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sharding.partition import mesh_of, use_mesh
+
 from .kv_cache import DenseKVCache
 from .model.static_graph import StaticGraph
 from .sampling import sample_tokens
@@ -97,8 +99,9 @@ def prefill(graph: StaticGraph, state, ids: np.ndarray, lens: np.ndarray, cache:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (rows, t))
     parts = []
     for r0 in range(0, batch, rows):
-        part, cache = _prefill(graph, state, jnp.asarray(ids[r0:r0 + rows]), positions, cache.with_rows(r0),
-                               jnp.asarray(lens[r0:r0 + rows] - 1))
+        with use_mesh(mesh_of(state)):
+            part, cache = _prefill(graph, state, jnp.asarray(ids[r0:r0 + rows]), positions, cache.with_rows(r0),
+                                   jnp.asarray(lens[r0:r0 + rows] - 1))
         parts.append(part)
     return (parts[0] if len(parts) == 1 else jnp.concatenate(parts)), cache.with_rows(0)
 
@@ -136,6 +139,7 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], config: GenerationCon
         raise ValueError(f"cache of {cache.k[0].shape[0]} rows x {cache.max_len} slots cannot hold {batch} rows "
                          f"of {t} prompt + {config.max_new_tokens} new tokens")
     graph, state = StaticGraph.split(model)
+    mesh = mesh_of(state)  # a sharded model: its activation constraints apply (sharding/rules.py)
     temperature = jnp.full((batch,), config.temperature, jnp.float32)
     top_k = jnp.full((batch,), config.top_k, jnp.int32)
     top_p = jnp.full((batch,), config.top_p, jnp.float32)
@@ -147,8 +151,9 @@ def decode_stream(model, prompts: Sequence[Sequence[int]], config: GenerationCon
     positions, step = jnp.asarray(lens), jnp.int32(1)
     yield token
     for _ in range(config.max_new_tokens - 1):
-        token, positions, step, cache = _decode(graph, state, token, positions, cache, key, step,
-                                                temperature, top_k, top_p, greedy)
+        with use_mesh(mesh):  # per call: a suspended generator must not leave the mesh active
+            token, positions, step, cache = _decode(graph, state, token, positions, cache, key, step,
+                                                    temperature, top_k, top_p, greedy)
         yield token
 
 

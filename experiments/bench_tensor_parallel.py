@@ -5,7 +5,7 @@ all in one process: identical greedy tokens, batch-1 ms/token, batch-32 tokens/s
     python experiments/bench_tensor_parallel.py --tiny --out /tmp   # CPU smoke run (8 virtual devices, tiny shapes)
 
 Each degree t uses ``sharding.shard_model(model, make_mesh(tensor=t))`` (column-parallel q/k/v and gate/up,
-row-parallel o_proj / down_proj, vocab-parallel embedding and LM head, KV heads repeated to t) and the
+row-parallel o_proj / down_proj, vocab-parallel LM head, embedding table split along D, KV heads repeated to t) and the
 same jitted prefill / decode step as ``autoglm_jax.generate`` (dense KV cache created sharded). Decode steps
 are chained on device without host syncs; ``ms_per_token`` = decode time / (new tokens - 1), and
 ``tokens_per_s`` = batch x (new tokens - 1) / decode time (prefill excluded; reported separately).

@@ -5,6 +5,7 @@ No import of ``autoglm_jax`` at module level: the model imports ``constrain`` fr
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import jax
@@ -36,9 +37,22 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 RULES_MESH_AXES = (DATA, FSDP, TENSOR)
 
 
-def use_mesh(mesh: Mesh):
-    """Context manager that activates ``mesh`` for ``constrain`` (and jit's PartitionSpecs): ``jax.set_mesh``."""
-    return jax.set_mesh(mesh)
+def use_mesh(mesh: Mesh | None):
+    """Context manager that activates ``mesh`` for ``constrain`` (and jit's PartitionSpecs): ``jax.set_mesh``.
+    ``None`` (a model on one device) activates nothing."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the first ``NamedSharding`` leaf of ``tree`` (e.g. a model's state) is sharded over, or None.
+
+    Call jitted model code under ``use_mesh(mesh_of(state))``: without an active mesh the activation
+    constraints are no-ops and XLA's sharding propagation alone lays out the residual stream."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
 
 
 # ------------------------------------------------------------------------------------ parameters

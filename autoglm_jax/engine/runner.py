@@ -25,7 +25,7 @@ import numpy as np
 
 from ..model.static_graph import StaticGraph
 from ..sampling import sample_tokens
-from sharding.partition import per_device_bytes
+from sharding.partition import per_device_bytes, use_mesh
 
 from .paged_cache import KVPages, PagedKVCache
 from .step_inputs import Buckets, StepInputs, bucket, build_step_inputs, empty_step_inputs
@@ -103,7 +103,8 @@ class ModelRunner:
         keys = self.all_shape_keys(sampled=sampled)
         for key in keys:
             inputs = replicate(empty_step_inputs(key), self.mesh)
-            tokens, self.pages = step(self.graph, self.params, self.pages, inputs, self.attention)
+            with use_mesh(self.mesh):
+                tokens, self.pages = step(self.graph, self.params, self.pages, inputs, self.attention)
         self.copy([(0, 0)])
         tokens.block_until_ready()
         return len(keys)
@@ -132,7 +133,8 @@ class ModelRunner:
             return plan, None
         self.shape_keys.add(inputs.shape_key)
         inputs = replicate(inputs, self.mesh)
-        tokens, self.pages = step(self.graph, self.params, self.pages, inputs, self.attention)
+        with use_mesh(self.mesh):  # the model's activation constraints apply on the mesh (sharding/rules.py)
+            tokens, self.pages = step(self.graph, self.params, self.pages, inputs, self.attention)
         self.num_steps += 1
         return plan, tokens
 

@@ -22,18 +22,14 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.mesh import MESH_AXES, TENSOR, MeshError, mesh_shape
-from sharding.partition import check_model_fits, shard_model
+from sharding.partition import check_model_fits, mesh_of, shard_model
 
 
 def model_mesh(model) -> Mesh | None:
     """The mesh the model's parameters are sharded over (None for a model on one device)."""
     from flax import nnx
 
-    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            return sharding.mesh
-    return None
+    return mesh_of(nnx.state(model, nnx.Param))
 
 
 def tensor_degree(mesh: Mesh | None) -> int:

@@ -48,7 +48,7 @@ class GLMForCausalLM(nnx.Module):
         key = rngs.params()
         self.embed = nnx.Param(
             cfg.initializer_range * jax.random.normal(key, (cfg.vocab_size, cfg.hidden_size), self.param_dtype),
-            logical_axes=("vocab", "embed"))
+            logical_axes=("table_vocab", "table_embed"))
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(

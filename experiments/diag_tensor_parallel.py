@@ -1,0 +1,164 @@
+"""Where a tensor-parallel decode step spends its time (a diagnosis, not a benchmark).
+
+For GLM-4-9B (random bf16 weights) at tensor degree ``--tp``, one batch size: the optimized HLO of the
+decode step (its collectives counted, the text saved), the wall time per decode step, and a
+``jax.profiler`` trace of ``--steps`` steps whose GPU activity is summed per HLO op (or kernel) name, per
+device, with collectives and gaps (device idle time inside the traced span) reported separately.
+
+    python experiments/diag_tensor_parallel.py --tp 2 --batch 1 --out $OUT     # GPU, 2 devices
+
+Writes ``diag_tensor_parallel_tp<t>_b<B>.json`` (+ the HLO text) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+COLLECTIVE = re.compile(r"all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all|nccl|AllReduce",
+                        re.IGNORECASE)
+GEMM = re.compile(r"gemm|dot|cublas|matmul", re.IGNORECASE)
+
+
+def gpu_activity(xplane: str, steps: int, top: int) -> dict:
+    """Per GPU plane: busy time by op name, collectives' share, idle gaps, all per decode step."""
+    from jax.profiler import ProfileData
+
+    out = {}
+    for plane in ProfileData.from_file(xplane).planes:
+        if "GPU" not in plane.name:
+            continue
+        by_name = collections.Counter()
+        count = collections.Counter()
+        spans = []
+        for line in plane.lines:
+            if not line.name.lower().startswith("stream"):
+                continue
+            for ev in line.events:
+                stats = dict(ev.stats)
+                name = str(stats.get("hlo_op") or ev.name)
+                by_name[name] += ev.duration_ns
+                count[name] += 1
+                spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+        if not spans:
+            continue
+        spans.sort()
+        busy, end = 0.0, spans[0][0]
+        for s, e in spans:  # union of intervals: time any stream of this device was busy
+            if e > end:
+                busy += e - max(s, end)
+                end = e
+        span = spans[-1][1] - spans[0][0]
+        coll = sum(v for k, v in by_name.items() if COLLECTIVE.search(k))
+        gemm = sum(v for k, v in by_name.items() if GEMM.search(k) and not COLLECTIVE.search(k))
+        out[plane.name] = {
+            "span_us_per_step": span / steps / 1e3, "busy_us_per_step": busy / steps / 1e3,
+            "idle_us_per_step": (span - busy) / steps / 1e3, "collective_us_per_step": coll / steps / 1e3,
+            "gemm_us_per_step": gemm / steps / 1e3, "other_us_per_step": (sum(by_name.values()) - coll - gemm) / steps / 1e3,
+            "collective_calls_per_step": sum(v for k, v in count.items() if COLLECTIVE.search(k)) / steps,
+            "top_ops": [{"name": k, "us_per_step": v / steps / 1e3, "calls_per_step": count[k] / steps}
+                        for k, v in by_name.most_common(top)]}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=16, help="decode steps traced")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--preset", default="glm-4-9b", help="model preset (tiny: a CPU smoke run)")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.loading import random_model
+    from sharding import make_mesh, shard_model
+
+    cfg = GLMConfig.from_preset(args.preset)
+    model = random_model(cfg, dtype="bfloat16", seed=0)
+    sm = model if args.tp == 1 else shard_model(model, make_mesh(tensor=args.tp))
+    del model
+    for b in args.batch:
+        diagnose(sm, cfg, b, args)
+
+
+def diagnose(sm, cfg, b: int, args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from autoglm_jax.generate import CACHE_BUCKET, GenerationConfig, _decode, decode_stream
+    from autoglm_jax.kv_cache import DenseKVCache
+    from autoglm_jax.model.static_graph import StaticGraph
+    from sharding import cache_shardings, make_mesh, mesh_of, use_mesh
+
+    new = args.steps + 1
+    cache_len = -(-(args.prompt + new) // CACHE_BUCKET) * CACHE_BUCKET
+    make_cache = lambda: DenseKVCache.create(sm.cfg, b, cache_len, sm.dtype)
+    if args.tp > 1:
+        make_cache = jax.jit(make_cache, out_shardings=cache_shardings(jax.eval_shape(make_cache), make_mesh(tensor=args.tp)))
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, args.prompt)).astype(np.int32).tolist()
+    gen_cfg = GenerationConfig(max_new_tokens=new, eos_token_ids=())
+
+    def run():
+        cache = make_cache()
+        steps = decode_stream(sm, prompts, gen_cfg, cache=cache)
+        next(steps).block_until_ready()
+        t = time.perf_counter()
+        for tok in steps:
+            pass
+        tok.block_until_ready()
+        return (time.perf_counter() - t) / args.steps
+
+    run()  # compiles
+    wall = [run() for _ in range(3)]
+    graph, state = StaticGraph.split(sm)
+    vec = lambda v, dt: jnp.full((b,), v, dt)
+    with use_mesh(mesh_of(state)):  # as decode_stream calls it
+        hlo = _decode.lower(graph, state, vec(0, jnp.int32), vec(args.prompt, jnp.int32), make_cache(),
+                            jax.random.key(0), jnp.int32(1), vec(0.0, jnp.float32), vec(0, jnp.int32),
+                            vec(1.0, jnp.float32), True).compile().as_text()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"diag_tensor_parallel_tp{args.tp}_b{b}"
+    (out / f"{stem}.hlo.txt").write_text(hlo)
+    ops = collections.Counter(m.group(1) for m in re.finditer(
+        r"= \S+ (all-reduce-start|all-reduce|all-gather-start|all-gather|reduce-scatter|collective-permute-start|"
+        r"all-to-all|custom-call|fusion|copy-start|copy)\(", hlo))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        traced = run()
+        jax.profiler.stop_trace()
+        pb = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        activity = gpu_activity(pb[0], args.steps, args.top) if pb else {"error": "no xplane.pb written"}
+    doc = {"tp": args.tp, "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": b, "prompt": args.prompt, "steps": args.steps,
+           "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
+           "wall_ms_per_step": [1e3 * w for w in wall], "traced_wall_ms_per_step": 1e3 * traced,
+           "hlo_op_counts": dict(ops), "gpu": activity}
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+    print(json.dumps({k: v for k, v in doc.items() if k not in ("gpu", "devices")}))
+    for plane, a in (activity.items() if isinstance(activity, dict) else []):
+        if not isinstance(a, dict):
+            continue
+        print(f"{plane}: span {a['span_us_per_step']:.0f} us/step, busy {a['busy_us_per_step']:.0f}, idle "
+              f"{a['idle_us_per_step']:.0f}, gemm {a['gemm_us_per_step']:.0f}, other {a['other_us_per_step']:.0f}, collectives {a['collective_us_per_step']:.0f} us "
+              f"({a['collective_calls_per_step']:.0f} calls)")
+        for t in a["top_ops"][:15]:
+            print(f"   {t['us_per_step']:8.1f} us  x{t['calls_per_step']:.0f}  {t['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
