@@ -205,6 +205,17 @@ def write_doc(out_dir: str | Path, name: str, doc: dict, markdown: str, plot=Non
     return out_dir / f"{name}.json"
 
 
+def rewrite_doc(out_dir: str | Path, name: str, markdown, plot=None) -> None:
+    """Rewrites ``<name>.md`` (``markdown(doc)``) and, if given, ``plot(<name>.png, doc)`` from the existing
+    ``<name>.json``, which stays as it is: a script's ``--replot``, with no device work."""
+    out_dir = Path(out_dir)
+    doc = json.loads((out_dir / f"{name}.json").read_text())
+    (out_dir / f"{name}.md").write_text(markdown(doc))
+    if plot is not None:
+        plot(out_dir / f"{name}.png", doc)
+    print(f"rewrote {out_dir / name}.md" + (" and .png" if plot is not None else ""))
+
+
 def write_worker_result(measure, out_path: str | Path) -> None:
     """In a worker: writes ``measure()``'s dict to ``out_path``, or ``{"error": ...}`` when it raises.
 

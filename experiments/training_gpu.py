@@ -6,14 +6,15 @@ and the largest sequence length whose step fits in device memory, per policy (AO
 
 Sized to finish in about 5 minutes on one H100: five timed policies of ~35 s each, then the sequence-length
 searches side by side, each cut off at ``--budget-s`` (what it tried by then is kept; the table says whether
-it completed). Writes training_<gpu>.json and .md (e.g. training_h100).
+it completed). Writes training_<gpu>.json, .md and .png (e.g. training_h100; the plot needs matplotlib).
 
 Each policy's timed steps run in a fresh process (a hidden ``--worker``), so its measured peak
 (``peak_bytes_in_use``, a high-water mark of the whole process that never resets) is its own, and a policy
 that runs out of memory leaves nothing behind for the next. The worker runs twice over a persistent
 compilation cache (``bench_common.spawn_worker(warm_compile_cache=True)``): the measured pass loads the
 executable compiled by the first, so its peak leaves out the device memory XLA's autotuner takes while it
-compiles. ``--tiny`` (hidden) runs the same on CPU with the tiny preset.
+compiles. ``--tiny`` (hidden) runs the same on CPU with the tiny preset. ``--replot`` (hidden) rewrites the .md
+and .png of an existing ``<out>/<--name>.json`` (default training_h100) without any device work.
 
 The sequence-length search (batch 1) compiles only (AOT) and runs one process per policy (a hidden
 ``--search-worker``), all at once, after the timed workers: from 2048 it doubles while the step fits (up to
@@ -212,7 +213,12 @@ def main(argv=None):
     ap.add_argument("--search-worker", help=argparse.SUPPRESS)  # one policy's max-seq search, fresh process
     ap.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)  # the parent's allocator limit
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    ap.add_argument("--replot", action="store_true", help=argparse.SUPPRESS)  # .md + .png from <out>/<name>.json
+    ap.add_argument("--name", default="training_h100", help=argparse.SUPPRESS)  # which result --replot reads
     args = ap.parse_args(argv)
+    if args.replot:
+        bench_common.rewrite_doc(args.out, args.name, markdown, plot)
+        return
     cfg = model_config(args.tiny)
     if args.search_worker:
         search_in_worker(cfg, args.search_worker, args.limit_bytes, args.worker_out)
@@ -249,7 +255,7 @@ def main(argv=None):
            "summary": {"best_policy": best, "best_tokens_per_s": max((r["tokens_per_s"] for r in timed), default=None),
                        "best_mfu": next((r["mfu"] for r in timed if r["policy"] == best), None),
                        "peak_flops_assumed": peak_flops(kind), "wall_s": time.perf_counter() - start}}
-    bench_common.write_doc(args.out, name, doc, markdown(doc))
+    bench_common.write_doc(args.out, name, doc, markdown(doc), plot=lambda path: plot(path, doc))
 
 
 def markdown(doc) -> str:
@@ -289,6 +295,57 @@ def markdown(doc) -> str:
 def gib(nbytes: int) -> str:
     """A compiled total in GiB; 'refused' where XLA would not compile the step (-1: out of memory)."""
     return f"{nbytes / 2**30:.1f}" if nbytes >= 0 else "refused"
+
+
+def plot(path: Path, doc) -> None:
+    """(a) tokens/s (bars) and MFU (labels) per policy at the timed batch x seq, a failed policy marked as
+    such; (b) the compiled GiB of every length the batch-1 search tried, per policy, against the limit."""
+    plt = bench_common.pyplot_or_none()
+    if plt is None:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = doc["rows"]
+    x = np.arange(len(rows))
+    tok = [r.get("tokens_per_s") or 0.0 for r in rows]
+    a.bar(x, [t / 1e3 for t in tok], color=["lightgray" if "error" in r else "C0" for r in rows])
+    top = max(tok, default=0) / 1e3 or 1.0
+    for i, r in enumerate(rows):
+        if "error" in r:
+            oom = "RESOURCE_EXHAUSTED" in r["error"] or "out of memory" in r["error"].lower()
+            a.text(i, 0.02 * top, "OOM" if oom else "error", ha="center", va="bottom", color="C3", fontweight="bold")
+        else:
+            label = f"{100 * r['mfu']:.1f}% MFU" if r.get("mfu") is not None else "MFU -"
+            a.text(i, tok[i] / 1e3, label, ha="center", va="bottom", fontsize=8)
+    a.set_xticks(x, [r["policy"] for r in rows], rotation=15)
+    a.set_ylim(0, 1.15 * top)
+    a.set_ylabel("thousand tokens/s")
+    shape = f"batch {rows[0]['batch']} x seq {rows[0]['seq_len']}" if rows else ""
+    a.set_title(f"(a) train step throughput, {shape}")
+    limit = doc["memory_limit_bytes"] / 2**30
+    for i, (policy, res) in enumerate(doc["max_seq_len_batch1"].items()):
+        tried = sorted((t for t in res.get("tried", []) if t["compiled_total_bytes"] >= 0), key=lambda t: t["seq_len"])
+        if not tried:
+            continue
+        seqs, gib = [t["seq_len"] for t in tried], [t["compiled_total_bytes"] / 2**30 for t in tried]
+        b.plot(seqs, gib, color=f"C{i}", label=f"{policy} (max {res.get('largest_fitting_power_of_two')})")
+        for s, g, t in zip(seqs, gib, tried):
+            b.plot(s, g, "o" if t["fits"] else "x", color=f"C{i}", markersize=7)
+    b.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"limit {limit:.1f} GiB")
+    if not doc["max_seq_len_batch1"]:
+        b.text(0.5, 0.5, "not searched (--budget-s 0)", transform=b.transAxes, ha="center")
+    else:
+        b.set_xscale("log", base=2)
+        ticks = sorted({t["seq_len"] for r in doc["max_seq_len_batch1"].values() for t in r.get("tried", [])})
+        b.set_xticks(ticks, [str(t) for t in ticks])
+        b.minorticks_off()
+    b.set_xlabel("sequence length (batch 1); o fits, x does not")
+    b.set_ylabel("compiled step GiB (AOT)")
+    b.set_title("(b) largest-length search per remat policy")
+    b.legend(fontsize=8)
+    fig.suptitle(f"{doc['device']}, {doc['model']['num_params'] / 1e9:.2f} B params ({doc['date']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
