@@ -83,8 +83,11 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def config_label(c) -> str:
-    """A TileConfig (or its dict) as the short label the results tables use."""
+    """A TileConfig (or its dict) as the short label the results tables use; the XLA paths ("xla", "xla_split")
+    by their name alone (their tile fields are unused)."""
     c = c if isinstance(c, dict) else c.to_json()
+    if c["kernel"] in qmatmul_tiles.XLA_KERNELS:
+        return c["kernel"]
     return (f"{c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} s{c['split_k']} "
             f"w{c['num_warps']} st{c['num_stages']}{' fast' if c['fast_dequant'] else ''}"
             f"{' pf' if c.get('prefetch') else ''}")

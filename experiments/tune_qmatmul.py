@@ -1,7 +1,8 @@
 """Tile sweep for quantized_matmul: writes the tuned table kernels_pallas/tuned/quantized_matmul.json.
 
 GPU only. For each format, M bucket and GLM-4-9B shape, time a short list of candidate TileConfigs (and XLA's
-dequantize-then-dot as the candidate ``kernel="xla"``) with ``--layers`` distinct weights unrolled in one jit,
+dequantize-then-dot as the candidate ``kernel="xla"``; for int8 at M <= 32 also XLA's int8 x int8 dot of
+two-digit activations, ``kernel="xla_split"``) with ``--layers`` distinct weights unrolled in one jit,
 and keep the fastest. Entries from other devices already in the table are kept. A candidate that fails to
 compile is reported and skipped. ``--budget_s`` bounds the sweep; untuned problems use ``default_config``.
 
@@ -33,10 +34,19 @@ def T(kernel, bm, bn, bk, split, warps, stages, fast=True, prefetch=False):
 
 
 XLA = TileConfig(kernel="xla")
+XLA_SPLIT = TileConfig(kernel="xla_split")  # Int8Weight only (quantized_matmul.int8_split_matmul)
 
 
 def candidates(fmt: str, m: int) -> list[TileConfig]:
-    """Most likely first: the sweep may be cut by the budget."""
+    """Most likely first: the sweep may be cut by the budget. int8 at M <= 32: the split int8 dot second (on an
+    H100 it beat the GEMV on down_proj at M=1 and 8, experiments/results/qmatmul_h100_notes.md)."""
+    cands = _pallas_candidates(fmt, m)
+    if fmt == "int8" and m <= 32:
+        cands.insert(1, XLA_SPLIT)
+    return cands
+
+
+def _pallas_candidates(fmt: str, m: int) -> list[TileConfig]:
     int4 = fmt.startswith("int4")
     pf = dict(prefetch=True)
     if m == 1 and fmt != "w8a8":
@@ -75,7 +85,10 @@ def entries_from_bench(path: str, table: list[dict], margin: float = 0.9) -> lis
         if (dev, name, m, r["k"], r["n"]) in have:
             continue
         cfg = qmatmul_tiles.lookup(dev, name, m, r["k"], r["n"], table=tuple(table))
-        if r.get("config") != config_label(cfg):  # the bench ran another config (older lookup rules): unmeasured
+        label = r.get("config") or ""
+        if cfg.kernel in qmatmul_tiles.XLA_KERNELS:  # older benches labelled XLA paths with unused tile fields
+            label = label.split(" ")[0]
+        if label != config_label(cfg):  # the bench ran another config (older lookup rules): unmeasured
             continue
         best = (XLA, x["us"]) if x["us"] < margin * r["us"] else (cfg, r["us"])
         new.append(dict(device=dev, format=name, m=m, k=r["k"], n=r["n"], us=round(best[1], 2),

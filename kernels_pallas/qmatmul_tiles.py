@@ -2,7 +2,9 @@
 
 The table (``kernels_pallas/tuned/quantized_matmul.json``) is written by ``experiments/tune_qmatmul.py``:
 one entry per (device, format, M bucket, K, N) with the measured-fastest config, which may be ``"xla"``
-(dequantize-then-dot through XLA) where that beat every kernel. Lookup: exact (device, format, K, N) at the
+(dequantize-then-dot through XLA) or, for int8 at M <= 32, ``"xla_split"`` (XLA's int8 x int8 dot of the
+activations written as two int8 digits, ``quantized_matmul.int8_split_matmul``) where that beat every kernel.
+No entry is written by hand. Lookup: exact (device, format, K, N) at the
 smallest tuned M >= M (else the largest tuned M); then the same (device, format) at the nearest shape (by
 K*N) with the same M bucket; an int4 variant with no entries uses another int4 variant's (same group
 first); else ``default_config``.
@@ -16,12 +18,14 @@ import json
 import os
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned", "quantized_matmul.json")
-KERNELS = ("gemv", "dot", "xla")
+KERNELS = ("gemv", "dot", "xla", "xla_split")
+XLA_KERNELS = ("xla", "xla_split")  # not Pallas: the tile fields are unused
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
-    """kernel: "gemv" (one row of x, FMA on CUDA cores, split-K), "dot" (tensor-core tiles), or "xla".
+    """kernel: "gemv" (one row of x, FMA on CUDA cores, split-K), "dot" (tensor-core tiles), "xla"
+    (XLA's dequantize-then-dot) or "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations).
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
     step (int4: a multiple of the group), split_k programs along K (partial sums reduced by XLA),

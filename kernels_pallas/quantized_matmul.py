@@ -4,13 +4,18 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
 
 * GPU: the Pallas kernels of ``qmatmul_gpu.py`` (Triton lowering; ``gemv`` for one row, ``dot`` tiles
   otherwise), tile config from the tuned table (``qmatmul_tiles.lookup``); where the table says XLA's
-  dequantize-then-dot was faster for that shape, that path. float32 activations take the XLA path.
+  dequantize-then-dot was faster for that shape, that path (``kernel="xla"``); for ``Int8Weight`` where it
+  says XLA's int8 x int8 dot of two-digit activations was faster (``kernel="xla_split"``,
+  ``int8_split_matmul``), that path. The committed table selects ``xla_split`` nowhere until a GPU run of
+  ``experiments/tune_qmatmul.py`` measures it faster (its int8 candidates for M <= 32 include it). float32
+  activations take the XLA dequantize-then-dot path (also where the table says ``xla_split``).
   There is no Mosaic GPU kernel yet (the Triton lowering is deprecated since jax 0.11); measured speeds and
   gaps: experiments/results/qmatmul_h100_notes.md.
 * TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
 * CPU: ``quantized_matmul_reference``; ``interpret=True`` runs a Pallas kernel in interpret mode instead.
 
-``impl`` forces a path: ``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"``, ``"reference"`` (``"auto"`` = above).
+``impl`` forces a path: ``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"``, ``"xla_split"`` (``Int8Weight`` only, any
+platform), ``"reference"`` (``"auto"`` = above).
 Every path is checked against ``quantized_matmul_reference`` (float32 dequantize-then-dot at highest
 precision; W8A8: the same per-token int8 activation quantization and an exact int32 product).
 
@@ -29,9 +34,10 @@ from jax import lax
 
 from . import qmatmul_tiles
 from .qmatmul_tiles import TileConfig
-from .quant_formats import (FORMAT_TYPES, Int4Weight, QuantFormatError, W8A8Weight, quantize_activations)
+from .quant_formats import (FORMAT_TYPES, Int4Weight, Int8Weight, QuantFormatError, W8A8Weight,
+                            quantize_activations)
 
-IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "xla", "reference")
+IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "xla", "xla_split", "reference")
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -110,6 +116,46 @@ def xla_quantized_matmul(x2, qweight, act_scale=None):
     return y * qweight.scale.astype(jnp.float32)[None, :]
 
 
+SPLIT_STEPS = 127 * 128  # per row, x is written as an integer xs in [-16256, 16256] steps of absmax / 16256
+SPLIT_MAX_K = (2**31 - 1) // (127 * 128)  # 132104: the hi-digit int32 sum |sum_k hi * q| <= K * 127 * 128
+
+
+def int8_split_matmul(x2, qweight: Int8Weight):
+    """Weight-only int8 through XLA's int8 x int8 -> int32 dot: ``x2[M, K]`` (float) -> float32 ``[M, N]``.
+
+    Representation: per row m, ``step[m] = absmax(x2[m]) / (127 * 128)`` (absmax floored at 1e-30, so zero
+    rows give zeros), ``xs = round(x / step)``, an integer in ``[-16256, 16256]``, written as two int8 digits
+    ``xs = 128 * hi + lo`` with ``hi = round(xs / 128)`` (``|hi| <= 127``) and ``lo = xs - 128 * hi``
+    (``|lo| <= 64``). One int8 dot of the stacked digits ``[2M, K]`` with ``qweight [K, N]`` gives exact int32
+    sums ``Y``; ``y = (128 * Y[:M] + Y[M:]) * step * scale`` in float32.
+
+    Error: the only approximation is the activation's fixed point, ``|x - xs * step| <= step / 2 =
+    absmax / 32512`` per element (15 bits of fixed point per row; bf16 rounds each element to 8 significant
+    bits, error up to 2**-9 to 2**-8 of its magnitude, so the elements near the row's absmax, which dominate the
+    dot, are carried 64 to 128 times more precisely than bf16 would; elements ~100x below the absmax about as
+    precisely as bf16, smaller ones less). Hence per output
+    ``|y - x @ dequant(w)| <= step / 2 * sum_k |q[k, n]| * scale[n]`` plus float32 rounding of the
+    recombination (a few ulps of ``sum_k |x q| * step * scale``). The int32 sums are exact while
+    ``K * 127 * 128 < 2**31`` (``|hi| <= 127``, ``|q| <= 128``; the lo digits are half that), i.e.
+    ``K <= SPLIT_MAX_K = 132104``; a larger K raises ``QuantFormatError``. Non-finite rows give non-finite
+    outputs (their step is inf or NaN).
+    """
+    _check(isinstance(qweight, Int8Weight),
+           f"the xla_split path is for Int8Weight (weight-only int8) only; got {type(qweight).__name__}")
+    k = qweight.in_features
+    _check(k <= SPLIT_MAX_K, f"the xla_split path needs K <= {SPLIT_MAX_K} (int32 sums of K products up to "
+                             f"127 * 128 must not overflow); got K={k}")
+    m = x2.shape[0]
+    xf = x2.astype(jnp.float32)
+    step = jnp.maximum(jnp.max(jnp.abs(xf), axis=1, keepdims=True), 1e-30) / SPLIT_STEPS
+    xs = jnp.clip(jnp.round(xf / step), -SPLIT_STEPS, SPLIT_STEPS)
+    hi = jnp.round(xs / 128.0)
+    digits = jnp.concatenate([hi, xs - 128.0 * hi]).astype(jnp.int8)
+    acc = lax.dot_general(digits, qweight.qweight, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = acc.astype(jnp.float32)
+    return (128.0 * acc[:m] + acc[m:]) * step * qweight.scale.astype(jnp.float32)[None, :]
+
+
 def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group),
     split_k at most the number of K steps, block_m not far above M, W8A8 never on the gemv kernel."""
@@ -174,6 +220,8 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     Pallas kernel in interpret mode (CPU tests); config: a ``TileConfig`` overriding the tuned table;
     act_scale: W8A8 only, a static activation scale (float32 scalar or [1]) instead of per-token dynamic ones;
     _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
+    A table (or ``config``) choice of ``kernel="xla_split"`` serves ``Int8Weight`` with bf16/f16 activations and
+    K <= ``SPLIT_MAX_K``; elsewhere it falls back to ``"xla"``. ``impl="xla_split"`` forces it (Int8Weight only).
     """
     validate_inputs(x, qweight, bias, out_dtype, act_scale)
     _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
@@ -185,6 +233,8 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
             impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
         else:
             impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
+    _check(impl != "xla_split" or isinstance(qweight, Int8Weight),
+           f"impl='xla_split' is for Int8Weight (weight-only int8) only; got {type(qweight).__name__}")
     if impl == "reference":
         return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype, act_scale=act_scale)
     x2 = x.reshape(-1, x.shape[-1])
@@ -193,14 +243,21 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
         if config is None:
             dev = qmatmul_tiles.device_key(jax.devices()[0].device_kind)
             config = qmatmul_tiles.lookup(dev, qweight.name, m, k, n)
-        # XLA where the table says it is faster, for float32 activations, or where K has no 16-row tiles.
-        if config.kernel == "xla" or (x.dtype == jnp.float32 and not interpret) or k % 16:
+        # The split int8 dot where the table says so (Int8Weight, bf16/f16 x, K in bound); XLA's
+        # dequantize-then-dot where the table says either XLA path, for float32 x, or where K has no 16-row tiles.
+        f32 = x.dtype == jnp.float32
+        if (config.kernel == "xla_split" and isinstance(qweight, Int8Weight) and not f32
+                and k <= SPLIT_MAX_K):
+            impl = "xla_split"
+        elif config.kernel in qmatmul_tiles.XLA_KERNELS or (f32 and not interpret) or k % 16:
             impl = "xla"
     if impl == "pallas_tpu":
         config = fit_tpu_config(config, qweight)
         impl = "xla" if config is None else impl
     if impl == "xla":
         y = xla_quantized_matmul(x2, qweight, act_scale)
+    elif impl == "xla_split":
+        y = int8_split_matmul(x2, qweight)
     else:
         cfg = fit_config(config, qweight, m) if impl == "pallas_gpu" else config
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels_pallas.qmatmul_tiles import TileConfig, default_config, lookup
-from kernels_pallas.quant_formats import QuantFormatError, quantize, quantize_int4, quantize_int8
-from kernels_pallas.quantized_matmul import fit_tpu_config, quantized_matmul, quantized_matmul_reference
+from kernels_pallas.quant_formats import Int8Weight, QuantFormatError, quantize, quantize_int4, quantize_int8
+from kernels_pallas.quantized_matmul import (SPLIT_MAX_K, fit_tpu_config, quantized_matmul,
+                                             quantized_matmul_reference)
 
 FORMATS = [("int8", {}), ("int4", dict(group=64, symmetric=True)), ("int4", dict(group=128, symmetric=False)),
            ("w8a8", {})]
@@ -110,6 +111,75 @@ def test_xla_path_matches_reference(fmt, kw):
     out = quantized_matmul(x, q, out_dtype=jnp.float32, impl="xla")
     # int4 on the XLA path dequantizes to bf16 first (w = (u - z) * s rounded); int8 stays exact.
     assert rel_err(out, quantized_matmul_reference(x, q, out_dtype=jnp.float32)) < (1e-2 if fmt == "int4" else 1e-4)
+
+
+# ------------------------------------------- xla_split: XLA's int8 x int8 dot of two-int8-digit activations
+SPLIT_SHAPES = [(1, 256, 200), (3, 1024, 130), (8, 512, 72), (33, 4096, 96)]  # ragged M, N not x128
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("outliers", [False, True], ids=["normal", "outlier"])
+@pytest.mark.parametrize("m,k,n", SPLIT_SHAPES)
+def test_xla_split_within_its_bound(m, k, n, outliers, x_dtype):
+    x, q, _ = problem(40 + m, m, k, n, "int8", {}, x_dtype=x_dtype)
+    if outliers:  # one element per row 100x the others, at a random column: the row's step grows 100x
+        cols = jax.random.randint(jax.random.key(m), (m,), 0, k)
+        x = x.at[jnp.arange(m), cols].multiply(100)
+    out = jax.jit(lambda x, q: quantized_matmul(x, q, out_dtype=jnp.float32, impl="xla_split"))(x, q)
+    ref = quantized_matmul_reference(x, q, out_dtype=jnp.float32)
+    assert out.shape == (m, n) and bool(jnp.isfinite(out).all())
+    # int8_split_matmul's bound: every activation is carried within step / 2 (step = row absmax / 16256; the
+    # 2**-8 slack covers the float32 rounding of x / step), so |out - x @ W| <= step / 2 * sum_k |W[k, n]|;
+    # plus float32 rounding of the reference's dot (at most K ulps of |x| @ |W|) and of the recombination.
+    xf, wa = np.asarray(x, np.float64), np.abs(np.asarray(q.dequantize(), np.float64))
+    step = np.abs(xf).max(axis=1, keepdims=True) / (127 * 128)
+    bound = 0.5 * step * wa.sum(axis=0) * (1 + 2.0**-8) + k * 2.0**-24 * (np.abs(xf) @ wa)
+    err = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
+    assert (err <= bound).all(), f"worst err / bound = {(err / bound).max():.3f}"
+    # in norm (random rounding errors add like sqrt(K), the bound above like K): below 2**-9, under the worst
+    # relative rounding of a bf16 output (2**-9 to 2**-8); for float32 x, closer than rounding x to bf16 gets
+    assert rel_err(out, ref) < 2.0**-9
+    if x_dtype == jnp.float32:
+        ref_bf16 = quantized_matmul_reference(x.astype(jnp.bfloat16).astype(jnp.float32), q, out_dtype=jnp.float32)
+        assert rel_err(out, ref) < rel_err(ref_bf16, ref)
+
+
+def test_xla_split_exact_at_the_k_bound():
+    """K = SPLIT_MAX_K with the largest digits (hi = 127, lo = 0) against q = -128: the int32 sums reach
+    -16256 * K >= -2**31 without overflow, so the product is exact up to float32 rounding."""
+    k = SPLIT_MAX_K
+    q = Int8Weight(qweight=jnp.full((k, 2), -128, jnp.int8), scale=jnp.array([1.0, 0.5], jnp.float32))
+    out = quantized_matmul(jnp.full((1, k), 0.75, jnp.float32), q, impl="xla_split")
+    np.testing.assert_allclose(np.asarray(out[0]), [-96.0 * k, -48.0 * k], rtol=1e-6)
+
+
+def test_xla_split_dispatch_and_errors():
+    x, q, _ = problem(21, 5, 256, 136, "int8", {})
+    split = quantized_matmul(x, q, out_dtype=jnp.float32, impl="xla_split")
+    cfg = TileConfig(kernel="xla_split")  # what lookup returns where the tuned table chose it
+    table = ({"device": "h100", "format": "int8", "m": 8, "k": 256, "n": 136, "config": cfg.to_json()},)
+    assert lookup("h100", "int8", 5, 256, 136, table=table) == cfg
+    np.testing.assert_array_equal(quantized_matmul(x, q, out_dtype=jnp.float32, impl="pallas_gpu", config=cfg),
+                                  split)
+    # bias and leading dims go through it as through the other paths
+    bias = jax.random.normal(jax.random.key(2), (136,), jnp.float32)
+    out = quantized_matmul(x.reshape(1, 5, 256), q, bias=bias, out_dtype=jnp.float32, impl="xla_split")
+    np.testing.assert_allclose(np.asarray(out[0]), np.asarray(split + bias), rtol=1e-6, atol=1e-6)
+    # the table's choice falls back to XLA's dequantize-then-dot for float32 x, other formats, K over the bound
+    xla = lambda x, q: quantized_matmul(x, q, impl="xla")
+    routed = lambda x, q: quantized_matmul(x, q, impl="pallas_gpu", config=cfg)
+    xf = x.astype(jnp.float32)
+    np.testing.assert_array_equal(routed(xf, q), xla(xf, q))
+    xw, qw, _ = problem(22, 5, 256, 136, "w8a8", {})
+    np.testing.assert_array_equal(routed(xw, qw), xla(xw, qw))
+    big = Int8Weight(qweight=jnp.ones((SPLIT_MAX_K + 16, 2), jnp.int8), scale=jnp.ones((2,), jnp.float32))
+    xb = jnp.ones((1, SPLIT_MAX_K + 16), jnp.bfloat16)
+    np.testing.assert_array_equal(routed(xb, big), xla(xb, big))
+    # forced: Int8Weight only, K within the bound
+    with pytest.raises(QuantFormatError, match="xla_split.*Int8Weight.*W8A8Weight"):
+        quantized_matmul(xw, qw, impl="xla_split")
+    with pytest.raises(QuantFormatError, match=f"K <= {SPLIT_MAX_K}.*K={SPLIT_MAX_K + 16}"):
+        quantized_matmul(xb, big, impl="xla_split")
 
 
 # ------------------------------------------------------------------------- reference vs float64 numpy
