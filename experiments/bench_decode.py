@@ -4,6 +4,10 @@ Each side runs in its own process (so their memory pools do not meet):
 
     python experiments/bench_decode.py --out experiments/results          # both, then writes decode_<gpu>.*
     python experiments/bench_decode.py --preset tiny --parts jax --out /tmp # a CPU smoke run
+    python experiments/bench_decode.py --quant int8 --int8-layout nk --parts jax --name decode_int8_nk_h100
+
+``--int8-layout nk`` (with ``--quant int8``) stores the int8 weights K-major, ``qweight[N, K]``
+(``Int8Weight.k_major``, served by XLA's int8 dot); the default ``kn`` is ``[K, N]``.
 
 Definitions used for both sides: ``prefill_s`` is the time to the first new token; ``ms_per_token`` is
 (generation time - prefill time) / (new tokens - 1) per sequence step; ``tokens_per_s`` is
@@ -48,9 +52,10 @@ def _jax_worker(args) -> dict:
     bandwidth = bench_common.measure_copy_bandwidth() if jax.default_backend() != "cpu" else None
     t0 = time.perf_counter()
     model = random_model(cfg, dtype=args.dtype, seed=0)
+    layout = getattr(args, "int8_layout", "kn")
     if args.quant != "none":
         from autoglm_jax.model.quantized_linear import quantize_model
-        quantize_model(model, fmt=args.quant)  # in place
+        quantize_model(model, fmt=args.quant, k_major=layout == "nk")  # in place
     jax.block_until_ready(nnx.state(model))
     init_s = time.perf_counter() - t0
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
@@ -80,7 +85,8 @@ def _jax_worker(args) -> dict:
         runs = [run_once() for _ in range(args.reps)]
         prefill_s = float(np.median([r[0] for r in runs]))
         total_s = float(np.median([r[1] for r in runs]))
-        row = dict(impl=f"autoglm_jax ({args.quant if args.quant != 'none' else args.dtype}, unrolled layers)",
+        kind = args.quant + (" nk" if layout == "nk" else "") if args.quant != "none" else args.dtype
+        row = dict(impl=f"autoglm_jax ({kind}, unrolled layers)",
                    batch=batch, prompt=args.prompt, new_tokens=args.new, prefill_s=prefill_s, total_s=total_s,
                    ms_per_token=1e3 * (total_s - prefill_s) / (args.new - 1),
                    tokens_per_s=batch * args.new / total_s,
@@ -184,7 +190,8 @@ def _hf_worker(args) -> dict:
 
 def _spawn(part: str, args, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", part, "--worker-out", str(out), "--preset", args.preset,
-           "--dtype", args.dtype, "--quant", args.quant, "--prompt", str(args.prompt), "--new", str(args.new),
+           "--dtype", args.dtype, "--quant", args.quant, "--int8-layout", args.int8_layout,
+           "--prompt", str(args.prompt), "--new", str(args.new),
            "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s),
            "--batch", *map(str, args.batch)]
     subprocess.run(cmd, check=True)
@@ -205,6 +212,8 @@ def main(argv=None):
     p.add_argument("--preset", default="glm-4-9b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", default="none", help="none, or a QuantizedLinear format (int8, int4)")
+    p.add_argument("--int8-layout", default="kn",
+                   help="with --quant int8: kn (qweight [K, N], default) or nk (K-major [N, K], XLA's int8 dot)")
     p.add_argument("--parts", default="jax,memory,hf")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--prompt", type=int, default=512)
@@ -215,6 +224,10 @@ def main(argv=None):
     p.add_argument("--worker", choices=["jax", "hf", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.int8_layout not in ("kn", "nk"):
+        p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default) or 'nk' (K-major [N, K])")
+    if args.int8_layout == "nk" and args.quant != "int8":
+        p.error(f"--int8-layout nk is for --quant int8 only; got --quant {args.quant!r}")
     if args.worker:
         work = {"jax": _jax_worker, "hf": _hf_worker, "memory": _memory_worker}[args.worker]
         if args.worker == "memory":  # spawn_worker's protocol (errors come back as {"error": ...})

@@ -3,6 +3,9 @@
 GPU only. For each shape (qkv 4096->4608, o 4096->4096, gate_up 4096->27392, down 13696->4096), each M and
 each format: this project's dispatch (``quantized_matmul``, tuned table), XLA's dequantize-then-dot
 (``impl="xla"``), and XLA's bf16 dot, all in one run, with the copy bandwidth measured in the same run.
+Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``; served by XLA's int8 dot, see
+``quantized_matmul``) is not in the default ``--formats``; add it to compare layouts:
+``--formats int8,int8_kmajor``.
 Each op is timed as ``--layers`` distinct layers' weights unrolled in one jit (no scan, no Python loop of
 calls), median of many reps. Writes experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
 
@@ -35,14 +38,17 @@ EXTRA_FORMATS = ("int4_g128_asym", "int4_g64_sym")  # timed at M=1 only (device 
 
 
 def random_weight(key, fmt: str, k: int, n: int):
-    """A random (never zero) weight of the named format; 'bf16' gives a plain [K, N] bf16 matrix."""
+    """A random (never zero) weight of the named format; 'bf16' gives a plain [K, N] bf16 matrix;
+    'int8_kmajor' an ``Int8Weight`` stored [N, K]."""
     k1, k2, k3 = jax.random.split(key, 3)
     if fmt == "bf16":
         return (0.02 * jax.random.normal(k1, (k, n), jnp.float32)).astype(jnp.bfloat16)
-    if fmt in ("int8", "w8a8"):
+    if fmt in ("int8", "int8_kmajor", "w8a8"):
         q = jax.random.randint(k1, (k, n) if fmt == "int8" else (n, k), -127, 128, jnp.int32).astype(jnp.int8)
         s = jax.random.uniform(k2, (n,), jnp.float32, 1e-3, 1e-2)
-        return (W8A8Weight if fmt == "w8a8" else Int8Weight)(qweight=q, scale=s)
+        if fmt == "w8a8":
+            return W8A8Weight(qweight=q, scale=s)
+        return Int8Weight(qweight=q, scale=s, k_major=fmt == "int8_kmajor")
     _, g, sym = fmt.split("_")
     group = int(g[1:])
     packed = jax.random.randint(k1, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)

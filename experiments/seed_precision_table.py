@@ -5,6 +5,11 @@ INT4 (g128, symmetric) and W8A8 (dynamic per-token activations) on one GPU.
     python experiments/seed_precision_table.py --variants fp32,bf16,fp16    # a subset (each <10 min call) ...
     python experiments/seed_precision_table.py --variants int8,int4,w8a8    # ... merged with earlier workers
     python experiments/seed_precision_table.py --preset tiny --new 8 --prompt 16 --out /tmp/t   # CPU smoke run
+    python experiments/seed_precision_table.py --variants int8 --int8-layout nk   # row int8_nk: K-major int8
+
+``--int8-layout nk`` runs the int8 variant with its weights stored K-major, ``qweight[N, K]`` (``Int8Weight.k_major``,
+served by XLA's int8 dot), as the row ``int8_nk`` (worker file ``_seed_precision_int8_nk.json``), beside the
+default ``[K, N]`` row ``int8`` when both have run.
 
 Each variant runs ``experiments/bench_decode.py``'s JAX worker (``_jax_worker``: random weights in the float
 dtype, ``quantize_model(model, fmt=...)`` for the quantized ones, then prefill + greedy decode with the dense
@@ -41,14 +46,21 @@ SEED = {"fp32": {"memory": 1.0, "speed": 1.0, "latency_ms": 120.0},
         "int8": {"memory": 0.25, "speed": 3.5, "latency_ms": 68.0}}
 
 
+def _tag(variant: str, int8_layout: str) -> str:
+    """Row / worker-file name: ``int8_nk`` for the K-major int8 run, else the variant."""
+    return variant + "_nk" if (variant == "int8" and int8_layout == "nk") else variant
+
+
 def _worker(variant: str, args) -> dict:
     import bench_decode
 
     dtype, quant = VARIANTS[variant]
+    layout = args.int8_layout if quant == "int8" else "kn"
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
-                            reps=args.reps, batch=args.batch, hf_budget_s=0.0)
+                            reps=args.reps, batch=args.batch, hf_budget_s=0.0, int8_layout=layout)
     res = bench_decode._jax_worker(ns)
-    res.update(variant=variant, dtype=dtype, quant=quant, device=bench_common.device_info(),
+    res.update(variant=_tag(variant, layout), dtype=dtype, quant=quant, int8_layout=layout,
+               device=bench_common.device_info(),
                gpu_tag=bench_common.gpu_tag(), versions=bench_common.versions())
     return res
 
@@ -68,11 +80,15 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--int8-layout", default="kn",
+                   help="the int8 variant's weights: kn ([K, N], default) or nk (K-major [N, K]; row int8_nk)")
     p.add_argument("--out", default=str(bench_common.RESULTS))
     p.add_argument("--name", default=None, help="result name (default seed_precision_table_<gpu>)")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.int8_layout not in ("kn", "nk"):
+        p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default) or 'nk' (K-major [N, K])")
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(_worker(args.worker, args)))
         return
@@ -83,7 +99,8 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown variants {unknown}; allowed: {list(VARIANTS)}")
     for v in wanted:
-        cmd = [sys.executable, __file__, "--worker", v, "--worker-out", str(out / f"_seed_precision_{v}.json"),
+        cmd = [sys.executable, __file__, "--worker", v, "--int8-layout", args.int8_layout,
+               "--worker-out", str(out / f"_seed_precision_{_tag(v, args.int8_layout)}.json"),
                "--preset", args.preset, "--prompt", str(args.prompt), "--new", str(args.new),
                "--reps", str(args.reps), "--batch", *map(str, args.batch)]
         print(f"--- {v}: {' '.join(cmd[1:])}", flush=True)
@@ -91,7 +108,7 @@ def main(argv=None):
         if r.returncode:
             print(f"{v}: worker failed (exit {r.returncode}); continuing", flush=True)
     results = {}
-    for v in VARIANTS:  # this call's workers and earlier ones (subsets run in separate calls)
+    for v in [*VARIANTS, "int8_nk"]:  # this call's workers and earlier ones (subsets run in separate calls)
         f = out / f"_seed_precision_{v}.json"
         if f.exists():
             results[v] = json.loads(f.read_text())
@@ -99,7 +116,9 @@ def main(argv=None):
     for v, res in results.items():
         b1 = _pick(res, 1, "ms_per_token")
         bw = res.get("bandwidth")
-        rows.append(dict(variant=v, dtype=res["dtype"], quant=res["quant"], param_gib=res["param_bytes"] / 2**30,
+        rows.append(dict(variant=v, dtype=res["dtype"], quant=res["quant"],
+                         int8_layout=res.get("int8_layout", "kn") if res["quant"] == "int8" else None,
+                         param_gib=res["param_bytes"] / 2**30,
                          peak_gib=res["peak_bytes"] / 2**30 if res.get("peak_bytes") else None,
                          b1_ms_per_token=b1, b32_tokens_per_s=_pick(res, max(args.batch), "tokens_per_s"),
                          b1_roofline_ms=1e3 * res["param_bytes"] / bw if bw else None,
@@ -121,6 +140,7 @@ def main(argv=None):
                      seed_latency_ms=seed["latency_ms"])
     get = lambda v, k: by.get(v, {}).get(k)
     summary = {"int8_b1_speedup_vs_bf16": get("int8", "b1_speedup_vs_bf16"),
+               "int8_nk_b1_speedup_vs_bf16": get("int8_nk", "b1_speedup_vs_bf16"),
                "int4_b1_speedup_vs_bf16": get("int4", "b1_speedup_vs_bf16"),
                "fp16_b1_speedup_vs_fp32": get("fp16", "b1_speedup_vs_fp32"),
                "w8a8_b1_speedup_vs_bf16": get("w8a8", "b1_speedup_vs_bf16"),

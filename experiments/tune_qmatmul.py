@@ -3,10 +3,16 @@
 GPU only. For each format, M bucket and GLM-4-9B shape, time a short list of candidate TileConfigs (and XLA's
 dequantize-then-dot as the candidate ``kernel="xla"``; for int8 at M <= 32 also XLA's int8 x int8 dot of
 two-digit activations, ``kernel="xla_split"``) with ``--layers`` distinct weights unrolled in one jit,
-and keep the fastest. Entries from other devices already in the table are kept. A candidate that fails to
-compile is reported and skipped. ``--budget_s`` bounds the sweep; untuned problems use ``default_config``.
+and keep the fastest. Entries of this device for the formats tuned now are replaced; other entries are kept.
+A candidate that fails to compile is reported and skipped. ``--budget_s`` bounds the sweep; untuned problems
+use ``default_config``.
 
     python experiments/tune_qmatmul.py --out $OUT/quantized_matmul.json
+
+Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``; no Pallas kernel reads it) has the two
+XLA paths as its only candidates; it is not in the default ``--formats``:
+
+    python experiments/tune_qmatmul.py --formats int8_kmajor --ms 1,8,32 --out $OUT/quantized_matmul.json
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ XLA_SPLIT = TileConfig(kernel="xla_split")  # Int8Weight only (quantized_matmul.
 def candidates(fmt: str, m: int) -> list[TileConfig]:
     """Most likely first: the sweep may be cut by the budget. int8 at M <= 32: the split int8 dot second (on an
     H100 it beat the GEMV on down_proj at M=1 and 8, experiments/results/qmatmul_h100_notes.md)."""
+    if fmt == "int8_kmajor":  # XLA paths only: the Pallas kernels take [K, N]
+        return [XLA_SPLIT, XLA] if m <= 32 else [XLA, XLA_SPLIT]
     cands = _pallas_candidates(fmt, m)
     if fmt == "int8" and m <= 32:
         cands.insert(1, XLA_SPLIT)
@@ -99,7 +107,9 @@ def entries_from_bench(path: str, table: list[dict], margin: float = 0.9) -> lis
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=qmatmul_tiles.TABLE_PATH)
-    ap.add_argument("--formats", default="int8,int4_g128_sym,w8a8")
+    ap.add_argument("--formats", default="int8,int4_g128_sym,w8a8",
+                    help="comma-separated: int8, int8_kmajor (K-major [N, K], XLA paths only), int4_g128_sym, "
+                         "int4_g128_asym, int4_g64_sym, int4_g64_asym, w8a8")
     ap.add_argument("--ms", default="1,512,32,128")
     ap.add_argument("--shapes", default="gate_up,down")
     ap.add_argument("--layers", type=int, default=4)
@@ -117,7 +127,8 @@ def main():
         return
     start = time.time()
     dev = gpu_name()
-    entries = [e for e in qmatmul_tiles.load_table() if e["device"] != dev]
+    tuned = set(args.formats.split(","))  # random_weight(fmt).name == fmt for every format name
+    entries = [e for e in qmatmul_tiles.load_table() if e["device"] != dev or e["format"] not in tuned]
     log = []
     for m in map(int, args.ms.split(",")):
         for fmt in args.formats.split(","):
@@ -130,7 +141,9 @@ def main():
                 for cfg in candidates(fmt, m):
                     if time.time() - start > args.budget_s:
                         break
-                    fn = lambda x, w, cfg=cfg: quantized_matmul(x, w, config=cfg, impl="pallas_gpu")
+                    # a K-major weight refuses impl="pallas_gpu"; "auto" routes it by the config (XLA kinds)
+                    impl = "auto" if fmt == "int8_kmajor" else "pallas_gpu"
+                    fn = lambda x, w, cfg=cfg, impl=impl: quantized_matmul(x, w, config=cfg, impl=impl)
                     try:
                         s, cs = time_layers(fn, x, ws, min_sample_s=0.01, samples=5)
                     except Exception as e:

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .qmatmul_tiles import TileConfig
-from .quant_formats import Int4Weight, Int8Weight, W8A8Weight
+from .quant_formats import Int4Weight, Int8Weight, QuantFormatError, W8A8Weight
 
 _MAGIC = 0x4B000000  # float32 bits of 2**23: or-ing a small non-negative int n into the mantissa gives 2**23 + n
 _TWO23 = 8388608.0
@@ -163,7 +163,10 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
 def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bool = False):
     """x: [Mp, K] (int8 for W8A8 with sx [Mp, 1] float32, else float with sx None), Mp a multiple of
     ``cfg.block_m``; w: a validated format -> [Mp, N] in ``out_dtype`` (split_k == 1) or float32 partial
-    sums [split_k, Mp, N]."""
+    sums [split_k, Mp, N]. An ``Int8Weight`` must be stored [K, N] (not K-major)."""
+    if isinstance(w, Int8Weight) and w.k_major:
+        raise QuantFormatError("the Pallas GPU kernel takes an Int8Weight stored [K, N] only; got a K-major "
+                               "[N, K] one (quantized_matmul serves it on XLA's int8 dot)")
     mp, k = x.shape
     n = w.out_features
     bm, bn = cfg.block_m, cfg.block_n

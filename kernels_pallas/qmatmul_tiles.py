@@ -4,6 +4,8 @@ The table (``kernels_pallas/tuned/quantized_matmul.json``) is written by ``exper
 one entry per (device, format, M bucket, K, N) with the measured-fastest config, which may be ``"xla"``
 (dequantize-then-dot through XLA) or, for int8 at M <= 32, ``"xla_split"`` (XLA's int8 x int8 dot of the
 activations written as two int8 digits, ``quantized_matmul.int8_split_matmul``) where that beat every kernel.
+The format key is the weight's ``name``: a K-major ``Int8Weight`` (``qweight[N, K]``) is ``"int8_kmajor"``,
+tuned apart from ``"int8"`` ([K, N]) and only over the XLA paths (the Pallas kernels take [K, N] only).
 No entry is written by hand. Lookup: exact (device, format, K, N) at the
 smallest tuned M >= M (else the largest tuned M); then the same (device, format) at the nearest shape (by
 K*N) with the same M bucket; an int4 variant with no entries uses another int4 variant's (same group
@@ -62,7 +64,10 @@ class TileConfig:
 
 
 def default_config(fmt: str, m: int) -> TileConfig:
-    """The untuned fallback: gemv for one row (not W8A8), small dot tiles for decode, large ones for prefill."""
+    """The untuned fallback: gemv for one row (not W8A8), small dot tiles for decode, large ones for prefill;
+    ``"int8_kmajor"`` (no Pallas kernel reads [N, K]): XLA's split int8 dot."""
+    if fmt == "int8_kmajor":
+        return TileConfig(kernel="xla_split")
     if m == 1 and fmt != "w8a8":  # [block_k, block_n] float32 accumulator: keep it at 64 registers a thread
         return TileConfig(kernel="gemv", block_m=1, block_n=128, block_k=128 if fmt.startswith("int4") else 64,
                           split_k=8, num_warps=4, num_stages=3)

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .qmatmul_tiles import TileConfig
-from .quant_formats import Int4Weight, Int8Weight, W8A8Weight
+from .quant_formats import Int4Weight, Int8Weight, QuantFormatError, W8A8Weight
 
 
 def _kernel(*refs, fmt: str, group: int, gps: int, has_zero: bool, compute_dtype, aliased: bool = False):
@@ -71,7 +71,11 @@ def _kernel(*refs, fmt: str, group: int, gps: int, has_zero: bool, compute_dtype
 
 @functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "interpret"))
 def tpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bool = False):
-    """x: [Mp, K] (int8 + sx [Mp, 1] for W8A8), Mp a multiple of ``cfg.block_m`` -> [Mp, N] ``out_dtype``."""
+    """x: [Mp, K] (int8 + sx [Mp, 1] for W8A8), Mp a multiple of ``cfg.block_m`` -> [Mp, N] ``out_dtype``.
+    An ``Int8Weight`` must be stored [K, N] (not K-major)."""
+    if isinstance(w, Int8Weight) and w.k_major:
+        raise QuantFormatError("the Pallas TPU kernel takes an Int8Weight stored [K, N] only; got a K-major "
+                               "[N, K] one (quantized_matmul serves it on XLA's int8 dot)")
     mp, k = x.shape
     n = w.out_features
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k

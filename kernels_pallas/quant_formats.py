@@ -5,6 +5,11 @@ data fields, shape-like facts are static meta fields, so a format passes through
 
 ``Int8Weight`` (weight-only int8, symmetric, per output channel)
     ``qweight[I, O] int8`` in [-127, 127], ``scale[O] float32``;  ``w[i, o] = qweight[i, o] * scale[o]``.
+    Opt-in K-major layout (``k_major=True``, a static field): ``qweight[O, I]`` (the reduction dim K = I
+    contiguous), ``w[i, o] = qweight[o, i] * scale[o]``. XLA's int8 dot reads a wide K-major weight closer to
+    copy bandwidth at M=1 (H100: 0.90 vs 0.78 for gate_up 4096->27392; the [I, O] layout was better for
+    down 13696->4096, experiments/results/qmatmul_h100_notes.md). Only the XLA paths of ``quantized_matmul``
+    take it (the Pallas kernels read [I, O]); its tuned-table format name is ``"int8_kmajor"``.
 
 ``Int4Weight`` (weight-only int4, grouped along I, two values per byte)
     ``packed[I // 2, O] uint8``, ``scale[I // group, O] bfloat16``, ``zero[I // group, O] uint8`` or ``None``.
@@ -47,29 +52,49 @@ def _check(cond: bool, msg: str):
 
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-    qweight: jax.Array  # [I, O] int8
+    qweight: jax.Array  # [I, O] int8 ([O, I] when k_major)
     scale: jax.Array  # [O] float32
+    k_major: bool = dataclasses.field(default=False, metadata=dict(static=True))  # qweight stored [O, I]
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[0]
+        return self.qweight.shape[1 if self.k_major else 0]
 
     @property
     def out_features(self) -> int:
-        return self.qweight.shape[1]
+        return self.qweight.shape[0 if self.k_major else 1]
+
+    @property
+    def layout(self) -> str:
+        """The storage layout: "kn" (``qweight[K, N]``, the default) or "nk" (K-major ``qweight[N, K]``)."""
+        return "nk" if self.k_major else "kn"
 
     @property
     def name(self) -> str:
-        return "int8"
+        return "int8_kmajor" if self.k_major else "int8"
 
     def validate(self):
+        _check(isinstance(self.k_major, bool), f"Int8Weight.k_major must be a bool; got {self.k_major!r}")
+        want = "[O, I] (k_major)" if self.k_major else "[I, O]"
         _check(self.qweight.ndim == 2 and self.qweight.dtype == jnp.int8,
-               f"Int8Weight.qweight must be int8 [I, O]; got {self.qweight.dtype} {self.qweight.shape}")
+               f"Int8Weight.qweight must be int8 {want}; got {self.qweight.dtype} {self.qweight.shape}")
         _check(self.scale.shape == (self.out_features,) and jnp.issubdtype(self.scale.dtype, jnp.floating),
                f"Int8Weight.scale must be float [O={self.out_features}]; got {self.scale.dtype} {self.scale.shape}")
 
+    def kn_qweight(self) -> jax.Array:
+        """-> ``qweight`` as ``[I, O]`` whatever the storage layout (a transpose when k_major)."""
+        return self.qweight.T if self.k_major else self.qweight
+
+    def with_layout(self, k_major: bool) -> "Int8Weight":
+        """The same quantized values stored ``[O, I]`` (``k_major=True``) or ``[I, O]``; self when unchanged."""
+        if bool(k_major) == self.k_major:
+            return self
+        return Int8Weight(qweight=self.qweight.T, scale=self.scale, k_major=bool(k_major))
+
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return (self.qweight.astype(jnp.float32) * self.scale.astype(jnp.float32)[None, :]).astype(dtype)
+        """-> [I, O] (the weight, not its storage layout)."""
+        q = self.kn_qweight().astype(jnp.float32)
+        return (q * self.scale.astype(jnp.float32)[None, :]).astype(dtype)
 
     def nbytes(self) -> int:
         return self.qweight.size + 4 * self.scale.size
@@ -184,13 +209,15 @@ def _check_float_weight(w) -> jax.Array:
     return w.astype(jnp.float32)
 
 
-def quantize_int8(w) -> Int8Weight:
-    """Float ``w[I, O]`` -> ``Int8Weight`` (symmetric, one scale per output channel)."""
+def quantize_int8(w, *, k_major: bool = False) -> Int8Weight:
+    """Float ``w[I, O]`` -> ``Int8Weight`` (symmetric, one scale per output channel); ``k_major``: store
+    ``qweight[O, I]`` (the same values transposed)."""
     w = _check_float_weight(w)
+    _check(isinstance(k_major, bool), f"k_major must be a bool; got {k_major!r}")
     amax = jnp.max(jnp.abs(w), axis=0)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
     q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-    return Int8Weight(qweight=q, scale=scale.astype(jnp.float32))
+    return Int8Weight(qweight=q.T if k_major else q, scale=scale.astype(jnp.float32), k_major=k_major)
 
 
 def quantize_w8a8(w) -> W8A8Weight:
@@ -235,10 +262,13 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True) -> Int4Weight:
     return Int4Weight(packed=packed, scale=scale, zero=zero, group=group)
 
 
-def quantize(w, fmt: str, *, group: int = 128, symmetric: bool = True) -> QuantizedWeight:
-    """Dispatch by format name: ``"int8"``, ``"int4"`` (with ``group``, ``symmetric``) or ``"w8a8"``."""
+def quantize(w, fmt: str, *, group: int = 128, symmetric: bool = True, k_major: bool = False) -> QuantizedWeight:
+    """Dispatch by format name: ``"int8"`` (with ``k_major``), ``"int4"`` (with ``group``, ``symmetric``) or
+    ``"w8a8"`` (always stored [O, I])."""
+    _check(not k_major or fmt == "int8",
+           f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
     if fmt == "int8":
-        return quantize_int8(w)
+        return quantize_int8(w, k_major=k_major)
     if fmt == "w8a8":
         return quantize_w8a8(w)
     if fmt == "int4":

@@ -13,6 +13,10 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
   gaps: experiments/results/qmatmul_h100_notes.md.
 * TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
 * CPU: ``quantized_matmul_reference``; ``interpret=True`` runs a Pallas kernel in interpret mode instead.
+* K-major ``Int8Weight`` (``k_major=True``, ``qweight[N, K]``): the Pallas kernels take ``[K, N]`` only, so the
+  XLA paths serve it on every platform: the table entry of format ``"int8_kmajor"`` where it names an XLA path
+  (``qmatmul_tiles.default_config`` names ``xla_split`` while none is tuned), else ``xla_split`` for bf16/f16
+  x (K <= ``SPLIT_MAX_K``) and ``xla`` for float32 x. Forcing ``impl="pallas_gpu"``/``"pallas_tpu"`` raises.
 
 ``impl`` forces a path: ``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"``, ``"xla_split"`` (``Int8Weight`` only, any
 platform), ``"reference"`` (``"auto"`` = above).
@@ -112,8 +116,14 @@ def xla_quantized_matmul(x2, qweight, act_scale=None):
     if isinstance(qweight, Int4Weight):
         w = qweight.dequantize(x2.dtype)
         return jnp.dot(x2, w, preferred_element_type=jnp.float32)
-    y = jnp.dot(x2, qweight.qweight.astype(x2.dtype), preferred_element_type=jnp.float32)
+    y = lax.dot_general(x2, qweight.qweight.astype(x2.dtype), (((1,), (_k_dim(qweight),)), ((), ())),
+                        preferred_element_type=jnp.float32)
     return y * qweight.scale.astype(jnp.float32)[None, :]
+
+
+def _k_dim(qweight: Int8Weight) -> int:
+    """The contracting (K) dimension of an int8 ``qweight``: 0 for ``[K, N]``, 1 for K-major ``[N, K]``."""
+    return 1 if qweight.k_major else 0
 
 
 SPLIT_STEPS = 127 * 128  # per row, x is written as an integer xs in [-16256, 16256] steps of absmax / 16256
@@ -126,8 +136,9 @@ def int8_split_matmul(x2, qweight: Int8Weight):
     Representation: per row m, ``step[m] = absmax(x2[m]) / (127 * 128)`` (absmax floored at 1e-30, so zero
     rows give zeros), ``xs = round(x / step)``, an integer in ``[-16256, 16256]``, written as two int8 digits
     ``xs = 128 * hi + lo`` with ``hi = round(xs / 128)`` (``|hi| <= 127``) and ``lo = xs - 128 * hi``
-    (``|lo| <= 64``). One int8 dot of the stacked digits ``[2M, K]`` with ``qweight [K, N]`` gives exact int32
-    sums ``Y``; ``y = (128 * Y[:M] + Y[M:]) * step * scale`` in float32.
+    (``|lo| <= 64``). One int8 dot of the stacked digits ``[2M, K]`` with ``qweight [K, N]`` (or K-major
+    ``[N, K]``, contracting its dim 1) gives exact int32 sums ``Y``; ``y = (128 * Y[:M] + Y[M:]) * step * scale``
+    in float32.
 
     Error: the only approximation is the activation's fixed point, ``|x - xs * step| <= step / 2 =
     absmax / 32512`` per element (15 bits of fixed point per row; bf16 rounds each element to 8 significant
@@ -151,7 +162,8 @@ def int8_split_matmul(x2, qweight: Int8Weight):
     xs = jnp.clip(jnp.round(xf / step), -SPLIT_STEPS, SPLIT_STEPS)
     hi = jnp.round(xs / 128.0)
     digits = jnp.concatenate([hi, xs - 128.0 * hi]).astype(jnp.int8)
-    acc = lax.dot_general(digits, qweight.qweight, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = lax.dot_general(digits, qweight.qweight, (((1,), (_k_dim(qweight),)), ((), ())),
+                          preferred_element_type=jnp.int32)
     acc = acc.astype(jnp.float32)
     return (128.0 * acc[:m] + acc[m:]) * step * qweight.scale.astype(jnp.float32)[None, :]
 
@@ -222,12 +234,18 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
     A table (or ``config``) choice of ``kernel="xla_split"`` serves ``Int8Weight`` with bf16/f16 activations and
     K <= ``SPLIT_MAX_K``; elsewhere it falls back to ``"xla"``. ``impl="xla_split"`` forces it (Int8Weight only).
+    A K-major ``Int8Weight`` (``qweight[N, K]``) runs on the XLA paths only (module docstring).
     """
     validate_inputs(x, qweight, bias, out_dtype, act_scale)
     _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
     _check(config is None or isinstance(config, TileConfig), f"config must be a TileConfig; got {config!r}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     platform = jax.default_backend()
+    k_major = isinstance(qweight, Int8Weight) and qweight.k_major
+    _check(not (k_major and impl.startswith("pallas")),
+           f"impl={impl!r}: the Pallas kernels take an Int8Weight stored [K, N] only; this one is K-major "
+           f"([N, K], k_major=True). Allowed for it: 'auto', 'xla', 'xla_split', 'reference' (or convert it "
+           f"with .with_layout(k_major=False))")
     if impl == "auto":
         if interpret:
             impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
@@ -246,10 +264,11 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
         # The split int8 dot where the table says so (Int8Weight, bf16/f16 x, K in bound); XLA's
         # dequantize-then-dot where the table says either XLA path, for float32 x, or where K has no 16-row tiles.
         f32 = x.dtype == jnp.float32
-        if (config.kernel == "xla_split" and isinstance(qweight, Int8Weight) and not f32
-                and k <= SPLIT_MAX_K):
+        # A K-major weight takes an XLA path whatever the entry says: xla_split unless the entry says xla.
+        if ((config.kernel == "xla_split" or (k_major and config.kernel != "xla"))
+                and isinstance(qweight, Int8Weight) and not f32 and k <= SPLIT_MAX_K):
             impl = "xla_split"
-        elif config.kernel in qmatmul_tiles.XLA_KERNELS or (f32 and not interpret) or k % 16:
+        elif config.kernel in qmatmul_tiles.XLA_KERNELS or (f32 and not interpret) or k % 16 or k_major:
             impl = "xla"
     if impl == "pallas_tpu":
         config = fit_tpu_config(config, qweight)

@@ -21,8 +21,8 @@ and KV-cache entries equal to "K heads replicated" per device (1 instead of 2 he
 
 Every leaf under a ``qkv_proj`` / ``gate_up_proj`` module is permuted along its output axis -- the one its
 ``logical_axes`` name ``qkv`` / ``mlp`` (kernel [I, O], bias [O]; quantized int8/int4 ``qweight``/``packed``
-[I(/2), O] and ``scale``/``zero`` [O] or [I/group, O]; W8A8's transposed ``qweight`` [O, I]) -- so quantized
-weights and their scales stay consistent.
+[I(/2), O] and ``scale``/``zero`` [O] or [I/group, O]; W8A8's and K-major int8's transposed ``qweight`` [O, I])
+-- so quantized weights and their scales stay consistent.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def _permute(tree: dict, qkv_idx: np.ndarray, gu_idx: np.ndarray, axes: dict | N
 
 def to_tp_layout(tree: dict, cfg, layout: TPLayout, axes: dict | None = None) -> dict:
     """Pure-dict model state (canonical) -> the TP layout (cfg: canonical config). ``axes``: {path: logical
-    axes}; a leaf is permuted along its ``qkv`` / ``mlp`` axis (W8A8 stores [O, I]), else its last axis."""
+    axes}; a leaf is permuted along its ``qkv`` / ``mlp`` axis (W8A8 and K-major int8 store [O, I]), else its
+    last axis."""
     return _permute(tree, qkv_columns(cfg, layout), gate_up_columns(cfg.intermediate_size, layout.tensor), axes)
 
 

@@ -72,7 +72,40 @@ def test_generate_loads_quantized_checkpoint(tmp_path, capsys):
     assert printed.startswith(f"wrote {out}") and printed.split("\n", 1)[1].startswith("def f(x):")
 
 
+def test_int8_layout_nk_round_trips_and_loads_k_major(tmp_path):
+    from autoglm_jax.quant import PTQConfig, quantize
+    kn_dir, nk_dir = tmp_path / "kn", tmp_path / "nk"
+    assert quantize_main(["tiny", str(kn_dir), "--method", "int8", "--quiet"]) == 0
+    assert quantize_main(["tiny", str(nk_dir), "--method", "int8", "--int8-layout", "nk", "--quiet"]) == 0
+    # the layout is recorded only when K-major: a kn marker is what checkpoints before the option hold
+    assert "k_major" not in loading.orbax_io.read_marker(kn_dir)["quantization"]
+    meta = loading.orbax_io.read_marker(nk_dir)
+    assert meta["quantization"]["k_major"] is True and meta["ptq"]["int8_layout"] == "nk"
+    import orbax.checkpoint as ocp
+    stored = ocp.PyTreeCheckpointer().metadata(nk_dir / "params" / "layers.0").item_metadata.tree
+    assert tuple(stored["mlp"]["down_proj"]["qweight"].shape) == (256, 688)  # [N, K]: D=256 outputs, F=688 inputs
+    kn, nk = (loading.from_pretrained(d, progress=False) for d in (kn_dir, nk_dir))
+    assert not kn.layers[0].mlp.down_proj.k_major and nk.layers[0].mlp.down_proj.k_major
+    # exact round trip: the reloaded nk model equals the in-memory one, and holds kn's values transposed
+    ref = loading.from_pretrained("tiny")
+    quantize(ref, PTQConfig(method="int8", k_major=True))
+    s_ref, s_nk, s_kn = (nnx.to_pure_dict(nnx.state(m)) for m in (ref, nk, kn))
+    assert jax.tree.structure(s_ref) == jax.tree.structure(s_nk) == jax.tree.structure(s_kn)
+    flat = lambda s: jax.tree_util.tree_flatten_with_path(s)[0]
+    for (path, a), (_, b), (_, c) in zip(flat(s_ref), flat(s_nk), flat(s_kn)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        transposed = getattr(path[-1], "key", None) == "qweight"
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(c).T if transposed else np.asarray(c))
+    ids = jnp.asarray([[5, 17, 300, 2, 99, 1000, 7, 8]], jnp.int32)
+    run = lambda m: jax.jit(lambda s, i: nnx.merge(nnx.graphdef(m), s)(i))(nnx.state(m), ids)
+    np.testing.assert_array_equal(np.asarray(run(ref)), np.asarray(run(nk)))
+    np.testing.assert_allclose(np.asarray(run(nk)), np.asarray(run(kn)), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--method", "int8", "--int8-layout", "kmajor"], "--int8-layout 'kmajor' is not a layout; allowed: 'kn'"),
+    (["--method", "int4", "--group-size", "64", "--int8-layout", "nk"], "is for --method int8 only"),
     (["--method", "int3"], "unknown quantization method 'int3'"),
     (["--method", "int4", "--group-size", "32"], "group size 32 is not supported"),
     (["--method", "int4", "--group-size", "128"], "does not divide K = I = 688"),

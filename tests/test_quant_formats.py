@@ -102,3 +102,46 @@ def test_bad_formats_raise_clear_errors():
         W8A8Weight(qweight=q8.qweight.T, scale=q8.scale[:-1]).validate()
     with pytest.raises(QuantFormatError, match="qweight must be int8"):
         Int8Weight(qweight=q8.qweight.astype(jnp.uint8), scale=q8.scale).validate()
+
+
+# ------------------------------------------------------------------- Int8Weight, K-major layout [O, I]
+@pytest.mark.parametrize("i,o", [(256, 200), (96, 130), (13, 7)])
+def test_int8_k_major_is_the_kn_weight_transposed(i, o):
+    w = jax.random.normal(jax.random.key(i + o), (i, o)) * jax.random.uniform(jax.random.key(o), (o,), minval=0.01)
+    kn, nk = quantize_int8(w), quantize(w, "int8", k_major=True)
+    nk.validate()
+    assert (kn.k_major, nk.k_major, kn.layout, nk.layout) == (False, True, "kn", "nk")
+    assert nk.qweight.shape == (o, i) and (nk.in_features, nk.out_features) == (kn.in_features, kn.out_features)
+    assert (kn.name, nk.name) == ("int8", "int8_kmajor") and nk.nbytes() == kn.nbytes()
+    np.testing.assert_array_equal(np.asarray(nk.qweight), np.asarray(kn.qweight).T)
+    np.testing.assert_array_equal(np.asarray(nk.scale), np.asarray(kn.scale))
+    np.testing.assert_array_equal(np.asarray(nk.dequantize()), np.asarray(kn.dequantize()))  # [I, O] both
+    np.testing.assert_array_equal(np.asarray(nk.kn_qweight()), np.asarray(kn.qweight))
+    back = nk.with_layout(False)
+    assert not back.k_major and nk.with_layout(True) is nk
+    np.testing.assert_array_equal(np.asarray(back.qweight), np.asarray(kn.qweight))
+    np.testing.assert_array_equal(np.asarray(kn.with_layout(True).qweight), np.asarray(nk.qweight))
+
+
+def test_int8_k_major_is_static_pytree_metadata():
+    nk = quantize_int8(jax.random.normal(jax.random.key(6), (64, 24)), k_major=True)
+    leaves, treedef = jax.tree_util.tree_flatten(nk)
+    assert len(leaves) == 2 and treedef != jax.tree_util.tree_structure(nk.with_layout(False))
+    out = jax.jit(lambda q: q)(nk)
+    assert out.k_major is True and out.qweight.shape == (24, 64)
+    # k_major is a static meta field: jit specializes on it (in_features is a trace-time Python int)
+    assert jax.jit(lambda q: q.dequantize())(nk).shape == (64, 24)
+
+
+def test_int8_k_major_errors_name_the_layout():
+    w = jax.random.normal(jax.random.key(7), (128, 16))
+    nk = quantize_int8(w, k_major=True)
+    with pytest.raises(QuantFormatError, match=r"scale must be float \[O=16\]"):
+        Int8Weight(qweight=nk.qweight, scale=nk.scale[:-1], k_major=True).validate()
+    with pytest.raises(QuantFormatError, match=r"int8 \[O, I\] \(k_major\)"):
+        Int8Weight(qweight=nk.qweight.astype(jnp.int32), scale=nk.scale, k_major=True).validate()
+    with pytest.raises(QuantFormatError, match=r"scale must be float \[O=128\]"):  # an [O, I] array read as [I, O]
+        Int8Weight(qweight=nk.qweight, scale=nk.scale).validate()
+    for fmt, kw in (("int4", dict(group=64)), ("w8a8", {})):
+        with pytest.raises(QuantFormatError, match="k_major.*fmt='int8' only"):
+            quantize(w, fmt, k_major=True, **kw)

@@ -130,6 +130,24 @@ def test_bad_observers_and_configs():
         PTQConfig(method="int4", group=32)
     with pytest.raises(PTQError, match="static"):
         PTQConfig(method="int8", activations="static")
+    with pytest.raises(PTQError, match="K-major.*method 'int8' only"):
+        PTQConfig(method="int4", group=64, k_major=True)
+
+
+def test_int8_k_major_ptq_is_the_kn_one_transposed():
+    w = jax.random.normal(jax.random.key(8), (96, 40)) * jnp.linspace(0.1, 1.0, 40)[None, :]
+    for obs in ("absmax", "mse"):
+        lo, hi = weight_clip_range(w, parse_observer(obs), "int8")
+        s, z = weight_qparams(lo, hi, "int8", True)
+        kn, nk = (quantize_weight(w, s, z, "int8", k_major=k) for k in (False, True))
+        assert nk.k_major and nk.qweight.shape == (40, 96)
+        np.testing.assert_array_equal(np.asarray(nk.qweight), np.asarray(kn.qweight).T)
+        np.testing.assert_array_equal(np.asarray(nk.dequantize()), np.asarray(kn.dequantize()))
+    cfg = PTQConfig(method="int8", k_major=True)
+    assert cfg.label == "int8_kmajor" and PTQConfig(method="int8").label == "int8"
+    from autoglm_jax.quant.ptq import quantization_dict
+    assert quantization_dict(cfg, [])["k_major"] is True and "k_major" not in quantization_dict(
+        PTQConfig(method="int8"), [])
 
 
 # ---- the tiny model -------------------------------------------------------------------------------------------

@@ -289,3 +289,80 @@ def test_quantize_model_runs_end_to_end():
     out = run(*nnx.split(model), ids)
     assert out.shape == ref.shape and bool(jnp.isfinite(out).all())
     assert 0 < rel_err(out, ref) < 0.05
+
+
+# --------------------------------------------------- K-major int8 (qweight [N, K]): the XLA paths only
+KMAJOR_SHAPES = [(1, 256, 200), (3, 1024, 130), (8, 512, 72), (33, 256, 96)]  # ragged M, N not x128
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("m,k,n", KMAJOR_SHAPES)
+def test_k_major_paths_match_kn(m, k, n, x_dtype):
+    x, kn, w = problem(60 + m, m, k, n, "int8", {}, x_dtype=x_dtype)
+    nk = quantize(w, "int8", k_major=True)
+    assert nk.qweight.shape == (n, k) and bool((nk.qweight.T == kn.qweight).all())
+    assert bool((x != 0).all()) and bool((kn.qweight != 0).any())
+    for impl in ("reference", "xla", "xla_split"):
+        f = jax.jit(lambda x, q, impl=impl: quantized_matmul(x, q, out_dtype=jnp.float32, impl=impl))
+        a, b = f(x, kn), f(x, nk)
+        assert b.shape == (m, n) and bool(jnp.isfinite(b).all())
+        if impl == "xla_split":  # exact int32 sums, the same float32 recombination: identical
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+        else:  # the same float products; under jit XLA fuses the transpose and may sum in another order
+            assert rel_err(b, a) < 1e-6, impl
+    # auto: the table/config routing serves it with xla_split (bf16/f16 x) or xla (float32 x), never Pallas
+    routed = quantized_matmul(x, nk, out_dtype=jnp.float32, interpret=True)
+    want = "xla" if x_dtype == jnp.float32 else "xla_split"
+    np.testing.assert_array_equal(np.asarray(routed),
+                                  np.asarray(quantized_matmul(x, nk, out_dtype=jnp.float32, impl=want)))
+
+
+def test_k_major_dispatch_table_and_errors():
+    x, kn, w = problem(70, 5, 256, 136, "int8", {})
+    nk = quantize(w, "int8", k_major=True)
+    split = quantized_matmul(x, nk, out_dtype=jnp.float32, impl="xla_split")
+    xla = quantized_matmul(x, nk, out_dtype=jnp.float32, impl="xla")
+    # the table keys the layout apart: an int8 entry does not serve int8_kmajor, whose default is xla_split
+    entry = {"device": "h100", "m": 8, "k": 256, "n": 136, "config": TileConfig(kernel="xla").to_json()}
+    assert lookup("h100", "int8_kmajor", 5, 256, 136, table=({**entry, "format": "int8"},)) == \
+        TileConfig(kernel="xla_split") == default_config("int8_kmajor", 1)
+    assert lookup("h100", "int8_kmajor", 5, 256, 136, table=({**entry, "format": "int8_kmajor"},)).kernel == "xla"
+    run = lambda x, cfg: quantized_matmul(x, nk, out_dtype=jnp.float32, interpret=True, config=cfg)
+    np.testing.assert_array_equal(run(x, TileConfig(kernel="xla")), xla)  # an XLA entry is taken as it is
+    np.testing.assert_array_equal(run(x, TileConfig(kernel="dot")), split)  # a Pallas entry: xla_split
+    np.testing.assert_array_equal(run(x, TileConfig(kernel="xla_split")), split)
+    np.testing.assert_array_equal(run(x.astype(jnp.float32), TileConfig(kernel="xla_split")),
+                                  quantized_matmul(x.astype(jnp.float32), nk, out_dtype=jnp.float32, impl="xla"))
+    for impl in ("pallas_gpu", "pallas_tpu"):
+        with pytest.raises(QuantFormatError, match=r"Pallas kernels take an Int8Weight stored \[K, N\] only"):
+            quantized_matmul(x, nk, impl=impl, interpret=True)
+    with pytest.raises(QuantFormatError, match="I = 256"):  # in_features read from the [N, K] storage
+        quantized_matmul(jnp.ones((2, 136), jnp.bfloat16), nk, impl="xla")
+
+
+def test_k_major_layer_and_model_logits_equal_kn():
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.model import GLMForCausalLM, Linear
+    from autoglm_jax.model.quantized_linear import QuantizedLinear, quantize_model
+    lin = Linear(256, 192, axes=("embed", "mlp"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ql = QuantizedLinear.from_linear(lin, "int8", k_major=True)
+    assert ql.k_major and ql.weight().k_major and ql.qweight[...].shape == (192, 256)
+    assert ql.qweight.get_metadata()["logical_axes"] == ("mlp", "embed")  # the transposed storage's axes
+    assert ql.scale.get_metadata()["logical_axes"] == ("mlp",)
+    with pytest.raises(QuantFormatError, match="k_major.*fmt='int8' only"):
+        QuantizedLinear.from_linear(lin, "int4", group=64, k_major=True)
+    cfg = GLMConfig.from_preset("tiny", num_layers=2, vocab_size=512)
+    ids = jax.random.randint(jax.random.key(3), (2, 7), 1, cfg.vocab_size)
+    run = lambda m: jax.jit(lambda s, i: nnx.merge(nnx.graphdef(m), s)(i))(nnx.state(m), ids)
+    for impl in ("auto", "xla_split", "xla"):
+        kn, nk = (GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)) for _ in range(2))
+        assert quantize_model(kn, "int8", impl=impl) == quantize_model(nk, "int8", impl=impl, k_major=True)
+        a, b = nk.layers[1].mlp.down_proj, kn.layers[1].mlp.down_proj
+        np.testing.assert_array_equal(np.asarray(a.qweight[...]), np.asarray(b.qweight[...]).T)
+        la, lb = run(kn), run(nk)
+        if impl == "xla_split":  # the same quantized values, exact int32 sums: identical logits
+            np.testing.assert_array_equal(np.asarray(lb), np.asarray(la))
+        else:  # reference (CPU auto) / xla: float32 sums XLA may order differently for the [N, K] operand
+            assert rel_err(lb, la) < 1e-5
+    with pytest.raises(QuantFormatError, match="k_major.*fmt='int8' only"):
+        quantize_model(GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)), "w8a8", k_major=True)

@@ -151,6 +151,38 @@ def test_quantized_model_tensor_parallel(fmt, tensor):
     _assert_trees_equal(tree, _pure(model))
 
 
+@pytest.mark.parametrize("mesh_kw,impl", [(dict(tensor=8), "xla_split"), (dict(fsdp=2, tensor=4), "auto")],
+                         ids=["tensor8-xla_split", "fsdp2xtensor4-auto"])
+def test_k_major_int8_sharded_logits(mesh_kw, impl):
+    """K-major int8 (qweight [O, I], logical axes transposed) shards as the transpose of [I, O] and gives the
+    logits of the unsharded model and of the sharded [I, O] model."""
+    from autoglm_jax.model.quantized_linear import quantize_model
+
+    cfg = CFG.replace(intermediate_size=512, num_layers=1)
+    kn, nk = random_model(cfg, dtype="float32", seed=12), random_model(cfg, dtype="float32", seed=12)
+    quantize_model(kn, "int8", impl=impl)
+    quantize_model(nk, "int8", impl=impl, k_major=True)
+    ids = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (4, 6)), jnp.int32)
+    fwd = nnx.jit(lambda m, x: m(x))
+    ref = fwd(nk, ids)
+    tol = dict(rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+    np.testing.assert_allclose(np.asarray(fwd(kn, ids)), np.asarray(ref), **tol)
+    mesh = make_mesh(**mesh_kw)
+    s_kn, s_nk = shard_model(kn, mesh), shard_model(nk, mesh)
+    fsdp = "fsdp" if "fsdp" in mesh_kw else None
+    mlp = s_nk.layers[0].mlp
+    gate_up, down = mlp.gate_up_proj.qweight[...], mlp.down_proj.qweight[...]
+    assert gate_up.shape == (1024, 256) and down.shape == (256, 512)  # [N, K]
+    spec = lambda *axes: P(*axes[:1]) if axes[-1] is None else P(*axes)  # specs drop trailing Nones
+    assert gate_up.sharding.spec == spec("tensor", fsdp) and down.sharding.spec == spec(fsdp, "tensor")
+    assert s_kn.layers[0].mlp.gate_up_proj.qweight[...].sharding.spec == spec(fsdp, "tensor")  # the transpose
+    out_nk, out_kn = fwd(s_nk, ids), fwd(s_kn, ids)
+    np.testing.assert_allclose(np.asarray(out_nk), np.asarray(ref), **tol)
+    np.testing.assert_allclose(np.asarray(out_nk), np.asarray(out_kn), **tol)
+    tree, _ = canonical_state(s_nk)
+    _assert_trees_equal(tree, _pure(nk))
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_ragged_paged_attention_per_shard_matches_unsharded(quantized):
     """Chunked prefill per shard; int8 pages carry their [K, P, L] scales on the same KV-head split."""

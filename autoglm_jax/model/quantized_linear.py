@@ -1,11 +1,12 @@
 """Quantized linear layer: ``y[..., O] = x[..., I] @ dequant(w)[I, O] + bias[O]`` through ``quantized_matmul``.
 
 Same call signature as ``Linear``. Parameters keep ``logical_axes`` metadata: the integer weight keeps the
-Linear's ``(in, out)`` axes (int4's packed ``[I/2, O]`` too; W8A8's transposed ``[O, I]`` weight has them
-swapped), per-channel scales take the output axis,
+Linear's ``(in, out)`` axes (int4's packed ``[I/2, O]`` too; W8A8's transposed ``[O, I]`` weight and a K-major
+int8 weight ``[O, I]`` have them swapped), per-channel scales take the output axis,
 per-group scales and zero points ``[I/group, O]`` take ``(None, out)``. ``quantize_model`` swaps every
 ``Linear`` of a ``GLMForCausalLM`` (except those named in ``keep_float``, by default the LM head) so a
-quantized model runs end to end through the kernels.
+quantized model runs end to end through the kernels. ``k_major=True`` (int8 only) stores the int8 weights
+K-major, ``[O, I]`` (``Int8Weight.k_major``; served by XLA's int8 dot, see ``kernels_pallas.quantized_matmul``).
 
 W8A8 with static activations: ``act_scale`` (a ``[1]`` float32 param, e.g. from calibration in
 ``autoglm_jax.quant``) is the one activation scale of the layer; without it activations are quantized per token
@@ -32,8 +33,9 @@ FORMATS = ("int8", "int4", "w8a8")
 class QuantizedLinear(nnx.Module):
     """Holds one quantized weight (see ``kernels_pallas.quant_formats``) and an optional float bias.
 
-    fmt: "int8" | "int4" | "w8a8"; group / symmetric: int4 only; dtype: compute and output dtype;
-    impl / interpret: passed to ``quantized_matmul`` (default: dispatch by platform).
+    fmt: "int8" | "int4" | "w8a8"; group / symmetric: int4 only; k_major (static, from the weight): int8 stored
+    ``[O, I]``; dtype: compute and output dtype; impl / interpret: passed to ``quantized_matmul`` (default:
+    dispatch by platform).
     """
 
     def __init__(self, weight, *, axes: tuple[str, str], bias: jax.Array | None = None, dtype=jnp.float32,
@@ -43,6 +45,7 @@ class QuantizedLinear(nnx.Module):
         weight.validate()
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.dtype, self.impl, self.interpret = dtype, impl, interpret
+        self.k_major = bool(getattr(weight, "k_major", False))
         if isinstance(weight, Int4Weight):
             self.fmt, self.group = "int4", weight.group
             self.qweight = nnx.Param(weight.packed, logical_axes=axes)
@@ -50,8 +53,9 @@ class QuantizedLinear(nnx.Module):
             self.zero = None if weight.zero is None else nnx.Param(weight.zero, logical_axes=(None, axes[1]))
         else:
             self.fmt, self.group = ("w8a8" if isinstance(weight, W8A8Weight) else "int8"), 0
-            # W8A8 stores its int8 weight transposed, [O, I]: the axes follow the storage.
-            self.qweight = nnx.Param(weight.qweight, logical_axes=axes[::-1] if self.fmt == "w8a8" else axes)
+            # W8A8 (and K-major int8) store the int8 weight transposed, [O, I]: the axes follow the storage.
+            swapped = self.fmt == "w8a8" or self.k_major
+            self.qweight = nnx.Param(weight.qweight, logical_axes=axes[::-1] if swapped else axes)
             self.scale = nnx.Param(weight.scale, logical_axes=(axes[1],))
             self.zero = None
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias), logical_axes=(axes[1],))
@@ -62,12 +66,14 @@ class QuantizedLinear(nnx.Module):
 
     @classmethod
     def from_linear(cls, linear: Linear, fmt: str, *, group: int = 128, symmetric: bool = True,
-                    impl: str = "auto", interpret: bool = False, act_scale=None) -> "QuantizedLinear":
-        """Quantize a ``Linear``'s kernel (round-to-nearest) into ``fmt``; the bias stays float."""
+                    k_major: bool = False, impl: str = "auto", interpret: bool = False,
+                    act_scale=None) -> "QuantizedLinear":
+        """Quantize a ``Linear``'s kernel (round-to-nearest) into ``fmt`` (int8 ``k_major``: stored [O, I]);
+        the bias stays float."""
         if fmt not in FORMATS:
             raise QuantFormatError(f"fmt={fmt!r}; allowed: {FORMATS}")
         axes = tuple(linear.kernel.get_metadata().get("logical_axes", (None, None)))
-        weight = quantize(linear.kernel[...], fmt, group=group, symmetric=symmetric)
+        weight = quantize(linear.kernel[...], fmt, group=group, symmetric=symmetric, k_major=k_major)
         bias = None if linear.bias is None else linear.bias[...]
         return cls(weight, axes=axes, bias=bias, dtype=linear.dtype, impl=impl, interpret=interpret,
                    act_scale=act_scale)
@@ -77,8 +83,9 @@ class QuantizedLinear(nnx.Module):
         if self.fmt == "int4":
             return Int4Weight(packed=self.qweight[...], scale=self.scale[...],
                               zero=None if self.zero is None else self.zero[...], group=self.group)
-        cls = W8A8Weight if self.fmt == "w8a8" else Int8Weight
-        return cls(qweight=self.qweight[...], scale=self.scale[...])
+        if self.fmt == "w8a8":
+            return W8A8Weight(qweight=self.qweight[...], scale=self.scale[...])
+        return Int8Weight(qweight=self.qweight[...], scale=self.scale[...], k_major=getattr(self, "k_major", False))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., I] -> [..., O] in the compute dtype."""
@@ -100,16 +107,20 @@ def _children(module):
 
 def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: bool = True,
                    keep_float: tuple[str, ...] = ("lm_head",), impl: str = "auto",
-                   interpret: bool = False, static_activations: bool = False) -> list[str]:
+                   interpret: bool = False, static_activations: bool = False, k_major: bool = False) -> list[str]:
     """Replace, in place, every ``Linear`` of ``model`` by a ``QuantizedLinear`` in ``fmt``.
 
     keep_float: glob patterns matched against the dotted path (``"layers.0.mlp.down_proj"``) and against the
     attribute name; matching layers stay float. For int4, a layer whose I is not a multiple of ``group``
     raises. static_activations (w8a8 only): each layer gets a static ``act_scale`` (1.0; set it from
-    calibration, or restore it from a checkpoint). Returns the dotted paths of the swapped layers.
+    calibration, or restore it from a checkpoint). k_major (int8 only): int8 weights stored K-major [O, I]
+    (a quantized checkpoint's ``quantization`` dict records it; absent = [I, O]). Returns the dotted paths of the
+    swapped layers.
     """
     if static_activations and fmt != "w8a8":
         raise QuantFormatError(f"static_activations is for fmt='w8a8' only; got fmt={fmt!r}")
+    if k_major and fmt != "int8":
+        raise QuantFormatError(f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
     swapped = []
 
     def walk(module, prefix):
@@ -119,8 +130,8 @@ def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: 
                 leaf = name.rsplit(".", 1)[-1]
                 if any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(leaf, p) for p in keep_float):
                     continue
-                new = QuantizedLinear.from_linear(child, fmt, group=group, symmetric=symmetric, impl=impl,
-                                                  interpret=interpret,
+                new = QuantizedLinear.from_linear(child, fmt, group=group, symmetric=symmetric, k_major=k_major,
+                                                  impl=impl, interpret=interpret,
                                                   act_scale=jnp.ones((1,), jnp.float32) if static_activations else None)
                 if "." in name:  # an element of a list attribute
                     attr, idx = name.split(".")

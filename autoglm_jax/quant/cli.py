@@ -6,6 +6,10 @@ source's dtype, tokenizer files copied from SRC, and ``autoglm.json``'s ``quanti
 without the weights (method, group size against every layer's K, observer, the calibration file, OUT) is
 checked before loading; the write is atomic, so a failure leaves no partial OUT.
 
+``--int8-layout nk`` (method int8 only) stores the int8 weights K-major, ``qweight[N, K]`` (served by XLA's int8
+dot; default ``kn``: ``[K, N]``, what the Pallas kernels read); the checkpoint records it (``k_major`` in the
+``quantization`` dict; absent = kn), so it loads back in the same layout.
+
 Calibration file (``--calib``): ``.jsonl`` (one JSON string or ``{"text": ...}`` per line, one sample each) or
 plain text (tokenized whole and cut into ``--calib-seq-len`` windows).
 """
@@ -18,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+INT8_LAYOUTS = ("kn", "nk")  # --int8-layout: qweight [K, N] (default) or K-major [N, K]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--calib-batch", type=int, default=8)
+    p.add_argument("--int8-layout", default="kn",
+                   help="int8: kn (qweight [K, N], default) or nk (K-major [N, K], XLA's int8 dot only)")
     p.add_argument("--keep-float", default="lm_head",
                    help="comma-separated glob patterns of layers to keep float (path or name), e.g. "
                         "lm_head,layers.0.*,down_proj; '' for none")
@@ -132,12 +140,17 @@ def quantize_main(argv: Sequence[str]) -> int:
         p.error("--activations static needs --calib FILE (calibration text)")
     if args.calib and args.method != "w8a8":
         p.error(f"--calib calibrates static w8a8 activation scales; method {args.method!r} quantizes weights only")
+    if args.int8_layout not in INT8_LAYOUTS:
+        p.error(f"--int8-layout {args.int8_layout!r} is not a layout; allowed: 'kn' (qweight [K, N], the default) "
+                f"or 'nk' (K-major [N, K])")
+    if args.int8_layout == "nk" and args.method != "int8":
+        p.error(f"--int8-layout nk (K-major int8 weights) is for --method int8 only; got {args.method!r}")
     try:
         keep = tuple(s.strip() for s in args.keep_float.split(",") if s.strip())
         cfg = PTQConfig(method=args.method, group=args.group_size, symmetric=not args.asymmetric,
                         activations=activations, weight_observer=parse_observer(args.observer),
                         act_observer=parse_observer(args.act_observer or args.observer), keep_float=keep,
-                        keep_indivisible=args.keep_indivisible)
+                        keep_indivisible=args.keep_indivisible, k_major=args.int8_layout == "nk")
         model_cfg = _source_config(args.src)
         abstract = nnx.eval_shape(lambda: GLMForCausalLM(model_cfg, rngs=nnx.Rngs(0)))
         plan(abstract, cfg, act_stats=None if activations == "dynamic" else _AllStats())
@@ -173,6 +186,7 @@ def quantize_main(argv: Sequence[str]) -> int:
                     overwrite=args.overwrite,
                     extra_meta={"quantized_by": "autoglm quantize", "source": str(args.src),
                                 "ptq": {"label": cfg.label, "weight_observer": cfg.weight_observer.name,
+                                        "int8_layout": args.int8_layout if args.method == "int8" else None,
                                         "act_observer": cfg.act_observer.name if activations == "static" else None,
                                         "calibration": {"file": str(args.calib), "samples": len(samples)}
                                         if samples else None, "kept_float": report.kept_float}})

@@ -155,11 +155,14 @@ def fake_quant_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str,
 
 
 def quantize_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str, group: int = 128, *,
-                    symmetric: bool = True):
+                    symmetric: bool = True, k_major: bool = False):
     """Float ``w[I, O]`` with ``scale, zero [G, O]`` -> ``Int8Weight`` | ``Int4Weight`` | ``W8A8Weight``, rounding as
-    ``fake_quant_weight`` does (so ``result.dequantize() == fake_quant_weight(w, ...)``)."""
+    ``fake_quant_weight`` does (so ``result.dequantize() == fake_quant_weight(w, ...)``). k_major (int8 only):
+    the ``Int8Weight`` stores ``qweight[O, I]``."""
     i, o = w.shape
     check_weight_format(fmt, group, i)
+    if k_major and fmt != "int8":
+        raise QuantFormatError(f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
     qmin, qmax = grid(fmt)
     s = scale.astype(jnp.float32)
     if fmt == "int4":
@@ -167,7 +170,7 @@ def quantize_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str, g
     wg = group_view(w.astype(jnp.float32), fmt, group)
     q = jnp.clip(jnp.round(wg / s[:, None, :]) + zero[:, None, :], qmin, qmax).reshape(i, o)
     if fmt == "int8":
-        return Int8Weight(qweight=q.astype(jnp.int8), scale=s.reshape(o))
+        return Int8Weight(qweight=q.astype(jnp.int8), scale=s.reshape(o)).with_layout(bool(k_major))
     if fmt == "w8a8":
         return W8A8Weight(qweight=q.astype(jnp.int8).T, scale=s.reshape(o))
     return Int4Weight(packed=pack_int4(q.astype(jnp.int32), group), scale=s.astype(jnp.bfloat16),

@@ -1,6 +1,7 @@
 """Post-training quantization of a whole model, in place, into the formats the kernels run.
 
-Methods (``PTQConfig.method``): ``int8`` weight-only per output channel; ``int4`` grouped (``group`` 64/128,
+Methods (``PTQConfig.method``): ``int8`` weight-only per output channel (``k_major=True``: stored K-major
+``[O, I]``, recorded in the ``quantization`` dict); ``int4`` grouped (``group`` 64/128,
 symmetric or asymmetric); ``w8a8`` with dynamic per-token activation scales (``activations="dynamic"``) or one
 static scale per layer from calibration (``activations="static"``, ``act_stats`` from ``calibrate``).
 ``weight_observer`` picks each channel's/group's clip range (absmax = the plain round-to-nearest of
@@ -43,6 +44,7 @@ class PTQConfig:
     act_observer: Observer = Observer()
     keep_float: tuple[str, ...] = ("lm_head",)
     keep_indivisible: bool = False  # int4: keep layers with I % group != 0 float instead of raising
+    k_major: bool = False  # int8 only: qweight stored [O, I] (K-major) instead of [I, O]
 
     def __post_init__(self):
         if self.method not in WEIGHT_FORMATS:
@@ -55,6 +57,11 @@ class PTQConfig:
             raise PTQError(f"activations={self.activations!r}; allowed: {list(ACTIVATIONS)}")
         if self.activations == "static" and self.method != "w8a8":
             raise PTQError(f"static activation scales are for method 'w8a8' only; got {self.method!r}")
+        if not isinstance(self.k_major, bool):
+            raise PTQError(f"k_major must be a bool; got {self.k_major!r}")
+        if self.k_major and self.method != "int8":
+            raise PTQError(f"the K-major weight layout ([O, I], k_major) is for method 'int8' only; got "
+                           f"{self.method!r}")
         object.__setattr__(self, "weight_observer", parse_observer(self.weight_observer))
         object.__setattr__(self, "act_observer", parse_observer(self.act_observer))
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
@@ -66,7 +73,7 @@ class PTQConfig:
         elif self.method == "w8a8":
             base = f"w8a8_{self.activations}" + (f"_{self.act_observer.name}" if self.activations == "static" else "")
         else:
-            base = "int8"
+            base = "int8_kmajor" if self.k_major else "int8"
         return base + ("" if self.weight_observer.kind == "absmax" else f"_w-{self.weight_observer.name}")
 
 
@@ -130,7 +137,7 @@ def quantize_linear(linear: Linear, cfg: PTQConfig, act_clip: float | None = Non
     w = jnp.asarray(linear.kernel[...], jnp.float32)
     lo, hi = weight_clip_range(w, cfg.weight_observer, cfg.method, group=cfg.group, symmetric=cfg.symmetric)
     scale, zero = weight_qparams(lo, hi, cfg.method, cfg.symmetric)
-    qw = quantize_weight(w, scale, zero, cfg.method, cfg.group, symmetric=cfg.symmetric)
+    qw = quantize_weight(w, scale, zero, cfg.method, cfg.group, symmetric=cfg.symmetric, k_major=cfg.k_major)
     err = float(jnp.linalg.norm(qw.dequantize() - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
     axes = tuple(linear.kernel.get_metadata().get("logical_axes", (None, None)))
     bias = None if linear.bias is None else linear.bias[...]
@@ -160,9 +167,12 @@ def quantize(model: nnx.Module, cfg: PTQConfig, *, act_stats: dict[str, ActStats
 
 
 def quantization_dict(cfg: PTQConfig, kept_paths: list[str]) -> dict:
-    """Keyword arguments of ``quantize_model`` that rebuild the quantized structure (JSON-serializable)."""
+    """Keyword arguments of ``quantize_model`` that rebuild the quantized structure (JSON-serializable).
+    ``k_major`` is recorded only when set, so an [I, O] dict (and checkpoint) reads as before; absent = [I, O]."""
     keep = list(dict.fromkeys(list(cfg.keep_float) + kept_paths))
     out = {"fmt": cfg.method, "group": cfg.group, "symmetric": cfg.symmetric, "keep_float": keep}
+    if cfg.k_major:
+        out["k_major"] = True
     if cfg.activations == "static":
         out["static_activations"] = True
     return out
