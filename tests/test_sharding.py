@@ -172,3 +172,53 @@ def test_clear_errors(model):
         shard_model(model, make_mesh(tensor=3))  # raised before any device work
     with pytest.raises(ValueError, match="already in a tensor-parallel layout"):
         shard_model(shard_model(model, make_mesh(tensor=2)), make_mesh(tensor=2))
+
+
+def test_generation_runs_the_model_under_its_mesh(model, monkeypatch):
+    """decode_stream activates the sharded model's mesh around each jitted call (else every activation
+    constraint is a no-op and XLA's propagation alone lays out the residual stream)."""
+    import importlib
+
+    gen = importlib.import_module("autoglm_jax.generate")  # the module (the package re-exports a function so named)
+    seen = []
+    real = gen._decode
+
+    def spy(*args, **kw):
+        seen.append(dict(jax.sharding.get_abstract_mesh().shape))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gen, "_decode", spy)
+    sm = shard_model(model, make_mesh(tensor=2))
+    generate(sm, PROMPTS, GenerationConfig(max_new_tokens=3, eos_token_ids=()))
+    assert seen and all(s.get("tensor") == 2 for s in seen)
+    assert jax.sharding.get_abstract_mesh().empty  # nothing left active between or after the calls
+    seen.clear()
+    generate(model, PROMPTS, GenerationConfig(max_new_tokens=3, eos_token_ids=()))
+    assert seen and all(s == {} for s in seen)  # one device: no mesh
+
+
+def test_tensor_parallel_decode_step_has_two_all_reduces_per_layer(model):
+    """The compiled TP decode step: one all-reduce after o_proj and one after down_proj per layer, one for
+    the embedding lookup at most, and no all-gather of a parameter-sized array (the embedding table
+    split along V was once all-gathered whole every step on GPU; it is split along D now)."""
+    import re
+
+    from autoglm_jax.generate import _decode
+    from autoglm_jax.model.static_graph import StaticGraph
+    from sharding import cache_shardings, mesh_of
+
+    mesh = make_mesh(tensor=2)
+    sm = shard_model(model, mesh)
+    graph, state = StaticGraph.split(sm)
+    make = lambda: DenseKVCache.create(sm.cfg, 2, 64, jnp.float32)
+    cache = jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), mesh))()
+    vec = lambda v, dt: jnp.full((2,), v, dt)
+    with use_mesh(mesh_of(state)):
+        hlo = _decode.lower(graph, state, vec(1, jnp.int32), vec(5, jnp.int32), cache, jax.random.key(0),
+                            jnp.int32(1), vec(0.0, jnp.float32), vec(0, jnp.int32), vec(1.0, jnp.float32),
+                            True).compile().as_text()
+    reduces = re.findall(r"= \S+ all-reduce(?:-start)?\(", hlo)
+    assert 2 * CFG.num_layers <= len(reduces) <= 2 * CFG.num_layers + 1, len(reduces)
+    table = CFG.vocab_size * CFG.hidden_size
+    for shape in re.findall(r"= \(?\w+\[([\d,]+)\][^=]*all-gather(?:-start)?\(", hlo):
+        assert np.prod([int(d) for d in shape.split(",")]) < table // 4, shape
