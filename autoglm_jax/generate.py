@@ -98,11 +98,11 @@ def prefill(graph: StaticGraph, state, ids: np.ndarray, lens: np.ndarray, cache:
     rows = prefill_rows(batch, t, max_tokens)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (rows, t))
     parts = []
-    for r0 in range(0, batch, rows):
-        with use_mesh(mesh_of(state)):
+    with use_mesh(mesh_of(state)):  # a sharded model: its activation constraints apply (sharding/rules.py)
+        for r0 in range(0, batch, rows):
             part, cache = _prefill(graph, state, jnp.asarray(ids[r0:r0 + rows]), positions, cache.with_rows(r0),
                                    jnp.asarray(lens[r0:r0 + rows] - 1))
-        parts.append(part)
+            parts.append(part)
     return (parts[0] if len(parts) == 1 else jnp.concatenate(parts)), cache.with_rows(0)
 
 

@@ -50,7 +50,7 @@ def mesh_of(tree) -> Mesh | None:
     constraints are no-ops and XLA's sharding propagation alone lays out the residual stream."""
     for leaf in jax.tree.leaves(tree):
         sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        if isinstance(sharding, NamedSharding):
             return sharding.mesh
     return None
 
