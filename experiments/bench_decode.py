@@ -188,20 +188,19 @@ def _hf_worker(args) -> dict:
                 torch=torch.__version__)
 
 
+def _worker_argv(part: str, args) -> list[str]:
+    return ["--worker", part, "--preset", args.preset, "--dtype", args.dtype, "--quant", args.quant,
+            "--int8-layout", args.int8_layout, "--prompt", str(args.prompt), "--new", str(args.new),
+            "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s), "--batch", *map(str, args.batch)]
+
+
 def _spawn(part: str, args, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", part, "--worker-out", str(out), "--preset", args.preset,
-           "--dtype", args.dtype, "--quant", args.quant, "--int8-layout", args.int8_layout,
-           "--prompt", str(args.prompt), "--new", str(args.new),
-           "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s),
-           "--batch", *map(str, args.batch)]
-    subprocess.run(cmd, check=True)
+    subprocess.run([sys.executable, __file__, *_worker_argv(part, args), "--worker-out", str(out)], check=True)
     return json.loads(out.read_text())
 
 
 def _spawn_memory(args) -> dict:
-    argv = ["--worker", "memory", "--preset", args.preset, "--dtype", args.dtype, "--prompt", str(args.prompt),
-            "--new", str(args.new), "--batch", *map(str, args.batch)]
-    res = bench_common.spawn_worker(__file__, argv, warm_compile_cache=True, timeout_s=600)
+    res = bench_common.spawn_worker(__file__, _worker_argv("memory", args), warm_compile_cache=True, timeout_s=600)
     print("memory worker:", json.dumps(res), flush=True)
     return res
 
@@ -239,6 +238,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     jax_res = _spawn("jax", args, out / "_decode_jax.json") if "jax" in parts else None
+    if "memory" in parts and args.quant != "none":  # the memory worker fills float parameters only
+        print(f"memory part skipped: it measures float weights, not --quant {args.quant}", flush=True)
+        parts.remove("memory")
     mem_res = _spawn_memory(args) if "memory" in parts else None
     hf_res = _spawn("hf", args, out / "_decode_hf.json") if "hf" in parts else None
     rows = (jax_res["rows"] if jax_res else []) + (hf_res["rows"] if hf_res else [])
