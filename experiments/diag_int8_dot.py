@@ -21,6 +21,7 @@ unrolled in one jit (bench_qmatmul.time_layers):
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -111,6 +112,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / f"diag_int8_dot_{bench_common.gpu_tag()}.json").write_text(json.dumps(
         {"device": bench_common.device_info(), "versions": bench_common.versions(), "copy_bandwidth": bw,
+         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "rows": rows}, indent=2))
     print(bench_common.markdown_table(rows, ["shape", "m", "variant", "us", "frac_bw", "speedup_vs_bf16",
                                              "rel_err_vs_f32"]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import glob
 import json
 import os
@@ -145,6 +146,7 @@ def diagnose(sm, cfg, b: int, args) -> None:
         pb = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         activity = gpu_activity(pb[0], args.steps, args.top) if pb else {"error": "no xplane.pb written"}
     doc = {"tp": args.tp, "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": b, "prompt": args.prompt, "steps": args.steps,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
            "wall_ms_per_step": [1e3 * w for w in wall], "traced_wall_ms_per_step": 1e3 * traced,
            "hlo_op_counts": dict(ops), "gpu": activity}
