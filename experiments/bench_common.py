@@ -94,12 +94,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_results(out_dir: str | Path, name: str, *, rows: list[dict], summary: dict, columns: list[str],
-                  extra: dict | None = None, notes: str = "", device: dict | None = None) -> Path:
-    """Writes ``<name>.json`` (device, date, versions, rows, summary) and ``<name>.md`` beside it."""
+                  extra: dict | None = None, notes: str = "", device: dict | None = None,
+                  versions_: dict | None = None) -> Path:
+    """Writes ``<name>.json`` (device, date, versions, rows, summary) and ``<name>.md`` beside it; ``device`` and
+    ``versions_`` (default: this process's) name the measuring machine when results are merged elsewhere."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"device": device or device_info(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "versions": versions(), "summary": summary, "rows": rows, **(extra or {})}
+               "versions": versions_ or versions(), "summary": summary, "rows": rows, **(extra or {})}
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
     md = [f"# {name}", "", f"device: {payload['device']}  ", f"date: {payload['date']}  ",
           f"versions: {payload['versions']}", "", "## Summary", "",

@@ -14,11 +14,23 @@ Floors (2 H100s): tp2_speedup_b1 >= 1.4, tp2_speedup_b32 >= 1.6. ``tokens_identi
 float32 check (``--check-dtype``: ``--check-batch`` prompts, ``--check-new`` greedy tokens, every degree against
 degree 1); the timed bfloat16 runs' own token comparison is ``tokens_identical_bfloat16``, where the
 all-reduce's summation order may flip a near-tie argmax of random weights.
+
+``--quant int8``: int8 weight-only weights (K-major, ``impl="xla_split"``: XLA dots that GSPMD partitions; the LM
+head stays bfloat16) at every degree. ``allreduce_us`` per row: one all-reduce of the [batch, D] bfloat16 residual
+over the degree's devices, timed as 64 dependent all-reduces in one jit. ``--large``: a GLM-shaped config that one
+device cannot hold (GLM-4-32B-0414 layer shapes: D 6144, 48 query / 8 KV heads, F 23040; as many layers as it takes
+to pass the first device's memory by 5%), created directly sharded (random weights), timed at the degrees where
+it fits (its random weights are drawn per degree in that degree's column layout, so its tokens are not compared). ``--replot JSON`` redraws the
+plot of a finished run.
+
+    python experiments/bench_tensor_parallel.py --tp 1 2 4 --batch 1 32 128            # 4 GPUs
+    python experiments/bench_tensor_parallel.py --tp 1 2 4 --quant int8 --large --check-dtype ''
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -34,10 +46,92 @@ if "--tiny" in sys.argv:
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common  # noqa: E402
 
-FLOORS = {"tp2_speedup_b1": 1.4, "tp2_speedup_b32": 1.6}
+FLOORS = {"tp2_speedup_b1": 1.4, "tp2_speedup_b32": 1.6, "tp4_speedup_b32": 2.5}
+# GLM-4-32B-0414's layer shapes; --large sets num_layers so that the parameters exceed one device's memory.
+LARGE = dict(model_type="glm4", vocab_size=151552, hidden_size=6144, intermediate_size=23040, num_heads=48,
+             num_kv_heads=8, head_dim=128, partial_rotary_factor=0.5, rope_theta=10000.0, attention_bias=False,
+             rms_norm_eps=1e-05, max_position_embeddings=32768, post_norms=True, eos_token_ids=(151329,),
+             pad_token_id=151329, num_layers=1)
 
 
-def run_degree(model, tp: int, args, cfg, rows, tokens_by):
+def allreduce_us(mesh, batch: int, d: int, chain: int = 64) -> float:
+    """Microseconds per all-reduce of a [batch, d] bfloat16 array over ``mesh``'s tensor axis (``chain``
+    dependent all-reduces in one jit, median of 5)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sharding.kernels import _shard_map
+
+    def body(x):  # x: this device's [batch, d] partial sum
+        for _ in range(chain):
+            x = jax.lax.psum(x, "tensor") * 0.5
+        return x
+
+    f = jax.jit(_shard_map(body, mesh, (P("tensor"),), P("tensor")))
+    t = mesh.shape["tensor"]
+    x = jax.device_put(jnp.ones((t * batch, d), jnp.bfloat16), NamedSharding(mesh, P("tensor")))
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times) / chain
+
+
+def large_config(device_bytes: int):
+    """GLM-4-32B-0414 layer shapes with enough layers for 1.05x ``device_bytes`` of bfloat16 parameters."""
+    from autoglm_jax.config import GLMConfig
+
+    one = GLMConfig(**LARGE)
+    per_layer = 2 * (one.hidden_size * one.qkv_size + one.num_heads * one.head_dim * one.hidden_size
+                     + 3 * one.hidden_size * one.intermediate_size)
+    embed = 2 * 2 * one.vocab_size * one.hidden_size
+    layers = -(-(int(1.05 * device_bytes) - embed) // per_layer)
+    return one.replace(num_layers=layers), embed + layers * per_layer
+
+
+def sharded_random_model(cfg, mesh, dtype: str, seed: int = 0):
+    """A model of ``cfg`` with random weights created directly in its tensor-parallel shards (it may not fit
+    one device). Weights are random, so the TP column permutation is moot; only the layout marks are set."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from autoglm_jax.model import GLMForCausalLM
+    from sharding import layout as tp
+    from sharding.partition import param_shardings, set_tp_layout
+
+    t = mesh.shape["tensor"]
+    plan = tp.plan(cfg, t)
+    shaped = tp.tp_config(cfg, plan)  # KV heads repeated to t when K < t (as shard_model does)
+    abstract = nnx.eval_shape(lambda: GLMForCausalLM(shaped, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))
+    shards = jax.tree.leaves(param_shardings(abstract, mesh))
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
+
+    @functools.cache  # one compilation per distinct (shape, dtype, sharding): the layers share them
+    def maker(shape, dtype, sharding, norm: bool):
+        def init(key):
+            x = jax.random.normal(key, shape, dtype)
+            return 1.0 + 0.02 * x if norm else cfg.initializer_range * x
+        return jax.jit(init, out_shardings=sharding)
+
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    tree = treedef.unflatten([
+        maker(a.shape, a.dtype, sh, a.ndim == 1 and a.shape[0] == cfg.hidden_size)(k)
+        for k, a, sh in zip(keys, leaves, shards)])  # leaf by leaf: one jit of ~1000 outputs took minutes
+    nnx.replace_by_pure_dict(state, tree)
+    model = nnx.merge(graphdef, state)
+    if t > 1:
+        set_tp_layout(model, plan, shaped)
+    return model
+
+
+def run_degree(model, tp: int, args, cfg, rows, tokens_by, *, label: str, build=None):
+    """Times ``model`` (or, with ``build``, the model ``build(mesh)`` creates already sharded) at degree ``tp``
+    for every batch of ``args.batch``; appends a row per batch and keeps its greedy tokens in ``tokens_by``."""
     import jax
     import numpy as np
     from flax import nnx
@@ -47,10 +141,12 @@ def run_degree(model, tp: int, args, cfg, rows, tokens_by):
     from sharding import cache_shardings, make_mesh, per_device_bytes, shard_model
 
     t0 = time.perf_counter()
-    if tp == 1:
-        sm, mesh = model, None
+    mesh = make_mesh(tensor=tp) if (tp > 1 or build is not None) else None
+    if build is not None:
+        sm = build(mesh)
+    elif tp == 1:
+        sm = model
     else:
-        mesh = make_mesh(tensor=tp)
         sm = shard_model(model, mesh)
     jax.block_until_ready(nnx.state(sm))
     shard_s = time.perf_counter() - t0
@@ -83,14 +179,15 @@ def run_degree(model, tp: int, args, cfg, rows, tokens_by):
         compile_s = time.perf_counter() - tc
         runs = [run_once() for _ in range(args.reps)]
         decode_s = statistics.median(r[1] for r in runs)
-        tokens_by[(tp, batch)] = runs[-1][2]
-        rows.append(dict(tensor_parallel=tp, batch=batch, prompt=args.prompt, new_tokens=args.new,
+        tokens_by[(label, tp, batch)] = runs[-1][2]
+        rows.append(dict(model=label, tensor_parallel=tp, batch=batch, prompt=args.prompt, new_tokens=args.new,
                          ms_per_token=1e3 * decode_s / (args.new - 1),
                          tokens_per_s=batch * (args.new - 1) / decode_s,
                          prefill_s=statistics.median(r[0] for r in runs), compile_s=compile_s, shard_s=shard_s,
-                         param_gib_per_device=dev_bytes / 2**30))
+                         param_gib_per_device=dev_bytes / 2**30,
+                         allreduce_us=allreduce_us(mesh, batch, cfg.hidden_size) if tp > 1 else None))
         print(rows[-1], flush=True)
-
+    del sm
 
 
 def check_tokens(cfg, degrees, args, dtype: str) -> dict:
@@ -115,6 +212,99 @@ def check_tokens(cfg, degrees, args, dtype: str) -> dict:
         "dtype": dtype, "batch": batch, "prompt": args.prompt, "new_tokens": new}
 
 
+def summarize(rows, tokens_by, degrees, args, dtype, check, bandwidth, large_cfg) -> dict:
+    """Speedups against the lowest degree of each model (one GPU for GLM-4-9B), token identity, floors."""
+    import numpy as np
+
+    by = {(r["model"], r["tensor_parallel"], r["batch"]): r for r in rows}
+    for r in rows:
+        lo = min(t for (m, t, b) in by if m == r["model"] and b == r["batch"])
+        base = by[(r["model"], lo, r["batch"])]
+        r["baseline_tp"] = lo
+        r["speedup"] = base["ms_per_token"] / r["ms_per_token"]
+        r["scaling_efficiency"] = r["speedup"] * lo / r["tensor_parallel"]
+        if r["model"] != MAIN:  # --large: each degree draws its own random weights in its own column layout
+            r["tokens_identical"] = r["first_diverging_step"] = None
+        else:
+            first, mine = tokens_by[(MAIN, lo, r["batch"])], tokens_by[(MAIN, r["tensor_parallel"], r["batch"])]
+            r["tokens_identical"] = bool(np.array_equal(first, mine))
+            r["first_diverging_step"] = None if r["tokens_identical"] else int(np.argmax((first != mine).any(0)))
+        if bandwidth:
+            r["roofline_ms"] = 1e3 * r["param_gib_per_device"] * 2**30 / bandwidth
+            r["frac_of_roofline"] = r["roofline_ms"] / r["ms_per_token"]
+    main_rows = [r for r in rows if r["model"] == MAIN]
+    summary = {"model": MAIN, "dtype": dtype, "quant": args.quant or "none",
+               "xla_flags": os.environ.get("XLA_FLAGS", ""), "degrees": degrees,
+               f"tokens_identical_{dtype}": all(r["tokens_identical"] for r in main_rows)}
+    if check:
+        summary["token_check"] = check
+        summary["tokens_identical"] = all(v for k, v in check.items() if k.endswith("_identical"))
+    else:
+        summary["tokens_identical"] = summary[f"tokens_identical_{dtype}"]
+    got = {(r["tensor_parallel"], r["batch"]): r for r in main_rows}
+    for tp in degrees[1:]:
+        for b in args.batch:
+            if (tp, b) in got:
+                summary[f"tp{tp}_speedup_b{b}"] = got[(tp, b)]["speedup"]
+    for tp in degrees:
+        for b in args.batch:
+            if (tp, b) in got:
+                key = "ms_per_token" if b == 1 else "tokens_per_s"
+                summary[f"tp{tp}_b{b}_{key}"] = got[(tp, b)][key]
+                if got[(tp, b)]["allreduce_us"] is not None:
+                    summary[f"tp{tp}_b{b}_allreduce_us"] = got[(tp, b)]["allreduce_us"]
+    if large_cfg is not None:
+        large_rows = [r for r in rows if r["model"] != MAIN]
+        summary["large_model"] = {
+            "config": {k: getattr(large_cfg, k) for k in ("hidden_size", "intermediate_size", "num_layers",
+                                                          "num_heads", "num_kv_heads", "head_dim", "vocab_size")},
+            "param_gib": large_cfg.num_params() * 2 / 2**30,
+            "device_memory_gib": args.device_gib, "degrees_run": sorted({r["tensor_parallel"] for r in large_rows}),
+            "tokens": "not compared: each degree draws random weights in its own tensor-parallel column layout"}
+    if bandwidth:
+        summary["copy_bandwidth_tb_s"] = bandwidth / 1e12
+    for key, floor in FLOORS.items():
+        if key in summary:
+            summary[f"{key}_floor"] = floor
+            summary[f"{key}_meets_floor"] = bool(summary[key] >= floor)
+    return summary
+
+
+COLUMNS = ["model", "tensor_parallel", "batch", "ms_per_token", "tokens_per_s", "speedup", "scaling_efficiency",
+           "allreduce_us", "tokens_identical", "first_diverging_step", "prefill_s", "param_gib_per_device",
+           "roofline_ms", "frac_of_roofline", "compile_s"]
+MAIN = "glm-4-9b"
+
+
+def plot(json_path: Path) -> Path | None:
+    """tokens/s against tensor degree, one line per (model, batch); beside the JSON as .png."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import json
+
+    data = json.loads(Path(json_path).read_text())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = sorted({(r["model"], r["batch"]) for r in data["rows"]})
+    for model, b in series:
+        pts = sorted((r["tensor_parallel"], r["tokens_per_s"]) for r in data["rows"]
+                     if r["model"] == model and r["batch"] == b)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} b{b}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tensor parallel degree")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{json_path.stem} ({data['device'].get('kind', '')})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(json_path).with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on 8 virtual CPU devices (smoke run)")
@@ -124,17 +314,24 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny)")
+    ap.add_argument("--quant", choices=["int8"], default=None, help="int8 weight-only (K-major, xla_split)")
+    ap.add_argument("--large", action="store_true", help="also a GLM-shaped model larger than one device")
+    ap.add_argument("--large-only", action="store_true", help="the larger model alone (result name *_large)")
     ap.add_argument("--out", default=str(bench_common.RESULTS))
     ap.add_argument("--check-dtype", default="float32", help="weights of the token-identity check ('' = skip)")
     ap.add_argument("--check-batch", type=int, default=4)
     ap.add_argument("--check-new", type=int, default=32)
+    ap.add_argument("--replot", default=None, help="redraw the plot of this result JSON and exit")
     args = ap.parse_args()
+    if args.replot:
+        print(plot(Path(args.replot)))
+        return
 
     import jax
-    import numpy as np
 
     from autoglm_jax.config import GLMConfig
     from autoglm_jax.loading import random_model
+    from autoglm_jax.model.quantized_linear import quantize_model
 
     if args.tiny:
         cfg = GLMConfig.from_preset("tiny").replace(num_heads=8, head_dim=32, vocab_size=1024)
@@ -147,55 +344,47 @@ def main():
     degrees = args.tp or [t for t in (1, 2, 4, 8) if t <= n_dev]
     if 1 not in degrees or any(t > n_dev for t in degrees):
         raise SystemExit(f"--tp {degrees}: needs 1 (the baseline) and at most {n_dev} (devices present)")
-    bandwidth = bench_common.measure_copy_bandwidth() if jax.default_backend() == "gpu" else None
-    model = random_model(cfg, dtype=dtype, seed=0)
-    rows, tokens_by = [], {}
-    for tp in degrees:
-        run_degree(model, tp, args, cfg, rows, tokens_by)
-    del model
-    check = None
-    if args.check_dtype:
-        with jax.default_matmul_precision("highest"):
-            check = check_tokens(cfg, degrees, args, args.check_dtype)
-    by = {(r["tensor_parallel"], r["batch"]): r for r in rows}
-    for r in rows:
-        base = by[(1, r["batch"])]
-        r["speedup"] = base["ms_per_token"] / r["ms_per_token"]
-        first = tokens_by[(1, r["batch"])]
-        mine = tokens_by[(r["tensor_parallel"], r["batch"])]
-        r["tokens_identical"] = bool(np.array_equal(first, mine))
-        r["first_diverging_step"] = (None if r["tokens_identical"] else
-                                     int(np.argmax((first != mine).any(0))))
-        if bandwidth:
-            r["roofline_ms"] = 1e3 * r["param_gib_per_device"] * 2**30 / bandwidth
-            r["frac_of_roofline"] = r["roofline_ms"] / r["ms_per_token"]
-    summary = {"model": "tiny(N=8)" if args.tiny else "glm-4-9b", "dtype": dtype,
-               "xla_flags": os.environ.get("XLA_FLAGS", ""),
-               "degrees": degrees, f"tokens_identical_{dtype}": all(r["tokens_identical"] for r in rows)}
-    if check:
-        summary["token_check"] = check
-        summary["tokens_identical"] = all(v for k, v in check.items() if k.endswith("_identical"))
-    else:
-        summary["tokens_identical"] = summary[f"tokens_identical_{dtype}"]
-    b_lo, b_hi = min(args.batch), max(args.batch)
-    for tp in degrees[1:]:
-        summary[f"tp{tp}_speedup_b{b_lo}"] = by[(tp, b_lo)]["speedup"]
-        summary[f"tp{tp}_speedup_b{b_hi}"] = by[(tp, b_hi)]["speedup"]
-    summary.update({f"tp{tp}_b{b_lo}_ms_per_token": by[(tp, b_lo)]["ms_per_token"] for tp in degrees})
-    summary.update({f"tp{tp}_b{b_hi}_tokens_per_s": by[(tp, b_hi)]["tokens_per_s"] for tp in degrees})
-    if bandwidth:
-        summary["copy_bandwidth_tb_s"] = bandwidth / 1e12
-    for key, floor in FLOORS.items():
-        if key in summary:
-            summary[f"{key}_floor"] = floor
-            summary[f"{key}_meets_floor"] = bool(summary[key] >= floor)
-    cols = ["tensor_parallel", "batch", "ms_per_token", "tokens_per_s", "speedup", "tokens_identical",
-            "first_diverging_step", "prefill_s", "param_gib_per_device", "roofline_ms", "frac_of_roofline",
-            "compile_s"]
-    name = f"tensor_parallel_{bench_common.gpu_tag()}x{max(degrees)}"
+    on_gpu = jax.default_backend() == "gpu"
+    bandwidth = bench_common.measure_copy_bandwidth() if on_gpu else None
+    # The device's physical memory: XLA's allocator limit over the fraction it was given (0.75 by default).
+    frac = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    device_bytes = int(jax.devices()[0].memory_stats()["bytes_limit"] / frac) if on_gpu else 1 << 22
+    args.device_gib = device_bytes / 2**30
+    args.large = args.large or args.large_only
+    name = (f"tensor_parallel_{bench_common.gpu_tag()}x{max(degrees)}" + (f"_{args.quant}" if args.quant else "")
+            + ("_large" if args.large_only else ""))
+    rows, tokens_by, large_cfg, check = [], {}, None, None
     notes = __doc__.split("\n\n", 2)[2] + ("\nCPU smoke run (virtual devices share the host cores): timings mean "
                                            "nothing, token identity does." if args.tiny else "")
-    print(bench_common.write_results(args.out, name, rows=rows, summary=summary, columns=cols, notes=notes))
+
+    def write():
+        summary = summarize(rows, tokens_by, degrees, args, dtype, check, bandwidth, large_cfg)
+        path = bench_common.write_results(args.out, name, rows=rows, summary=summary, columns=COLUMNS, notes=notes)
+        plot(path)
+        return path
+
+    if not args.large_only:
+        model = random_model(cfg, dtype=dtype, seed=0)
+        if args.quant:
+            quantize_model(model, args.quant, impl="xla_split", k_major=True)
+        for tp in degrees:
+            run_degree(model, tp, args, cfg, rows, tokens_by, label=MAIN)
+            write()  # a run cut short still leaves the degrees done so far
+        del model
+    if args.large:
+        large_cfg, large_bytes = (large_config(device_bytes) if not args.tiny else
+                                  (cfg.replace(num_layers=3, num_kv_heads=4), 0))
+        fits = [t for t in degrees if large_bytes / t < 0.8 * device_bytes and (t > 1 or args.tiny)]
+        print(f"large model: {large_cfg.num_layers} layers, {large_bytes / 2**30:.1f} GiB of parameters, "
+              f"device {args.device_gib:.1f} GiB; degrees {fits}", flush=True)
+        for tp in fits:
+            run_degree(None, tp, args, large_cfg, rows, tokens_by, label=f"large-{large_cfg.num_layers}L",
+                       build=lambda mesh: sharded_random_model(large_cfg, mesh, dtype))
+            write()
+    if args.check_dtype and not args.large_only:
+        with jax.default_matmul_precision("highest"):
+            check = check_tokens(cfg, degrees, args, args.check_dtype)
+    print(write())
 
 
 if __name__ == "__main__":

@@ -63,12 +63,44 @@ def i8i8(x8, wq, k_major: bool):
     return lax.dot_general(x8, wq, dims, preferred_element_type=jnp.int32)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def diag_args(doc: str):
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default=".")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def time_variant(rows: list[dict], shape: str, m: int, label: str, fn, x, ws, nbytes: int, err, bw) -> None:
+    """Times ``fn`` over the layers ``ws`` (time_layers) and appends its row (or the error, and goes on)."""
+    try:
+        t, _ = time_layers(fn, x, ws)
+    except Exception as ex:  # noqa: BLE001 -- recorded, the others go on
+        rows.append({"shape": shape, "m": m, "variant": label, "error": bench_common.error_text(ex)})
+    else:
+        rows.append({"shape": shape, "m": m, "variant": label, "us": 1e6 * t, "weight_bytes": nbytes,
+                     "frac_bw": nbytes / t / bw if bw else None, "rel_err_vs_f32": err})
+    print(json.dumps(rows[-1]), flush=True)
+
+
+def write_diag(rows: list[dict], bw, out: str, name: str) -> None:
+    """Adds ``speedup_vs_bf16`` to each timed row and writes ``<name>_<gpu>.json`` under ``out``; prints a table."""
+    base = {(r["shape"], r["m"]): r["us"] for r in rows if r["variant"] == "bf16" and "us" in r}
+    for r in rows:
+        if "us" in r and (r["shape"], r["m"]) in base:
+            r["speedup_vs_bf16"] = base[(r["shape"], r["m"])] / r["us"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_{bench_common.gpu_tag()}.json").write_text(json.dumps(
+        {"device": bench_common.device_info(), "versions": bench_common.versions(), "copy_bandwidth": bw,
+         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "rows": rows}, indent=2))
+    print(bench_common.markdown_table(rows, ["shape", "m", "variant", "us", "frac_bw", "speedup_vs_bf16",
+                                             "rel_err_vs_f32"]))
+
+
+def main():
+    args = diag_args(__doc__)
     bw = bench_common.measure_copy_bandwidth() if jax.default_backend() == "gpu" else None
     rows = []
     for name, (k, n) in SHAPES.items():
@@ -96,27 +128,8 @@ def main():
                              err(split_dot(x, q_nk[0], scale, True))),
             }
             for label, (fn, xin, ws, nbytes, e) in variants.items():
-                try:
-                    t, _ = time_layers(fn, xin, ws)
-                except Exception as ex:  # noqa: BLE001 -- recorded, the others go on
-                    rows.append({"shape": name, "m": m, "variant": label, "error": bench_common.error_text(ex)})
-                    continue
-                rows.append({"shape": name, "m": m, "variant": label, "us": 1e6 * t, "weight_bytes": nbytes,
-                             "frac_bw": nbytes / t / bw if bw else None, "rel_err_vs_f32": e})
-                print(json.dumps(rows[-1]), flush=True)
-    base = {(r["shape"], r["m"]): r["us"] for r in rows if r["variant"] == "bf16" and "us" in r}
-    for r in rows:
-        if "us" in r and (r["shape"], r["m"]) in base:
-            r["speedup_vs_bf16"] = base[(r["shape"], r["m"])] / r["us"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"diag_int8_dot_{bench_common.gpu_tag()}.json").write_text(json.dumps(
-        {"device": bench_common.device_info(), "versions": bench_common.versions(), "copy_bandwidth": bw,
-         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "rows": rows}, indent=2))
-    print(bench_common.markdown_table(rows, ["shape", "m", "variant", "us", "frac_bw", "speedup_vs_bf16",
-                                             "rel_err_vs_f32"]))
-
+                time_variant(rows, name, m, label, fn, xin, ws, nbytes, e, bw)
+    write_diag(rows, bw, args.out, "diag_int8_dot")
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,8 @@
 GPU only. For each format, M bucket and GLM-4-9B shape, time a short list of candidate TileConfigs (and XLA's
 dequantize-then-dot as the candidate ``kernel="xla"``; for int8 at M <= 32 also XLA's int8 x int8 dot of
 two-digit activations, ``kernel="xla_split"``) with ``--layers`` distinct weights unrolled in one jit,
-and keep the fastest. Entries of this device for the formats tuned now are replaced; other entries are kept.
+and keep the fastest. Entries for the (device, format, M, K, N) problems tuned now are replaced; all other
+entries are kept.
 A candidate that fails to compile is reported and skipped. ``--budget_s`` bounds the sweep; untuned problems
 use ``default_config``.
 
@@ -127,8 +128,7 @@ def main():
         return
     start = time.time()
     dev = gpu_name()
-    tuned = set(args.formats.split(","))  # random_weight(fmt).name == fmt for every format name
-    entries = [e for e in qmatmul_tiles.load_table() if e["device"] != dev or e["format"] not in tuned]
+    entries = []  # the new entries; the table's others are kept below
     log = []
     for m in map(int, args.ms.split(",")):
         for fmt in args.formats.split(","):
@@ -158,6 +158,10 @@ def main():
                     entries.append(dict(device=dev, format=name, m=m, k=k, n=n, us=round(best[0] * 1e6, 2),
                                         config=best[1].to_json()))
                 del ws
+    # Replace only the (device, format, M, K, N) problems tuned now: a sweep of some M buckets keeps the others.
+    key = lambda e: (e["device"], e["format"], e["m"], e["k"], e["n"])
+    done = {key(e) for e in entries}
+    entries = [e for e in qmatmul_tiles.load_table() if key(e) not in done] + entries
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(note="written by experiments/tune_qmatmul.py; lookup rules in kernels_pallas/qmatmul_tiles.py",
