@@ -55,7 +55,8 @@ def _jax_worker(args) -> dict:
     layout = getattr(args, "int8_layout", "kn")
     if args.quant != "none":
         from autoglm_jax.model.quantized_linear import quantize_model
-        quantize_model(model, fmt=args.quant, k_major=layout == "nk")  # in place
+        keep = tuple(x for x in getattr(args, "keep_float", "lm_head").split(",") if x)
+        quantize_model(model, fmt=args.quant, k_major=layout == "nk", keep_float=keep)  # in place
     jax.block_until_ready(nnx.state(model))
     init_s = time.perf_counter() - t0
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
@@ -190,7 +191,8 @@ def _hf_worker(args) -> dict:
 
 def _worker_argv(part: str, args) -> list[str]:
     return ["--worker", part, "--preset", args.preset, "--dtype", args.dtype, "--quant", args.quant,
-            "--int8-layout", args.int8_layout, "--prompt", str(args.prompt), "--new", str(args.new),
+            "--int8-layout", args.int8_layout, "--keep-float", args.keep_float,
+            "--prompt", str(args.prompt), "--new", str(args.new),
             "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s), "--batch", *map(str, args.batch)]
 
 
@@ -213,6 +215,8 @@ def main(argv=None):
     p.add_argument("--quant", default="none", help="none, or a QuantizedLinear format (int8, int4)")
     p.add_argument("--int8-layout", default="kn",
                    help="with --quant int8: kn (qweight [K, N], default) or nk (K-major [N, K], XLA's int8 dot)")
+    p.add_argument("--keep-float", default="lm_head",
+                   help="with --quant: comma-separated layer patterns kept in float ('' quantizes the LM head too)")
     p.add_argument("--parts", default="jax,memory,hf")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--prompt", type=int, default=512)

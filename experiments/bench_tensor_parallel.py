@@ -20,8 +20,8 @@ head stays bfloat16) at every degree. ``allreduce_us`` per row: one all-reduce o
 over the degree's devices, timed as 64 dependent all-reduces in one jit. ``--large``: a GLM-shaped config that one
 device cannot hold (GLM-4-32B-0414 layer shapes: D 6144, 48 query / 8 KV heads, F 23040; as many layers as it takes
 to pass the first device's memory by 5%), created directly sharded (random weights), timed at the degrees where
-it fits (its random weights are drawn per degree in that degree's column layout, so its tokens are not compared). ``--replot JSON`` redraws the
-plot of a finished run.
+it fits (its random weights are drawn per degree in that degree's column layout, so its tokens are not
+compared). ``--replot JSON`` redraws the plot of a finished run.
 
     python experiments/bench_tensor_parallel.py --tp 1 2 4 --batch 1 32 128            # 4 GPUs
     python experiments/bench_tensor_parallel.py --tp 1 2 4 --quant int8 --large --check-dtype ''
@@ -235,7 +235,7 @@ def summarize(rows, tokens_by, degrees, args, dtype, check, bandwidth, large_cfg
     main_rows = [r for r in rows if r["model"] == MAIN]
     summary = {"model": MAIN, "dtype": dtype, "quant": args.quant or "none",
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "degrees": degrees,
-               f"tokens_identical_{dtype}": all(r["tokens_identical"] for r in main_rows)}
+               f"tokens_identical_{dtype}": all(r["tokens_identical"] for r in main_rows) if main_rows else None}
     if check:
         summary["token_check"] = check
         summary["tokens_identical"] = all(v for k, v in check.items() if k.endswith("_identical"))

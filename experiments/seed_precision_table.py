@@ -57,9 +57,11 @@ def _worker(variant: str, args) -> dict:
     dtype, quant = VARIANTS[variant]
     layout = args.int8_layout if quant == "int8" else "kn"
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
-                            reps=args.reps, batch=args.batch, hf_budget_s=0.0, int8_layout=layout)
+                            reps=args.reps, batch=args.batch, hf_budget_s=0.0, int8_layout=layout,
+                            keep_float=args.keep_float)
     res = bench_decode._jax_worker(ns)
     res.update(variant=_tag(variant, layout), dtype=dtype, quant=quant, int8_layout=layout,
+               keep_float=args.keep_float if quant != "none" else None,
                device=bench_common.device_info(),
                gpu_tag=bench_common.gpu_tag(), versions=bench_common.versions())
     return res
@@ -82,6 +84,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--int8-layout", default="kn",
                    help="the int8 variant's weights: kn ([K, N], default) or nk (K-major [N, K]; row int8_nk)")
+    p.add_argument("--keep-float", default="lm_head",
+                   help="quantized variants: layer patterns kept in float ('' quantizes the LM head too)")
     p.add_argument("--out", default=str(bench_common.RESULTS))
     p.add_argument("--name", default=None, help="result name (default seed_precision_table_<gpu>)")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -100,6 +104,7 @@ def main(argv=None):
         p.error(f"unknown variants {unknown}; allowed: {list(VARIANTS)}")
     for v in wanted:
         cmd = [sys.executable, __file__, "--worker", v, "--int8-layout", args.int8_layout,
+               "--keep-float", args.keep_float,
                "--worker-out", str(out / f"_seed_precision_{_tag(v, args.int8_layout)}.json"),
                "--preset", args.preset, "--prompt", str(args.prompt), "--new", str(args.new),
                "--reps", str(args.reps), "--batch", *map(str, args.batch)]

@@ -6,9 +6,9 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
   otherwise), tile config from the tuned table (``qmatmul_tiles.lookup``); where the table says XLA's
   dequantize-then-dot was faster for that shape, that path (``kernel="xla"``); for ``Int8Weight`` where it
   says XLA's int8 x int8 dot of two-digit activations was faster (``kernel="xla_split"``,
-  ``int8_split_matmul``), that path. The committed table selects ``xla_split`` nowhere until a GPU run of
-  ``experiments/tune_qmatmul.py`` measures it faster (its int8 candidates for M <= 32 include it). float32
-  activations take the XLA dequantize-then-dot path (also where the table says ``xla_split``).
+  ``int8_split_matmul``), that path (the H100 table of 2026-11-26 picks it for K-major int8 at M <= 32 and for
+  some [K, N] shapes at M = 8-32). float32 activations take the XLA dequantize-then-dot path (also where the table
+  says ``xla_split``).
   There is no Mosaic GPU kernel yet (the Triton lowering is deprecated since jax 0.11); measured speeds and
   gaps: experiments/results/qmatmul_h100_notes.md.
 * TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
@@ -130,7 +130,7 @@ SPLIT_STEPS = 127 * 128  # per row, x is written as an integer xs in [-16256, 16
 SPLIT_MAX_K = (2**31 - 1) // (127 * 128)  # 132104: the hi-digit int32 sum |sum_k hi * q| <= K * 127 * 128
 
 
-def int8_split_matmul(x2, qweight: Int8Weight):
+def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
     """Weight-only int8 through XLA's int8 x int8 -> int32 dot: ``x2[M, K]`` (float) -> float32 ``[M, N]``.
 
     Representation: per row m, ``step[m] = absmax(x2[m]) / (127 * 128)`` (absmax floored at 1e-30, so zero
@@ -150,22 +150,39 @@ def int8_split_matmul(x2, qweight: Int8Weight):
     ``K * 127 * 128 < 2**31`` (``|hi| <= 127``, ``|q| <= 128``; the lo digits are half that), i.e.
     ``K <= SPLIT_MAX_K = 132104``; a larger K raises ``QuantFormatError``. Non-finite rows give non-finite
     outputs (their step is inf or NaN).
+
+    ``k_blocks = b > 1`` takes the step per row *and* per K block (b equal blocks of K / b): the dot is batched
+    over the blocks, each block's int32 sums are scaled by its own step, and the float32 results summed over the
+    blocks. Under tensor parallelism a row-parallel weight (o_proj, down_proj) has K split over the devices; with
+    one block per device each block's absmax is local, where one step per row would need a cross-device max
+    before every such matmul (``sharding.partition.set_tp_layout`` sets it to the tensor degree). The error bound
+    above holds per block, with the block's absmax.
     """
     _check(isinstance(qweight, Int8Weight),
            f"the xla_split path is for Int8Weight (weight-only int8) only; got {type(qweight).__name__}")
     k = qweight.in_features
     _check(k <= SPLIT_MAX_K, f"the xla_split path needs K <= {SPLIT_MAX_K} (int32 sums of K products up to "
                              f"127 * 128 must not overflow); got K={k}")
-    m = x2.shape[0]
-    xf = x2.astype(jnp.float32)
-    step = jnp.maximum(jnp.max(jnp.abs(xf), axis=1, keepdims=True), 1e-30) / SPLIT_STEPS
+    _check(isinstance(k_blocks, int) and k_blocks >= 1 and k % k_blocks == 0,
+           f"k_blocks={k_blocks!r} must be a positive int dividing K={k}")
+    m, n, b = x2.shape[0], qweight.out_features, k_blocks
+    xf = x2.astype(jnp.float32).reshape(m, b, k // b)  # [M, b, K/b]
+    step = jnp.maximum(jnp.max(jnp.abs(xf), axis=2, keepdims=True), 1e-30) / SPLIT_STEPS  # [M, b, 1]
     xs = jnp.clip(jnp.round(xf / step), -SPLIT_STEPS, SPLIT_STEPS)
     hi = jnp.round(xs / 128.0)
-    digits = jnp.concatenate([hi, xs - 128.0 * hi]).astype(jnp.int8)
-    acc = lax.dot_general(digits, qweight.qweight, (((1,), (_k_dim(qweight),)), ((), ())),
-                          preferred_element_type=jnp.int32)
-    acc = acc.astype(jnp.float32)
-    return (128.0 * acc[:m] + acc[m:]) * step * qweight.scale.astype(jnp.float32)[None, :]
+    digits = jnp.concatenate([hi, xs - 128.0 * hi]).astype(jnp.int8)  # [2M, b, K/b]
+    scale = qweight.scale.astype(jnp.float32)[None, :]
+    if b == 1:
+        acc = lax.dot_general(digits[:, 0], qweight.qweight, (((1,), (_k_dim(qweight),)), ((), ())),
+                              preferred_element_type=jnp.int32).astype(jnp.float32)
+        return (128.0 * acc[:m] + acc[m:]) * step[:, 0] * scale
+    if qweight.k_major:  # [N, K] -> [N, b, K/b]: contract K/b, batch over b
+        w, dims = qweight.qweight.reshape(n, b, k // b), (((2,), (2,)), ((1,), (1,)))
+    else:  # [K, N] -> [b, K/b, N]
+        w, dims = qweight.qweight.reshape(b, k // b, n), (((2,), (1,)), ((1,), (0,)))
+    acc = lax.dot_general(digits, w, dims, preferred_element_type=jnp.int32).astype(jnp.float32)  # [b, 2M, N]
+    y = (128.0 * acc[:, :m] + acc[:, m:]) * jnp.transpose(step, (1, 0, 2))  # [b, M, N]
+    return jnp.sum(y, axis=0) * scale
 
 
 def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
@@ -225,12 +242,13 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
 
 
 def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto", interpret: bool = False,
-                     config: TileConfig | None = None, act_scale=None, _poison: bool = False):
+                     config: TileConfig | None = None, act_scale=None, k_blocks: int = 1, _poison: bool = False):
     """``x[..., I]`` (float32/bfloat16/float16) times a quantized ``[I, O]`` weight -> ``[..., O]``.
 
     bias: optional ``[O]``; out_dtype defaults to x's dtype; impl: one of ``IMPLS``; interpret: run the
     Pallas kernel in interpret mode (CPU tests); config: a ``TileConfig`` overriding the tuned table;
     act_scale: W8A8 only, a static activation scale (float32 scalar or [1]) instead of per-token dynamic ones;
+    k_blocks: the ``xla_split`` path's activation step per K block (``int8_split_matmul``; other paths ignore it);
     _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
     A table (or ``config``) choice of ``kernel="xla_split"`` serves ``Int8Weight`` with bf16/f16 activations and
     K <= ``SPLIT_MAX_K``; elsewhere it falls back to ``"xla"``. ``impl="xla_split"`` forces it (Int8Weight only).
@@ -276,7 +294,7 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     if impl == "xla":
         y = xla_quantized_matmul(x2, qweight, act_scale)
     elif impl == "xla_split":
-        y = int8_split_matmul(x2, qweight)
+        y = int8_split_matmul(x2, qweight, k_blocks=k_blocks)
     else:
         cfg = fit_config(config, qweight, m) if impl == "pallas_gpu" else config
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,

@@ -194,6 +194,10 @@ def set_tp_layout(model, plan, cfg) -> None:
         layer.attn.cfg = cfg
         layer.attn.qkv_groups = plan.tensor
         layer.mlp.gate_up_groups = plan.tensor
+        # Row-parallel int8 layers: the split activation's step per device-local K block, so no cross-device max.
+        for row_parallel in (layer.attn.o_proj, layer.mlp.down_proj):
+            if hasattr(row_parallel, "qweight"):
+                row_parallel.k_blocks = plan.tensor
 
 
 def canonical_state(model) -> tuple[dict, object]:

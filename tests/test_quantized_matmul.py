@@ -144,6 +144,33 @@ def test_xla_split_within_its_bound(m, k, n, outliers, x_dtype):
         assert rel_err(out, ref) < rel_err(ref_bf16, ref)
 
 
+@pytest.mark.parametrize("k_major", [False, True], ids=["kn", "nk"])
+@pytest.mark.parametrize("k_blocks", [2, 4])
+def test_xla_split_k_blocks_within_the_per_block_bound(k_blocks, k_major):
+    """k_blocks > 1 (set on row-parallel layers under tensor parallelism): each K block of each row gets its own
+    step, so the bound is the per-block one; one outlier block must not coarsen the others."""
+    m, k, n = 5, 1024, 136
+    x, q, _ = problem(60 + k_blocks, m, k, n, "int8", {}, x_dtype=jnp.float32)
+    x = x.at[:, : k // k_blocks].multiply(100)  # block 0 of every row 100x the rest
+    if k_major:
+        q = q.with_layout(k_major=True)
+    out = jax.jit(lambda x, q: quantized_matmul(x, q, out_dtype=jnp.float32, impl="xla_split",
+                                                k_blocks=k_blocks))(x, q)
+    ref = quantized_matmul_reference(x, q, out_dtype=jnp.float32)
+    xf = np.asarray(x, np.float64).reshape(m, k_blocks, k // k_blocks)
+    wa = np.abs(np.asarray(q.dequantize(), np.float64)).reshape(k_blocks, k // k_blocks, n)
+    step = np.abs(xf).max(axis=2) / (127 * 128)  # [M, b]
+    bound = (0.5 * np.einsum("mb,bn->mn", step, wa.sum(axis=1)) * (1 + 2.0**-8)
+             + k * 2.0**-24 * np.einsum("mbk,bkn->mn", np.abs(xf), wa))
+    err = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
+    assert (err <= bound).all(), f"worst err / bound = {(err / bound).max():.3f}"
+    # the blocks other than the outlier one are carried 100x finer than one step per row would carry them
+    one_step = quantized_matmul(x, q, out_dtype=jnp.float32, impl="xla_split")
+    assert rel_err(out, ref) < rel_err(one_step, ref)
+    with pytest.raises(QuantFormatError, match="k_blocks=3 must be a positive int dividing K=1024"):
+        quantized_matmul(x, q, impl="xla_split", k_blocks=3)
+
+
 def test_xla_split_exact_at_the_k_bound():
     """K = SPLIT_MAX_K with the largest digits (hi = 127, lo = 0) against q = -128: the int32 sums reach
     -16256 * K >= -2**31 without overflow, so the product is exact up to float32 rounding."""

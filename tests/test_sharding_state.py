@@ -183,6 +183,34 @@ def test_k_major_int8_sharded_logits(mesh_kw, impl):
     _assert_trees_equal(tree, _pure(nk))
 
 
+@pytest.mark.parametrize("k_major", [False, True], ids=["kn", "nk"])
+def test_int8_split_row_parallel_adds_no_collectives(k_major):
+    """Under tensor parallelism the int8 ``xla_split`` path takes its activation step per device-local K block in
+    the row-parallel layers (o_proj, down_proj): the compiled forward has the float model's all-reduces (one per
+    row-parallel matmul), not an extra cross-device max before each."""
+    import re
+
+    from autoglm_jax.model.quantized_linear import quantize_model
+    from sharding import mesh_of, use_mesh
+
+    cfg = CFG.replace(intermediate_size=512, num_layers=2)
+    ids = jnp.zeros((4, 1), jnp.int32)
+    counts = {}
+    for fmt in ("float", "int8"):
+        model = random_model(cfg, dtype="bfloat16", seed=13)
+        if fmt == "int8":
+            quantize_model(model, "int8", impl="xla_split", k_major=k_major)
+        sm = shard_model(model, make_mesh(tensor=2))
+        if fmt == "int8":
+            assert {sm.layers[0].attn.o_proj.k_blocks, sm.layers[1].mlp.down_proj.k_blocks} == {2}
+            assert sm.layers[0].mlp.gate_up_proj.k_blocks == 1  # column-parallel: K is whole on each device
+        with use_mesh(mesh_of(nnx.state(sm))):
+            hlo = nnx.jit(lambda m, x: m(x)).lower(sm, ids).compile().as_text()
+        counts[fmt] = len(re.findall(r" all-reduce(?:-start)?\(", hlo))
+    assert counts["float"] == 2 * cfg.num_layers  # one per row-parallel matmul
+    assert counts["int8"] == counts["float"], counts
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_ragged_paged_attention_per_shard_matches_unsharded(quantized):
     """Chunked prefill per shard; int8 pages carry their [K, P, L] scales on the same KV-head split."""

@@ -35,7 +35,7 @@ class QuantizedLinear(nnx.Module):
 
     fmt: "int8" | "int4" | "w8a8"; group / symmetric: int4 only; k_major (static, from the weight): int8 stored
     ``[O, I]``; dtype: compute and output dtype; impl / interpret: passed to ``quantized_matmul`` (default:
-    dispatch by platform).
+    dispatch by platform); k_blocks (static, 1 unless ``sharding`` sets it on a row-parallel layer): passed too.
     """
 
     def __init__(self, weight, *, axes: tuple[str, str], bias: jax.Array | None = None, dtype=jnp.float32,
@@ -46,6 +46,7 @@ class QuantizedLinear(nnx.Module):
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.dtype, self.impl, self.interpret = dtype, impl, interpret
         self.k_major = bool(getattr(weight, "k_major", False))
+        self.k_blocks = 1
         if isinstance(weight, Int4Weight):
             self.fmt, self.group = "int4", weight.group
             self.qweight = nnx.Param(weight.packed, logical_axes=axes)
@@ -92,7 +93,8 @@ class QuantizedLinear(nnx.Module):
         bias = None if self.bias is None else self.bias[...]
         act_scale = None if getattr(self, "act_scale", None) is None else self.act_scale[...]
         return quantized_matmul(x.astype(self.dtype), self.weight(), bias=bias, out_dtype=self.dtype,
-                                impl=self.impl, interpret=self.interpret, act_scale=act_scale)
+                                impl=self.impl, interpret=self.interpret, act_scale=act_scale,
+                                k_blocks=self.k_blocks)
 
 
 def _children(module):
