@@ -7,7 +7,11 @@ Each side runs in its own process (so their memory pools do not meet):
     python experiments/bench_decode.py --quant int8 --int8-layout nk --parts jax --name decode_int8_nk_h100
 
 ``--int8-layout nk`` (with ``--quant int8``) stores the int8 weights K-major, ``qweight[N, K]``
-(``Int8Weight.k_major``, served by XLA's int8 dot); the default ``kn`` is ``[K, N]``.
+(``Int8Weight.k_major``, served by XLA's int8 dot); the default ``kn`` is ``[K, N]``. ``--also-quant int8,int4``
+adds, in the same run, a timing worker per quantized format (int8 with ``--int8-layout``, int4 g128) beside the
+float one: their rows, and ``<fmt>_b1_ms_per_token`` / ``<fmt>_b1_speedup`` (over the float run) in the summary.
+
+    python experiments/bench_decode.py --also-quant int8,int4 --int8-layout nk --out $OUT   # issue 3's decode rows
 
 Definitions used for both sides: ``prefill_s`` is the time to the first new token; ``ms_per_token`` is
 (generation time - prefill time) / (new tokens - 1) per sequence step; ``tokens_per_s`` is
@@ -191,7 +195,7 @@ def _hf_worker(args) -> dict:
 
 def _worker_argv(part: str, args) -> list[str]:
     return ["--worker", part, "--preset", args.preset, "--dtype", args.dtype, "--quant", args.quant,
-            "--int8-layout", args.int8_layout, "--keep-float", args.keep_float,
+            "--int8-layout", args.int8_layout if args.quant == "int8" else "kn", "--keep-float", args.keep_float,
             "--prompt", str(args.prompt), "--new", str(args.new),
             "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s), "--batch", *map(str, args.batch)]
 
@@ -217,6 +221,7 @@ def main(argv=None):
                    help="with --quant int8: kn (qweight [K, N], default) or nk (K-major [N, K], XLA's int8 dot)")
     p.add_argument("--keep-float", default="lm_head",
                    help="with --quant: comma-separated layer patterns kept in float ('' quantizes the LM head too)")
+    p.add_argument("--also-quant", default="", help="comma-separated formats (int8, int4) timed beside the float run")
     p.add_argument("--parts", default="jax,memory,hf")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--prompt", type=int, default=512)
@@ -229,7 +234,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.int8_layout not in ("kn", "nk"):
         p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default) or 'nk' (K-major [N, K])")
-    if args.int8_layout == "nk" and args.quant != "int8":
+    bad = [f for f in args.also_quant.split(",") if f and f not in ("int8", "int4")]
+    if bad or (args.also_quant and args.quant != "none"):
+        p.error(f"--also-quant {args.also_quant!r}: formats from 'int8', 'int4', with a float --quant none run")
+    if args.int8_layout == "nk" and "int8" not in (args.quant, *args.also_quant.split(",")):
         p.error(f"--int8-layout nk is for --quant int8 only; got --quant {args.quant!r}")
     if args.worker:
         work = {"jax": _jax_worker, "hf": _hf_worker, "memory": _memory_worker}[args.worker]
@@ -242,12 +250,21 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     jax_res = _spawn("jax", args, out / "_decode_jax.json") if "jax" in parts else None
+    quant_res = {}
+    for fmt in [f for f in args.also_quant.split(",") if f] if "jax" in parts else []:
+        q_args = argparse.Namespace(**{**vars(args), "quant": fmt,
+                                       "int8_layout": args.int8_layout if fmt == "int8" else "kn"})
+        try:
+            quant_res[fmt] = _spawn("jax", q_args, out / f"_decode_jax_{fmt}.json")
+        except subprocess.CalledProcessError as e:  # the float run and the other formats still count
+            print(f"--also-quant {fmt}: worker failed (exit {e.returncode}); continuing", flush=True)
     if "memory" in parts and args.quant != "none":  # the memory worker fills float parameters only
         print(f"memory part skipped: it measures float weights, not --quant {args.quant}", flush=True)
         parts.remove("memory")
     mem_res = _spawn_memory(args) if "memory" in parts else None
     hf_res = _spawn("hf", args, out / "_decode_hf.json") if "hf" in parts else None
-    rows = (jax_res["rows"] if jax_res else []) + (hf_res["rows"] if hf_res else [])
+    rows = ((jax_res["rows"] if jax_res else []) + [r for res in quant_res.values() for r in res["rows"]]
+            + (hf_res["rows"] if hf_res else []))
 
     def pick(impl_prefix, batch, key):
         for r in rows:
@@ -274,6 +291,12 @@ def main(argv=None):
             summary["b1_frac_of_roofline"] = summary["roofline_b1_ms"] / summary["b1_ms_per_token"]
         if summary["peak_gib"] is not None:
             summary["peak_budget_gib"] = summary["param_gib"] + summary["kv_cache_gib_b32"] + 2.0
+    for fmt, res in quant_res.items():
+        b1 = next((r["ms_per_token"] for r in res["rows"] if r.get("batch") == 1), None)
+        summary[f"{fmt}_b1_ms_per_token"] = b1
+        summary[f"{fmt}_param_gib"] = res["param_bytes"] / 2**30
+        if b1 and summary.get("b1_ms_per_token"):
+            summary[f"{fmt}_b1_speedup"] = summary["b1_ms_per_token"] / b1
     if mem_res:
         summary["memory_worker"] = mem_res
         if mem_res.get("peak_bytes"):
