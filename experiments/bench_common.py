@@ -254,3 +254,12 @@ def pyplot_or_none():
         print("matplotlib not installed: no plot written")
         return None
     return plt
+
+
+def decode_read_bytes(model, param_bytes: int, tensor: int = 1) -> int:
+    """Bytes a decode step reads per device: every parameter but the input embedding table, from which a step
+    gathers only its B rows (with tied embeddings the LM head reads the table, so it counts). ``param_bytes`` and
+    the table are per device when ``tensor`` > 1 (the table is split along D over the tensor axis)."""
+    if model.cfg.tie_word_embeddings:
+        return param_bytes
+    return param_bytes - model.embed[...].nbytes // tensor
