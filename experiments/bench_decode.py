@@ -57,10 +57,10 @@ def _jax_worker(args) -> dict:
     bandwidth = bench_common.measure_copy_bandwidth() if jax.default_backend() != "cpu" else None
     t0 = time.perf_counter()
     model = random_model(cfg, dtype=args.dtype, seed=0)
-    layout = getattr(args, "int8_layout", "kn")
+    layout = args.int8_layout
     if args.quant != "none":
         from autoglm_jax.model.quantized_linear import quantize_model
-        keep = tuple(x for x in getattr(args, "keep_float", "lm_head").split(",") if x)
+        keep = tuple(x for x in args.keep_float.split(",") if x)
         quantize_model(model, fmt=args.quant, k_major=layout == "nk", keep_float=keep)  # in place
     jax.block_until_ready(nnx.state(model))
     init_s = time.perf_counter() - t0

@@ -96,7 +96,6 @@ def sharded_random_model(cfg, mesh, dtype: str, seed: int = 0):
     """A model of ``cfg`` with random weights created directly in its tensor-parallel shards (it may not fit
     one device). Weights are random, so the TP column permutation is moot; only the layout marks are set."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from autoglm_jax.model import GLMForCausalLM
@@ -188,7 +187,6 @@ def run_degree(model, tp: int, args, cfg, rows, tokens_by, *, label: str, build=
                          param_gib_per_device=dev_bytes / 2**30, read_gib_per_device=read_bytes / 2**30,
                          allreduce_us=allreduce_us(mesh, batch, cfg.hidden_size) if tp > 1 else None))
         print(rows[-1], flush=True)
-    del sm
 
 
 def check_tokens(cfg, degrees, args, dtype: str) -> dict:

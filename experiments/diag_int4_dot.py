@@ -99,21 +99,18 @@ def main():
             ref_g = jnp.dot(xf, dq, precision=lax.Precision.HIGHEST)
             err = lambda y, ref: float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
             half = k * n // 2
+            def s4(f, ws, sc, ref):  # an int4 variant: f(x, w, sc) over the layers ws, its error on layer 0
+                return (lambda x, w: f(x, w, sc), ws, half, err(f(x, ws[0], sc), ref))
+
             variants = {
                 "bf16": (lambda x, w: jnp.dot(x, w), w_bf16, 2 * k * n, None),
                 "ours_int4_g128": (lambda x, w: quantized_matmul(x, w), ours, half, None),
-                "s4_channel_kn": (lambda x, w: channel_kn(x, w, scale), w_kn, half,
-                                  err(channel_kn(x, w_kn[0], scale), ref_c)),
-                "s4_channel_nk": (lambda x, w: channel_nk(x, w, scale), w_nk, half,
-                                  err(channel_nk(x, w_nk[0], scale), ref_c)),
-                "s4_group_dequant_kn": (lambda x, w: group_dequant_kn(x, w, gscale_kn), w_gkn, half,
-                                        err(group_dequant_kn(x, w_gkn[0], gscale_kn), ref_g)),
-                "s4_group_dequant_nk": (lambda x, w: group_dequant_nk(x, w, gscale_nk), w_ngk, half,
-                                        err(group_dequant_nk(x, w_ngk[0], gscale_nk), ref_g)),
-                "s4_group_batched_nk": (lambda x, w: group_batched_nk(x, w, gscale_nk), w_ngk, half,
-                                        err(group_batched_nk(x, w_ngk[0], gscale_nk), ref_g)),
-                "s4_split_nk": (lambda x, w: split_nk(x, w, scale), w_nk, half,
-                                err(split_nk(x, w_nk[0], scale), ref_c)),
+                "s4_channel_kn": s4(channel_kn, w_kn, scale, ref_c),
+                "s4_channel_nk": s4(channel_nk, w_nk, scale, ref_c),
+                "s4_group_dequant_kn": s4(group_dequant_kn, w_gkn, gscale_kn, ref_g),
+                "s4_group_dequant_nk": s4(group_dequant_nk, w_ngk, gscale_nk, ref_g),
+                "s4_group_batched_nk": s4(group_batched_nk, w_ngk, gscale_nk, ref_g),
+                "s4_split_nk": s4(split_nk, w_nk, scale, ref_c),
             }
             for label, (fn, ws, nbytes, e) in variants.items():
                 time_variant(rows, name, m, label, fn, x, ws, nbytes, e, bw)

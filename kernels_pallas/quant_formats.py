@@ -262,11 +262,15 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True) -> Int4Weight:
     return Int4Weight(packed=packed, scale=scale, zero=zero, group=group)
 
 
+def check_k_major(fmt: str, k_major: bool) -> None:
+    """Raises ``QuantFormatError`` unless ``k_major`` (the [O, I] storage) is off or ``fmt`` is int8."""
+    _check(not k_major or fmt == "int8", f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
+
+
 def quantize(w, fmt: str, *, group: int = 128, symmetric: bool = True, k_major: bool = False) -> QuantizedWeight:
     """Dispatch by format name: ``"int8"`` (with ``k_major``), ``"int4"`` (with ``group``, ``symmetric``) or
     ``"w8a8"`` (always stored [O, I])."""
-    _check(not k_major or fmt == "int8",
-           f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
+    check_k_major(fmt, k_major)
     if fmt == "int8":
         return quantize_int8(w, k_major=k_major)
     if fmt == "w8a8":

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.quant_formats import (Int4Weight, Int8Weight, QuantFormatError, W8A8Weight, quantize)
+from kernels_pallas.quant_formats import (Int4Weight, Int8Weight, QuantFormatError, W8A8Weight, check_k_major,
+                                          quantize)
 from kernels_pallas.quantized_matmul import quantized_matmul
 
 from .linear import Linear
@@ -86,7 +87,7 @@ class QuantizedLinear(nnx.Module):
                               zero=None if self.zero is None else self.zero[...], group=self.group)
         if self.fmt == "w8a8":
             return W8A8Weight(qweight=self.qweight[...], scale=self.scale[...])
-        return Int8Weight(qweight=self.qweight[...], scale=self.scale[...], k_major=getattr(self, "k_major", False))
+        return Int8Weight(qweight=self.qweight[...], scale=self.scale[...], k_major=self.k_major)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., I] -> [..., O] in the compute dtype."""
@@ -121,8 +122,7 @@ def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: 
     """
     if static_activations and fmt != "w8a8":
         raise QuantFormatError(f"static_activations is for fmt='w8a8' only; got fmt={fmt!r}")
-    if k_major and fmt != "int8":
-        raise QuantFormatError(f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
+    check_k_major(fmt, k_major)
     swapped = []
 
     def walk(module, prefix):

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.quant_formats import (INT4_GROUPS, Int4Weight, Int8Weight, QuantFormatError, W8A8Weight,
-                                          pack_int4)
+                                          check_k_major, pack_int4)
 
 WEIGHT_FORMATS = ("int8", "int4", "w8a8")
 
@@ -161,8 +161,7 @@ def quantize_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str, g
     the ``Int8Weight`` stores ``qweight[O, I]``."""
     i, o = w.shape
     check_weight_format(fmt, group, i)
-    if k_major and fmt != "int8":
-        raise QuantFormatError(f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
+    check_k_major(fmt, k_major)
     qmin, qmax = grid(fmt)
     s = scale.astype(jnp.float32)
     if fmt == "int4":
