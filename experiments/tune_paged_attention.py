@@ -4,7 +4,8 @@ Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_
 at 4 warps / 3 stages, then (num_warps x num_stages) around the best. Prefill: (block_q x tokens per
 block), then warps/stages. Timed with the benchmark's harness (distinct layers unrolled, L2 rotated).
 
-Usage: python experiments/tune_paged_attention.py [--quick] [--out DIR]   (--quick: fewer points, no write)
+Usage: python experiments/tune_paged_attention.py [--quick | --summary-points] [--out DIR]
+(--quick: fewer points, no write; a run replaces only the table entries it tuned)
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def time_decode(rng, batch, ctx, page_size, quantized, cands):
 
 def tune_decode(rng, batch, ctx, page_size, quantized):
     max_pages = ctx // page_size
-    splits = sorted({max(1, min(max_pages, round(f * SMS / (batch * bench.K)))) for f in (0.5, 1, 2, 4)})
-    ppbs = sorted({max(1, t // page_size) for t in ((64, 128, 256) if quantized else (64, 128))})
+    splits = sorted({max(1, min(max_pages, round(f * SMS / (batch * bench.K)))) for f in (0.5, 1, 2, 4, 8)})
+    ppbs = sorted({max(1, t // page_size) for t in (64, 128, 256)})
     stage_a = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=3, prefetch_ids=True)
                for s in splits for p in ppbs]
     best = time_decode(rng, batch, ctx, page_size, quantized, stage_a)
@@ -71,10 +72,10 @@ def tune_prefill(rng, page_size=16):
             print(f"  prefill L{page_size} {c} {sec * 1e6:.1f} us {flops / sec / 1e12:.1f} TFLOP/s", flush=True)
         return min(res, key=lambda r: r[0]) if res else None
     best = run([dict(block_q=bq, pages_per_block=max(1, t // page_size), num_warps=8, num_stages=3)
-                for bq, t in ((8, 128), (8, 256), (16, 128), (4, 256), (16, 64))])
+                for bq, t in ((8, 64), (8, 128), (8, 256), (16, 64), (16, 128), (4, 256))])
     if best is None:
         return None
-    b2 = run([dict(best[1], num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 2), (8, 4))])
+    b2 = run([dict(best[1], num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4), (8, 2), (8, 4))])
     return min(best, b2, key=lambda r: r[0]) if b2 else best
 
 
@@ -82,10 +83,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--summary-points", action="store_true",
+                    help="only the benchmark summary's decode points (other table entries are kept)")
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     if args.quick:
         points = [(32, 2048, 16, False), (1, 8192, 16, False)]
+    elif args.summary_points:
+        points = [(32, 2048, 16, False), (1, 8192, 16, False), (32, 8192, 16, True), (32, 2048, 64, False)]
     else:
         points = [(32, 2048, 16, False), (1, 8192, 16, False), (8, 32768, 16, False), (32, 8192, 16, True),
                   (32, 2048, 64, False), (128, 8192, 16, False)]
@@ -97,8 +102,10 @@ def main():
             return
         path = pa._TUNED_PATH
         table = json.loads(path.read_text()) if path.exists() else {}
-        table.setdefault("decode", {})[kind] = decode
-        table.setdefault("prefill", {})[kind] = prefill
+        for op, tuned in (("decode", decode), ("prefill", prefill)):  # replace only the points tuned here
+            keys = [e["key"] for e in tuned]
+            kept = [e for e in table.get(op, {}).get(kind, []) if e["key"] not in keys]
+            table.setdefault(op, {})[kind] = kept + tuned
         table["_doc"] = ("Written by experiments/tune_paged_attention.py: per device kind, the best block sizes "
                          "found per (batch, context, page_size, quantized, group); lookup takes the nearest "
                          "batch/context.")

@@ -106,35 +106,47 @@ def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *ref
     cdt = q.dtype
     q_pos = ctx - q_end + t0 + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group_pad  # [rows, 1]
 
-    def body(i, carry):
+    def body(i, carry, masked):
         acc, m, l = carry
         pstart = i * pages_per_block
-        page_ok = pstart + jnp.arange(pages_per_block) < n_pages
-        ids = pltriton.load(pt_ref.at[seq, pl.ds(pstart, pages_per_block)], mask=page_ok, other=0)
-        ids = jnp.clip(jnp.where(page_ok, ids, 0), 0, num_pages - 1)
+        if masked:
+            page_ok = pstart + jnp.arange(pages_per_block) < n_pages
+            ids = pltriton.load(pt_ref.at[seq, pl.ds(pstart, pages_per_block)], mask=page_ok, other=0)
+            ids = jnp.where(page_ok, ids, 0)
+        else:  # every page of the block is below n_pages
+            ids = pt_ref[seq, pl.ds(pstart, pages_per_block)]
+        ids = jnp.clip(ids, 0, num_pages - 1)
         k = k_ref[ids].reshape(block, head_dim)
         v = v_ref[ids].reshape(block, head_dim)
-        key = pstart * page_size + lax.broadcasted_iota(jnp.int32, (1, block), 1)
-        valid = (key <= q_pos) & (key < kv_end)  # [rows, block]
         logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:
             logits = logits * ks_ref[ids].reshape(1, block)
-        logits = jnp.where(valid, logits * (scale * LOG2E), MASK_VALUE)
+        logits = logits * (scale * LOG2E)
+        if masked:
+            key = pstart * page_size + lax.broadcasted_iota(jnp.int32, (1, block), 1)
+            logits = jnp.where((key <= q_pos) & (key < kv_end), logits, MASK_VALUE)  # [rows, block]
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(logits - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        key_ok = pstart * page_size + jnp.arange(block) < kv_end
+        v = v.astype(cdt)
+        if masked:
+            key_ok = pstart * page_size + jnp.arange(block) < kv_end
+            v = jnp.where(key_ok[:, None], v, jnp.zeros((), cdt))
         if quantized:
-            p = p * jnp.where(key_ok[None, :], vs_ref[ids].reshape(1, block), 0.0)
-        v = jnp.where(key_ok[:, None], v.astype(cdt), jnp.zeros((), cdt))
+            v_scale = vs_ref[ids].reshape(1, block)
+            p = p * (jnp.where(key_ok[None, :], v_scale, 0.0) if masked else v_scale)
         acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32)
         return acc, m_new, l
 
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    acc, _, l = lax.fori_loop(0, n_iter, body, init)
+    # Blocks whose keys every row of this block sees (all below its first query's position) skip the
+    # causal mask; the rest (the diagonal and the page past kv_end) take the masked body.
+    n_full = jnp.clip(jnp.minimum((ctx - q_end + t0 + 1) // block, n_pages // pages_per_block), 0, n_iter)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init)
+    acc, _, l = lax.fori_loop(n_full, n_iter, functools.partial(body, masked=True), carry)
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
     o_at = o_ref.at[pl.ds(t0, block_q), pl.ds(kh * group, group_pad), :]
     pltriton.store(o_at, out.reshape(block_q, group_pad, head_dim).astype(o_ref.dtype), mask=io_ok)

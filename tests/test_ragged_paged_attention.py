@@ -48,6 +48,21 @@ class RaggedCases:
         assert not np.any(np.asarray(out[int(starts[-1]):], np.float32)), "padding rows must be zero"
         assert rel_err(out[: int(starts[-1])], ref[: int(starts[-1])]) < 1e-2
 
+    @pytest.mark.parametrize("quantized", [False, True])
+    def test_chunks_after_long_cached_prefix(self, quantized):
+        """Most kv blocks lie wholly before every query of a block (the kernel's unmasked loop); the diagonal
+        and the partial last page take the masked one. NaN in unowned slots would leak through either."""
+        rng = np.random.default_rng([11, int(quantized)])
+        l = 16
+        contexts, chunks = [9 * l + 5, 6 * l, 2 * l + 3], [l + 3, 2 * l, 5]
+        args, scales, _, starts = make_batch(rng, group=16, page_size=l, contexts=contexts, chunks=chunks,
+                                             quantized=quantized)
+        out = ragged_paged_attention(*args, **scales, block_q=4, pages_per_block=2, interpret=self.interpret,
+                                     _poison=True)
+        ref = ragged_paged_attention_reference(*args, **scales)
+        assert bool(np.isfinite(np.asarray(out, np.float32)).all())
+        assert rel_err(out[: int(starts[-1])], ref[: int(starts[-1])]) < 1e-2
+
 
 @pytest.mark.gpu
 class TestRaggedGPU(RaggedCases):
