@@ -134,39 +134,33 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
         ids = pltriton.load(pt_ref.at[b, pl.ds(pstart, pages_per_block)], mask=page_ok, other=0)
         return jnp.clip(jnp.where(page_ok, ids, 0), 0, num_pages - 1)
 
-    def body(i, carry, masked):
+    def body(i, carry):
         acc, m, l, ids = carry
         pstart = p0 + i * pages_per_block
         ids_next = page_ids(pstart + pages_per_block) if prefetch_ids else None  # issued before this block's loads
         if not prefetch_ids:
             ids = page_ids(pstart)
         k = k_ref[ids].reshape(block, head_dim)
-        v = v_ref[ids].reshape(block, head_dim).astype(cdt)
+        v = v_ref[ids].reshape(block, head_dim)
+        valid = pstart * page_size + jnp.arange(block) < length
         logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:
             logits = logits * ks_ref[ids].reshape(1, block)
-        logits = logits * (scale * LOG2E)
-        if masked:
-            valid = pstart * page_size + jnp.arange(block) < length
-            logits = jnp.where(valid[None, :], logits, MASK_VALUE)
-            v = jnp.where(valid[:, None], v, jnp.zeros((), cdt))
+        logits = jnp.where(valid[None, :], logits * (scale * LOG2E), MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(logits - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         if quantized:
-            v_scale = vs_ref[ids].reshape(1, block)
-            p = p * (jnp.where(valid[None, :], v_scale, 0.0) if masked else v_scale)
+            p = p * jnp.where(valid[None, :], vs_ref[ids].reshape(1, block), 0.0)
+        v = jnp.where(valid[:, None], v.astype(cdt), jnp.zeros((), cdt))
         acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32)
         return acc, m_new, l, (ids_next if prefetch_ids else ids)
 
     init = (jnp.zeros((group_pad, head_dim), jnp.float32), jnp.full((group_pad,), MASK_VALUE, jnp.float32),
             jnp.zeros((group_pad,), jnp.float32), page_ids(p0))
-    # Blocks of pages that lie wholly below the length skip the mask; the last partial block takes it.
-    n_full = jnp.clip((jnp.minimum(length // page_size, p1) - p0) // pages_per_block, 0, n_iter)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init)
-    acc, m, l, _ = lax.fori_loop(n_full, n_iter, functools.partial(body, masked=True), carry)
+    acc, m, l, _ = lax.fori_loop(0, n_iter, body, init)
     nonempty = l > 0
     out = acc / jnp.where(nonempty, l, 1.0)[:, None]
     if direct:

@@ -11,7 +11,8 @@ GPU kernel (Pallas, Triton lowering; grid (query blocks, K)): the packed tokens 
 (sequence, first token, end token)); one program takes a block's tokens times the G query heads of one
 kv head as its [block_q * G, H] row tile, so each K/V page of that head is loaded once for all of them,
 and streams ``pages_per_block`` pages at a time up to the block's last causal key, online softmax in
-float32. Grid rows past the real blocks cover the padding tokens (past query_start[num_seqs]) and write
+float32. Kv blocks wholly before the block's first query run an unmasked loop; the diagonal ones (and the partial
+page past the last key) a masked one. Grid rows past the real blocks cover the padding tokens (past query_start[num_seqs]) and write
 zeros; int8 pages are dequantized in the kernel as in the decode kernel.
 """
 
