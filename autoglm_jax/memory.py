@@ -273,15 +273,22 @@ def format_memory_table(plan: MemoryPlan) -> str:
 
 def device_free_bytes(devices=None) -> int | None:
     """Free memory (``bytes_limit - bytes_in_use``) of the first jax device, or the least over ``devices``
-    (e.g. a mesh's); None when unknown."""
+    (e.g. a mesh's); None when unknown. With several processes, each reads its own devices and all agree on
+    the least (so every process sizes the same page pool)."""
     import jax  # only here: the model itself is pure arithmetic
+    mine = [d for d in ([jax.devices()[0]] if devices is None else list(devices))
+            if d.process_index == jax.process_index()] or [jax.local_devices()[0]]
     free = []
-    for dev in ([jax.devices()[0]] if devices is None else list(devices)):
+    for dev in mine:
         stats = dev.memory_stats() or {}
         if "bytes_limit" not in stats:
             return None
         free.append(int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
-    return min(free) if free else None
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        return int(np.min(multihost_utils.process_allgather(np.array(min(free), np.int64))))
+    return min(free)
 
 
 def memory_main(argv: Sequence[str] | None = None) -> int:

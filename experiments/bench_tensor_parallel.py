@@ -59,6 +59,7 @@ def allreduce_us(mesh, batch: int, d: int, chain: int = 64) -> float:
     dependent all-reduces in one jit, median of 5)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from sharding.kernels import _shard_map
@@ -70,7 +71,8 @@ def allreduce_us(mesh, batch: int, d: int, chain: int = 64) -> float:
 
     f = jax.jit(_shard_map(body, mesh, (P("tensor"),), P("tensor")))
     t = mesh.shape["tensor"]
-    x = jax.device_put(jnp.ones((t * batch, d), jnp.bfloat16), NamedSharding(mesh, P("tensor")))
+    x = jax.device_put(np.ones((t * batch, d), jnp.bfloat16), NamedSharding(mesh, P("tensor")))  # host data:
+    # every process passes the same array (several processes) and gets its own shards
     jax.block_until_ready(f(x))
     times = []
     for _ in range(5):
@@ -189,26 +191,33 @@ def run_degree(model, tp: int, args, cfg, rows, tokens_by, *, label: str, build=
         print(rows[-1], flush=True)
 
 
-def check_tokens(cfg, degrees, args, dtype: str) -> dict:
-    """Greedy tokens of every degree against degree 1 with ``dtype`` weights (a float32 check: in bfloat16 the
-    all-reduce's other summation order can flip a near-tie argmax of random weights; that is not a bug)."""
+def greedy_tokens(cfg, tp: int, args, dtype: str, model=None):
+    """[check_batch, check_new] greedy tokens of the model (random weights, seed 0, ``dtype``) at degree ``tp``."""
     import numpy as np
 
     from autoglm_jax.generate import GenerationConfig, decode_stream
     from autoglm_jax.loading import random_model
     from sharding import make_mesh, shard_model
 
-    batch, new = args.check_batch, args.check_new
-    prompts = np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, args.prompt)).astype(np.int32).tolist()
-    gen_cfg = GenerationConfig(max_new_tokens=new, eos_token_ids=())
+    prompts = np.random.default_rng(1).integers(0, cfg.vocab_size, (args.check_batch, args.prompt))
+    gen_cfg = GenerationConfig(max_new_tokens=args.check_new, eos_token_ids=())
+    model = model or random_model(cfg, dtype=dtype, seed=0)
+    sm = model if tp == 1 else shard_model(model, make_mesh(tensor=tp))
+    return np.stack([np.asarray(t) for t in decode_stream(sm, prompts.astype(np.int32).tolist(), gen_cfg)], 1)
+
+
+def check_tokens(cfg, degrees, args, dtype: str) -> dict:
+    """Greedy tokens of every degree against degree 1 with ``dtype`` weights (a float32 check: in bfloat16 the
+    all-reduce's other summation order can flip a near-tie argmax of random weights; that is not a bug). Run it
+    under highest matmul precision: on GPU float32 dots default to TF32."""
+    import numpy as np
+
+    from autoglm_jax.loading import random_model
+
     model = random_model(cfg, dtype=dtype, seed=0)
-    out = {}
-    for tp in degrees:  # (under highest matmul precision: on GPU float32 dots default to TF32)
-        sm = model if tp == 1 else shard_model(model, make_mesh(tensor=tp))
-        out[tp] = np.stack([np.asarray(t) for t in decode_stream(sm, prompts, gen_cfg)], 1)
-    base = out[1]
-    return {f"tp{tp}_identical": bool(np.array_equal(base, out[tp])) for tp in degrees[1:]} | {
-        "dtype": dtype, "batch": batch, "prompt": args.prompt, "new_tokens": new}
+    out = {tp: greedy_tokens(cfg, tp, args, dtype, model) for tp in degrees}
+    return {f"tp{tp}_identical": bool(np.array_equal(out[1], out[tp])) for tp in degrees[1:]} | {
+        "dtype": dtype, "batch": args.check_batch, "prompt": args.prompt, "new_tokens": args.check_new}
 
 
 def summarize(rows, tokens_by, degrees, args, dtype, check, bandwidth, large_cfg) -> dict:
@@ -306,22 +315,38 @@ def plot(json_path: Path) -> Path | None:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes on 8 virtual CPU devices (smoke run)")
-    ap.add_argument("--tp", type=int, nargs="*", default=None, help="degrees (default 1 2 4 8 up to the devices)")
+def add_run_args(ap) -> None:
+    """The options this script shares with bench_tensor_parallel_procs.py."""
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on virtual CPU devices (smoke run)")
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 32])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny)")
     ap.add_argument("--quant", choices=["int8"], default=None, help="int8 weight-only (K-major, xla_split)")
-    ap.add_argument("--large", action="store_true", help="also a GLM-shaped model larger than one device")
-    ap.add_argument("--large-only", action="store_true", help="the larger model alone (result name *_large)")
     ap.add_argument("--out", default=str(bench_common.RESULTS))
     ap.add_argument("--check-dtype", default="float32", help="weights of the token-identity check ('' = skip)")
     ap.add_argument("--check-batch", type=int, default=4)
     ap.add_argument("--check-new", type=int, default=32)
+
+
+def model_config(args):
+    """(GLMConfig, weight dtype) of the benchmarked model: GLM-4-9B in bfloat16, or with ``--tiny`` a small
+    float32 config (and at most 16 prompt / 8 new tokens)."""
+    from autoglm_jax.config import GLMConfig
+
+    if args.tiny:
+        args.prompt, args.new = min(args.prompt, 16), min(args.new, 8)
+        return GLMConfig.from_preset("tiny").replace(num_heads=8, head_dim=32, vocab_size=1024), args.dtype or "float32"
+    return GLMConfig.from_preset("glm-4-9b"), args.dtype or "bfloat16"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_run_args(ap)
+    ap.add_argument("--tp", type=int, nargs="*", default=None, help="degrees (default 1 2 4 8 up to the devices)")
+    ap.add_argument("--large", action="store_true", help="also a GLM-shaped model larger than one device")
+    ap.add_argument("--large-only", action="store_true", help="the larger model alone (result name *_large)")
     ap.add_argument("--replot", default=None, help="redraw the plot of this result JSON and exit")
     args = ap.parse_args()
     if args.replot:
@@ -330,17 +355,10 @@ def main():
 
     import jax
 
-    from autoglm_jax.config import GLMConfig
     from autoglm_jax.loading import random_model
     from autoglm_jax.model.quantized_linear import quantize_model
 
-    if args.tiny:
-        cfg = GLMConfig.from_preset("tiny").replace(num_heads=8, head_dim=32, vocab_size=1024)
-        args.prompt, args.new = min(args.prompt, 16), min(args.new, 8)
-        dtype = args.dtype or "float32"
-    else:
-        cfg = GLMConfig.from_preset("glm-4-9b")
-        dtype = args.dtype or "bfloat16"
+    cfg, dtype = model_config(args)
     n_dev = jax.device_count()
     degrees = args.tp or [t for t in (1, 2, 4, 8) if t <= n_dev]
     if 1 not in degrees or any(t > n_dev for t in degrees):

@@ -8,7 +8,7 @@ Typical use::
     tokens = autoglm_jax.generate(model, prompts)   # jit + GSPMD: nothing else changes
 
 or ``from_pretrained_sharded(path, make_mesh(tensor=2))`` to read a checkpoint straight into its shards.
-Modules: mesh (meshes, multi-host init), rules (THE logical -> mesh axis table), layout (the tensor-parallel
+Modules: mesh (meshes, multi-process init), launch (N processes of one runtime on one host), rules (THE logical -> mesh axis table), layout (the tensor-parallel
 column layout of the fused projections), partition (shardings, ``shard_model``, ``constrain``),
 checkpoint (sharded Orbax save/restore, HF -> sharded), kernels (Pallas kernels per shard via shard_map).
 """

@@ -9,6 +9,8 @@ neighbouring devices (one host, NVLink) and data-parallel groups span hosts.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -23,14 +25,23 @@ class MeshError(ValueError):
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, **kwargs) -> None:
-    """Starts JAX's multi-host runtime; call once per process before ``make_mesh`` (then ``jax.devices()``
-    lists every host's devices and ``make_mesh`` spans them all).
+    """Starts JAX's multi-process runtime; call once per process before ``make_mesh`` (then ``jax.devices()``
+    lists every process's devices and ``make_mesh`` spans them all).
 
-    Arguments are passed to ``jax.distributed.initialize`` (all None: auto-detected on SLURM, Open MPI,
-    Cloud TPU and Kubernetes jobs). A no-op when the runtime is already up or when a single process is
-    asked for (``num_processes == 1``). Not tested multi-host here (one machine); single-host is the
-    no-op path.
+    Arguments are passed to ``jax.distributed.initialize``. With none given, a process started by
+    ``sharding.launch`` (several processes on one host) takes the coordinator, process count, process id and,
+    on GPUs, its one local device from the launcher's environment; otherwise JAX auto-detects SLURM, Open MPI,
+    Cloud TPU and Kubernetes jobs. A no-op when the runtime is already up or when a single process is asked
+    for (``num_processes == 1``). Tested as several processes on one host (CPU, gloo); not across machines.
     """
+    from . import launch
+
+    env = os.environ
+    if coordinator_address is None and num_processes is None and process_id is None and launch.ENV_COORDINATOR in env:
+        coordinator_address = env[launch.ENV_COORDINATOR]
+        num_processes, process_id = int(env[launch.ENV_NUM_PROCESSES]), int(env[launch.ENV_PROCESS_ID])
+        if launch.ENV_LOCAL_DEVICE_IDS in env:
+            kwargs.setdefault("local_device_ids", [int(i) for i in env[launch.ENV_LOCAL_DEVICE_IDS].split(",")])
     if num_processes == 1:
         return
     if jax.distributed.is_initialized():

@@ -1,0 +1,56 @@
+"""Several JAX processes on one host (``sharding.launch`` + ``initialize_distributed``), on CPU through gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from sharding.launch import launch
+from tests.multiprocess_worker import NEW_TOKENS, PROMPTS
+
+WORKER = Path(__file__).with_name("multiprocess_worker.py")
+
+
+def cpu_env(devices_per_process: int) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+
+
+def test_tensor_parallel_across_two_processes_matches_one_device(tmp_path):
+    import autoglm_jax as ag
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.loading import random_model
+
+    codes = launch([sys.executable, str(WORKER), str(tmp_path)], num_processes=2, env=cpu_env(2), timeout_s=300)
+    assert codes == [0, 0]
+    results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    assert [(r["process"], r["processes"], r["devices"], r["local_devices"]) for r in results] == [
+        (0, 2, 4, 2), (1, 2, 4, 2)]  # one runtime: tensor parallel 4 over both processes' devices
+    model = random_model(GLMConfig.from_preset("tiny"), dtype="float32", seed=0)
+    expected = ag.generate(model, PROMPTS, ag.GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_ids=()))
+    for r in results:
+        assert r["tokens"] == expected
+        assert r["engine_tokens"] == expected  # the paged engine over the same two-process mesh
+
+
+def test_a_failing_process_stops_the_others():
+    code = ("import os, sys, time\n"
+            "sys.exit(3) if os.environ['AUTOGLM_PROCESS_ID'] == '1' else time.sleep(120)")
+    t0 = time.monotonic()
+    codes = launch([sys.executable, "-c", code], num_processes=3, env=cpu_env(1))
+    assert codes[1] == 3
+    assert codes[0] != 0 and codes[2] != 0  # stopped, not left running
+    assert time.monotonic() - t0 < 60
+
+
+def test_environment_per_process():
+    from sharding.launch import process_env
+
+    gpu = process_env({"X": "1"}, num_processes=4, process_id=2, port=1234, one_device_each=True)
+    assert (gpu["AUTOGLM_COORDINATOR"], gpu["AUTOGLM_NUM_PROCESSES"], gpu["AUTOGLM_PROCESS_ID"],
+            gpu["AUTOGLM_LOCAL_DEVICE_IDS"], gpu["X"]) == ("localhost:1234", "4", "2", "2", "1")
+    cpu = process_env({"JAX_PLATFORMS": "cpu"}, num_processes=2, process_id=0, port=1, one_device_each=True)
+    assert cpu["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo" and "AUTOGLM_LOCAL_DEVICE_IDS" not in cpu
