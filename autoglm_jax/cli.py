@@ -6,6 +6,7 @@ Each command is a function taking its own argv, so ``python -m autoglm_jax`` and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Callable, Sequence
@@ -25,12 +26,21 @@ def _generate(argv: Sequence[str]) -> int:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the checkpoint's dtype")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="shard the model over N devices (tensor parallelism)")
+                   help="shard the model over N devices (tensor parallelism); under python -m sharding.launch "
+                        "the devices of every process (the first one writes the text)")
     args = p.parse_args(argv)
+
+    from sharding import initialize_distributed, launch
 
     from .generate import GenerationConfig, generate_stream
     from .loading import load_model_and_tokenizer
     from .tokenizer import TextStreamer
+
+    if launch.ENV_COORDINATOR in os.environ:  # one of several processes (python -m sharding.launch)
+        initialize_distributed()
+    import jax
+
+    out = sys.stdout if jax.process_index() == 0 else open(os.devnull, "w")  # one process writes the text
 
     try:
         gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -50,16 +60,17 @@ def _generate(argv: Sequence[str]) -> int:
     try:
         stream = generate_stream(model, [ids], gen_cfg)
         streamer = TextStreamer(tok)
-        sys.stdout.write(args.prompt)
+        out.write(args.prompt)
         t0, n = time.perf_counter(), 0
         for step in stream:
             n += 1
-            sys.stdout.write(streamer.push(int(step[0])))
-            sys.stdout.flush()
+            out.write(streamer.push(int(step[0])))
+            out.flush()
     except ValueError as e:
         p.error(str(e))
-    sys.stdout.write("\n")
-    print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+    out.write("\n")
+    if out is sys.stdout:
+        print(f"[{n} tokens in {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
     return 0
 
 

@@ -47,17 +47,23 @@ def process_env(base: dict[str, str], *, num_processes: int, process_id: int, po
 
 
 def launch(command: list[str], *, num_processes: int, env: dict[str, str] | None = None,
-           one_device_each: bool = True, timeout_s: float | None = None) -> list[int]:
+           one_device_each: bool = True, timeout_s: float | None = None, output_dir=None) -> list[int]:
     """Runs ``command`` as ``num_processes`` processes of one distributed runtime; returns their exit codes
     (all of them, in process order). A process that fails or a ``timeout_s`` that passes stops the rest
-    (their codes are then negative, the signal's)."""
+    (their codes are then negative, the signal's). ``output_dir``: process i's stdout and stderr go to
+    ``p<i>.out`` / ``p<i>.err`` there (default: this process's)."""
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be a positive int; got {num_processes!r}")
     if not command:
         raise ValueError("command is empty: give the program and its arguments, e.g. ['python', 'worker.py']")
     base, port = dict(os.environ if env is None else env), free_port()
+    files = []
+    if output_dir is not None:
+        files = [(open(os.path.join(output_dir, f"p{i}.out"), "w"), open(os.path.join(output_dir, f"p{i}.err"), "w"))
+                 for i in range(num_processes)]
     procs = [subprocess.Popen(command, env=process_env(base, num_processes=num_processes, process_id=i, port=port,
-                                                       one_device_each=one_device_each))
+                                                       one_device_each=one_device_each),
+                              **(dict(stdout=files[i][0], stderr=files[i][1]) if files else {}))
              for i in range(num_processes)]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
@@ -74,6 +80,8 @@ def launch(command: list[str], *, num_processes: int, env: dict[str, str] | None
                 p.kill()
         for p in procs:
             p.wait()
+        for f in (f for pair in files for f in pair):
+            f.close()
     return [p.returncode for p in procs]
 
 

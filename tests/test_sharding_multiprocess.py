@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,10 +14,12 @@ from sharding.launch import launch
 from tests.multiprocess_worker import NEW_TOKENS, PROMPTS
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_env(devices_per_process: int) -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path,
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
 
 
@@ -54,3 +58,16 @@ def test_environment_per_process():
             gpu["AUTOGLM_LOCAL_DEVICE_IDS"], gpu["X"]) == ("localhost:1234", "4", "2", "2", "1")
     cpu = process_env({"JAX_PLATFORMS": "cpu"}, num_processes=2, process_id=0, port=1, one_device_each=True)
     assert cpu["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo" and "AUTOGLM_LOCAL_DEVICE_IDS" not in cpu
+
+
+def test_generate_cli_under_the_launcher_writes_once_and_matches_one_process(tmp_path):
+    command = [sys.executable, "-m", "autoglm_jax", "generate", "--prompt", "Hello", "--max-new-tokens", "6"]
+    codes = launch(command + ["--tensor-parallel", "4"], num_processes=2, env=cpu_env(2), timeout_s=300,
+                   output_dir=tmp_path)
+    assert codes == [0, 0], (tmp_path / "p0.err").read_text()[-2000:]
+    one = subprocess.run(command, env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.stdout.startswith("Hello") and len(one.stdout) > len("Hello\n")
+    text = [re.sub(r"\[Gloo\][^\n]*\n", "", (tmp_path / f"p{i}.out").read_text()) for i in range(2)]  # gloo's
+    assert text[0] == one.stdout  # own connection log (CPU only) goes to stdout too
+    assert text[1] == ""  # the generated text is written by process 0 only
