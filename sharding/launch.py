@@ -8,9 +8,10 @@ runs unchanged as N processes on one machine (on GPUs, one GPU per process by de
 
 Environment given to process i: ``AUTOGLM_COORDINATOR`` (``localhost:<free port>``), ``AUTOGLM_NUM_PROCESSES``,
 ``AUTOGLM_PROCESS_ID`` = i and, with one device per process, ``AUTOGLM_LOCAL_DEVICE_IDS`` = i (JAX then uses
-GPU i only, while CUDA still sees every GPU, so NCCL keeps its peer-to-peer links). On CPU
-(``JAX_PLATFORMS=cpu``) the processes reach each other through gloo (``JAX_CPU_COLLECTIVES_IMPLEMENTATION``)
-and keep their own host devices. When one process fails, the others are stopped.
+GPU i only, while CUDA still sees every GPU, so NCCL keeps its peer-to-peer links; not with
+``JAX_PLATFORMS=cpu``, where each process keeps its own host devices). CPU devices reach each other through gloo
+(``JAX_CPU_COLLECTIVES_IMPLEMENTATION``, set for every launch; GPUs use NCCL). When one process fails, the
+others are stopped.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ def process_env(base: dict[str, str], *, num_processes: int, process_id: int, po
     """The environment of process ``process_id`` of ``num_processes``."""
     env = {**base, ENV_COORDINATOR: f"localhost:{port}", ENV_NUM_PROCESSES: str(num_processes),
            ENV_PROCESS_ID: str(process_id)}
-    if "cpu" in base.get("JAX_PLATFORMS", ""):
-        env.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
-    elif one_device_each:
+    env.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")  # used only where the devices are CPUs
+    if one_device_each and "cpu" not in base.get("JAX_PLATFORMS", ""):
         env[ENV_LOCAL_DEVICE_IDS] = str(process_id)
     return env
 
