@@ -28,8 +28,9 @@ def test_tensor_parallel_across_two_processes_matches_one_device(tmp_path):
     from autoglm_jax.config import GLMConfig
     from autoglm_jax.loading import random_model
 
-    codes = launch([sys.executable, str(WORKER), str(tmp_path)], num_processes=2, env=cpu_env(2), timeout_s=300)
-    assert codes == [0, 0]
+    codes = launch([sys.executable, str(WORKER), str(tmp_path)], num_processes=2, env=cpu_env(2), timeout_s=300,
+                   output_dir=tmp_path)
+    assert codes == [0, 0], [(tmp_path / f"p{i}.err").read_text()[-1500:] for i in range(2)]
     results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     assert [(r["process"], r["processes"], r["devices"], r["local_devices"]) for r in results] == [
         (0, 2, 4, 2), (1, 2, 4, 2)]  # one runtime: tensor parallel 4 over both processes' devices
@@ -64,7 +65,7 @@ def test_generate_cli_under_the_launcher_writes_once_and_matches_one_process(tmp
     command = [sys.executable, "-m", "autoglm_jax", "generate", "--prompt", "Hello", "--max-new-tokens", "6"]
     codes = launch(command + ["--tensor-parallel", "4"], num_processes=2, env=cpu_env(2), timeout_s=300,
                    output_dir=tmp_path)
-    assert codes == [0, 0], (tmp_path / "p0.err").read_text()[-2000:]
+    assert codes == [0, 0], [(tmp_path / f"p{i}.err").read_text()[-1500:] for i in range(2)]
     one = subprocess.run(command, env=cpu_env(1), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     assert one.stdout.startswith("Hello") and len(one.stdout) > len("Hello\n")
