@@ -236,10 +236,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.int8_layout not in ("kn", "nk"):
         p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default) or 'nk' (K-major [N, K])")
-    bad = [f for f in args.also_quant.split(",") if f and f not in ("int8", "int4")]
-    if bad or (args.also_quant and args.quant != "none"):
+    also = [f for f in args.also_quant.split(",") if f]
+    bad = [f for f in also if f not in ("int8", "int4")]
+    if bad or (also and args.quant != "none"):
         p.error(f"--also-quant {args.also_quant!r}: formats from 'int8', 'int4', with a float --quant none run")
-    if args.int8_layout == "nk" and "int8" not in (args.quant, *args.also_quant.split(",")):
+    if args.int8_layout == "nk" and "int8" not in (args.quant, *also):
         p.error(f"--int8-layout nk is for --quant int8 only; got --quant {args.quant!r}")
     if args.worker:
         work = {"jax": _jax_worker, "hf": _hf_worker, "memory": _memory_worker}[args.worker]
@@ -253,7 +254,7 @@ def main(argv=None):
     parts = args.parts.split(",")
     jax_res = _spawn("jax", args, out / "_decode_jax.json") if "jax" in parts else None
     quant_res = {}
-    for fmt in [f for f in args.also_quant.split(",") if f] if "jax" in parts else []:
+    for fmt in also if "jax" in parts else []:
         q_args = argparse.Namespace(**{**vars(args), "quant": fmt,
                                        "int8_layout": args.int8_layout if fmt == "int8" else "kn"})
         try:

@@ -87,11 +87,10 @@ def large_config(device_bytes: int):
     from autoglm_jax.config import GLMConfig
 
     one = GLMConfig(**LARGE)
-    per_layer = 2 * (one.hidden_size * one.qkv_size + one.num_heads * one.head_dim * one.hidden_size
-                     + 3 * one.hidden_size * one.intermediate_size)
-    embed = 2 * 2 * one.vocab_size * one.hidden_size
-    layers = -(-(int(1.05 * device_bytes) - embed) // per_layer)
-    return one.replace(num_layers=layers), embed + layers * per_layer
+    per_layer = 2 * (one.replace(num_layers=2).num_params() - one.num_params())  # bytes
+    rest = 2 * one.num_params() - per_layer  # embedding, LM head, final norm
+    cfg = one.replace(num_layers=-(-(int(1.05 * device_bytes) - rest) // per_layer))
+    return cfg, 2 * cfg.num_params()
 
 
 def sharded_random_model(cfg, mesh, dtype: str, seed: int = 0):
@@ -288,11 +287,8 @@ MAIN = "glm-4-9b"
 
 def plot(json_path: Path) -> Path | None:
     """tokens/s against tensor degree, one line per (model, batch); beside the JSON as .png."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = bench_common.pyplot_or_none()
+    if plt is None:
         return None
     import json
 
@@ -313,6 +309,17 @@ def plot(json_path: Path) -> Path | None:
     out = Path(json_path).with_suffix(".png")
     fig.savefig(out, dpi=120)
     return out
+
+
+def bench_model(cfg, dtype: str, quant: str | None):
+    """The benchmarked model: random weights (seed 0) in ``dtype``, int8 K-major ``xla_split`` with ``quant``."""
+    from autoglm_jax.loading import random_model
+    from autoglm_jax.model.quantized_linear import quantize_model
+
+    model = random_model(cfg, dtype=dtype, seed=0)
+    if quant:
+        quantize_model(model, quant, impl="xla_split", k_major=True)
+    return model
 
 
 def add_run_args(ap) -> None:
@@ -355,9 +362,6 @@ def main():
 
     import jax
 
-    from autoglm_jax.loading import random_model
-    from autoglm_jax.model.quantized_linear import quantize_model
-
     cfg, dtype = model_config(args)
     n_dev = jax.device_count()
     degrees = args.tp or [t for t in (1, 2, 4, 8) if t <= n_dev]
@@ -383,9 +387,7 @@ def main():
         return path
 
     if not args.large_only:
-        model = random_model(cfg, dtype=dtype, seed=0)
-        if args.quant:
-            quantize_model(model, args.quant, impl="xla_split", k_major=True)
+        model = bench_model(cfg, dtype, args.quant)
         for tp in degrees:
             run_degree(model, tp, args, cfg, rows, tokens_by, label=MAIN)
             write()  # a run cut short still leaves the degrees done so far

@@ -33,16 +33,12 @@ def child(args) -> dict:
     """One process: degree 1 alone (``--child single``) or its share of degree N (``--child group``)."""
     import jax
 
-    from autoglm_jax.loading import random_model
     from sharding import initialize_distributed
 
     if args.child == "group":
         initialize_distributed()  # from sharding.launch's environment
     cfg, dtype = tpb.model_config(args)
-    model = random_model(cfg, dtype=dtype, seed=0)
-    if args.quant:
-        from autoglm_jax.model.quantized_linear import quantize_model
-        quantize_model(model, args.quant, impl="xla_split", k_major=True)
+    model = tpb.bench_model(cfg, dtype, args.quant)
     tp = jax.device_count() if args.child == "group" else 1
     rows, tokens_by = [], {}
     tpb.run_degree(model, tp, args, cfg, rows, tokens_by, label=tpb.MAIN)

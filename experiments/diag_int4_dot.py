@@ -31,8 +31,9 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import bench_common  # noqa: E402
-from diag_int8_dot import diag_args, split_digits, time_variant, write_diag  # noqa: E402
+from diag_int8_dot import diag_args, time_variant, write_diag  # noqa: E402
 from kernels_pallas import quantize, quantized_matmul  # noqa: E402
+from kernels_pallas.quantized_matmul import split_digits  # noqa: E402
 
 SHAPES = {"gate_up": (4096, 27392), "down": (13696, 4096)}
 GROUP = 128
@@ -69,7 +70,7 @@ def group_batched_nk(x, w, gscale):  # w [N, G, g] int4, gscale [N, G]
 
 def split_nk(x, w, scale):
     m = x.shape[0]
-    d, step = split_digits(x)
+    step, d = split_digits(x.astype(jnp.float32), axis=1)
     y = lax.dot_general(d, w.astype(jnp.int8), (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     return ((128.0 * y[:m] + y[m:]).astype(jnp.float32) * step * scale).astype(x.dtype)
 

@@ -36,23 +36,14 @@ from jax import lax  # noqa: E402
 import bench_common  # noqa: E402
 from bench_qmatmul import time_layers  # noqa: E402
 from kernels_pallas import Int8Weight, quantized_matmul  # noqa: E402
+from kernels_pallas.quantized_matmul import split_digits  # noqa: E402
 
 SHAPES = {"gate_up": (4096, 27392), "down": (13696, 4096)}
 
 
-def split_digits(x):
-    """x [M, K] float -> (digits [2M, K] int8 = hi rows then lo rows, per-row step [M, 1] float32)."""
-    xf = x.astype(jnp.float32)
-    step = jnp.maximum(jnp.max(jnp.abs(xf), axis=1, keepdims=True), 1e-30) / (127.0 * 128.0)
-    xs = jnp.round(xf / step)  # integers in [-16256, 16256]
-    hi = jnp.round(xs / 128.0)
-    lo = xs - 128.0 * hi
-    return jnp.concatenate([hi, lo]).astype(jnp.int8), step
-
-
 def split_dot(x, wq, scale, k_major: bool):
     m = x.shape[0]
-    d, step = split_digits(x)
+    step, d = split_digits(x.astype(jnp.float32), axis=1)  # the library's digits (int8_split_matmul's)
     dims = (((1,), (1,)), ((), ())) if k_major else (((1,), (0,)), ((), ()))
     y = lax.dot_general(d, wq, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
     return ((128.0 * y[:m] + y[m:]) * step * scale).astype(x.dtype)

@@ -130,7 +130,7 @@ SPLIT_STEPS = 127 * 128  # per row, x is written as an integer xs in [-16256, 16
 SPLIT_MAX_K = (2**31 - 1) // (127 * 128)  # 132104: the hi-digit int32 sum |sum_k hi * q| <= K * 127 * 128
 
 
-def _two_digits(xf, axis: int):
+def split_digits(xf, axis: int):
     """Per-slice fixed point of float32 ``xf`` along ``axis``: (step, int8 digits [hi; lo] stacked on axis 0)."""
     step = jnp.maximum(jnp.max(jnp.abs(xf), axis=axis, keepdims=True), 1e-30) / SPLIT_STEPS
     xs = jnp.clip(jnp.round(xf / step), -SPLIT_STEPS, SPLIT_STEPS)
@@ -176,11 +176,11 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
     m, n, b = x2.shape[0], qweight.out_features, k_blocks
     scale = qweight.scale.astype(jnp.float32)[None, :]
     if b == 1:  # the plain [M, K] form (no block axis), so XLA sees an ordinary int8 dot
-        step, digits = _two_digits(x2.astype(jnp.float32), axis=1)  # [M, 1], [2M, K]
+        step, digits = split_digits(x2.astype(jnp.float32), axis=1)  # [M, 1], [2M, K]
         acc = lax.dot_general(digits, qweight.qweight, (((1,), (_k_dim(qweight),)), ((), ())),
                               preferred_element_type=jnp.int32).astype(jnp.float32)
         return (128.0 * acc[:m] + acc[m:]) * step * scale
-    step, digits = _two_digits(x2.astype(jnp.float32).reshape(m, b, k // b), axis=2)  # [M, b, 1], [2M, b, K/b]
+    step, digits = split_digits(x2.astype(jnp.float32).reshape(m, b, k // b), axis=2)  # [M, b, 1], [2M, b, K/b]
     if qweight.k_major:  # [N, K] -> [N, b, K/b]: contract K/b, batch over b
         w, dims = qweight.qweight.reshape(n, b, k // b), (((2,), (2,)), ((1,), (1,)))
     else:  # [K, N] -> [b, K/b, N]
