@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from sharding.launch import launch
 from tests.multiprocess_worker import NEW_TOKENS, PROMPTS
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
+CLI_WORKER = Path(__file__).with_name("cli_text_worker.py")  # the CLI's own stdout, without gloo's log
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,13 +62,16 @@ def test_environment_per_process():
 
 
 def test_generate_cli_under_the_launcher_writes_once_and_matches_one_process(tmp_path):
-    command = [sys.executable, "-m", "autoglm_jax", "generate", "--prompt", "Hello", "--max-new-tokens", "6"]
-    codes = launch(command + ["--tensor-parallel", "4"], num_processes=2, env=cpu_env(2), timeout_s=300,
-                   output_dir=tmp_path)
-    assert codes == [0, 0], [(tmp_path / f"p{i}.err").read_text()[-1500:] for i in range(2)]
-    one = subprocess.run(command, env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    one_dir, procs_dir = tmp_path / "one", tmp_path / "procs"
+    one_dir.mkdir(), procs_dir.mkdir()
+    command = [sys.executable, str(CLI_WORKER), "generate", "--prompt", "Hello", "--max-new-tokens", "6"]
+    codes = launch(command[:2] + [str(procs_dir)] + command[2:] + ["--tensor-parallel", "4"], num_processes=2,
+                   env=cpu_env(2), timeout_s=300, output_dir=procs_dir)
+    assert codes == [0, 0], [(procs_dir / f"p{i}.err").read_text()[-1500:] for i in range(2)]
+    one = subprocess.run(command[:2] + [str(one_dir)] + command[2:], env=cpu_env(1), capture_output=True,
+                         text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    assert one.stdout.startswith("Hello") and len(one.stdout) > len("Hello\n")
-    text = [re.sub(r"\[Gloo\][^\n]*\n", "", (tmp_path / f"p{i}.out").read_text()) for i in range(2)]  # gloo's
-    assert text[0] == one.stdout  # own connection log (CPU only) goes to stdout too
-    assert text[1] == ""  # the generated text is written by process 0 only
+    expected = (one_dir / "text0.txt").read_text()
+    assert expected.startswith("Hello") and len(expected) > len("Hello\n")
+    assert (procs_dir / "text0.txt").read_text() == expected
+    assert (procs_dir / "text1.txt").read_text() == ""  # the generated text is written by process 0 only
