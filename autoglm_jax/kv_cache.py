@@ -2,6 +2,11 @@
 
 Slot ``s`` of row ``b`` holds the key/value of position ``s``. A query at position ``p`` attends to slots
 ``0..p``; slots past ``p`` may hold stale values (right padding, earlier rows) and are masked.
+
+Layout [B, K, S, H]: the attention products are batched over (b, k) and contract H (logits) or S (output),
+so XLA's batched GEMMs read each layer's cache in place. The [B, S, K, H] layout this cache had first made
+XLA transpose K and V of every layer before both products, every step: 160 transposes and 1.36 ms of a
+9.5 ms batch-32 GLM-4-9B step on the H100 (512-token prompts; ``results/tp_diag/decode_profile_h100.md``).
 """
 
 from __future__ import annotations
@@ -18,15 +23,15 @@ from .model.attention_ops import gqa_attention
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DenseKVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
-    v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+    k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+    v: tuple[jax.Array, ...]  # per layer [B, K, S, H]
     # First cache row that the queries' rows map to: a prefill of rows r0..r0+b-1 (to bound activation
     # memory) writes and reads only those rows. A traced int32 scalar, so chunks share one compilation.
     row_offset: jax.Array | int = 0
 
     @classmethod
     def create(cls, cfg: GLMConfig, batch: int, max_len: int, dtype) -> "DenseKVCache":
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return cls(k=zeros(), v=zeros(), row_offset=jnp.int32(0))
 
@@ -35,7 +40,7 @@ class DenseKVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     @staticmethod
     def nbytes(cfg: GLMConfig, batch: int, max_len: int, dtype) -> int:
@@ -45,8 +50,9 @@ class DenseKVCache:
         """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache."""
         b = q.shape[0]
         rows = self.row_offset + jnp.arange(b)[:, None]
-        k_all = self.k[layer].at[rows, positions].set(k.astype(self.k[layer].dtype), mode="drop")
-        v_all = self.v[layer].at[rows, positions].set(v.astype(self.v[layer].dtype), mode="drop")
+        # rows [B, 1] and positions [B, T] index B and S around the K slice: the indexed block is [B, T, K, H].
+        k_all = self.k[layer].at[rows, :, positions].set(k.astype(self.k[layer].dtype), mode="drop")
+        v_all = self.v[layer].at[rows, :, positions].set(v.astype(self.v[layer].dtype), mode="drop")
         if b != k_all.shape[0]:  # a row chunk: attend over its own rows only
             k_rows = jax.lax.dynamic_slice_in_dim(k_all, self.row_offset, b, axis=0)
             v_rows = jax.lax.dynamic_slice_in_dim(v_all, self.row_offset, b, axis=0)
@@ -54,7 +60,7 @@ class DenseKVCache:
             k_rows, v_rows = k_all, v_all
         slots = jnp.arange(self.max_len)
         mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        out = gqa_attention(q, k_rows.astype(q.dtype), v_rows.astype(q.dtype), mask, scale=scale)
+        out = gqa_attention(q, k_rows.astype(q.dtype), v_rows.astype(q.dtype), mask, scale=scale, kv_layout="bksh")
         new = DenseKVCache(k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
                            v=self.v[:layer] + (v_all,) + self.v[layer + 1:], row_offset=self.row_offset)
         return out, new

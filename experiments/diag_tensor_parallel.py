@@ -41,6 +41,8 @@ def gpu_activity(xplane: str, steps: int, top: int) -> dict:
             continue
         by_name = collections.Counter()
         count = collections.Counter()
+        by_kind = collections.Counter()  # op names without their numeric suffixes: one entry per kind of op
+        kind_count = collections.Counter()
         spans = []
         for line in plane.lines:
             if not line.name.lower().startswith("stream"):
@@ -50,6 +52,9 @@ def gpu_activity(xplane: str, steps: int, top: int) -> dict:
                 name = str(stats.get("hlo_op") or ev.name)
                 by_name[name] += ev.duration_ns
                 count[name] += 1
+                kind = re.sub(r"[._]\d+", "", name)
+                by_kind[kind] += ev.duration_ns
+                kind_count[kind] += 1
                 spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
         if not spans:
             continue
@@ -68,7 +73,9 @@ def gpu_activity(xplane: str, steps: int, top: int) -> dict:
             "gemm_us_per_step": gemm / steps / 1e3, "other_us_per_step": (sum(by_name.values()) - coll - gemm) / steps / 1e3,
             "collective_calls_per_step": sum(v for k, v in count.items() if COLLECTIVE.search(k)) / steps,
             "top_ops": [{"name": k, "us_per_step": v / steps / 1e3, "calls_per_step": count[k] / steps}
-                        for k, v in by_name.most_common(top)]}
+                        for k, v in by_name.most_common(top)],
+            "top_kinds": [{"name": k, "us_per_step": v / steps / 1e3, "calls_per_step": kind_count[k] / steps}
+                          for k, v in by_kind.most_common(top)]}
     return out
 
 
@@ -113,15 +120,20 @@ def diagnose(sm, cfg, b: int, args) -> None:
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, args.prompt)).astype(np.int32).tolist()
     gen_cfg = GenerationConfig(max_new_tokens=new, eos_token_ids=())
 
-    def run():
+    def run(trace_dir=None):
         cache = make_cache()
         steps = decode_stream(sm, prompts, gen_cfg, cache=cache)
         next(steps).block_until_ready()
+        if trace_dir:  # the decode steps only, not the prefill
+            jax.profiler.start_trace(trace_dir)
         t = time.perf_counter()
         for tok in steps:
             pass
         tok.block_until_ready()
-        return (time.perf_counter() - t) / args.steps
+        took = (time.perf_counter() - t) / args.steps
+        if trace_dir:
+            jax.profiler.stop_trace()
+        return took
 
     run()  # compiles
     wall = [run() for _ in range(3)]
@@ -140,9 +152,7 @@ def diagnose(sm, cfg, b: int, args) -> None:
         r"all-to-all|custom-call|fusion|copy-start|copy)\(", hlo))
 
     with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        traced = run()
-        jax.profiler.stop_trace()
+        traced = run(trace_dir=tmp)
         pb = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         activity = gpu_activity(pb[0], args.steps, args.top) if pb else {"error": "no xplane.pb written"}
     doc = {"tp": args.tp, "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": b, "prompt": args.prompt, "steps": args.steps,
@@ -159,6 +169,9 @@ def diagnose(sm, cfg, b: int, args) -> None:
               f"{a['idle_us_per_step']:.0f}, gemm {a['gemm_us_per_step']:.0f}, other {a['other_us_per_step']:.0f}, collectives {a['collective_us_per_step']:.0f} us "
               f"({a['collective_calls_per_step']:.0f} calls)")
         for t in a["top_ops"][:15]:
+            print(f"   {t['us_per_step']:8.1f} us  x{t['calls_per_step']:.0f}  {t['name'][:90]}")
+        print("  by kind of op:")
+        for t in a["top_kinds"][:25]:
             print(f"   {t['us_per_step']:8.1f} us  x{t['calls_per_step']:.0f}  {t['name'][:90]}")
 
 

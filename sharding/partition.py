@@ -226,12 +226,12 @@ def _mesh_of(tree) -> Mesh:
 
 # ------------------------------------------------------------------------------------ caches
 def kv_cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-    """Dense KV cache layer [B, S, K, H]: batch over (data, fsdp), KV heads over tensor (when they divide)."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "sequence", "kv_heads", None), shape, mesh_shape(mesh)))
+    """Dense KV cache layer [B, K, S, H]: batch over (data, fsdp), KV heads over tensor (when they divide)."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "kv_heads", "sequence", None), shape, mesh_shape(mesh)))
 
 
 def cache_shardings(cache, mesh: Mesh):
-    """Shardings for a ``DenseKVCache`` (a tree of [B, S, K, H] arrays and a scalar row offset, replicated)
+    """Shardings for a ``DenseKVCache`` (a tree of [B, K, S, H] arrays and a scalar row offset, replicated)
     -- for ``jax.device_put`` or jit."""
     return jax.tree.map(lambda a: kv_cache_sharding(mesh, a.shape) if a.ndim else NamedSharding(mesh, PartitionSpec()), cache)
 

@@ -104,3 +104,49 @@ def test_prefill_rows():
     assert prefill_rows(32, 512, 4096) == 8
     assert prefill_rows(7, 512, 4096) == 7 and prefill_rows(7, 512, 2048) == 1
     assert prefill_rows(1, 10000, 4096) == 1
+
+
+def _decode_hlo(model, batch: int, cache_len: int) -> str:
+    from autoglm_jax.generate import _decode
+    from autoglm_jax.kv_cache import DenseKVCache
+    from autoglm_jax.model.static_graph import StaticGraph
+
+    graph, state = StaticGraph.split(model)
+    cache = DenseKVCache.create(model.cfg, batch, cache_len, model.dtype)
+    vec = lambda v, dt: jnp.full((batch,), v, dt)
+    return _decode.lower(graph, state, vec(1, jnp.int32), vec(3, jnp.int32), cache, jax.random.key(0), jnp.int32(1),
+                         vec(0.0, jnp.float32), vec(0, jnp.int32), vec(1.0, jnp.float32), True).compile().as_text()
+
+
+@pytest.mark.gpu
+def test_decode_attention_reads_the_dense_cache_without_transposing_it():
+    """No transpose in the compiled decode step has a whole cache layer's shape: the [B, K, S, H] layout
+    lets XLA's batched GEMMs read K and V in place ([B, S, K, H] cost 4 cache transposes per layer)."""
+    import re
+
+    cfg = GLMConfig.from_preset("tiny", num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, vocab_size=256)
+    model = random_model(cfg, dtype="bfloat16", seed=0)
+    batch, cache_len = 16, 512
+    hlo = _decode_hlo(model, batch, cache_len)
+    elems = batch * cache_len * cfg.num_kv_heads * cfg.head_dim
+    shapes = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]+)\]\S* transpose\(", hlo)]
+    big = [s for s in shapes if np.prod([int(d) for d in s.split(",")]) >= elems]
+    assert not big, big[:3]
+
+
+def test_static_graph_interns_equal_graphs(model):
+    """A second split of an equal model returns the same StaticGraph (jit compares its cached key by identity
+    first, so decode steps of a later generate() call skip the full GraphDef comparison) and a flat tuple."""
+    from autoglm_jax.model.static_graph import StaticGraph
+
+    g1, leaves1 = StaticGraph.split(model)
+    g2, leaves2 = StaticGraph.split(model)
+    assert g1 is g2
+    assert isinstance(leaves1, tuple) and all(isinstance(x, jax.Array) for x in leaves1)
+    assert len(leaves1) == len(jax.tree.leaves(model))
+    other = GLMConfig.from_preset("tiny", num_layers=3, hidden_size=64, intermediate_size=96, num_heads=4,
+                                  num_kv_heads=2, head_dim=16, vocab_size=97)
+    g3, _ = StaticGraph.split(random_model(other, seed=0))
+    assert g3 is not g1 and g3 != g1
+    merged = g1.merge(leaves2)
+    np.testing.assert_array_equal(np.asarray(merged(jnp.array([[1, 2, 3]]))), np.asarray(model(jnp.array([[1, 2, 3]]))))

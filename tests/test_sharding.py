@@ -96,8 +96,8 @@ def test_sharded_generation_without_mesh_context_and_cache_sharding(model, refer
     pos = jnp.arange(4, dtype=jnp.int32)[None]
     logits, cache = _prefill(graph, state, ids, pos, cache, jnp.asarray([3]))
     k0 = cache.k[0]
-    assert k0.shape == (1, 16, 8, CFG.head_dim)  # K' = 8 (each of the K = 2 heads repeated 4 times)
-    assert {tuple(s.data.shape) for s in k0.addressable_shards} == {(1, 16, 1, CFG.head_dim)}
+    assert k0.shape == (1, 8, 16, CFG.head_dim)  # [B, K', S, H]: K' = 8 (each of the K = 2 heads repeated 4 times)
+    assert {tuple(s.data.shape) for s in k0.addressable_shards} == {(1, 1, 16, CFG.head_dim)}
     ref = nnx.jit(lambda m, x: m(x))(model, ids)[:, -1]
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
