@@ -6,7 +6,7 @@ Slot ``s`` of row ``b`` holds the key/value of position ``s``. A query at positi
 Layout [B, K, S, H]: the attention products are batched over (b, k) and contract H (logits) or S (output),
 so XLA's batched GEMMs read each layer's cache in place. The [B, S, K, H] layout this cache had first made
 XLA transpose K and V of every layer before both products, every step: 160 transposes and 1.36 ms of a
-9.5 ms batch-32 GLM-4-9B step on the H100 (512-token prompts; ``results/tp_diag/decode_profile_h100.md``).
+9.5 ms batch-32 GLM-4-9B step on the H100 (512-token prompts; ``experiments/results/tp_diag/decode_profile/``).
 """
 
 from __future__ import annotations

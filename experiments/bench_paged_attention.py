@@ -112,11 +112,12 @@ def jax_options(pages_per_seq):
 
 
 def dense_time(batch, ctx):
-    """Dense XLA GQA decode attention over [B, S, K, H] caches, LAYERS distinct layers unrolled."""
+    """Dense XLA GQA decode attention over [B, K, S, H] caches (``DenseKVCache``'s layout; over [B, S, K, H] XLA
+    transposes each cache before both products), LAYERS distinct layers unrolled."""
     rot = int(min(32, max(1, math.ceil(TOUCH_BYTES / (LAYERS * kv_bytes(batch, ctx))))))
-    ks = [[jax.random.normal(jax.random.key(100 * i + r), (batch, ctx, K, H), jnp.bfloat16) for r in range(rot)]
+    ks = [[jax.random.normal(jax.random.key(100 * i + r), (batch, K, ctx, H), jnp.bfloat16) for r in range(rot)]
           for i in range(LAYERS)]
-    vs = [[jax.random.normal(jax.random.key(100 * i + r + 50), (batch, ctx, K, H), jnp.bfloat16) for r in range(rot)]
+    vs = [[jax.random.normal(jax.random.key(100 * i + r + 50), (batch, K, ctx, H), jnp.bfloat16) for r in range(rot)]
           for i in range(LAYERS)]
     q = [[jax.random.normal(jax.random.key(7 + 100 * i + r), (batch, N, H), jnp.bfloat16) for r in range(rot)]
          for i in range(LAYERS)]
@@ -128,11 +129,11 @@ def dense_time(batch, ctx):
         for layer in range(LAYERS):
             for r in range(rot):
                 qg = q[layer][r].reshape(batch, K, N // K, H)
-                logits = jnp.einsum("bkgh,bskh->bkgs", qg, ks[layer][r], preferred_element_type=jnp.float32)
+                logits = jnp.einsum("bkgh,bksh->bkgs", qg, ks[layer][r], preferred_element_type=jnp.float32)
                 logits = jnp.where(jnp.arange(ctx)[None, None, None] < lengths[:, None, None, None],
                                    logits * H ** -0.5, -1e30)
                 p = jax.nn.softmax(logits, axis=-1).astype(jnp.bfloat16)
-                outs.append(jnp.einsum("bkgs,bskh->bkgh", p, vs[layer][r]).reshape(batch, N, H))
+                outs.append(jnp.einsum("bkgs,bksh->bkgh", p, vs[layer][r]).reshape(batch, N, H))
         return outs
     return wall(f, ks, vs, q, lengths) / (LAYERS * rot)
 
