@@ -25,6 +25,9 @@ VARIANTS = {
     "command_buffers": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
                        "--xla_gpu_graph_min_graph_size=1",
     "no_command_buffers": "--xla_gpu_enable_command_buffer=",
+    # cuBLAS instead of XLA's Triton GEMM fusions (the batch-32 step's GEMMs read the weights at ~0.88 of copy
+    # bandwidth, results/tp_diag/decode_profile/README.md)
+    "cublas_gemm": "--xla_gpu_enable_triton_gemm=false",
 }
 
 
