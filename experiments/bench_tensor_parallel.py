@@ -12,8 +12,8 @@ are chained on device without host syncs; ``ms_per_token`` = decode time / (new 
 ``roofline_ms`` is the per-device parameter bytes over the copy bandwidth measured on device 0 in this run.
 Floors (2 H100s): tp2_speedup_b1 >= 1.4, tp2_speedup_b32 >= 1.6. ``tokens_identical`` in the summary is the
 float32 check (``--check-dtype``: ``--check-batch`` prompts, ``--check-new`` greedy tokens, every degree against
-degree 1); the timed bfloat16 runs' own token comparison is ``tokens_identical_bfloat16``, where the
-all-reduce's summation order may flip a near-tie argmax of random weights.
+degree 1; None when ``--check-dtype ''`` skips it); the timed bfloat16 runs' own token comparison is
+``tokens_identical_bfloat16``, where the all-reduce's summation order may flip a near-tie argmax of random weights.
 
 ``--quant int8``: int8 weight-only weights (K-major, ``impl="xla_split"``: XLA dots that GSPMD partitions; the LM
 head stays bfloat16) at every degree. ``allreduce_us`` per row: one all-reduce of the [batch, D] bfloat16 residual
@@ -248,8 +248,9 @@ def summarize(rows, tokens_by, degrees, args, dtype, check, bandwidth, large_cfg
     if check:
         summary["token_check"] = check
         summary["tokens_identical"] = all(v for k, v in check.items() if k.endswith("_identical"))
-    else:
-        summary["tokens_identical"] = summary[f"tokens_identical_{dtype}"]
+    else:  # not checked: the timed runs' own comparison is no verdict (near-tied argmaxes of random weights)
+        summary["token_check"] = "skipped (--check-dtype '')"
+        summary["tokens_identical"] = None
     got = {(r["tensor_parallel"], r["batch"]): r for r in main_rows}
     for tp in degrees[1:]:
         for b in args.batch:
