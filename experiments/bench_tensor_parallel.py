@@ -209,13 +209,18 @@ def check_tokens(cfg, degrees, args, dtype: str) -> dict:
     """Greedy tokens of every degree against degree 1 with ``dtype`` weights (a float32 check: in bfloat16 the
     all-reduce's other summation order can flip a near-tie argmax of random weights; that is not a bug). Run it
     under highest matmul precision: on GPU float32 dots default to TF32."""
-    import numpy as np
-
     from autoglm_jax.loading import random_model
 
     model = random_model(cfg, dtype=dtype, seed=0)
-    out = {tp: greedy_tokens(cfg, tp, args, dtype, model) for tp in degrees}
-    return {f"tp{tp}_identical": bool(np.array_equal(out[1], out[tp])) for tp in degrees[1:]} | {
+    return token_check({tp: greedy_tokens(cfg, tp, args, dtype, model) for tp in degrees}, args, dtype)
+
+
+def token_check(tokens: dict, args, dtype: str) -> dict:
+    """The summary's ``token_check``: from {degree: greedy tokens} (degree 1 among them), whether every other
+    degree's tokens equal degree 1's, and the check's settings."""
+    import numpy as np
+
+    return {f"tp{tp}_identical": bool(np.array_equal(tokens[1], tokens[tp])) for tp in tokens if tp != 1} | {
         "dtype": dtype, "batch": args.check_batch, "prompt": args.prompt, "new_tokens": args.check_new}
 
 

@@ -64,8 +64,8 @@ def merge(args, single: dict, group: dict) -> Path:
                  for b, t in res["tokens"].items()}
     check = None
     if args.check_dtype:
-        check = {f"tp{n}_identical": single["check_tokens"] == group["check_tokens"], "dtype": args.check_dtype,
-                 "batch": args.check_batch, "prompt": args.prompt, "new_tokens": args.check_new}
+        check = tpb.token_check({1: np.asarray(single["check_tokens"]), n: np.asarray(group["check_tokens"])},
+                                args, args.check_dtype)
     summary = tpb.summarize(rows, tokens_by, [1, n], args, dtype, check, single.get("bandwidth"), None)
     summary["launch"] = f"one process per device (sharding.launch), {n} processes for degree {n}"
     name = f"tensor_parallel_{group['gpu_tag']}x{n}" + (f"_{args.quant}" if args.quant else "") + "_procs"
