@@ -78,6 +78,19 @@ def _decode(graph: StaticGraph, state, tokens, positions, cache, key, step, temp
     return sample_tokens(logits, keys, temperature, top_k, top_p, all_greedy=all_greedy), positions + 1, step + 1, cache
 
 
+def decode_hlo(model, cache: DenseKVCache, *, position: int = 0) -> str:
+    """The optimized HLO of one greedy decode step of ``model`` over ``cache`` (every row at ``position``),
+    compiled as ``decode_stream`` runs it (under the model's mesh): for tests and diagnostics that count its
+    collectives, transposes or kernels. Token and sampling values do not change the program."""
+    graph, state = StaticGraph.split(model)
+    batch = cache.k[0].shape[0]
+    vec = lambda v, dt: jnp.full((batch,), v, dt)
+    with use_mesh(mesh_of(state)):
+        return _decode.lower(graph, state, vec(0, jnp.int32), vec(position, jnp.int32), cache, jax.random.key(0),
+                             jnp.int32(1), vec(0.0, jnp.float32), vec(0, jnp.int32), vec(1.0, jnp.float32),
+                             True).compile().as_text()
+
+
 @functools.partial(jax.jit, static_argnums=(5,))
 def _sample_first(logits, key, temperature, top_k, top_p, all_greedy):
     return sample_tokens(logits, _step_keys(key, 0, logits.shape[0]), temperature, top_k, top_p, all_greedy=all_greedy)

@@ -104,13 +104,11 @@ def main():
 
 def diagnose(sm, cfg, b: int, args) -> None:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from autoglm_jax.generate import CACHE_BUCKET, GenerationConfig, _decode, decode_stream
+    from autoglm_jax.generate import CACHE_BUCKET, GenerationConfig, decode_hlo, decode_stream
     from autoglm_jax.kv_cache import DenseKVCache
-    from autoglm_jax.model.static_graph import StaticGraph
-    from sharding import cache_shardings, make_mesh, mesh_of, use_mesh
+    from sharding import cache_shardings, make_mesh
 
     new = args.steps + 1
     cache_len = -(-(args.prompt + new) // CACHE_BUCKET) * CACHE_BUCKET
@@ -137,12 +135,7 @@ def diagnose(sm, cfg, b: int, args) -> None:
 
     run()  # compiles
     wall = [run() for _ in range(3)]
-    graph, state = StaticGraph.split(sm)
-    vec = lambda v, dt: jnp.full((b,), v, dt)
-    with use_mesh(mesh_of(state)):  # as decode_stream calls it
-        hlo = _decode.lower(graph, state, vec(0, jnp.int32), vec(args.prompt, jnp.int32), make_cache(),
-                            jax.random.key(0), jnp.int32(1), vec(0.0, jnp.float32), vec(0, jnp.int32),
-                            vec(1.0, jnp.float32), True).compile().as_text()
+    hlo = decode_hlo(sm, make_cache(), position=args.prompt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"diag_tensor_parallel_tp{args.tp}_b{b}"

@@ -106,18 +106,6 @@ def test_prefill_rows():
     assert prefill_rows(1, 10000, 4096) == 1
 
 
-def _decode_hlo(model, batch: int, cache_len: int) -> str:
-    from autoglm_jax.generate import _decode
-    from autoglm_jax.kv_cache import DenseKVCache
-    from autoglm_jax.model.static_graph import StaticGraph
-
-    graph, state = StaticGraph.split(model)
-    cache = DenseKVCache.create(model.cfg, batch, cache_len, model.dtype)
-    vec = lambda v, dt: jnp.full((batch,), v, dt)
-    return _decode.lower(graph, state, vec(1, jnp.int32), vec(3, jnp.int32), cache, jax.random.key(0), jnp.int32(1),
-                         vec(0.0, jnp.float32), vec(0, jnp.int32), vec(1.0, jnp.float32), True).compile().as_text()
-
-
 @pytest.mark.gpu
 def test_decode_attention_reads_the_dense_cache_without_transposing_it():
     """No transpose in the compiled decode step has a whole cache layer's shape: the [B, K, S, H] layout
@@ -126,8 +114,11 @@ def test_decode_attention_reads_the_dense_cache_without_transposing_it():
 
     cfg = GLMConfig.from_preset("tiny", num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, vocab_size=256)
     model = random_model(cfg, dtype="bfloat16", seed=0)
+    from autoglm_jax.generate import decode_hlo
+    from autoglm_jax.kv_cache import DenseKVCache
+
     batch, cache_len = 16, 512
-    hlo = _decode_hlo(model, batch, cache_len)
+    hlo = decode_hlo(model, DenseKVCache.create(cfg, batch, cache_len, model.dtype), position=3)
     elems = batch * cache_len * cfg.num_kv_heads * cfg.head_dim
     shapes = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]+)\]\S* transpose\(", hlo)]
     big = [s for s in shapes if np.prod([int(d) for d in s.split(",")]) >= elems]

@@ -203,20 +203,14 @@ def test_tensor_parallel_decode_step_has_two_all_reduces_per_layer(model):
     split along V was once all-gathered whole every step on GPU; it is split along D now)."""
     import re
 
-    from autoglm_jax.generate import _decode
-    from autoglm_jax.model.static_graph import StaticGraph
-    from sharding import cache_shardings, mesh_of
+    from autoglm_jax.generate import decode_hlo
+    from sharding import cache_shardings
 
     mesh = make_mesh(tensor=2)
     sm = shard_model(model, mesh)
-    graph, state = StaticGraph.split(sm)
     make = lambda: DenseKVCache.create(sm.cfg, 2, 64, jnp.float32)
     cache = jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), mesh))()
-    vec = lambda v, dt: jnp.full((2,), v, dt)
-    with use_mesh(mesh_of(state)):
-        hlo = _decode.lower(graph, state, vec(1, jnp.int32), vec(5, jnp.int32), cache, jax.random.key(0),
-                            jnp.int32(1), vec(0.0, jnp.float32), vec(0, jnp.int32), vec(1.0, jnp.float32),
-                            True).compile().as_text()
+    hlo = decode_hlo(sm, cache, position=5)
     reduces = re.findall(r"= \S+ all-reduce(?:-start)?\(", hlo)
     assert 2 * CFG.num_layers <= len(reduces) <= 2 * CFG.num_layers + 1, len(reduces)
     table = CFG.vocab_size * CFG.hidden_size
