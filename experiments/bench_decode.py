@@ -7,7 +7,8 @@ Each side runs in its own process (so their memory pools do not meet):
     python experiments/bench_decode.py --quant int8 --int8-layout nk --parts jax --name decode_int8_nk_h100
 
 ``--int8-layout nk`` (with ``--quant int8``) stores the int8 weights K-major, ``qweight[N, K]``
-(``Int8Weight.k_major``, served by XLA's int8 dot); the default ``kn`` is ``[K, N]``. ``--also-quant int8,int4``
+(``Int8Weight.k_major``, served by XLA's int8 dot); the default ``kn`` is ``[K, N]``; ``auto`` picks per weight
+(nk unless K > N: down_proj stays kn, ``k_major="auto"``). ``--also-quant int8,int4``
 adds, in the same run, a timing worker per quantized format (int8 with ``--int8-layout``, int4 g128) beside the
 float one: their rows, and ``<fmt>_b1_ms_per_token`` / ``<fmt>_b1_speedup`` (over the float run) in the summary.
 
@@ -42,6 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common  # noqa: E402
 
+INT8_LAYOUTS = {"kn": False, "nk": True, "auto": "auto"}  # --int8-layout -> quantize_model's k_major
+
 
 def _jax_worker(args) -> dict:
     import jax
@@ -61,7 +64,7 @@ def _jax_worker(args) -> dict:
     if args.quant != "none":
         from autoglm_jax.model.quantized_linear import quantize_model
         keep = tuple(x for x in args.keep_float.split(",") if x)
-        quantize_model(model, fmt=args.quant, k_major=layout == "nk", keep_float=keep)  # in place
+        quantize_model(model, fmt=args.quant, k_major=INT8_LAYOUTS[layout], keep_float=keep)  # in place
     jax.block_until_ready(nnx.state(model))
     init_s = time.perf_counter() - t0
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
@@ -92,7 +95,7 @@ def _jax_worker(args) -> dict:
         runs = [run_once() for _ in range(args.reps)]
         prefill_s = float(np.median([r[0] for r in runs]))
         total_s = float(np.median([r[1] for r in runs]))
-        kind = args.quant + (" nk" if layout == "nk" else "") if args.quant != "none" else args.dtype
+        kind = args.quant + (f" {layout}" if layout != "kn" else "") if args.quant != "none" else args.dtype
         row = dict(impl=f"autoglm_jax ({kind}, unrolled layers)",
                    batch=batch, prompt=args.prompt, new_tokens=args.new, prefill_s=prefill_s, total_s=total_s,
                    ms_per_token=1e3 * (total_s - prefill_s) / (args.new - 1),
@@ -220,7 +223,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", default="none", help="none, or a QuantizedLinear format (int8, int4)")
     p.add_argument("--int8-layout", default="kn",
-                   help="with --quant int8: kn (qweight [K, N], default) or nk (K-major [N, K], XLA's int8 dot)")
+                   help="with --quant int8: kn (qweight [K, N], default), nk (K-major [N, K], XLA's int8 dot) or "
+                        "auto (per weight: nk unless K > N)")
     p.add_argument("--keep-float", default="lm_head",
                    help="with --quant: comma-separated layer patterns kept in float ('' quantizes the LM head too)")
     p.add_argument("--also-quant", default="", help="comma-separated formats (int8, int4) timed beside the float run")
@@ -234,14 +238,15 @@ def main(argv=None):
     p.add_argument("--worker", choices=["jax", "hf", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.int8_layout not in ("kn", "nk"):
-        p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default) or 'nk' (K-major [N, K])")
+    if args.int8_layout not in INT8_LAYOUTS:
+        p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default), 'nk' (K-major [N, K]) or "
+                f"'auto' (per weight: nk unless K > N)")
     also = [f for f in args.also_quant.split(",") if f]
     bad = [f for f in also if f not in ("int8", "int4")]
     if bad or (also and args.quant != "none"):
         p.error(f"--also-quant {args.also_quant!r}: formats from 'int8', 'int4', with a float --quant none run")
-    if args.int8_layout == "nk" and "int8" not in (args.quant, *also):
-        p.error(f"--int8-layout nk is for --quant int8 only; got --quant {args.quant!r}")
+    if args.int8_layout != "kn" and "int8" not in (args.quant, *also):
+        p.error(f"--int8-layout {args.int8_layout} is for --quant int8 only; got --quant {args.quant!r}")
     if args.worker:
         work = {"jax": _jax_worker, "hf": _hf_worker, "memory": _memory_worker}[args.worker]
         if args.worker == "memory":  # spawn_worker's protocol (errors come back as {"error": ...})

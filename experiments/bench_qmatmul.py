@@ -28,21 +28,24 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from experiments import bench_common  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
-from kernels_pallas.quant_formats import Int4Weight, Int8Weight, W8A8Weight  # noqa: E402
+from kernels_pallas.quant_formats import Int4Weight, Int8Weight, W8A8Weight, resolve_k_major  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
 
 SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096)}
 MS = (1, 8, 32, 128, 512)
-FORMATS = ("int8", "int4_g128_sym", "w8a8")
+FORMATS = ("int8", "int8_auto", "int4_g128_sym", "w8a8")
 EXTRA_FORMATS = ("int4_g128_asym", "int4_g64_sym")  # timed at M=1 only (device budget)
 
 
 def random_weight(key, fmt: str, k: int, n: int):
     """A random (never zero) weight of the named format; 'bf16' gives a plain [K, N] bf16 matrix;
-    'int8_kmajor' an ``Int8Weight`` stored [N, K]."""
+    'int8_kmajor' an ``Int8Weight`` stored [N, K]; 'int8_auto' the layout ``quantize(..., k_major="auto")``
+    picks for a [K, N] weight (``quant_formats.resolve_k_major``)."""
     k1, k2, k3 = jax.random.split(key, 3)
     if fmt == "bf16":
         return (0.02 * jax.random.normal(k1, (k, n), jnp.float32)).astype(jnp.bfloat16)
+    if fmt == "int8_auto":
+        return random_weight(key, "int8_kmajor" if resolve_k_major("auto", k, n) else "int8", k, n)
     if fmt in ("int8", "int8_kmajor", "w8a8"):
         q = jax.random.randint(k1, (k, n) if fmt == "int8" else (n, k), -127, 128, jnp.int32).astype(jnp.int8)
         s = jax.random.uniform(k2, (n,), jnp.float32, 1e-3, 1e-2)
@@ -128,9 +131,12 @@ def summarize(rows: list[dict]) -> dict:
         vals = [v for v in vals if v is not None]
         return min(vals) if vals else None
 
+    # The int8 keys read the per-weight layout the model uses with k_major="auto" where this run timed it.
+    int8 = "int8_auto" if any(r["format"] == "int8_auto" for r in rows) else "int8"
+
     def frac(m):
         def f(s):
-            r = t("ours", "int8", s, m)
+            r = t("ours", int8, s, m)
             return None if r is None else r["frac_bw"]
         return f
 
@@ -150,8 +156,9 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "int8_frac_bw_m1": worst(frac(1)),
         "int8_frac_bw_m32": worst(frac(32)),
-        "int8_speedup_vs_bf16_m1": worst(speed("int8", 1, "bf16", "bf16")),
-        "int8_speedup_vs_xla_int8_m1": worst(speed("int8", 1, "xla", "int8")),
+        "int8_layout": "auto" if int8 == "int8_auto" else "kn",
+        "int8_speedup_vs_bf16_m1": worst(speed(int8, 1, "bf16", "bf16")),
+        "int8_speedup_vs_xla_int8_m1": worst(speed(int8, 1, "xla", int8)),
         "int4_speedup_vs_bf16_m1": worst(speed("int4_g128_sym", 1, "bf16", "bf16")),
         "w8a8_speedup_vs_bf16_m512": worst(speed("w8a8", 512, "bf16", "bf16")),
         "worst_ratio_vs_bf16": max(ratios) if ratios else None,
@@ -179,7 +186,7 @@ def markdown(result: dict) -> str:
             f"{x['us'] if x else float('nan'):.1f} | {b['us'] if b else float('nan'):.1f} | "
             f"{r['us'] / b['us'] if b else float('nan'):.2f} | {x['us'] / r['us'] if x else float('nan'):.2f} | "
             f"{r.get('config', '')} | {r.get('run', 1)} |")
-    lines += ["", "## summary", ""] + [f"- {k}: {v if v is None else round(v, 3)}" for k, v in result["summary"].items()]
+    lines += ["", "## summary", ""] + [f"- {k}: {round(v, 3) if isinstance(v, float) else v}" for k, v in result["summary"].items()]
     lines += ["", "Baselines not run: " + "; ".join(result["baselines_missing"])]
     return "\n".join(lines) + "\n"
 

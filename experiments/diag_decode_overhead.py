@@ -28,6 +28,9 @@ VARIANTS = {
     # cuBLAS instead of XLA's Triton GEMM fusions (the batch-32 step's GEMMs read the weights at ~0.88 of copy
     # bandwidth, results/tp_diag/decode_profile/README.md)
     "cublas_gemm": "--xla_gpu_enable_triton_gemm=false",
+    "cublaslt_gemm": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true",
+    # a wider search over Triton GEMM tilings at compile time
+    "exhaustive_tiling": "--xla_gpu_exhaustive_tiling_search=true",
 }
 
 

@@ -6,10 +6,12 @@ INT4 (g128, symmetric) and W8A8 (dynamic per-token activations) on one GPU.
     python experiments/seed_precision_table.py --variants int8,int4,w8a8    # ... merged with earlier workers
     python experiments/seed_precision_table.py --preset tiny --new 8 --prompt 16 --out /tmp/t   # CPU smoke run
     python experiments/seed_precision_table.py --variants int8 --int8-layout nk   # row int8_nk: K-major int8
+    python experiments/seed_precision_table.py --variants int8 --int8-layout auto # row int8_auto: per weight
 
 ``--int8-layout nk`` runs the int8 variant with its weights stored K-major, ``qweight[N, K]`` (``Int8Weight.k_major``,
 served by XLA's int8 dot), as the row ``int8_nk`` (worker file ``_seed_precision_int8_nk.json``), beside the
-default ``[K, N]`` row ``int8`` when both have run.
+default ``[K, N]`` row ``int8`` when both have run; ``--int8-layout auto`` picks per weight (nk unless K > N:
+down_proj stays kn, ``k_major="auto"``), as the row ``int8_auto``.
 
 Each variant runs ``experiments/bench_decode.py``'s JAX worker (``_jax_worker``: random weights in the float
 dtype, ``quantize_model(model, fmt=...)`` for the quantized ones, then prefill + greedy decode with the dense
@@ -37,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common  # noqa: E402
+import bench_decode  # noqa: E402
 
 # variant -> (float dtype, quantization format or "none")
 VARIANTS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "fp16": ("float16", "none"),
@@ -47,13 +50,11 @@ SEED = {"fp32": {"memory": 1.0, "speed": 1.0, "latency_ms": 120.0},
 
 
 def _tag(variant: str, int8_layout: str) -> str:
-    """Row / worker-file name: ``int8_nk`` for the K-major int8 run, else the variant."""
-    return variant + "_nk" if (variant == "int8" and int8_layout == "nk") else variant
+    """Row / worker-file name: ``int8_nk`` / ``int8_auto`` for the int8 run in those layouts, else the variant."""
+    return f"{variant}_{int8_layout}" if (variant == "int8" and int8_layout != "kn") else variant
 
 
 def _worker(variant: str, args) -> dict:
-    import bench_decode
-
     dtype, quant = VARIANTS[variant]
     layout = args.int8_layout if quant == "int8" else "kn"
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
@@ -83,7 +84,8 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--int8-layout", default="kn",
-                   help="the int8 variant's weights: kn ([K, N], default) or nk (K-major [N, K]; row int8_nk)")
+                   help="the int8 variant's weights: kn ([K, N], default), nk (K-major [N, K]; row int8_nk) or "
+                        "auto (per weight: nk unless K > N; row int8_auto)")
     p.add_argument("--keep-float", default="lm_head",
                    help="quantized variants: layer patterns kept in float ('' quantizes the LM head too)")
     p.add_argument("--out", default=str(bench_common.RESULTS))
@@ -91,8 +93,9 @@ def main(argv=None):
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.int8_layout not in ("kn", "nk"):
-        p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default) or 'nk' (K-major [N, K])")
+    if args.int8_layout not in bench_decode.INT8_LAYOUTS:
+        p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default), 'nk' (K-major [N, K]) or "
+                f"'auto' (per weight: nk unless K > N)")
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(_worker(args.worker, args)))
         return
@@ -113,7 +116,8 @@ def main(argv=None):
         if r.returncode:
             print(f"{v}: worker failed (exit {r.returncode}); continuing", flush=True)
     results = {}
-    for v in [*VARIANTS, "int8_nk"]:  # this call's workers and earlier ones (subsets run in separate calls)
+    # this call's workers and earlier ones (subsets run in separate calls)
+    for v in [*VARIANTS, "int8_nk", "int8_auto"]:
         f = out / f"_seed_precision_{v}.json"
         if f.exists():
             results[v] = json.loads(f.read_text())
@@ -147,13 +151,14 @@ def main(argv=None):
             r.update(seed_memory_vs_fp32=seed["memory"], seed_speedup_vs_fp32=seed["speed"],
                      seed_latency_ms=seed["latency_ms"])
     get = lambda v, k: by.get(v, {}).get(k)
-    # The int8 keys the issue names take the faster of the two int8 layouts that ran (int8_layout says which).
-    int8 = max((v for v in ("int8", "int8_nk") if get(v, "b1_speedup_vs_bf16")),
+    # The int8 keys the issue names take the fastest of the int8 layouts that ran (int8_layout says which).
+    int8 = max((v for v in ("int8", "int8_nk", "int8_auto") if get(v, "b1_speedup_vs_bf16")),
                key=lambda v: get(v, "b1_speedup_vs_bf16"), default="int8")
     summary = {"int8_b1_speedup_vs_bf16": get(int8, "b1_speedup_vs_bf16"),
                "int8_layout": by.get(int8, {}).get("int8_layout"),
                "int8_kn_b1_speedup_vs_bf16": get("int8", "b1_speedup_vs_bf16"),
                "int8_nk_b1_speedup_vs_bf16": get("int8_nk", "b1_speedup_vs_bf16"),
+               "int8_auto_b1_speedup_vs_bf16": get("int8_auto", "b1_speedup_vs_bf16"),
                "int4_b1_speedup_vs_bf16": get("int4", "b1_speedup_vs_bf16"),
                "fp16_b1_speedup_vs_fp32": get("fp16", "b1_speedup_vs_fp32"),
                "w8a8_b1_speedup_vs_bf16": get("w8a8", "b1_speedup_vs_bf16"),

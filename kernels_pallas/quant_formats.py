@@ -262,17 +262,34 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True) -> Int4Weight:
     return Int4Weight(packed=packed, scale=scale, zero=zero, group=group)
 
 
-def check_k_major(fmt: str, k_major: bool) -> None:
-    """Raises ``QuantFormatError`` unless ``k_major`` (the [O, I] storage) is off or ``fmt`` is int8."""
+K_MAJOR_CHOICES = (False, True, "auto")
+
+
+def check_k_major(fmt: str, k_major: bool | str) -> None:
+    """Raises ``QuantFormatError`` unless ``k_major`` is one of ``K_MAJOR_CHOICES`` and, when not False, ``fmt``
+    is int8."""
+    _check(any(k_major is c or (isinstance(c, str) and k_major == c) for c in K_MAJOR_CHOICES),
+           f"k_major={k_major!r}; allowed: False ([I, O]), True ([O, I]) or 'auto' (per weight by shape)")
     _check(not k_major or fmt == "int8", f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
 
 
-def quantize(w, fmt: str, *, group: int = 128, symmetric: bool = True, k_major: bool = False) -> QuantizedWeight:
-    """Dispatch by format name: ``"int8"`` (with ``k_major``), ``"int4"`` (with ``group``, ``symmetric``) or
-    ``"w8a8"`` (always stored [O, I])."""
+def resolve_k_major(k_major: bool | str, in_features: int, out_features: int) -> bool:
+    """The int8 storage of one ``[I, O]`` weight: True / False as given; ``"auto"``: K-major (``[O, I]``) unless
+    ``I > O``. On the H100 XLA's int8 dot read the wide K-major weights (qkv, o, gate_up) and the tall ``[I, O]``
+    down_proj (13696 -> 4096) fastest at decode sizes (experiments/results/qmatmul_h100_notes.md)."""
+    _check(any(k_major is c or (isinstance(c, str) and k_major == c) for c in K_MAJOR_CHOICES),
+           f"k_major={k_major!r}; allowed: False ([I, O]), True ([O, I]) or 'auto' (per weight by shape)")
+    return in_features <= out_features if k_major == "auto" else bool(k_major)
+
+
+def quantize(w, fmt: str, *, group: int = 128, symmetric: bool = True,
+             k_major: bool | str = False) -> QuantizedWeight:
+    """Dispatch by format name: ``"int8"`` (with ``k_major``: False, True or ``"auto"``, see
+    ``resolve_k_major``), ``"int4"`` (with ``group``, ``symmetric``) or ``"w8a8"`` (always stored [O, I])."""
     check_k_major(fmt, k_major)
     if fmt == "int8":
-        return quantize_int8(w, k_major=k_major)
+        w = _check_float_weight(w)
+        return quantize_int8(w, k_major=resolve_k_major(k_major, *w.shape))
     if fmt == "w8a8":
         return quantize_w8a8(w)
     if fmt == "int4":

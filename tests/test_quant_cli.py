@@ -72,11 +72,12 @@ def test_generate_loads_quantized_checkpoint(tmp_path, capsys):
     assert printed.startswith(f"wrote {out}") and printed.split("\n", 1)[1].startswith("def f(x):")
 
 
-def test_int8_layout_nk_round_trips_and_loads_k_major(tmp_path):
+def test_int8_layouts_nk_and_auto_round_trip_and_load(tmp_path):
     from autoglm_jax.quant import PTQConfig, quantize
-    kn_dir, nk_dir = tmp_path / "kn", tmp_path / "nk"
+    kn_dir, nk_dir, auto_dir = tmp_path / "kn", tmp_path / "nk", tmp_path / "auto"
     assert quantize_main(["tiny", str(kn_dir), "--method", "int8", "--quiet"]) == 0
     assert quantize_main(["tiny", str(nk_dir), "--method", "int8", "--int8-layout", "nk", "--quiet"]) == 0
+    assert quantize_main(["tiny", str(auto_dir), "--method", "int8", "--int8-layout", "auto", "--quiet"]) == 0
     # the layout is recorded only when K-major: a kn marker is what checkpoints before the option hold
     assert "k_major" not in loading.orbax_io.read_marker(kn_dir)["quantization"]
     meta = loading.orbax_io.read_marker(nk_dir)
@@ -101,11 +102,26 @@ def test_int8_layout_nk_round_trips_and_loads_k_major(tmp_path):
     run = lambda m: jax.jit(lambda s, i: nnx.merge(nnx.graphdef(m), s)(i))(nnx.state(m), ids)
     np.testing.assert_array_equal(np.asarray(run(ref)), np.asarray(run(nk)))
     np.testing.assert_allclose(np.asarray(run(nk)), np.asarray(run(kn)), rtol=1e-4, atol=1e-4)
+    # auto: recorded as "auto"; per layer nk unless K > N (the tiny down_proj 688 -> 256 stays kn)
+    meta = loading.orbax_io.read_marker(auto_dir)
+    assert meta["quantization"]["k_major"] == "auto" and meta["ptq"]["int8_layout"] == "auto"
+    stored = ocp.PyTreeCheckpointer().metadata(auto_dir / "params" / "layers.0").item_metadata.tree
+    assert tuple(stored["mlp"]["down_proj"]["qweight"].shape) == (688, 256)  # [K, N]
+    assert tuple(stored["mlp"]["gate_up_proj"]["qweight"].shape) == (1376, 256)  # [N, K]
+    auto = loading.from_pretrained(auto_dir, progress=False)
+    lins = lambda layer: (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+    for la, lk in zip(auto.layers, kn.layers):
+        assert [lin.k_major for lin in lins(la)] == [True, True, True, False]
+        for a, k in zip(lins(la), lins(lk)):  # kn's values, in each layer's own layout
+            np.testing.assert_array_equal(np.asarray(a.weight().kn_qweight()), np.asarray(k.qweight[...]))
+            np.testing.assert_array_equal(np.asarray(a.scale[...]), np.asarray(k.scale[...]))
+    np.testing.assert_allclose(np.asarray(run(auto)), np.asarray(run(kn)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "int8", "--int8-layout", "kmajor"], "--int8-layout 'kmajor' is not a layout; allowed: 'kn'"),
     (["--method", "int4", "--group-size", "64", "--int8-layout", "nk"], "is for --method int8 only"),
+    (["--method", "w8a8", "--int8-layout", "auto"], "is for --method int8 only"),
     (["--method", "int3"], "unknown quantization method 'int3'"),
     (["--method", "int4", "--group-size", "32"], "group size 32 is not supported"),
     (["--method", "int4", "--group-size", "128"], "does not divide K = I = 688"),

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.quant_formats import (Int4Weight, Int8Weight, QuantFormatError, W8A8Weight, pack_int4,
-                                          quantize, quantize_activations, quantize_int4, quantize_int8)
+                                          quantize, quantize_activations, quantize_int4, quantize_int8,
+                                          resolve_k_major)
 
 
 def test_int4_half_group_packing_layout():
@@ -121,6 +122,31 @@ def test_int8_k_major_is_the_kn_weight_transposed(i, o):
     assert not back.k_major and nk.with_layout(True) is nk
     np.testing.assert_array_equal(np.asarray(back.qweight), np.asarray(kn.qweight))
     np.testing.assert_array_equal(np.asarray(kn.with_layout(True).qweight), np.asarray(nk.qweight))
+
+
+@pytest.mark.parametrize("i,o,want", [(96, 130, True), (128, 128, True), (256, 200, False), (13, 7, False)])
+def test_int8_k_major_auto_resolves_by_shape(i, o, want):
+    """``k_major="auto"``: K-major for a wide (or square) [I <= O] weight, [I, O] for a tall one; same values."""
+    w = jax.random.normal(jax.random.key(i * o), (i, o))
+    auto, kn = quantize(w, "int8", k_major="auto"), quantize(w, "int8")
+    auto.validate()
+    assert auto.k_major is want and resolve_k_major("auto", i, o) is want
+    assert auto.qweight.shape == ((o, i) if want else (i, o))
+    np.testing.assert_array_equal(np.asarray(auto.kn_qweight()), np.asarray(kn.qweight))
+    np.testing.assert_array_equal(np.asarray(auto.dequantize()), np.asarray(kn.dequantize()))
+    assert (resolve_k_major(True, i, o), resolve_k_major(False, i, o)) == (True, False)
+
+
+def test_int8_k_major_bad_values_and_formats():
+    w = jax.random.normal(jax.random.key(9), (64, 16))
+    for bad in ("yes", 1, 0, "nk", None):
+        with pytest.raises(QuantFormatError, match="allowed: False.*True.*'auto'"):
+            quantize(w, "int8", k_major=bad)
+        with pytest.raises(QuantFormatError, match="allowed: False.*True.*'auto'"):
+            resolve_k_major(bad, 64, 16)
+    for fmt, kw in (("int4", dict(group=64)), ("w8a8", {})):
+        with pytest.raises(QuantFormatError, match="k_major.*fmt='int8' only"):
+            quantize(w, fmt, k_major="auto", **kw)
 
 
 def test_int8_k_major_is_static_pytree_metadata():

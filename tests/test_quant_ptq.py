@@ -150,6 +150,24 @@ def test_int8_k_major_ptq_is_the_kn_one_transposed():
         PTQConfig(method="int8"), [])
 
 
+def test_int8_k_major_auto_ptq_resolves_by_shape():
+    from autoglm_jax.quant.ptq import quantization_dict
+    for shape, want in (((40, 96), True), ((96, 40), False)):
+        w = jax.random.normal(jax.random.key(9), shape)
+        lo, hi = weight_clip_range(w, parse_observer("absmax"), "int8")
+        s, z = weight_qparams(lo, hi, "int8", True)
+        kn, auto = (quantize_weight(w, s, z, "int8", k_major=k) for k in (False, "auto"))
+        assert auto.k_major is want and auto.qweight.shape == (shape[::-1] if want else shape)
+        np.testing.assert_array_equal(np.asarray(auto.kn_qweight()), np.asarray(kn.qweight))
+    cfg = PTQConfig(method="int8", k_major="auto")
+    assert cfg.label == "int8_auto" and quantization_dict(cfg, [])["k_major"] == "auto"
+    for bad in ("yes", 1, "nk", None):
+        with pytest.raises(PTQError, match="allowed: False.*True.*'auto'"):
+            PTQConfig(method="int8", k_major=bad)
+    with pytest.raises(PTQError, match="K-major.*method 'int8' only"):
+        PTQConfig(method="w8a8", k_major="auto")
+
+
 # ---- the tiny model -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

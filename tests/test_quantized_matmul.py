@@ -393,3 +393,33 @@ def test_k_major_layer_and_model_logits_equal_kn():
             assert rel_err(lb, la) < 1e-5
     with pytest.raises(QuantFormatError, match="k_major.*fmt='int8' only"):
         quantize_model(GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)), "w8a8", k_major=True)
+
+
+def test_k_major_auto_model_layouts_by_shape_and_logits_equal_kn():
+    """``k_major="auto"``: each int8 weight K-major unless I > O (the tiny preset's down_proj 688 -> 256 is tall);
+    the logits equal the [I, O] model's."""
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.model import GLMForCausalLM, Linear
+    from autoglm_jax.model.quantized_linear import QuantizedLinear, quantize_model
+    tall = QuantizedLinear.from_linear(Linear(256, 192, axes=("mlp", "embed"), rngs=nnx.Rngs(0)), "int8",
+                                       k_major="auto")
+    assert not tall.k_major and tall.qweight.get_metadata()["logical_axes"] == ("mlp", "embed")
+    cfg = GLMConfig.from_preset("tiny", num_layers=2, vocab_size=512)
+    assert cfg.intermediate_size > cfg.hidden_size  # down_proj [intermediate, hidden] is the tall one
+    ids = jax.random.randint(jax.random.key(4), (2, 7), 1, cfg.vocab_size)
+    run = lambda m: jax.jit(lambda s, i: nnx.merge(nnx.graphdef(m), s)(i))(nnx.state(m), ids)
+    for impl in ("auto", "xla_split", "xla"):
+        kn, auto = (GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)) for _ in range(2))
+        assert quantize_model(kn, "int8", impl=impl) == quantize_model(auto, "int8", impl=impl, k_major="auto")
+        for layer in auto.layers:
+            lins = (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            assert [lin.k_major for lin in lins] == [True, True, True, False]
+        la, lb = run(kn), run(auto)
+        if impl == "xla_split":  # the same quantized values, exact int32 sums: identical logits
+            np.testing.assert_array_equal(np.asarray(lb), np.asarray(la))
+        else:
+            assert rel_err(lb, la) < 1e-5
+    with pytest.raises(QuantFormatError, match="k_major.*fmt='int8' only"):
+        quantize_model(GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)), "int4", group=64, k_major="auto")
+    with pytest.raises(QuantFormatError, match="allowed: False.*True.*'auto'"):
+        quantize_model(GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)), "int8", k_major="yes")

@@ -6,7 +6,8 @@ int8 weight ``[O, I]`` have them swapped), per-channel scales take the output ax
 per-group scales and zero points ``[I/group, O]`` take ``(None, out)``. ``quantize_model`` swaps every
 ``Linear`` of a ``GLMForCausalLM`` (except those named in ``keep_float``, by default the LM head) so a
 quantized model runs end to end through the kernels. ``k_major=True`` (int8 only) stores the int8 weights
-K-major, ``[O, I]`` (``Int8Weight.k_major``; served by XLA's int8 dot, see ``kernels_pallas.quantized_matmul``).
+K-major, ``[O, I]`` (``Int8Weight.k_major``; served by XLA's int8 dot, see ``kernels_pallas.quantized_matmul``);
+``k_major="auto"`` picks per weight: K-major unless I > O (``kernels_pallas.quant_formats.resolve_k_major``).
 
 W8A8 with static activations: ``act_scale`` (a ``[1]`` float32 param, e.g. from calibration in
 ``autoglm_jax.quant``) is the one activation scale of the layer; without it activations are quantized per token
@@ -68,10 +69,10 @@ class QuantizedLinear(nnx.Module):
 
     @classmethod
     def from_linear(cls, linear: Linear, fmt: str, *, group: int = 128, symmetric: bool = True,
-                    k_major: bool = False, impl: str = "auto", interpret: bool = False,
+                    k_major: bool | str = False, impl: str = "auto", interpret: bool = False,
                     act_scale=None) -> "QuantizedLinear":
-        """Quantize a ``Linear``'s kernel (round-to-nearest) into ``fmt`` (int8 ``k_major``: stored [O, I]);
-        the bias stays float."""
+        """Quantize a ``Linear``'s kernel (round-to-nearest) into ``fmt`` (int8 ``k_major``: True = stored
+        [O, I], ``"auto"`` = [O, I] unless I > O, see ``resolve_k_major``); the bias stays float."""
         if fmt not in FORMATS:
             raise QuantFormatError(f"fmt={fmt!r}; allowed: {FORMATS}")
         axes = tuple(linear.kernel.get_metadata().get("logical_axes", (None, None)))
@@ -110,15 +111,17 @@ def _children(module):
 
 def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: bool = True,
                    keep_float: tuple[str, ...] = ("lm_head",), impl: str = "auto",
-                   interpret: bool = False, static_activations: bool = False, k_major: bool = False) -> list[str]:
+                   interpret: bool = False, static_activations: bool = False,
+                   k_major: bool | str = False) -> list[str]:
     """Replace, in place, every ``Linear`` of ``model`` by a ``QuantizedLinear`` in ``fmt``.
 
     keep_float: glob patterns matched against the dotted path (``"layers.0.mlp.down_proj"``) and against the
     attribute name; matching layers stay float. For int4, a layer whose I is not a multiple of ``group``
     raises. static_activations (w8a8 only): each layer gets a static ``act_scale`` (1.0; set it from
     calibration, or restore it from a checkpoint). k_major (int8 only): int8 weights stored K-major [O, I]
-    (a quantized checkpoint's ``quantization`` dict records it; absent = [I, O]). Returns the dotted paths of the
-    swapped layers.
+    (True), [I, O] (False) or per weight, K-major unless I > O (``"auto"``, see
+    ``kernels_pallas.quant_formats.resolve_k_major``); a quantized checkpoint's ``quantization`` dict records
+    it (absent = [I, O]). Returns the dotted paths of the swapped layers.
     """
     if static_activations and fmt != "w8a8":
         raise QuantFormatError(f"static_activations is for fmt='w8a8' only; got fmt={fmt!r}")

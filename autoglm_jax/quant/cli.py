@@ -7,8 +7,9 @@ without the weights (method, group size against every layer's K, observer, the c
 checked before loading; the write is atomic, so a failure leaves no partial OUT.
 
 ``--int8-layout nk`` (method int8 only) stores the int8 weights K-major, ``qweight[N, K]`` (served by XLA's int8
-dot; default ``kn``: ``[K, N]``, what the Pallas kernels read); the checkpoint records it (``k_major`` in the
-``quantization`` dict; absent = kn), so it loads back in the same layout.
+dot; default ``kn``: ``[K, N]``, what the Pallas kernels read); ``auto`` picks per weight: nk unless K > N (so
+GLM's down_proj stays kn). The checkpoint records it (``k_major`` in the ``quantization`` dict: true or
+"auto"; absent = kn), so it loads back in the same layouts.
 
 Calibration file (``--calib``): ``.jsonl`` (one JSON string or ``{"text": ...}`` per line, one sample each) or
 plain text (tokenized whole and cut into ``--calib-seq-len`` windows).
@@ -23,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-INT8_LAYOUTS = ("kn", "nk")  # --int8-layout: qweight [K, N] (default) or K-major [N, K]
+# --int8-layout -> k_major: qweight [K, N] (default), K-major [N, K], or per weight (nk unless K > N)
+INT8_LAYOUTS = {"kn": False, "nk": True, "auto": "auto"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--calib-batch", type=int, default=8)
     p.add_argument("--int8-layout", default="kn",
-                   help="int8: kn (qweight [K, N], default) or nk (K-major [N, K], XLA's int8 dot only)")
+                   help="int8: kn (qweight [K, N], default), nk (K-major [N, K], XLA's int8 dot only) or auto "
+                        "(per weight: nk unless K > N)")
     p.add_argument("--keep-float", default="lm_head",
                    help="comma-separated glob patterns of layers to keep float (path or name), e.g. "
                         "lm_head,layers.0.*,down_proj; '' for none")
@@ -141,16 +144,17 @@ def quantize_main(argv: Sequence[str]) -> int:
     if args.calib and args.method != "w8a8":
         p.error(f"--calib calibrates static w8a8 activation scales; method {args.method!r} quantizes weights only")
     if args.int8_layout not in INT8_LAYOUTS:
-        p.error(f"--int8-layout {args.int8_layout!r} is not a layout; allowed: 'kn' (qweight [K, N], the default) "
-                f"or 'nk' (K-major [N, K])")
-    if args.int8_layout == "nk" and args.method != "int8":
-        p.error(f"--int8-layout nk (K-major int8 weights) is for --method int8 only; got {args.method!r}")
+        p.error(f"--int8-layout {args.int8_layout!r} is not a layout; allowed: 'kn' (qweight [K, N], the default), "
+                f"'nk' (K-major [N, K]) or 'auto' (per weight: nk unless K > N)")
+    if args.int8_layout != "kn" and args.method != "int8":
+        p.error(f"--int8-layout {args.int8_layout} (an int8 weight layout) is for --method int8 only; "
+                f"got {args.method!r}")
     try:
         keep = tuple(s.strip() for s in args.keep_float.split(",") if s.strip())
         cfg = PTQConfig(method=args.method, group=args.group_size, symmetric=not args.asymmetric,
                         activations=activations, weight_observer=parse_observer(args.observer),
                         act_observer=parse_observer(args.act_observer or args.observer), keep_float=keep,
-                        keep_indivisible=args.keep_indivisible, k_major=args.int8_layout == "nk")
+                        keep_indivisible=args.keep_indivisible, k_major=INT8_LAYOUTS[args.int8_layout])
         model_cfg = _source_config(args.src)
         abstract = nnx.eval_shape(lambda: GLMForCausalLM(model_cfg, rngs=nnx.Rngs(0)))
         plan(abstract, cfg, act_stats=None if activations == "dynamic" else _AllStats())

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.quant_formats import (INT4_GROUPS, Int4Weight, Int8Weight, QuantFormatError, W8A8Weight,
-                                          check_k_major, pack_int4)
+                                          check_k_major, pack_int4, resolve_k_major)
 
 WEIGHT_FORMATS = ("int8", "int4", "w8a8")
 
@@ -155,10 +155,10 @@ def fake_quant_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str,
 
 
 def quantize_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str, group: int = 128, *,
-                    symmetric: bool = True, k_major: bool = False):
+                    symmetric: bool = True, k_major: bool | str = False):
     """Float ``w[I, O]`` with ``scale, zero [G, O]`` -> ``Int8Weight`` | ``Int4Weight`` | ``W8A8Weight``, rounding as
     ``fake_quant_weight`` does (so ``result.dequantize() == fake_quant_weight(w, ...)``). k_major (int8 only):
-    the ``Int8Weight`` stores ``qweight[O, I]``."""
+    the ``Int8Weight`` stores ``qweight[O, I]`` (True, or ``"auto"`` unless I > O: ``resolve_k_major``)."""
     i, o = w.shape
     check_weight_format(fmt, group, i)
     check_k_major(fmt, k_major)
@@ -169,7 +169,7 @@ def quantize_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str, g
     wg = group_view(w.astype(jnp.float32), fmt, group)
     q = jnp.clip(jnp.round(wg / s[:, None, :]) + zero[:, None, :], qmin, qmax).reshape(i, o)
     if fmt == "int8":
-        return Int8Weight(qweight=q.astype(jnp.int8), scale=s.reshape(o)).with_layout(bool(k_major))
+        return Int8Weight(qweight=q.astype(jnp.int8), scale=s.reshape(o)).with_layout(resolve_k_major(k_major, i, o))
     if fmt == "w8a8":
         return W8A8Weight(qweight=q.astype(jnp.int8).T, scale=s.reshape(o))
     return Int4Weight(packed=pack_int4(q.astype(jnp.int32), group), scale=s.astype(jnp.bfloat16),

@@ -1,13 +1,13 @@
 """Post-training quantization of a whole model, in place, into the formats the kernels run.
 
 Methods (``PTQConfig.method``): ``int8`` weight-only per output channel (``k_major=True``: stored K-major
-``[O, I]``, recorded in the ``quantization`` dict); ``int4`` grouped (``group`` 64/128,
-symmetric or asymmetric); ``w8a8`` with dynamic per-token activation scales (``activations="dynamic"``) or one
-static scale per layer from calibration (``activations="static"``, ``act_stats`` from ``calibrate``).
-``weight_observer`` picks each channel's/group's clip range (absmax = the plain round-to-nearest of
-``quant_formats``), ``act_observer`` the static activation clip. Layers matching ``keep_float`` stay float, as
-do int4 layers whose K is not a multiple of the group when ``keep_indivisible`` is set (an error otherwise);
-the report lists every kept layer and why.
+``[O, I]``; ``k_major="auto"``: per weight, K-major unless I > O; recorded in the ``quantization`` dict);
+``int4`` grouped (``group`` 64/128, symmetric or asymmetric); ``w8a8`` with dynamic per-token activation
+scales (``activations="dynamic"``) or one static scale per layer from calibration (``activations="static"``,
+``act_stats`` from ``calibrate``). ``weight_observer`` picks each channel's/group's clip range (absmax = the
+plain round-to-nearest of ``quant_formats``), ``act_observer`` the static activation clip. Layers matching
+``keep_float`` stay float, as do int4 layers whose K is not a multiple of the group when ``keep_indivisible``
+is set (an error otherwise); the report lists every kept layer and why.
 
 The ``quantization`` dict of the report is what ``save_pretrained(..., quantization=...)`` stores and what
 ``load_orbax`` passes to ``quantize_model`` to rebuild the same structure (kept layers by exact path).
@@ -44,7 +44,7 @@ class PTQConfig:
     act_observer: Observer = Observer()
     keep_float: tuple[str, ...] = ("lm_head",)
     keep_indivisible: bool = False  # int4: keep layers with I % group != 0 float instead of raising
-    k_major: bool = False  # int8 only: qweight stored [O, I] (K-major) instead of [I, O]
+    k_major: bool | str = False  # int8 only: qweight stored [O, I] (K-major); "auto": [O, I] unless I > O
 
     def __post_init__(self):
         if self.method not in WEIGHT_FORMATS:
@@ -57,8 +57,9 @@ class PTQConfig:
             raise PTQError(f"activations={self.activations!r}; allowed: {list(ACTIVATIONS)}")
         if self.activations == "static" and self.method != "w8a8":
             raise PTQError(f"static activation scales are for method 'w8a8' only; got {self.method!r}")
-        if not isinstance(self.k_major, bool):
-            raise PTQError(f"k_major must be a bool; got {self.k_major!r}")
+        if not (isinstance(self.k_major, bool) or self.k_major == "auto"):
+            raise PTQError(f"k_major={self.k_major!r}; allowed: False ([I, O]), True ([O, I], K-major) or 'auto' "
+                           f"(per weight: K-major unless I > O)")
         if self.k_major and self.method != "int8":
             raise PTQError(f"the K-major weight layout ([O, I], k_major) is for method 'int8' only; got "
                            f"{self.method!r}")
@@ -73,7 +74,7 @@ class PTQConfig:
         elif self.method == "w8a8":
             base = f"w8a8_{self.activations}" + (f"_{self.act_observer.name}" if self.activations == "static" else "")
         else:
-            base = "int8_kmajor" if self.k_major else "int8"
+            base = {False: "int8", True: "int8_kmajor", "auto": "int8_auto"}[self.k_major]
         return base + ("" if self.weight_observer.kind == "absmax" else f"_w-{self.weight_observer.name}")
 
 
@@ -168,11 +169,12 @@ def quantize(model: nnx.Module, cfg: PTQConfig, *, act_stats: dict[str, ActStats
 
 def quantization_dict(cfg: PTQConfig, kept_paths: list[str]) -> dict:
     """Keyword arguments of ``quantize_model`` that rebuild the quantized structure (JSON-serializable).
-    ``k_major`` is recorded only when set, so an [I, O] dict (and checkpoint) reads as before; absent = [I, O]."""
+    ``k_major`` (True or ``"auto"``) is recorded only when set, so an [I, O] dict (and checkpoint) reads as before;
+    absent = [I, O]."""
     keep = list(dict.fromkeys(list(cfg.keep_float) + kept_paths))
     out = {"fmt": cfg.method, "group": cfg.group, "symmetric": cfg.symmetric, "keep_float": keep}
     if cfg.k_major:
-        out["k_major"] = True
+        out["k_major"] = cfg.k_major
     if cfg.activations == "static":
         out["static_activations"] = True
     return out
