@@ -12,12 +12,17 @@ XLA transpose K and V of every layer before both products, every step: 160 trans
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.dense_decode_attention import dense_decode_attention
+
 from .config import GLMConfig
 from .model.attention_ops import gqa_attention
+
+DECODE_KERNELS = ("auto", "pallas", "xla")
 
 
 @jax.tree_util.register_dataclass
@@ -28,12 +33,19 @@ class DenseKVCache:
     # First cache row that the queries' rows map to: a prefill of rows r0..r0+b-1 (to bound activation
     # memory) writes and reads only those rows. A traced int32 scalar, so chunks share one compilation.
     row_offset: jax.Array | int = 0
+    # One-token decode steps over all rows: "auto" runs kernels_pallas.dense_decode_attention (the cache write
+    # and the attention in one launch) on a GPU outside a multi-device mesh with a 16-bit cache, XLA elsewhere;
+    # "pallas" always (interpret mode off GPU: tests); "xla" never.
+    decode_kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     @classmethod
-    def create(cls, cfg: GLMConfig, batch: int, max_len: int, dtype) -> "DenseKVCache":
+    def create(cls, cfg: GLMConfig, batch: int, max_len: int, dtype, *,
+               decode_kernel: str = "auto") -> "DenseKVCache":
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel={decode_kernel!r}; allowed: {DECODE_KERNELS}")
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(k=zeros(), v=zeros(), row_offset=jnp.int32(0))
+        return cls(k=zeros(), v=zeros(), row_offset=jnp.int32(0), decode_kernel=decode_kernel)
 
     def with_rows(self, row_offset) -> "DenseKVCache":
         return dataclasses.replace(self, row_offset=jnp.asarray(row_offset, jnp.int32))
@@ -46,9 +58,25 @@ class DenseKVCache:
     def nbytes(cfg: GLMConfig, batch: int, max_len: int, dtype) -> int:
         return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
+    def _decode_kernel_on(self, q) -> bool:
+        if self.decode_kernel != "auto":
+            return self.decode_kernel == "pallas"
+        mesh = jax.sharding.get_abstract_mesh()
+        one_device = mesh.empty or math.prod(mesh.shape.values()) == 1
+        sixteen_bit = jnp.dtype(self.k[0].dtype).itemsize == 2 and jnp.dtype(q.dtype).itemsize == 2
+        return jax.default_backend() == "gpu" and one_device and sixteen_bit and self.max_len % 16 == 0
+
     def attend(self, layer: int, q, k, v, positions, *, scale: float):
-        """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache."""
+        """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache.
+        A one-token step over all rows (rows 0..B-1) may run the fused decode kernel (``decode_kernel``)."""
         b = q.shape[0]
+        if q.shape[1] == 1 and b == self.k[layer].shape[0] and self._decode_kernel_on(q):
+            out, k_all, v_all = dense_decode_attention(
+                q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer], positions[:, 0],
+                scale=scale, interpret=jax.default_backend() != "gpu")
+            new = dataclasses.replace(self, k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
+                                      v=self.v[:layer] + (v_all,) + self.v[layer + 1:])
+            return out[:, None], new
         rows = self.row_offset + jnp.arange(b)[:, None]
         # rows [B, 1] and positions [B, T] index B and S around the K slice: the indexed block is [B, T, K, H].
         k_all = self.k[layer].at[rows, :, positions].set(k.astype(self.k[layer].dtype), mode="drop")
@@ -61,6 +89,6 @@ class DenseKVCache:
         slots = jnp.arange(self.max_len)
         mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
         out = gqa_attention(q, k_rows.astype(q.dtype), v_rows.astype(q.dtype), mask, scale=scale, kv_layout="bksh")
-        new = DenseKVCache(k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
-                           v=self.v[:layer] + (v_all,) + self.v[layer + 1:], row_offset=self.row_offset)
+        new = dataclasses.replace(self, k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
+                                  v=self.v[:layer] + (v_all,) + self.v[layer + 1:])
         return out, new

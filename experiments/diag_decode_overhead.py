@@ -50,7 +50,7 @@ def worker(args):
     model = random_model(cfg, dtype="bfloat16")
     graph, state = StaticGraph.split(model)
     b = args.batch
-    cache = DenseKVCache.create(cfg, b, 640, jnp.bfloat16)
+    cache = DenseKVCache.create(cfg, b, 640, jnp.bfloat16, decode_kernel=args.decode_kernel)
     tok = jnp.zeros((b,), jnp.int32)
     z, zk, o = jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)
     pos = jnp.full((b,), 512, jnp.int32)
@@ -77,7 +77,8 @@ def worker(args):
     x = jax.random.normal(jax.random.key(99), (b, din), jnp.bfloat16)
     f = jax.jit(lambda x, ws: sum(x @ w for w in ws))
     t_gemv = bench_common.time_fn(f, x, ws) / 8
-    res = dict(variant=args.variant, layers=args.layers, batch=b, step_ms=step * 1e3, kernels=kernels,
+    res = dict(variant=args.variant, decode_kernel=args.decode_kernel, layers=args.layers, batch=b,
+               step_ms=step * 1e3, kernels=kernels,
                weight_gb=weight_bytes / 1e9, copy_tb_s=bw / 1e12,
                step_frac_of_roofline=(weight_bytes / bw) / step,
                per_layer_overhead_us=1e6 * (step - weight_bytes / bw) / args.layers,
@@ -90,6 +91,7 @@ def main():
     p.add_argument("--layers", type=int, default=10)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--decode-kernel", default="auto", help="DenseKVCache.decode_kernel: auto, pallas or xla")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -97,7 +99,8 @@ def main():
     for v in args.variants.split(","):
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[v]).strip())
         out = subprocess.run([sys.executable, __file__, "--variant", v, "--layers", str(args.layers),
-                              "--batch", str(args.batch)], env=env, capture_output=True, text=True)
+                              "--batch", str(args.batch), "--decode-kernel", args.decode_kernel],
+                             env=env, capture_output=True, text=True)
         lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         print(lines[0][7:] if lines else f"{v}: failed\n{out.stderr[-2000:]}", flush=True)
 

@@ -109,7 +109,8 @@ def test_prefill_rows():
 @pytest.mark.gpu
 def test_decode_attention_reads_the_dense_cache_without_transposing_it():
     """No transpose in the compiled decode step has a whole cache layer's shape: the [B, K, S, H] layout
-    lets XLA's batched GEMMs read K and V in place ([B, S, K, H] cost 4 cache transposes per layer)."""
+    lets XLA's batched GEMMs read K and V in place ([B, S, K, H] cost 4 cache transposes per layer). The XLA
+    attention path (``decode_kernel="xla"``); the fused kernel, GPU's default, reads the cache itself."""
     import re
 
     cfg = GLMConfig.from_preset("tiny", num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, vocab_size=256)
@@ -118,7 +119,7 @@ def test_decode_attention_reads_the_dense_cache_without_transposing_it():
     from autoglm_jax.kv_cache import DenseKVCache
 
     batch, cache_len = 16, 512
-    hlo = decode_hlo(model, DenseKVCache.create(cfg, batch, cache_len, model.dtype), position=3)
+    hlo = decode_hlo(model, DenseKVCache.create(cfg, batch, cache_len, model.dtype, decode_kernel="xla"), position=3)
     elems = batch * cache_len * cfg.num_kv_heads * cfg.head_dim
     shapes = [m.group(1) for m in re.finditer(r"= \w+\[([\d,]+)\]\S* transpose\(", hlo)]
     big = [s for s in shapes if np.prod([int(d) for d in s.split(",")]) >= elems]

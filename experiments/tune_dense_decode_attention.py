@@ -1,0 +1,113 @@
+"""Tile sweep for the fused dense decode attention (kernels_pallas/dense_decode_attention.py); GPU only.
+
+For each batch size, GLM-4-9B heads (32 query, 2 KV, head_dim 128) over a ``--max-len``-slot cache with every row at
+position ``--position``: time ``--layers`` distinct layers (own caches, donated and threaded through) unrolled in one
+jit, for every (splits, block_s, num_warps, num_stages) candidate and for the XLA path (the reference: scatter writes,
+batched GEMMs, softmax), and keep the fastest kernel config per batch in
+``kernels_pallas/tuned/dense_decode_attention.json`` (entries of other devices and batches are kept).
+
+    python experiments/tune_dense_decode_attention.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from experiments import bench_common  # noqa: E402
+from kernels_pallas import dense_decode_attention as dda  # noqa: E402
+
+N, K, H = 32, 2, 128
+
+
+def time_layers(fn, q, kn, vn, caches, pos, reps: int = 30) -> float:
+    """Seconds per layer: ``fn`` applied to each layer's (donated) caches in one jit."""
+    def step(q, kn, vn, caches, pos):
+        outs, new = [], []
+        for ck, cv in caches:
+            o, ck, cv = fn(q, kn, vn, ck, cv, pos)
+            outs.append(o)
+            new.append((ck, cv))
+        return sum(o.astype(jnp.float32) for o in outs), new
+
+    f = jax.jit(step, donate_argnums=(3,))
+    for _ in range(3):
+        out, caches = f(q, kn, vn, caches, pos)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out, caches = f(q, kn, vn, caches, pos)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / reps / len(caches))
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--max-len", type=int, default=640)
+    ap.add_argument("--position", type=int, default=576, help="every row's position (the mean of a 512 + 128 run)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", default=str(dda.TUNED_PATH.parent))
+    args = ap.parse_args()
+    dev = jax.devices()[0].device_kind
+    bw = bench_common.measure_copy_bandwidth(2 << 30)
+    rows, best = [], {}
+    for b in args.batch:
+        key = jax.random.key(b)
+        kq, kk, kv, kc = jax.random.split(key, 4)
+        q = jax.random.normal(kq, (b, N, H), jnp.float32).astype(jnp.bfloat16)
+        kn = jax.random.normal(kk, (b, K, H), jnp.float32).astype(jnp.bfloat16)
+        vn = jax.random.normal(kv, (b, K, H), jnp.float32).astype(jnp.bfloat16)
+        pos = jnp.full((b,), args.position, jnp.int32)
+        nbytes = 2 * b * K * (args.position + 1) * H * 2  # keys and values read (the cache as far as attended)
+        cands = [dict(splits=s, block_s=bs, num_warps=w, num_stages=st)
+                 for s, bs, w, st in itertools.product((1, 2, 4, 8), (32, 64, 128), (4, 8), (2, 3))]
+        paths = [("xla", None)] + [("kernel", c) for c in cands]
+        for name, c in paths:
+            caches = [(jax.random.normal(jax.random.fold_in(kc, 2 * i), (b, K, args.max_len, H)).astype(jnp.bfloat16),
+                       jax.random.normal(jax.random.fold_in(kc, 2 * i + 1), (b, K, args.max_len, H)).astype(jnp.bfloat16))
+                      for i in range(args.layers)]
+            fn = ((lambda *a: dda.dense_decode_attention(*a, backend="reference")) if c is None else
+                  (lambda *a, c=c: dda.dense_decode_attention(*a, **c)))
+            try:
+                t = time_layers(fn, q, kn, vn, caches, pos)
+            except Exception as e:  # noqa: BLE001 - an illegal tile is reported and skipped
+                print(f"skip b{b} {c}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            row = dict(batch=b, path=name, config=c, us=t * 1e6, frac_bw=nbytes / t / bw)
+            rows.append(row)
+            print(f"b{b} {name} {c} {t * 1e6:.1f} us ({row['frac_bw']:.2f} of copy bandwidth)", flush=True)
+            if c is not None and (b not in best or t < best[b][0]):
+                best[b] = (t, c)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = list(dda.load_table())
+    kind = dda.device_kind(dev)
+    table = [e for e in table if not (e["device"] == kind and e["batch"] in best)]
+    table += [dict(device=kind, batch=b, max_len=args.max_len, us=round(t * 1e6, 2), blocks=c)
+              for b, (t, c) in sorted(best.items())]
+    (out / dda.TUNED_PATH.name).write_text(json.dumps(
+        {"_doc": "Written by experiments/tune_dense_decode_attention.py: per device kind, the fastest block sizes "
+                 "per batch; lookup takes the nearest batch.", "entries": table}, indent=1))
+    (out / "dense_decode_attention_sweep.json").write_text(json.dumps(
+        dict(device=dev, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=bench_common.versions(), copy_bw_tbs=bw / 1e12,
+             max_len=args.max_len, position=args.position, rows=rows), indent=1))
+    for b, (t, c) in sorted(best.items()):
+        x = next((r["us"] for r in rows if r["batch"] == b and r["path"] == "xla"), float("nan"))
+        print(f"batch {b}: best {c} {t * 1e6:.1f} us; XLA path {x:.1f} us ({x / (t * 1e6):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
