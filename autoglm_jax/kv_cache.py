@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.dense_decode_attention import dense_decode_attention
+from sharding.kernels import sharded_dense_decode_attention
 
 from .config import GLMConfig
 from .model.attention_ops import gqa_attention
@@ -34,8 +35,8 @@ class DenseKVCache:
     # memory) writes and reads only those rows. A traced int32 scalar, so chunks share one compilation.
     row_offset: jax.Array | int = 0
     # One-token decode steps over all rows: "auto" runs kernels_pallas.dense_decode_attention (the cache write
-    # and the attention in one launch) on a GPU outside a multi-device mesh with a 16-bit cache, XLA elsewhere;
-    # "pallas" always (interpret mode off GPU: tests); "xla" never.
+    # and the attention in one launch; per shard under a multi-device mesh) on a GPU with a 16-bit cache, XLA
+    # elsewhere; "pallas" always (interpret mode off GPU: tests); "xla" never.
     decode_kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     @classmethod
@@ -61,19 +62,25 @@ class DenseKVCache:
     def _decode_kernel_on(self, q) -> bool:
         if self.decode_kernel != "auto":
             return self.decode_kernel == "pallas"
-        mesh = jax.sharding.get_abstract_mesh()
-        one_device = mesh.empty or math.prod(mesh.shape.values()) == 1
         sixteen_bit = jnp.dtype(self.k[0].dtype).itemsize == 2 and jnp.dtype(q.dtype).itemsize == 2
-        return jax.default_backend() == "gpu" and one_device and sixteen_bit and self.max_len % 16 == 0
+        return jax.default_backend() == "gpu" and sixteen_bit and self.max_len % 16 == 0
+
+    @staticmethod
+    def _fused_decode(q, k, v, cache_k, cache_v, positions, scale):
+        """The fused kernel, per shard under a multi-device mesh (``sharding.kernels``)."""
+        kw = dict(scale=scale, interpret=jax.default_backend() != "gpu")
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or math.prod(mesh.shape.values()) == 1:
+            return dense_decode_attention(q, k, v, cache_k, cache_v, positions, **kw)
+        return sharded_dense_decode_attention(mesh, q, k, v, cache_k, cache_v, positions, **kw)
 
     def attend(self, layer: int, q, k, v, positions, *, scale: float):
         """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache.
         A one-token step over all rows (rows 0..B-1) may run the fused decode kernel (``decode_kernel``)."""
         b = q.shape[0]
         if q.shape[1] == 1 and b == self.k[layer].shape[0] and self._decode_kernel_on(q):
-            out, k_all, v_all = dense_decode_attention(
-                q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer], positions[:, 0],
-                scale=scale, interpret=jax.default_backend() != "gpu")
+            out, k_all, v_all = self._fused_decode(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer],
+                                                   positions[:, 0], scale)
             new = dataclasses.replace(self, k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
                                       v=self.v[:layer] + (v_all,) + self.v[layer + 1:])
             return out[:, None], new

@@ -116,3 +116,24 @@ def test_dense_cache_decode_kernel_equals_xla_path():
     np.testing.assert_array_equal(toks["pallas"], toks["xla"])
     with pytest.raises(ValueError, match="decode_kernel="):
         DenseKVCache.create(cfg, 1, 128, jnp.bfloat16, decode_kernel="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
+def test_sharded_over_two_gpus_matches_reference():
+    """sharding.kernels.sharded_dense_decode_attention on a tensor-2 mesh: each GPU runs the kernel on its KV head."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sharding import make_mesh
+    from sharding.kernels import sharded_dense_decode_attention
+
+    mesh = make_mesh(tensor=2)
+    case = (8, 32, 2, 128, 256, tuple(range(100, 108)), None, 64)
+    q, kn, vn, ck, cv, pos = make(case, 11)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    args = (put(q, P(None, "tensor", None)), put(kn, P(None, "tensor", None)), put(vn, P(None, "tensor", None)),
+            put(ck, P(None, "tensor", None, None)), put(cv, P(None, "tensor", None, None)), put(pos, P()))
+    out, nk, _ = jax.jit(lambda *a: sharded_dense_decode_attention(mesh, *a, scale=128 ** -0.5))(*args)
+    ref_out, ref_k, _ = dense_decode_attention_reference(q, kn, vn, ck, cv, pos, scale=128 ** -0.5)
+    assert np.abs(np.asarray(out, np.float32) - np.asarray(ref_out, np.float32)).max() < 2e-2
+    np.testing.assert_array_equal(np.asarray(nk, np.float32), np.asarray(ref_k, np.float32))

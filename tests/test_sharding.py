@@ -216,3 +216,27 @@ def test_tensor_parallel_decode_step_has_two_all_reduces_per_layer(model):
     table = CFG.vocab_size * CFG.hidden_size
     for shape in re.findall(r"= \(?\w+\[([\d,]+)\][^=]*all-gather(?:-start)?\(", hlo):
         assert np.prod([int(d) for d in shape.split(",")]) < table // 4, shape
+
+
+@pytest.mark.parametrize("name", ["tensor2", "tensor4", "data2xtensor4"])
+def test_fused_decode_kernel_per_shard_matches_single_device(name, model, reference, monkeypatch):
+    """DenseKVCache(decode_kernel="pallas") under a mesh runs the fused decode kernel per shard
+    (sharding.kernels.sharded_dense_decode_attention; interpret mode here): the single-device greedy tokens."""
+    import autoglm_jax.kv_cache as kv_cache
+    from autoglm_jax.generate import decode_stream
+    from sharding import cache_shardings
+
+    traced = []
+    real = kv_cache.sharded_dense_decode_attention
+    monkeypatch.setattr(kv_cache, "sharded_dense_decode_attention",
+                        lambda mesh, *a, **kw: traced.append(dict(mesh.shape)) or real(mesh, *a, **kw))
+
+    mesh = make_mesh(**MESHES[name])
+    sm = shard_model(model, mesh)
+    make = lambda: DenseKVCache.create(sm.cfg, len(PROMPTS), 128, jnp.float32, decode_kernel="pallas")
+    cache = jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), mesh))()
+    steps = decode_stream(sm, PROMPTS, GenerationConfig(max_new_tokens=4, eos_token_ids=()), cache=cache)
+    tokens = np.stack([np.asarray(t) for t in steps], axis=1).tolist()
+    assert tokens == reference[2]
+    # every traced decode step (a first and a steady-state one) ran it in each layer
+    assert traced and len(traced) % CFG.num_layers == 0 and traced[0]["tensor"] == MESHES[name]["tensor"]
