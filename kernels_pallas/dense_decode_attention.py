@@ -4,9 +4,9 @@ Public: ``dense_decode_attention`` (dispatch), ``dense_decode_attention_referenc
 
 One query token per sequence: q [B, N, H] at positions [B] (the new token's slot); k_new, v_new [B, K, H] (RoPE
 applied, the cache's dtype); caches [B, K, S, H], slot ``s`` of row ``b`` holding position ``s``. Returns
-``(out [B, N, H], cache_k, cache_v)`` with ``k_new``/``v_new`` written at slot ``positions[b]`` (dropped when
-``positions[b] >= S``, as XLA's scatter with ``mode="drop"``, and then not attended), the query attending to
-slots ``0..positions[b]``.
+``(out [B, N, H], cache_k, cache_v)`` with ``k_new``/``v_new`` written at slot ``positions[b]`` (positions are
+>= 0; the write is dropped when ``positions[b] >= S``, and the new token then not attended), the query attending
+to slots ``0..positions[b]``.
 
 GPU kernel (Pallas, Triton lowering; grid (B, K, splits)): program (b, k, s) loads the G query heads of kv head k
 once ([G, H], G padded to 16 rows for the tensor cores) and streams ``block_s`` cached keys/values at a time
@@ -87,7 +87,8 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *refs, splits: int, 
     o_ref, lse_ref, kc_out, vc_out = refs[2:] if poisoned else refs  # poisoned: two input views of o, lse first
     b, s = pl.program_id(0), pl.program_id(2)
     p = pos_ref[b]
-    length = jnp.minimum(p, max_len)  # cached slots 0..length-1 are attended from the cache
+    length = jnp.clip(p, 0, max_len)  # cached slots 0..length-1 are attended from the cache
+    lands = (p >= 0) & (p < max_len)  # the new row's write lands in the cache (else it is dropped)
     chunk = pl.cdiv(pl.cdiv(length, splits), block_s) * block_s  # block-aligned: no load crosses the cache end
     start = s * chunk
     end = jnp.minimum(start + chunk, length)
@@ -117,7 +118,7 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *refs, splits: int, 
     kn = kn_ref[...].astype(jnp.float32)  # [H]
     vn = vn_ref[...].astype(jnp.float32)
     logit = jnp.sum(q.astype(jnp.float32) * kn[None, :], axis=1) * scale  # [G16]
-    logit = jnp.where((s == splits - 1) & (p < max_len), logit, MASK_VALUE)
+    logit = jnp.where((s == splits - 1) & lands, logit, MASK_VALUE)
     m_new = jnp.maximum(m, logit)
     alpha, pn = jnp.exp(m - m_new), jnp.exp(logit - m_new)
     acc = acc * alpha[:, None] + pn[:, None] * vn.astype(vc_ref.dtype).astype(jnp.float32)[None, :]
@@ -126,8 +127,8 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *refs, splits: int, 
     o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(l > 0, m_new + jnp.log(safe), MASK_VALUE)
     # the new row, written by every split (the same bytes); dropped past the cache
-    row = jnp.full((1, h), p < max_len)
-    at = jnp.minimum(p, max_len - 1)
+    row = jnp.full((1, h), lands)
+    at = jnp.clip(p, 0, max_len - 1)
     pltriton.store(kc_out.at[pl.ds(at, 1), :], kn_ref[...][None, :].astype(kc_out.dtype), mask=row)
     pltriton.store(vc_out.at[pl.ds(at, 1), :], vn_ref[...][None, :].astype(vc_out.dtype), mask=row)
 
