@@ -85,7 +85,7 @@ class GLMConfig:
 
     def num_params(self) -> int:
         d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        n, k = self.num_heads, self.num_kv_heads
+        n = self.num_heads
         attn = d * self.qkv_size + (self.qkv_size if self.attention_bias else 0) + n * h * d
         mlp = d * 2 * f + f * d
         norms = d * (4 if self.post_norms else 2)

@@ -122,7 +122,7 @@ def param_bytes(cfg: GLMConfig, *, dtype: str, quant=None, tensor: int = 1) -> d
     t = _tensor(tensor)
     cfg = _tp_config(cfg, t)
     d, f, v, h = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    n, k, layers = cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
+    n, layers = cfg.num_heads, cfg.num_layers
 
     def linear(name, i, o):
         return q.linear_bytes(i, o) if q is not None and name in q.targets else i * o * a

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 
