@@ -72,8 +72,12 @@ def _pallas_candidates(fmt: str, m: int) -> list[TileConfig]:
                 T("dot", bm, 128, 64, 8, 4, 4), XLA]
     if m <= 128:
         return [T("dot", 64, 128, 128, 2, 4, 4), T("dot", 128, 128, 64, 1, 8, 3), T("dot", 64, 128, 64, 4, 4, 4), XLA]
-    return [T("dot", 128, 128, 64, 1, 8, 3), T("dot", 128, 256, 64, 1, 8, 3), T("dot", 128, 128, 128, 1, 8, 3),
-            T("dot", 64, 128, 64, 1, 4, 4), XLA]
+    large = [T("dot", 128, 128, 64, 1, 8, 3), T("dot", 128, 256, 64, 1, 8, 3), T("dot", 128, 128, 128, 1, 8, 3),
+             T("dot", 64, 128, 64, 1, 4, 4), XLA]
+    if fmt == "w8a8":  # int8 tensor cores: a narrow N (o, down: 4096) leaves one wave of 128 programs; split K
+        large[-1:-1] = [T("dot", 128, 128, 128, 2, 8, 3), T("dot", 128, 128, 128, 4, 8, 3),
+                        T("dot", 128, 256, 128, 2, 8, 3), T("dot", 64, 128, 128, 2, 4, 4)]
+    return large
 
 
 def entries_from_bench(path: str, table: list[dict], margin: float = 0.9) -> list[dict]:
