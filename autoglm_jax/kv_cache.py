@@ -81,9 +81,7 @@ class DenseKVCache:
         if q.shape[1] == 1 and b == self.k[layer].shape[0] and self._decode_kernel_on(q):
             out, k_all, v_all = self._fused_decode(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer],
                                                    positions[:, 0], scale)
-            new = dataclasses.replace(self, k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
-                                      v=self.v[:layer] + (v_all,) + self.v[layer + 1:])
-            return out[:, None], new
+            return out[:, None], self._with_layer(layer, k_all, v_all)
         rows = self.row_offset + jnp.arange(b)[:, None]
         # rows [B, 1] and positions [B, T] index B and S around the K slice: the indexed block is [B, T, K, H].
         k_all = self.k[layer].at[rows, :, positions].set(k.astype(self.k[layer].dtype), mode="drop")
@@ -96,6 +94,9 @@ class DenseKVCache:
         slots = jnp.arange(self.max_len)
         mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
         out = gqa_attention(q, k_rows.astype(q.dtype), v_rows.astype(q.dtype), mask, scale=scale, kv_layout="bksh")
-        new = dataclasses.replace(self, k=self.k[:layer] + (k_all,) + self.k[layer + 1:],
-                                  v=self.v[:layer] + (v_all,) + self.v[layer + 1:])
-        return out, new
+        return out, self._with_layer(layer, k_all, v_all)
+
+    def _with_layer(self, layer: int, k, v) -> "DenseKVCache":
+        """This cache with layer ``layer``'s K and V replaced."""
+        return dataclasses.replace(self, k=self.k[:layer] + (k,) + self.k[layer + 1:],
+                                   v=self.v[:layer] + (v,) + self.v[layer + 1:])

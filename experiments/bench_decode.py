@@ -43,8 +43,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common  # noqa: E402
 
-INT8_LAYOUTS = {"kn": False, "nk": True, "auto": "auto"}  # --int8-layout -> quantize_model's k_major
-
 
 def _jax_worker(args) -> dict:
     import jax
@@ -63,6 +61,7 @@ def _jax_worker(args) -> dict:
     layout = args.int8_layout
     if args.quant != "none":
         from autoglm_jax.model.quantized_linear import quantize_model
+        from autoglm_jax.quant.cli import INT8_LAYOUTS  # --int8-layout -> quantize_model's k_major
         keep = tuple(x for x in args.keep_float.split(",") if x)
         quantize_model(model, fmt=args.quant, k_major=INT8_LAYOUTS[layout], keep_float=keep)  # in place
     jax.block_until_ready(nnx.state(model))
@@ -238,6 +237,8 @@ def main(argv=None):
     p.add_argument("--worker", choices=["jax", "hf", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from autoglm_jax.quant.cli import INT8_LAYOUTS
+
     if args.int8_layout not in INT8_LAYOUTS:
         p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default), 'nk' (K-major [N, K]) or "
                 f"'auto' (per weight: nk unless K > N)")

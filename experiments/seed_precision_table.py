@@ -39,7 +39,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_common  # noqa: E402
-import bench_decode  # noqa: E402
 
 # variant -> (float dtype, quantization format or "none")
 VARIANTS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "fp16": ("float16", "none"),
@@ -55,6 +54,8 @@ def _tag(variant: str, int8_layout: str) -> str:
 
 
 def _worker(variant: str, args) -> dict:
+    import bench_decode
+
     dtype, quant = VARIANTS[variant]
     layout = args.int8_layout if quant == "int8" else "kn"
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
@@ -93,7 +94,9 @@ def main(argv=None):
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.int8_layout not in bench_decode.INT8_LAYOUTS:
+    from autoglm_jax.quant.cli import INT8_LAYOUTS
+
+    if args.int8_layout not in INT8_LAYOUTS:
         p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default), 'nk' (K-major [N, K]) or "
                 f"'auto' (per weight: nk unless K > N)")
     if args.worker:

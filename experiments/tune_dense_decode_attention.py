@@ -94,9 +94,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = list(dda.load_table())
-    kind = dda.device_kind(dev)
-    table = [e for e in table if not (e["device"] == kind and e["batch"] in best)]
-    table += [dict(device=kind, batch=b, max_len=args.max_len, us=round(t * 1e6, 2), blocks=c)
+    table = [e for e in table if not (e["device"] == dev and e["batch"] in best)]
+    table += [dict(device=dev, batch=b, max_len=args.max_len, us=round(t * 1e6, 2), blocks=c)
               for b, (t, c) in sorted(best.items())]
     (out / dda.TUNED_PATH.name).write_text(json.dumps(
         {"_doc": "Written by experiments/tune_dense_decode_attention.py: per device kind, the fastest block sizes "

@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .paged_attention import device_kind
+
 MASK_VALUE = -1e30  # finite: an empty split stays NaN-free
 BACKENDS = ("triton", "reference")
 _TARGET_PROGRAMS = 264  # about two per SM of an H100 (132 SMs)
@@ -50,10 +52,6 @@ def load_table(path: str = str(TUNED_PATH)) -> tuple:
         return tuple(json.loads(Path(path).read_text()).get("entries", ()))
     except FileNotFoundError:
         return ()
-
-
-def device_kind(kind: str | None = None) -> str:
-    return kind or jax.devices()[0].device_kind
 
 
 def tuned_blocks(batch: int) -> dict:

@@ -265,11 +265,16 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True) -> Int4Weight:
 K_MAJOR_CHOICES = (False, True, "auto")
 
 
+def check_k_major_choice(k_major) -> None:
+    """Raises ``QuantFormatError`` unless ``k_major`` is one of ``K_MAJOR_CHOICES`` (bools by identity)."""
+    _check(any(k_major is c or (isinstance(c, str) and k_major == c) for c in K_MAJOR_CHOICES),
+           f"k_major={k_major!r}; allowed: False ([I, O]), True ([O, I]) or 'auto' (per weight by shape)")
+
+
 def check_k_major(fmt: str, k_major: bool | str) -> None:
     """Raises ``QuantFormatError`` unless ``k_major`` is one of ``K_MAJOR_CHOICES`` and, when not False, ``fmt``
     is int8."""
-    _check(any(k_major is c or (isinstance(c, str) and k_major == c) for c in K_MAJOR_CHOICES),
-           f"k_major={k_major!r}; allowed: False ([I, O]), True ([O, I]) or 'auto' (per weight by shape)")
+    check_k_major_choice(k_major)
     _check(not k_major or fmt == "int8", f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
 
 
@@ -277,8 +282,7 @@ def resolve_k_major(k_major: bool | str, in_features: int, out_features: int) ->
     """The int8 storage of one ``[I, O]`` weight: True / False as given; ``"auto"``: K-major (``[O, I]``) unless
     ``I > O``. On the H100 XLA's int8 dot read the wide K-major weights (qkv, o, gate_up) and the tall ``[I, O]``
     down_proj (13696 -> 4096) fastest at decode sizes (experiments/results/qmatmul_h100_notes.md)."""
-    _check(any(k_major is c or (isinstance(c, str) and k_major == c) for c in K_MAJOR_CHOICES),
-           f"k_major={k_major!r}; allowed: False ([I, O]), True ([O, I]) or 'auto' (per weight by shape)")
+    check_k_major_choice(k_major)
     return in_features <= out_features if k_major == "auto" else bool(k_major)
 
 

@@ -1,8 +1,9 @@
 """Pallas kernels per shard: ``shard_map`` wrappers that run a kernel on each device's slice.
 
 The paged attention kernels (kernels_pallas/paged_attention.py: decode; ragged_paged_attention.py: chunked
-prefill) and the fused dense decode attention (dense_decode_attention.py, over the dense [B, K, S, H] cache) run with the paged KV cache sharded over KV heads (pages [K, P, L, H] split on K over the tensor
-axis) and the query heads split the same way, so device g runs the kernel on its N/t query heads and K/t KV
+prefill) run with the paged KV cache sharded over KV heads (pages [K, P, L, H] split on K over the tensor
+axis), the fused dense decode attention (dense_decode_attention.py) with the dense [B, K, S, H] cache split the
+same way, and the query heads split alike, so device g runs the kernel on its N/t query heads and K/t KV
 heads -- no communication (GQA keeps query head n with KV head n // G, and both splits are contiguous).
 Page tables, lengths and query offsets are replicated. Use them with a ``shard_model`` model (K' = max(K, t)
 KV heads; ``partition.paged_cache_sharding`` places the pages).
@@ -72,16 +73,15 @@ def sharded_dense_decode_attention(mesh, q, k_new, v_new, cache_k, cache_v, posi
     active AbstractMesh. Returns (out [B, N, H], cache_k, cache_v) sharded the same way."""
     from kernels_pallas.dense_decode_attention import check_inputs, dense_decode_attention
 
+    from .partition import DENSE_CACHE_AXES
     from .rules import logical_to_spec
 
     check_inputs(q, k_new, v_new, cache_k, cache_v, positions)
+    # K a multiple of the tensor degree: the rules split the caches' KV heads with the query heads
     _check_heads("sharded_dense_decode_attention", mesh, q.shape[1], cache_k.shape[1])
     shape = dict(mesh.shape)
-    cache = logical_to_spec(("batch", "kv_heads", "sequence", None), cache_k.shape, shape)
-    if len(cache) > 1 and cache[1] is None and shape.get(TENSOR, 1) > 1:
-        raise MeshError(f"sharded_dense_decode_attention: the caches' KV heads K={cache_k.shape[1]} are not split "
-                        f"over the tensor axis (degree {shape[TENSOR]}); shard_model repeats them to a multiple")
     spec = lambda names, x: logical_to_spec(names, x.shape, shape)
+    cache = spec(DENSE_CACHE_AXES, cache_k)
     heads, kv = spec(("batch", "heads", None), q), spec(("batch", "kv_heads", None), k_new)
     pos = spec(("batch",), positions)
     body = lambda *a: dense_decode_attention(*a, **kernel_kwargs)

@@ -225,9 +225,12 @@ def _mesh_of(tree) -> Mesh:
 
 
 # ------------------------------------------------------------------------------------ caches
+DENSE_CACHE_AXES = ("batch", "kv_heads", "sequence", None)  # a dense KV cache layer [B, K, S, H]
+
+
 def kv_cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Dense KV cache layer [B, K, S, H]: batch over (data, fsdp), KV heads over tensor (when they divide)."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "kv_heads", "sequence", None), shape, mesh_shape(mesh)))
+    return NamedSharding(mesh, logical_to_spec(DENSE_CACHE_AXES, shape, mesh_shape(mesh)))
 
 
 def cache_shardings(cache, mesh: Mesh):

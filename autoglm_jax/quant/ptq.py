@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.quant_formats import QuantFormatError, check_k_major_choice
+
 from ..model.linear import Linear
 from ..model.quantized_linear import QuantizedLinear
 from .calibrate import iter_linears, matches, set_child
@@ -57,9 +59,10 @@ class PTQConfig:
             raise PTQError(f"activations={self.activations!r}; allowed: {list(ACTIVATIONS)}")
         if self.activations == "static" and self.method != "w8a8":
             raise PTQError(f"static activation scales are for method 'w8a8' only; got {self.method!r}")
-        if not (isinstance(self.k_major, bool) or self.k_major == "auto"):
-            raise PTQError(f"k_major={self.k_major!r}; allowed: False ([I, O]), True ([O, I], K-major) or 'auto' "
-                           f"(per weight: K-major unless I > O)")
+        try:
+            check_k_major_choice(self.k_major)
+        except QuantFormatError as e:
+            raise PTQError(str(e)) from None
         if self.k_major and self.method != "int8":
             raise PTQError(f"the K-major weight layout ([O, I], k_major) is for method 'int8' only; got "
                            f"{self.method!r}")
