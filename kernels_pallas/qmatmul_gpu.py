@@ -13,6 +13,12 @@ together and the tile is read from DRAM once. Columns past N are masked on load 
 x is padded to a multiple of ``block_m`` by the caller. Scales (and zero points) are applied per output
 channel (int8) or per group (int4) to the float32 accumulator.
 
+int4 with ``asm_dequant``: the packed bytes become bfloat16 pairs in PTX (``_int4_planes``: per four bytes two
+``prmt``, four ``lop3`` with the bf16 magic number 128, two shifts and four ``fma.bf16x2``: about 1.5
+instructions a weight, against about 4 for the float32 bit tricks), the tensor-core operand as it is. An
+asymmetric weight's zero point is then taken out once per group and column (``s * (x.u - z * sum(x))``) instead
+of per weight. Interpret mode (no PTX on the CPU) computes the same values with ``jnp``.
+
 This file knows nothing of dispatch; ``quantized_matmul.py`` validates inputs and picks the config.
 """
 
@@ -48,6 +54,40 @@ def _nibble_minus(u, z, fast: bool):
     return lax.bitcast_convert_type(u | _MAGIC, jnp.float32) - (_TWO23 + z)
 
 
+_ASM_NIBBLES = """{
+.reg .b32 t0, t1, zero, one, neg;
+mov.b32 zero, 0;
+mov.b32 one, 0x3F803F80;
+mov.b32 neg, NEG;
+prmt.b32 t0, $2, zero, 0x4140;
+prmt.b32 t1, $2, zero, 0x4342;
+SHIFT
+lop3.b32 t0, t0, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, t0, one, neg;
+fma.rn.bf16x2 $1, t1, one, neg;
+}"""
+# Four packed bytes ($2; byte i is element i) -> their low (or, with SHIFT, high) nibbles as two bf16x2
+# registers ($0, $1). prmt spreads bytes (0, 1) and (2, 3) into 16-bit lanes; lop3 computes (t & 0xF) | 0x4300,
+# the bfloat16 128 + u (exact: the spacing of bf16 at 128 is 1); the fma adds NEG = -(128 + offset). One asm
+# per plane: the Pallas Triton lowering takes single-result inline asm only (jax 0.11); ptxas shares the prmt.
+_NEG_BITS = {8: "0xC308C308", 0: "0xC300C300"}  # bf16 -136 and -128, twice
+_SHIFT = {"lo": "", "hi": "shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;"}
+
+
+def _int4_planes(p, offset: int, interpret: bool):
+    """packed uint8 tile [R, BN] -> (lo, hi) bfloat16 tiles [R, BN] of ``u - offset`` (exact; offset 8 or 0)."""
+    if interpret:
+        lo = ((p & 0xF).astype(jnp.float32) - offset).astype(jnp.bfloat16)
+        hi = ((p >> 4).astype(jnp.float32) - offset).astype(jnp.bfloat16)
+        return lo, hi
+    out = jax.ShapeDtypeStruct(p.shape, jnp.bfloat16)
+    asm = _ASM_NIBBLES.replace("NEG", _NEG_BITS[offset])
+    return tuple(pltriton.elementwise_inline_asm(asm.replace("SHIFT", _SHIFT[plane]), args=[p],
+                                                 constraints="=r,=r,r", pack=4, result_shape_dtypes=[out])[0]
+                 for plane in ("lo", "hi"))
+
+
 def _gemv_loop(steps, step, load, zero, prefetch: bool):
     """The GEMV reduction over ``steps`` K tiles: ``acc = step(i, acc, load(i))`` on a [rows, BN] float32
     accumulator, summed over rows to [1, BN]. With ``prefetch`` the load of tile i + 1 is issued before the
@@ -60,7 +100,7 @@ def _gemv_loop(steps, step, load, zero, prefetch: bool):
 
 
 def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group: int, has_zero: bool,
-            aliased: bool = False):
+            aliased: bool = False, interpret: bool = False):
     if aliased:  # the poisoned output buffer passed in (refs[-2]) is the output itself; drop the input view
         refs = refs[:-2] + refs[-1:]
     if fmt == "w8a8":
@@ -126,15 +166,23 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
             return p, load_row(s_ref, g), (load_row(z_ref, g) if z_ref is not None else None)
 
         def group_terms(raw):
+            """-> (lo, hi, s, z): the two nibble planes as floats and the group's scale; z is the zero point
+            still to take out (asm, asymmetric: the planes hold u), else None (the planes hold u - z)."""
             p, s, z = raw
+            if cfg.asm_dequant:
+                lo, hi = _int4_planes(p, 0 if z is not None else 8, interpret)
+                return lo, hi, s, z
             p = p.astype(jnp.int32)
-            z = 8.0 if z is None else z
-            return _nibble_minus(p & 0xF, z, fast), _nibble_minus(p >> 4, z, fast), s
+            zf = 8.0 if z is None else z
+            return _nibble_minus(p & 0xF, zf, fast), _nibble_minus(p >> 4, zf, fast), s, None
 
         if cfg.kernel == "gemv":
             def step(i, acc, raws):
                 for j in range(gps):
-                    lo, hi, s = group_terms(raws[j])
+                    lo, hi, s, z = group_terms(raws[j])
+                    lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+                    if z is not None:
+                        lo, hi = lo - z, hi - z
                     k0 = pl.multiple_of(((first + i) * gps + j) * group, group)
                     xl = x_ref[0, pl.ds(k0, g2)].astype(jnp.float32)
                     xh = x_ref[0, pl.ds(k0 + g2, g2)].astype(jnp.float32)
@@ -147,12 +195,16 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
             def body(i, acc):
                 for j in range(gps):
                     g = (first + i) * gps + j
-                    lo, hi, s = group_terms(load_group(g))
+                    lo, hi, s, z = group_terms(load_group(g))
                     k0 = pl.multiple_of(g * group, group)
                     xl = x_ref[:, pl.ds(k0, g2)]
                     xh = x_ref[:, pl.ds(k0 + g2, g2)]
                     part = (jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
                             + jnp.dot(xh, hi.astype(xh.dtype), preferred_element_type=jnp.float32))
+                    if z is not None:  # sum_k x (u - z) = x.u - z * sum_k x, per row and column
+                        xsum = (jnp.sum(xl.astype(jnp.float32), axis=1, keepdims=True)
+                                + jnp.sum(xh.astype(jnp.float32), axis=1, keepdims=True))
+                        part = part - xsum * z
                     acc = acc + part * s
                 return acc
             acc = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.float32))
@@ -164,6 +216,8 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     """x: [Mp, K] (int8 for W8A8 with sx [Mp, 1] float32, else float with sx None), Mp a multiple of
     ``cfg.block_m``; w: a validated format -> [Mp, N] in ``out_dtype`` (split_k == 1) or float32 partial
     sums [split_k, Mp, N]. An ``Int8Weight`` must be stored [K, N] (not K-major)."""
+    if cfg.asm_dequant and not isinstance(w, Int4Weight):
+        raise ValueError(f"TileConfig.asm_dequant is for Int4Weight only; got {type(w).__name__}")
     if isinstance(w, Int8Weight) and w.k_major:
         raise QuantFormatError("the Pallas GPU kernel takes an Int8Weight stored [K, N] only; got a K-major "
                                "[N, K] one (quantized_matmul serves it on XLA's int8 dot)")
@@ -196,7 +250,8 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
         aliases = {len(operands): 0}
         operands, specs = operands + [out], specs + [out_spec]
     kernel = functools.partial(_kernel, fmt=fmt, cfg=cfg, n_total=n, k_total=k, group=group,
-                               has_zero=fmt == "int4" and w.zero is not None, aliased=out is not None)
+                               has_zero=fmt == "int4" and w.zero is not None, aliased=out is not None,
+                               interpret=interpret)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=specs, out_specs=out_spec,
         input_output_aliases=aliases,

@@ -32,7 +32,8 @@ class TileConfig:
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
     step (int4: a multiple of the group), split_k programs along K (partial sums reduced by XLA),
     num_warps / num_stages for the Triton compiler, fast_dequant: int -> float by exponent bit tricks
-    instead of int-to-float converts, prefetch (gemv): load step i + 1 before the math of step i.
+    instead of int-to-float converts, prefetch (gemv): load step i + 1 before the math of step i,
+    asm_dequant (int4 only): nibbles -> bfloat16 pairs in PTX (``qmatmul_gpu._int4_planes``).
     """
 
     kernel: str = "dot"
@@ -44,6 +45,7 @@ class TileConfig:
     num_stages: int = 3
     fast_dequant: bool = True
     prefetch: bool = False
+    asm_dequant: bool = False
 
     def __post_init__(self):
         if self.kernel not in KERNELS:

@@ -52,9 +52,15 @@ GPU_CASES = [
     (1, 256, 200, TileConfig(kernel="gemv", block_m=1, block_n=64, block_k=64, split_k=3, prefetch=True)),
     (5, 256, 130, TileConfig(kernel="dot", block_m=16, block_n=128, block_k=128, split_k=2, fast_dequant=False)),
     (33, 256, 72, TileConfig(kernel="dot", block_m=32, block_n=64, block_k=128, split_k=1)),
+    # int4 nibbles -> bf16 pairs in PTX (interpret mode: the same values in jnp)
+    (1, 256, 200, TileConfig(kernel="gemv", block_m=1, block_n=64, block_k=128, split_k=2, asm_dequant=True)),
+    (1, 512, 136, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=256, split_k=3, asm_dequant=True)),
+    (70, 256, 130, TileConfig(kernel="dot", block_m=64, block_n=128, block_k=128, split_k=1, asm_dequant=True)),
 ]
-KERNEL_CASES = [(fmt, kw, 0) for fmt, kw in FORMATS] + [(*FORMATS[1], 1), (*FORMATS[3], 1), (*FORMATS[0], 2)]
-KERNEL_IDS = [f"{name}-case0" for name in FMT_IDS] + ["int4_g64_sym-case1", "w8a8-case1", "int8-case2"]
+KERNEL_CASES = ([(fmt, kw, 0) for fmt, kw in FORMATS] + [(*FORMATS[1], 1), (*FORMATS[3], 1), (*FORMATS[0], 2)]
+                + [(*FORMATS[i], c) for c in (3, 4, 5) for i in (1, 2)])
+KERNEL_IDS = ([f"{name}-case0" for name in FMT_IDS] + ["int4_g64_sym-case1", "w8a8-case1", "int8-case2"]
+              + [f"{FMT_IDS[i]}-asm{c}" for c in (3, 4, 5) for i in (1, 2)])
 
 
 class GpuKernelCases:
@@ -88,6 +94,23 @@ class TestGpuKernelGPU(GpuKernelCases):
         x, q, _ = problem(5, 1, 13696, 4096 + 64, fmt, kw)
         cfg = TileConfig(kernel="gemv", block_m=1, block_n=256, block_k=128, split_k=8, prefetch=True)
         check_kernel(x, q, cfg, impl="pallas_gpu", interpret=False)
+
+
+    @pytest.mark.parametrize("offset", [8, 0])
+    def test_int4_asm_planes_every_byte(self, offset):
+        """The PTX nibble unpacking against jnp on all 256 byte values, at every position of a packed group."""
+        from jax.experimental import pallas as pl
+        from kernels_pallas.qmatmul_gpu import _int4_planes
+        p = jnp.asarray(np.random.default_rng(offset).permutation(np.arange(512) % 256).reshape(16, 32), jnp.uint8)
+
+        def kernel(p_ref, lo_ref, hi_ref):
+            lo_ref[...], hi_ref[...] = _int4_planes(p_ref[...], offset, False)
+        out = jax.ShapeDtypeStruct(p.shape, jnp.bfloat16)
+        lo, hi = pl.pallas_call(kernel, out_shape=(out, out))(p)
+        want_lo, want_hi = _int4_planes(p, offset, True)
+        np.testing.assert_array_equal(np.asarray(lo, np.float32), np.asarray(want_lo, np.float32))
+        np.testing.assert_array_equal(np.asarray(hi, np.float32), np.asarray(want_hi, np.float32))
+        np.testing.assert_array_equal(np.asarray(want_hi, np.float32), np.asarray(p >> 4, np.float32) - offset)
 
 
 class TestGpuKernelInterpret(GpuKernelCases):
@@ -256,6 +279,8 @@ def test_bad_inputs_raise_before_launch():
     with pytest.raises(QuantFormatError, match="multiple of group"):
         quantized_matmul(jnp.ones((2, 224), jnp.bfloat16), type(q4)(packed=q4.packed[:112], scale=q4.scale[:3],
                                                                     zero=None, group=64), impl="pallas_gpu")
+    with pytest.raises(ValueError, match="asm_dequant is for Int4Weight only"):
+        quantized_matmul(x, q, impl="pallas_gpu", interpret=True, config=TileConfig(asm_dequant=True))
     with pytest.raises(QuantFormatError, match="impl"):
         quantized_matmul(x, q, impl="cuda")
     with pytest.raises(QuantFormatError, match="qweight must be one of"):
