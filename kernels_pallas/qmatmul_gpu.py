@@ -16,8 +16,8 @@ channel (int8) or per group (int4) to the float32 accumulator.
 int4 with ``asm_dequant``: the packed bytes become bfloat16 pairs in PTX (``_int4_planes``: per four bytes two
 ``prmt``, four ``lop3`` with the bf16 magic number 128, two shifts and four ``fma.bf16x2``: about 1.5
 instructions a weight, against about 4 for the float32 bit tricks), the tensor-core operand as it is. An
-asymmetric weight's zero point is then taken out once per group and column (``s * (x.u - z * sum(x))``) instead
-of per weight. Interpret mode (no PTX on the CPU) computes the same values with ``jnp``.
+asymmetric weight's zero point is then taken out once per group and column (``s * (x.u - z * sum(x))``, the
+sums of x per group computed once by XLA and passed in) instead of per weight. Interpret mode (no PTX on the CPU) computes the same values with ``jnp``.
 
 This file knows nothing of dispatch; ``quantized_matmul.py`` validates inputs and picks the config.
 """
@@ -106,6 +106,8 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
     if fmt == "w8a8":
         x_ref, sx_ref, w_ref, s_ref, o_ref = refs
         z_ref = None
+    elif has_zero and cfg.asm_dequant and cfg.kernel == "dot":  # + per-group sums of x, [BM, K / group]
+        x_ref, w_ref, s_ref, z_ref, xs_ref, o_ref = refs
     elif has_zero:
         x_ref, w_ref, s_ref, z_ref, o_ref = refs
     else:
@@ -202,9 +204,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                     part = (jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
                             + jnp.dot(xh, hi.astype(xh.dtype), preferred_element_type=jnp.float32))
                     if z is not None:  # sum_k x (u - z) = x.u - z * sum_k x, per row and column
-                        xsum = (jnp.sum(xl.astype(jnp.float32), axis=1, keepdims=True)
-                                + jnp.sum(xh.astype(jnp.float32), axis=1, keepdims=True))
-                        part = part - xsum * z
+                        part = part - xs_ref[:, pl.ds(g, 1)] * z
                     acc = acc + part * s
                 return acc
             acc = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.float32))
@@ -232,6 +232,9 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     if fmt == "int4":
         operands = [x, w.packed, w.scale] + ([w.zero] if w.zero is not None else [])
         specs = [x_spec, full_k(k // 2), full_k(k // group)] + ([full_k(k // group)] if w.zero is not None else [])
+        if w.zero is not None and cfg.asm_dequant and cfg.kernel == "dot":  # x's sums per group, once
+            operands.append(jnp.sum(x.astype(jnp.float32).reshape(mp, k // group, group), axis=2))
+            specs.append(pl.BlockSpec((bm, k // group), lambda mi, ni, si: (mi, 0)))
     else:
         operands = [x] + ([sx] if fmt == "w8a8" else []) + [w.qweight, w.scale.reshape(1, n)]
         w_spec = pl.BlockSpec((bn, k), lambda mi, ni, si: (ni, 0)) if fmt == "w8a8" else full_k(k)
