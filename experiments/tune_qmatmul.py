@@ -35,25 +35,29 @@ from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
 
 
-def T(kernel, bm, bn, bk, split, warps, stages, fast=True, prefetch=False, asm=False):
+def T(kernel, bm, bn, bk, split, warps, stages, fast=True, prefetch=False, asm=False, bs=False):
     return TileConfig(kernel=kernel, block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                      num_stages=stages, fast_dequant=fast, prefetch=prefetch, asm_dequant=asm)
+                      num_stages=stages, fast_dequant=fast, prefetch=prefetch, asm_dequant=asm, scale_in_bf16=bs)
 
 
 def _int4_asm_candidates(m: int, g: int) -> list[TileConfig]:
     """int4 with the PTX nibble unpacking: tensor-core dot tiles at every M (M=1 padded to 16 rows), and the
     gemv at M=1. bk: one or two groups a step."""
-    a = dict(asm=True)
+    a, b = dict(asm=True), dict(asm=True, bs=True)  # b: weights scaled to bf16 before the dot
     if m <= 32:
         bm = 16 if m <= 16 else 32
-        c = [T("dot", bm, 128, g, 8, 4, 4, **a), T("dot", bm, 64, g, 8, 4, 4, **a), T("dot", bm, 128, 2 * g, 4, 4, 3, **a),
+        c = [T("dot", bm, 128, g, 4, 4, 4, **b), T("dot", bm, 128, g, 8, 4, 4, **b), T("dot", bm, 64, g, 8, 4, 4, **b)]
+        c += [T("dot", bm, 128, g, 8, 4, 4, **a), T("dot", bm, 64, g, 8, 4, 4, **a), T("dot", bm, 128, 2 * g, 4, 4, 3, **a),
              T("dot", bm, 256, g, 8, 8, 3, **a), T("dot", bm, 128, g, 16, 4, 4, **a), T("dot", bm, 128, g, 4, 4, 4, **a)]
         return c + ([T("gemv", 1, 128, g, 8, 4, 3, asm=True, prefetch=True), T("gemv", 1, 128, g, 8, 4, 3, **a)]
                     if m == 1 else [])
     if m <= 128:
-        return [T("dot", 64, 128, g, 2, 4, 4, **a), T("dot", 128, 128, g, 1, 8, 3, **a), T("dot", 64, 128, g, 4, 4, 4, **a),
+        return [T("dot", 64, 128, g, 2, 4, 4, **b), T("dot", 128, 128, g, 1, 8, 3, **b), T("dot", 64, 128, g, 4, 4, 4, **b),
+                T("dot", 128, 128, 2 * g, 1, 8, 3, **b), T("dot", 64, 128, g, 2, 4, 4, **a), T("dot", 128, 128, g, 1, 8, 3, **a), T("dot", 64, 128, g, 4, 4, 4, **a),
                 T("dot", 128, 256, g, 1, 8, 3, **a), T("dot", 64, 256, g, 2, 8, 3, **a)]
-    return [T("dot", 128, 128, g, 1, 8, 3, **a), T("dot", 128, 256, g, 1, 8, 3, **a), T("dot", 64, 128, g, 1, 4, 4, **a),
+    return [T("dot", 128, 128, g, 1, 8, 3, **b), T("dot", 128, 256, g, 1, 8, 3, **b), T("dot", 128, 128, 2 * g, 1, 8, 3, **b),
+            T("dot", 64, 128, g, 1, 4, 4, **b), T("dot", 128, 128, g, 2, 8, 3, **b),
+            T("dot", 128, 128, g, 1, 8, 3, **a), T("dot", 128, 256, g, 1, 8, 3, **a), T("dot", 64, 128, g, 1, 4, 4, **a),
             T("dot", 128, 128, g, 2, 8, 3, **a), T("dot", 128, 256, 2 * g, 1, 8, 3, **a)]
 
 

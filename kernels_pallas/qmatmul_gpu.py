@@ -17,7 +17,9 @@ int4 with ``asm_dequant``: the packed bytes become bfloat16 pairs in PTX (``_int
 ``prmt``, four ``lop3`` with the bf16 magic number 128, two shifts and four ``fma.bf16x2``: about 1.5
 instructions a weight, against about 4 for the float32 bit tricks), the tensor-core operand as it is. An
 asymmetric weight's zero point is then taken out once per group and column (``s * (x.u - z * sum(x))``, the
-sums of x per group computed once by XLA and passed in) instead of per weight. Interpret mode (no PTX on the CPU) computes the same values with ``jnp``.
+sums of x per group computed once by XLA and passed in) instead of per weight. With ``scale_in_bf16`` the planes
+are scaled in PTX too (``(u - z) * s`` rounded once to bfloat16, as XLA's dequantize-then-dot rounds the weight),
+so the dots accumulate straight into the accumulator with no per-group rescale between them. Interpret mode (no PTX on the CPU) computes the same values with ``jnp``.
 
 This file knows nothing of dispatch; ``quantized_matmul.py`` validates inputs and picks the config.
 """
@@ -88,6 +90,28 @@ def _int4_planes(p, offset: int, interpret: bool):
                  for plane in ("lo", "hi"))
 
 
+_ASM_SCALE = {  # bf16x2 lanes: $0 = ($1 [+ $2]) * s, rounded once to bfloat16 (fma with -0.0 as the addend)
+    False: "{ .reg .b32 nz; mov.b32 nz, 0x80008000; fma.rn.bf16x2 $0, $1, $2, nz; }",
+    True: "{ .reg .b32 nz, one, t; mov.b32 nz, 0x80008000; mov.b32 one, 0x3F803F80;\n"
+          "fma.rn.bf16x2 t, $1, one, $2; fma.rn.bf16x2 $0, t, $3, nz; }",
+}
+
+
+def _scale_planes(planes, s, z, interpret: bool):
+    """bf16 nibble planes [R, BN] (``u - 8``, or ``u`` with a zero point z [1, BN]) -> ``(u - z) * s`` as
+    bfloat16 (the subtraction exact, the product rounded once, as XLA's dequantize-then-dot rounds it)."""
+    shape = planes[0].shape
+    sb = jnp.broadcast_to(s.astype(jnp.bfloat16), shape)
+    nz = None if z is None else jnp.broadcast_to((-z).astype(jnp.bfloat16), shape)
+    if interpret:
+        return tuple(((q.astype(jnp.float32) + (0 if nz is None else nz.astype(jnp.float32)))
+                      * sb.astype(jnp.float32)).astype(jnp.bfloat16) for q in planes)
+    out = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    return tuple(pltriton.elementwise_inline_asm(
+        _ASM_SCALE[nz is not None], args=[q, sb] if nz is None else [q, nz, sb],
+        constraints="=r,r,r" if nz is None else "=r,r,r,r", pack=2, result_shape_dtypes=[out])[0] for q in planes)
+
+
 def _gemv_loop(steps, step, load, zero, prefetch: bool):
     """The GEMV reduction over ``steps`` K tiles: ``acc = step(i, acc, load(i))`` on a [rows, BN] float32
     accumulator, summed over rows to [1, BN]. With ``prefetch`` the load of tile i + 1 is issued before the
@@ -106,7 +130,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
     if fmt == "w8a8":
         x_ref, sx_ref, w_ref, s_ref, o_ref = refs
         z_ref = None
-    elif has_zero and cfg.asm_dequant and cfg.kernel == "dot":  # + per-group sums of x, [BM, K / group]
+    elif has_zero and cfg.asm_dequant and cfg.kernel == "dot" and not cfg.scale_in_bf16:  # + x's group sums
         x_ref, w_ref, s_ref, z_ref, xs_ref, o_ref = refs
     elif has_zero:
         x_ref, w_ref, s_ref, z_ref, o_ref = refs
@@ -201,6 +225,11 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                     k0 = pl.multiple_of(g * group, group)
                     xl = x_ref[:, pl.ds(k0, g2)]
                     xh = x_ref[:, pl.ds(k0 + g2, g2)]
+                    if cfg.scale_in_bf16:  # scaled weights: the dots accumulate straight into acc
+                        lo, hi = _scale_planes((lo, hi), s, z, interpret)
+                        acc = acc + jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
+                        acc = acc + jnp.dot(xh, hi.astype(xh.dtype), preferred_element_type=jnp.float32)
+                        continue
                     part = (jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
                             + jnp.dot(xh, hi.astype(xh.dtype), preferred_element_type=jnp.float32))
                     if z is not None:  # sum_k x (u - z) = x.u - z * sum_k x, per row and column
@@ -232,7 +261,7 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     if fmt == "int4":
         operands = [x, w.packed, w.scale] + ([w.zero] if w.zero is not None else [])
         specs = [x_spec, full_k(k // 2), full_k(k // group)] + ([full_k(k // group)] if w.zero is not None else [])
-        if w.zero is not None and cfg.asm_dequant and cfg.kernel == "dot":  # x's sums per group, once
+        if w.zero is not None and cfg.asm_dequant and cfg.kernel == "dot" and not cfg.scale_in_bf16:  # x's group sums
             operands.append(jnp.sum(x.astype(jnp.float32).reshape(mp, k // group, group), axis=2))
             specs.append(pl.BlockSpec((bm, k // group), lambda mi, ni, si: (mi, 0)))
     else:

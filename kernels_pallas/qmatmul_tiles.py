@@ -33,7 +33,9 @@ class TileConfig:
     step (int4: a multiple of the group), split_k programs along K (partial sums reduced by XLA),
     num_warps / num_stages for the Triton compiler, fast_dequant: int -> float by exponent bit tricks
     instead of int-to-float converts, prefetch (gemv): load step i + 1 before the math of step i,
-    asm_dequant (int4 only): nibbles -> bfloat16 pairs in PTX (``qmatmul_gpu._int4_planes``).
+    asm_dequant (int4 only): nibbles -> bfloat16 pairs in PTX (``qmatmul_gpu._int4_planes``), scale_in_bf16
+    (with asm_dequant, dot): the weights scaled to bfloat16 before the dot (one rounding per weight, ~1e-3
+    relative, as XLA's path) instead of rescaling the float32 accumulator per group.
     """
 
     kernel: str = "dot"
@@ -46,6 +48,7 @@ class TileConfig:
     fast_dequant: bool = True
     prefetch: bool = False
     asm_dequant: bool = False
+    scale_in_bf16: bool = False
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -58,6 +61,8 @@ class TileConfig:
             v = getattr(self, name)
             if v & (v - 1):
                 raise ValueError(f"TileConfig.{name}={v} must be a power of two")
+        if self.scale_in_bf16 and not (self.asm_dequant and self.kernel == "dot"):
+            raise ValueError("TileConfig.scale_in_bf16 needs asm_dequant=True and kernel='dot'")
         if self.kernel == "gemv" and self.block_m != 1:
             raise ValueError("TileConfig: the gemv kernel takes block_m=1")
 

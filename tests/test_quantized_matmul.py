@@ -38,13 +38,13 @@ def problem(seed, m, k, n, fmt, kw, x_dtype=jnp.bfloat16):
     return make(jax.random.key(seed))
 
 
-def check_kernel(x, q, cfg, *, impl, interpret):
+def check_kernel(x, q, cfg, *, impl, interpret, tol=1e-4):
     out = jax.jit(lambda x, q: quantized_matmul(x, q, out_dtype=jnp.float32, impl=impl, interpret=interpret,
                                                 config=cfg, _poison=True))(x, q)
     ref = jax.jit(lambda x, q: quantized_matmul_reference(x, q, out_dtype=jnp.float32))(x, q)
     assert out.shape == ref.shape and out.dtype == jnp.float32
     assert bool(jnp.isfinite(out).all()), "unwritten (NaN-poisoned) outputs"
-    assert rel_err(out, ref) < 1e-4
+    assert rel_err(out, ref) < tol
 
 
 # (M, K, N, config); more configs and GLM shapes run on the GPU (TestGpuKernelGPU).
@@ -56,11 +56,16 @@ GPU_CASES = [
     (1, 256, 200, TileConfig(kernel="gemv", block_m=1, block_n=64, block_k=128, split_k=2, asm_dequant=True)),
     (1, 512, 136, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=256, split_k=3, asm_dequant=True)),
     (70, 256, 130, TileConfig(kernel="dot", block_m=64, block_n=128, block_k=128, split_k=1, asm_dequant=True)),
+    # + the weights scaled to bf16 in PTX (one rounding per weight: checked at 5e-3, as XLA's bf16 dequantization)
+    (1, 512, 136, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=256, split_k=3, asm_dequant=True,
+                             scale_in_bf16=True)),
+    (70, 256, 130, TileConfig(kernel="dot", block_m=64, block_n=128, block_k=128, split_k=1, asm_dequant=True,
+                              scale_in_bf16=True)),
 ]
 KERNEL_CASES = ([(fmt, kw, 0) for fmt, kw in FORMATS] + [(*FORMATS[1], 1), (*FORMATS[3], 1), (*FORMATS[0], 2)]
-                + [(*FORMATS[i], c) for c in (3, 4, 5) for i in (1, 2)])
+                + [(*FORMATS[i], c) for c in (3, 4, 5, 6, 7) for i in (1, 2)])
 KERNEL_IDS = ([f"{name}-case0" for name in FMT_IDS] + ["int4_g64_sym-case1", "w8a8-case1", "int8-case2"]
-              + [f"{FMT_IDS[i]}-asm{c}" for c in (3, 4, 5) for i in (1, 2)])
+              + [f"{FMT_IDS[i]}-asm{c}" for c in (3, 4, 5, 6, 7) for i in (1, 2)])
 
 
 class GpuKernelCases:
@@ -72,7 +77,12 @@ class GpuKernelCases:
     def test_matches_reference(self, fmt, kw, case):
         m, k, n, cfg = GPU_CASES[case]
         x, q, _ = problem(100 + case, m, k, n, fmt, kw)
-        check_kernel(x, q, cfg, impl="pallas_gpu", interpret=self.interpret)
+        check_kernel(x, q, cfg, impl="pallas_gpu", interpret=self.interpret, tol=5e-3 if cfg.scale_in_bf16 else 1e-4)
+        if cfg.scale_in_bf16:  # the one bf16 rounding per weight, exactly: against a dot of the bf16-rounded weight
+            w = q.dequantize(jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
+            want = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+            got = quantized_matmul(x, q, out_dtype=jnp.float32, impl="pallas_gpu", interpret=self.interpret, config=cfg)
+            assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.gpu
@@ -279,6 +289,8 @@ def test_bad_inputs_raise_before_launch():
     with pytest.raises(QuantFormatError, match="multiple of group"):
         quantized_matmul(jnp.ones((2, 224), jnp.bfloat16), type(q4)(packed=q4.packed[:112], scale=q4.scale[:3],
                                                                     zero=None, group=64), impl="pallas_gpu")
+    with pytest.raises(ValueError, match="scale_in_bf16 needs asm_dequant"):
+        TileConfig(kernel="dot", scale_in_bf16=True)
     with pytest.raises(ValueError, match="asm_dequant is for Int4Weight only"):
         quantized_matmul(x, q, impl="pallas_gpu", interpret=True, config=TileConfig(asm_dequant=True))
     with pytest.raises(QuantFormatError, match="impl"):
