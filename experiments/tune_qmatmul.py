@@ -46,7 +46,10 @@ def _int4_asm_candidates(m: int, g: int) -> list[TileConfig]:
     a, b = dict(asm=True), dict(asm=True, bs=True)  # b: weights scaled to bf16 before the dot
     if m <= 32:
         bm = 16 if m <= 16 else 32
-        c = [T("dot", bm, 128, g, 4, 4, 4, **b), T("dot", bm, 128, g, 8, 4, 4, **b), T("dot", bm, 64, g, 8, 4, 4, **b)]
+        h, q = g // 2, g // 4  # part of a group a step: fewer live registers, more warps resident
+        c = [T("dot", bm, 128, h, 4, 4, 4, **a), T("dot", bm, 128, h, 8, 4, 4, **a), T("dot", bm, 256, h, 8, 8, 3, **a),
+             T("dot", bm, 64, h, 8, 4, 4, **a), T("dot", bm, 128, q, 8, 4, 4, **a), T("dot", bm, 256, h, 4, 8, 3, **a)]
+        c += [T("dot", bm, 128, g, 4, 4, 4, **b), T("dot", bm, 128, g, 8, 4, 4, **b), T("dot", bm, 64, g, 8, 4, 4, **b)]
         c += [T("dot", bm, 128, g, 8, 4, 4, **a), T("dot", bm, 64, g, 8, 4, 4, **a), T("dot", bm, 128, 2 * g, 4, 4, 3, **a),
              T("dot", bm, 256, g, 8, 8, 3, **a), T("dot", bm, 128, g, 16, 4, 4, **a), T("dot", bm, 128, g, 4, 4, 4, **a)]
         return c + ([T("gemv", 1, 128, g, 8, 4, 3, asm=True, prefetch=True), T("gemv", 1, 128, g, 8, 4, 3, **a)]

@@ -182,13 +182,23 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
             acc = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.float32))
         acc = acc * load_row(s_ref, 0)
     else:  # int4, half-group packing: packed rows g*G/2 + j hold x columns g*G + j (lo) and g*G + G/2 + j (hi)
+        # The loop walks "units": whole groups (block_k >= G: block_k / G of them a step) or, with block_k < G,
+        # parts of a group (G / block_k per group, one a step: fewer live registers). Unit u of hb packed rows is
+        # part h of group g; its x columns are g*G + h*hb + [0, hb) (lo) and g*G + G/2 + h*hb + [0, hb) (hi).
         g2 = group // 2
-        gps = cfg.block_k // group
-        n_groups = k_total // group
+        sub = max(1, group // cfg.block_k)  # units per group
+        ups = max(1, cfg.block_k // group)  # units per step
+        hb = g2 // sub  # packed rows per unit
+        n_units = (k_total // group) * sub
 
-        def load_group(g):  # raw tiles of group g (clamped to the last group): packed [G/2, BN], scale, zero
-            g = jnp.minimum(g, n_groups - 1)
-            p = load_cols(w_ref, pl.ds(pl.multiple_of(g * g2, g2), g2))
+        def unit_cols(u):  # -> (group, first lo column of x)
+            g, h = u // sub, u % sub
+            return g, pl.multiple_of(g * group + h * hb, hb)
+
+        def load_unit(u):  # raw tiles of unit u (clamped to the last): packed [hb, BN], scale, zero of its group
+            u = jnp.minimum(u, n_units - 1)
+            g = u // sub
+            p = load_cols(w_ref, pl.ds(pl.multiple_of(u * hb, hb), hb))
             return p, load_row(s_ref, g), (load_row(z_ref, g) if z_ref is not None else None)
 
         def group_terms(raw):
@@ -202,29 +212,29 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
             zf = 8.0 if z is None else z
             return _nibble_minus(p & 0xF, zf, fast), _nibble_minus(p >> 4, zf, fast), s, None
 
+        load_step = lambda i: tuple(load_unit((first + i) * ups + j) for j in range(ups))  # noqa: E731
         if cfg.kernel == "gemv":
             def step(i, acc, raws):
-                for j in range(gps):
+                for j in range(ups):
                     lo, hi, s, z = group_terms(raws[j])
                     lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
                     if z is not None:
                         lo, hi = lo - z, hi - z
-                    k0 = pl.multiple_of(((first + i) * gps + j) * group, group)
-                    xl = x_ref[0, pl.ds(k0, g2)].astype(jnp.float32)
-                    xh = x_ref[0, pl.ds(k0 + g2, g2)].astype(jnp.float32)
+                    _, k0 = unit_cols((first + i) * ups + j)
+                    xl = x_ref[0, pl.ds(k0, hb)].astype(jnp.float32)
+                    xh = x_ref[0, pl.ds(k0 + g2, hb)].astype(jnp.float32)
                     acc = acc + (xl[:, None] * lo + xh[:, None] * hi) * s
                 return acc
 
-            load_step = lambda i: tuple(load_group((first + i) * gps + j) for j in range(gps))
-            acc = _gemv_loop(steps, step, load_step, jnp.zeros((g2, bn), jnp.float32), cfg.prefetch)
+            acc = _gemv_loop(steps, step, load_step, jnp.zeros((hb, bn), jnp.float32), cfg.prefetch)
         else:
             def body(i, acc):
-                for j in range(gps):
-                    g = (first + i) * gps + j
-                    lo, hi, s, z = group_terms(load_group(g))
-                    k0 = pl.multiple_of(g * group, group)
-                    xl = x_ref[:, pl.ds(k0, g2)]
-                    xh = x_ref[:, pl.ds(k0 + g2, g2)]
+                for j in range(ups):
+                    u = (first + i) * ups + j
+                    lo, hi, s, z = group_terms(load_unit(u))
+                    _, k0 = unit_cols(u)
+                    xl = x_ref[:, pl.ds(k0, hb)]
+                    xh = x_ref[:, pl.ds(k0 + g2, hb)]
                     if cfg.scale_in_bf16:  # scaled weights: the dots accumulate straight into acc
                         lo, hi = _scale_planes((lo, hi), s, z, interpret)
                         acc = acc + jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
@@ -233,7 +243,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                     part = (jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
                             + jnp.dot(xh, hi.astype(xh.dtype), preferred_element_type=jnp.float32))
                     if z is not None:  # sum_k x (u - z) = x.u - z * sum_k x, per row and column
-                        part = part - xs_ref[:, pl.ds(g, 1)] * z
+                        part = part - xs_ref[:, pl.ds(u, 1)] * z
                     acc = acc + part * s
                 return acc
             acc = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.float32))
@@ -261,9 +271,11 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     if fmt == "int4":
         operands = [x, w.packed, w.scale] + ([w.zero] if w.zero is not None else [])
         specs = [x_spec, full_k(k // 2), full_k(k // group)] + ([full_k(k // group)] if w.zero is not None else [])
-        if w.zero is not None and cfg.asm_dequant and cfg.kernel == "dot" and not cfg.scale_in_bf16:  # x's group sums
-            operands.append(jnp.sum(x.astype(jnp.float32).reshape(mp, k // group, group), axis=2))
-            specs.append(pl.BlockSpec((bm, k // group), lambda mi, ni, si: (mi, 0)))
+        if w.zero is not None and cfg.asm_dequant and cfg.kernel == "dot" and not cfg.scale_in_bf16:  # x's unit sums
+            sub = max(1, group // cfg.block_k)  # units per group (the kernel's loop), each lo + hi columns
+            xs = x.astype(jnp.float32).reshape(mp, k // group, 2, sub, group // 2 // sub).sum(axis=(2, 4))
+            operands.append(xs.reshape(mp, k // group * sub))
+            specs.append(pl.BlockSpec((bm, k // group * sub), lambda mi, ni, si: (mi, 0)))
     else:
         operands = [x] + ([sx] if fmt == "w8a8" else []) + [w.qweight, w.scale.reshape(1, n)]
         w_spec = pl.BlockSpec((bn, k), lambda mi, ni, si: (ni, 0)) if fmt == "w8a8" else full_k(k)

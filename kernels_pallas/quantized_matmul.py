@@ -191,13 +191,17 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
 
 
 def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
-    """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group),
-    split_k at most the number of K steps, block_m not far above M, W8A8 never on the gemv kernel."""
+    """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group, or a
+    power-of-two part of one down to 32), split_k at most the number of K steps, block_m not far above M, W8A8
+    never on the gemv kernel."""
     k = qweight.in_features
     group = qweight.group if isinstance(qweight, Int4Weight) else 16
-    bk = max(cfg.block_k, group)
-    while k % bk and bk > group:
-        bk //= 2
+    if isinstance(qweight, Int4Weight) and cfg.block_k < group:  # part of a group a step (at least 32 rows)
+        bk = max(cfg.block_k, 32)
+    else:
+        bk = max(cfg.block_k, group)
+        while k % bk and bk > group:
+            bk //= 2
     kernel, bm = cfg.kernel, cfg.block_m
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16

@@ -61,11 +61,16 @@ GPU_CASES = [
                              scale_in_bf16=True)),
     (70, 256, 130, TileConfig(kernel="dot", block_m=64, block_n=128, block_k=128, split_k=1, asm_dequant=True,
                               scale_in_bf16=True)),
+    # int4 steps of part of a group (block_k < group: 2 or 4 steps a group), asm and not, dot and gemv
+    (1, 512, 136, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=64, split_k=3, asm_dequant=True)),
+    (3, 256, 200, TileConfig(kernel="dot", block_m=16, block_n=128, block_k=32, split_k=2)),
+    (1, 256, 200, TileConfig(kernel="gemv", block_m=1, block_n=64, block_k=32, split_k=2, asm_dequant=True)),
 ]
 KERNEL_CASES = ([(fmt, kw, 0) for fmt, kw in FORMATS] + [(*FORMATS[1], 1), (*FORMATS[3], 1), (*FORMATS[0], 2)]
-                + [(*FORMATS[i], c) for c in (3, 4, 5, 6, 7) for i in (1, 2)])
+                + [(*FORMATS[i], c) for c in (3, 4, 5, 6, 7, 8, 9, 10) for i in (1, 2)])
 KERNEL_IDS = ([f"{name}-case0" for name in FMT_IDS] + ["int4_g64_sym-case1", "w8a8-case1", "int8-case2"]
-              + [f"{FMT_IDS[i]}-asm{c}" for c in (3, 4, 5, 6, 7) for i in (1, 2)])
+              + [f"{FMT_IDS[i]}-asm{c}" for c in (3, 4, 5, 6, 7) for i in (1, 2)]
+              + [f"{FMT_IDS[i]}-part{c}" for c in (8, 9, 10) for i in (1, 2)])
 
 
 class GpuKernelCases:
