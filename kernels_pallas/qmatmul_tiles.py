@@ -30,9 +30,9 @@ class TileConfig:
     (XLA's dequantize-then-dot) or "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations).
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
-    step (int4: a multiple of the group), split_k programs along K (partial sums reduced by XLA),
-    num_warps / num_stages for the Triton compiler, fast_dequant: int -> float by exponent bit tricks
-    instead of int-to-float converts, prefetch (gemv): load step i + 1 before the math of step i,
+    step (int4: a multiple of the group or a power-of-two part of one), split_k programs along K (partial sums
+    reduced by XLA), num_warps / num_stages for the Triton compiler, fast_dequant: int -> float by exponent bit
+    tricks instead of int-to-float converts, prefetch (gemv): load step i + 1 before the math of step i,
     asm_dequant (int4 only): nibbles -> bfloat16 pairs in PTX (``qmatmul_gpu._int4_planes``), scale_in_bf16
     (with asm_dequant, dot): the weights scaled to bfloat16 before the dot (one rounding per weight, ~1e-3
     relative, as XLA's path) instead of rescaling the float32 accumulator per group.
