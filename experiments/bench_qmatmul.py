@@ -187,7 +187,8 @@ def markdown(result: dict) -> str:
             f"{x['us'] if x else float('nan'):.1f} | {b['us'] if b else float('nan'):.1f} | "
             f"{r['us'] / b['us'] if b else float('nan'):.2f} | {x['us'] / r['us'] if x else float('nan'):.2f} | "
             f"{r.get('config', '')} | {r.get('run', 1)} |")
-    lines += ["", "## summary", ""] + [f"- {k}: {round(v, 3) if isinstance(v, float) else v}" for k, v in result["summary"].items()]
+    lines += ["", "## summary", ""] + [f"- {k}: {round(v, 3) if isinstance(v, float) else v}"
+                                         for k, v in result["summary"].items()]
     lines += ["", "Baselines not run: " + "; ".join(result["baselines_missing"])]
     return "\n".join(lines) + "\n"
 

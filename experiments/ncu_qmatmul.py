@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+CUDA_NCU = "/usr/local/cuda/bin/ncu"
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "ComputeWorkloadAnalysis", "WarpStateStats", "Occupancy",
             "LaunchStats", "SchedulerStats")
 HEADLINES = ("Duration", "DRAM Throughput", "Registers Per Thread", "Achieved Occupancy", "Issue Slots Busy",
@@ -32,7 +33,7 @@ HEADLINES = ("Duration", "DRAM Throughput", "Registers Per Thread", "Achieved Oc
 
 def find_ncu() -> str:
     """The ncu executable, or a clear error saying where it is expected."""
-    path = shutil.which("ncu") or next((p for p in ("/usr/local/cuda/bin/ncu",) if os.path.exists(p)), None)
+    path = shutil.which("ncu") or (CUDA_NCU if os.path.exists(CUDA_NCU) else None)
     if path is None:
         raise SystemExit("ncu (NVIDIA Nsight Compute) not found on PATH or at /usr/local/cuda/bin/ncu: this script "
                          "runs on a GPU machine with the CUDA toolkit (the device image has it)")

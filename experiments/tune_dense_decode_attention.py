@@ -75,10 +75,11 @@ def main():
         cands = [dict(splits=s, block_s=bs, num_warps=w, num_stages=st)
                  for s, bs, w, st in itertools.product((1, 2, 4, 8), (32, 64, 128), (4, 8), (2, 3))]
         paths = [("xla", None)] + [("kernel", c) for c in cands]
+        def cache(j):  # [B, K, S, H], fresh per path: time_layers donates it
+            return jax.random.normal(jax.random.fold_in(kc, j), (b, K, args.max_len, H)).astype(jnp.bfloat16)
+
         for name, c in paths:
-            caches = [(jax.random.normal(jax.random.fold_in(kc, 2 * i), (b, K, args.max_len, H)).astype(jnp.bfloat16),
-                       jax.random.normal(jax.random.fold_in(kc, 2 * i + 1), (b, K, args.max_len, H)).astype(jnp.bfloat16))
-                      for i in range(args.layers)]
+            caches = [(cache(2 * i), cache(2 * i + 1)) for i in range(args.layers)]
             fn = ((lambda *a: dda.dense_decode_attention(*a, backend="reference")) if c is None else
                   (lambda *a, c=c: dda.dense_decode_attention(*a, **c)))
             try:
@@ -101,8 +102,8 @@ def main():
         {"_doc": "Written by experiments/tune_dense_decode_attention.py: per device kind, the fastest block sizes "
                  "per batch; lookup takes the nearest batch.", "entries": table}, indent=1))
     (out / "dense_decode_attention_sweep.json").write_text(json.dumps(
-        dict(device=dev, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=bench_common.versions(), copy_bw_tbs=bw / 1e12,
-             max_len=args.max_len, position=args.position, rows=rows), indent=1))
+        dict(device=dev, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=bench_common.versions(),
+             copy_bw_tbs=bw / 1e12, max_len=args.max_len, position=args.position, rows=rows), indent=1))
     for b, (t, c) in sorted(best.items()):
         x = next((r["us"] for r in rows if r["batch"] == b and r["path"] == "xla"), float("nan"))
         print(f"batch {b}: best {c} {t * 1e6:.1f} us; XLA path {x:.1f} us ({x / (t * 1e6):.2f}x)")

@@ -42,26 +42,29 @@ def T(kernel, bm, bn, bk, split, warps, stages, fast=True, prefetch=False, asm=F
 
 def _int4_asm_candidates(m: int, g: int) -> list[TileConfig]:
     """int4 with the PTX nibble unpacking: tensor-core dot tiles at every M (M=1 padded to 16 rows), and the
-    gemv at M=1. bk: one or two groups a step."""
-    a, b = dict(asm=True), dict(asm=True, bs=True)  # b: weights scaled to bf16 before the dot
+    gemv at M=1. Each tile is (block_m, block_n, block_k, split_k, warps, stages); block_k one or two groups a
+    step, or part of a group (fewer live registers); ``scaled``: weights scaled to bf16 before the dot."""
+    def dots(tiles, scaled=False):
+        return [T("dot", *tile, asm=True, bs=scaled) for tile in tiles]
+
     if m <= 32:
-        bm = 16 if m <= 16 else 32
-        h, q = g // 2, g // 4  # part of a group a step: fewer live registers, more warps resident
-        c = [T("dot", bm, 128, h, 4, 4, 4, **a), T("dot", bm, 128, h, 8, 4, 4, **a), T("dot", bm, 256, h, 8, 8, 3, **a),
-             T("dot", bm, 64, h, 8, 4, 4, **a), T("dot", bm, 128, q, 8, 4, 4, **a), T("dot", bm, 256, h, 4, 8, 3, **a)]
-        c += [T("dot", bm, 128, g, 4, 4, 4, **b), T("dot", bm, 128, g, 8, 4, 4, **b), T("dot", bm, 64, g, 8, 4, 4, **b)]
-        c += [T("dot", bm, 128, g, 8, 4, 4, **a), T("dot", bm, 64, g, 8, 4, 4, **a), T("dot", bm, 128, 2 * g, 4, 4, 3, **a),
-             T("dot", bm, 256, g, 8, 8, 3, **a), T("dot", bm, 128, g, 16, 4, 4, **a), T("dot", bm, 128, g, 4, 4, 4, **a)]
-        return c + ([T("gemv", 1, 128, g, 8, 4, 3, asm=True, prefetch=True), T("gemv", 1, 128, g, 8, 4, 3, **a)]
+        bm, h, q = (16 if m <= 16 else 32), g // 2, g // 4
+        c = dots([(bm, 128, h, 4, 4, 4), (bm, 128, h, 8, 4, 4), (bm, 256, h, 8, 8, 3), (bm, 64, h, 8, 4, 4),
+                  (bm, 128, q, 8, 4, 4), (bm, 256, h, 4, 8, 3)])
+        c += dots([(bm, 128, g, 4, 4, 4), (bm, 128, g, 8, 4, 4), (bm, 64, g, 8, 4, 4)], scaled=True)
+        c += dots([(bm, 128, g, 8, 4, 4), (bm, 64, g, 8, 4, 4), (bm, 128, 2 * g, 4, 4, 3), (bm, 256, g, 8, 8, 3),
+                   (bm, 128, g, 16, 4, 4), (bm, 128, g, 4, 4, 4)])
+        return c + ([T("gemv", 1, 128, g, 8, 4, 3, asm=True, prefetch=True), T("gemv", 1, 128, g, 8, 4, 3, asm=True)]
                     if m == 1 else [])
     if m <= 128:
-        return [T("dot", 64, 128, g, 2, 4, 4, **b), T("dot", 128, 128, g, 1, 8, 3, **b), T("dot", 64, 128, g, 4, 4, 4, **b),
-                T("dot", 128, 128, 2 * g, 1, 8, 3, **b), T("dot", 64, 128, g, 2, 4, 4, **a), T("dot", 128, 128, g, 1, 8, 3, **a), T("dot", 64, 128, g, 4, 4, 4, **a),
-                T("dot", 128, 256, g, 1, 8, 3, **a), T("dot", 64, 256, g, 2, 8, 3, **a)]
-    return [T("dot", 128, 128, g, 1, 8, 3, **b), T("dot", 128, 256, g, 1, 8, 3, **b), T("dot", 128, 128, 2 * g, 1, 8, 3, **b),
-            T("dot", 64, 128, g, 1, 4, 4, **b), T("dot", 128, 128, g, 2, 8, 3, **b),
-            T("dot", 128, 128, g, 1, 8, 3, **a), T("dot", 128, 256, g, 1, 8, 3, **a), T("dot", 64, 128, g, 1, 4, 4, **a),
-            T("dot", 128, 128, g, 2, 8, 3, **a), T("dot", 128, 256, 2 * g, 1, 8, 3, **a)]
+        return (dots([(64, 128, g, 2, 4, 4), (128, 128, g, 1, 8, 3), (64, 128, g, 4, 4, 4), (128, 128, 2 * g, 1, 8, 3)],
+                     scaled=True)
+                + dots([(64, 128, g, 2, 4, 4), (128, 128, g, 1, 8, 3), (64, 128, g, 4, 4, 4), (128, 256, g, 1, 8, 3),
+                        (64, 256, g, 2, 8, 3)]))
+    return (dots([(128, 128, g, 1, 8, 3), (128, 256, g, 1, 8, 3), (128, 128, 2 * g, 1, 8, 3), (64, 128, g, 1, 4, 4),
+                  (128, 128, g, 2, 8, 3)], scaled=True)
+            + dots([(128, 128, g, 1, 8, 3), (128, 256, g, 1, 8, 3), (64, 128, g, 1, 4, 4), (128, 128, g, 2, 8, 3),
+                    (128, 256, 2 * g, 1, 8, 3)]))
 
 
 XLA = TileConfig(kernel="xla")
@@ -108,10 +111,10 @@ def _float_candidates(fmt: str, m: int) -> list[TileConfig]:
     large = [T("dot", 128, 128, 64, 1, 8, 3), T("dot", 128, 256, 64, 1, 8, 3), T("dot", 128, 128, 128, 1, 8, 3),
              T("dot", 64, 128, 64, 1, 4, 4), XLA]
     if fmt == "w8a8":  # int8 tensor cores: a narrow N (o, down: 4096) leaves one wave of 128 programs; split K
-        large[-1:-1] = [T("dot", 128, 128, 128, 2, 8, 3), T("dot", 128, 128, 128, 4, 8, 3),
-                        T("dot", 128, 256, 128, 2, 8, 3), T("dot", 64, 128, 128, 2, 4, 4),
-                        T("dot", 128, 128, 128, 2, 8, 4), T("dot", 128, 128, 64, 2, 8, 4), T("dot", 64, 256, 128, 2, 8, 3),
-                        T("dot", 256, 128, 64, 2, 8, 3), T("dot", 128, 128, 128, 3, 8, 3), T("dot", 128, 256, 64, 2, 8, 4)]
+        large[-1:-1] = [T("dot", *tile) for tile in (
+            (128, 128, 128, 2, 8, 3), (128, 128, 128, 4, 8, 3), (128, 256, 128, 2, 8, 3), (64, 128, 128, 2, 4, 4),
+            (128, 128, 128, 2, 8, 4), (128, 128, 64, 2, 8, 4), (64, 256, 128, 2, 8, 3), (256, 128, 64, 2, 8, 3),
+            (128, 128, 128, 3, 8, 3), (128, 256, 64, 2, 8, 4))]
     return large
 
 

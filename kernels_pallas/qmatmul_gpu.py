@@ -114,6 +114,18 @@ def _scale_planes(planes, s, z, interpret: bool):
         constraints="=r,r,r" if nz is None else "=r,r,r,r", pack=2, result_shape_dtypes=[out])[0] for q in planes)
 
 
+def _int4_units(group: int, block_k: int) -> tuple[int, int]:
+    """-> (units per group, units per step): an int4 K step covers block_k / group whole groups, or, with
+    block_k below the group, one of group / block_k parts of a group."""
+    return max(1, group // block_k), max(1, block_k // group)
+
+
+def _takes_x_sums(cfg: TileConfig, has_zero: bool) -> bool:
+    """An asymmetric int4 weight on the asm dot (weights not pre-scaled) takes x's per-unit sums as one more
+    operand, [Mp, units]: the zero point comes out once per unit and column."""
+    return has_zero and cfg.asm_dequant and cfg.kernel == "dot" and not cfg.scale_in_bf16
+
+
 def _gemv_loop(steps, step, load, zero, prefetch: bool):
     """The GEMV reduction over ``steps`` K tiles: ``acc = step(i, acc, load(i))`` on a [rows, BN] float32
     accumulator, summed over rows to [1, BN]. With ``prefetch`` the load of tile i + 1 is issued before the
@@ -132,7 +144,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
     if fmt == "w8a8":
         x_ref, sx_ref, w_ref, s_ref, o_ref = refs
         z_ref = None
-    elif has_zero and cfg.asm_dequant and cfg.kernel == "dot" and not cfg.scale_in_bf16:  # + x's group sums
+    elif _takes_x_sums(cfg, has_zero):
         x_ref, w_ref, s_ref, z_ref, xs_ref, o_ref = refs
     elif has_zero:
         x_ref, w_ref, s_ref, z_ref, o_ref = refs
@@ -188,14 +200,12 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
         # parts of a group (G / block_k per group, one a step: fewer live registers). Unit u of hb packed rows is
         # part h of group g; its x columns are g*G + h*hb + [0, hb) (lo) and g*G + G/2 + h*hb + [0, hb) (hi).
         g2 = group // 2
-        sub = max(1, group // cfg.block_k)  # units per group
-        ups = max(1, cfg.block_k // group)  # units per step
+        sub, ups = _int4_units(group, cfg.block_k)
         hb = g2 // sub  # packed rows per unit
         n_units = (k_total // group) * sub
 
-        def unit_cols(u):  # -> (group, first lo column of x)
-            g, h = u // sub, u % sub
-            return g, pl.multiple_of(g * group + h * hb, hb)
+        def unit_col(u):  # -> the first lo column of x of unit u
+            return pl.multiple_of((u // sub) * group + (u % sub) * hb, hb)
 
         def load_unit(u):  # raw tiles of unit u (clamped to the last): packed [hb, BN], scale, zero of its group
             u = jnp.minimum(u, n_units - 1)
@@ -222,7 +232,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                     lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
                     if z is not None:
                         lo, hi = lo - z, hi - z
-                    _, k0 = unit_cols((first + i) * ups + j)
+                    k0 = unit_col((first + i) * ups + j)
                     xl = x_ref[0, pl.ds(k0, hb)].astype(jnp.float32)
                     xh = x_ref[0, pl.ds(k0 + g2, hb)].astype(jnp.float32)
                     acc = acc + (xl[:, None] * lo + xh[:, None] * hi) * s
@@ -234,7 +244,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                 for j in range(ups):
                     u = (first + i) * ups + j
                     lo, hi, s, z = group_terms(load_unit(u))
-                    _, k0 = unit_cols(u)
+                    k0 = unit_col(u)
                     xl = x_ref[:, pl.ds(k0, hb)]
                     xh = x_ref[:, pl.ds(k0 + g2, hb)]
                     if cfg.scale_in_bf16:  # scaled weights: the dots accumulate straight into acc
@@ -273,8 +283,8 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     if fmt == "int4":
         operands = [x, w.packed, w.scale] + ([w.zero] if w.zero is not None else [])
         specs = [x_spec, full_k(k // 2), full_k(k // group)] + ([full_k(k // group)] if w.zero is not None else [])
-        if w.zero is not None and cfg.asm_dequant and cfg.kernel == "dot" and not cfg.scale_in_bf16:  # x's unit sums
-            sub = max(1, group // cfg.block_k)  # units per group (the kernel's loop), each lo + hi columns
+        if _takes_x_sums(cfg, w.zero is not None):  # a unit's sum covers its lo and hi columns
+            sub, _ = _int4_units(group, cfg.block_k)
             xs = x.astype(jnp.float32).reshape(mp, k // group, 2, sub, group // 2 // sub).sum(axis=(2, 4))
             operands.append(xs.reshape(mp, k // group * sub))
             specs.append(pl.BlockSpec((bm, k // group * sub), lambda mi, ni, si: (mi, 0)))
