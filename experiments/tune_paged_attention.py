@@ -1,10 +1,10 @@
 """Tile sweep for the paged attention kernels; writes kernels_pallas/tuned/paged_attention.json for this device.
 
-Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_splits x tokens per block)
-at 4 warps / 3 stages, then (num_warps x num_stages) around the best. Prefill: (block_q x tokens per
+Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_splits x tokens per block
+x row_gather) at 4 warps / 3 stages, then (num_warps x num_stages) around the best. Prefill: (block_q x tokens per
 block), then warps/stages. Timed with the benchmark's harness (distinct layers unrolled, L2 rotated).
 
-Usage: python experiments/tune_paged_attention.py [--quick | --summary-points] [--out DIR]
+Usage: python experiments/tune_paged_attention.py [--quick | --summary-points] [--no-prefill] [--out DIR]
 (--quick: fewer points, no write; a run replaces only the table entries it tuned)
 """
 
@@ -47,8 +47,8 @@ def tune_decode(rng, batch, ctx, page_size, quantized):
     max_pages = ctx // page_size
     splits = sorted({max(1, min(max_pages, round(f * SMS / (batch * bench.K)))) for f in (0.5, 1, 2, 4, 8)})
     ppbs = sorted({max(1, t // page_size) for t in (64, 128, 256)})
-    stage_a = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=3, prefetch_ids=True)
-               for s in splits for p in ppbs]
+    stage_a = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=3, prefetch_ids=True, row_gather=g)
+               for s in splits for p in ppbs for g in (False, True)]
     best = time_decode(rng, batch, ctx, page_size, quantized, stage_a)
     if best is None:
         return None
@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--summary-points", action="store_true",
                     help="only the benchmark summary's decode points (other table entries are kept)")
+    ap.add_argument("--no-prefill", action="store_true", help="decode points only (the prefill entry is kept)")
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     if args.quick:
@@ -114,7 +115,7 @@ def main():
         if args.out:
             shutil.copy(path, Path(args.out) / "paged_attention_tuned.json")
 
-    best = tune_prefill(rng)
+    best = None if args.no_prefill else tune_prefill(rng)
     if best:
         prefill.append(dict(key=dict(batch=1, context=2048, page_size=16, quantized=False, group=bench.N // bench.K),
                             blocks=best[1], us=best[0] * 1e6))

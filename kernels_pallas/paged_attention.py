@@ -1,6 +1,7 @@
 """Paged decode attention: one query token per sequence over a paged KV cache (flash-decoding).
 
-Public: ``paged_attention`` (dispatch), ``paged_attention_reference`` (plain jnp, the truth).
+Public: ``paged_attention`` (dispatch), ``paged_attention_reference`` (plain jnp, the truth). The Mosaic TPU
+kernel lives in ``paged_attention_tpu.py``; this module holds the GPU kernel, the checks and the dispatch.
 
 GPU kernel (Pallas, Triton lowering; grid (B, K, S)): program (b, k, s) owns sequence b, kv head k and
 the s-th split of b's pages. It loads the G query heads of kv head k once ([G, H], G padded to 16 rows
@@ -108,9 +109,10 @@ def _pow2(x: int) -> int:
 # ----------------------------------------------------------------------------------------- GPU kernel
 def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad, page_size,
                    pages_per_block, pages_per_split, num_pages, max_pages, scale, quantized, direct,
-                   prefetch_ids):
-    # len_ref [B]; pt_ref [B, max_pages]; q_ref [B, N, H]; k_ref, v_ref [P, L, H] (head k);
-    # scales [P, L]; outputs: direct -> o_ref [B, N, H], else o_ref [G_pad, H] f32, lse_ref [G_pad].
+                   prefetch_ids, row_gather):
+    # len_ref [B]; pt_ref [B, max_pages]; q_ref [B, N, H]; k_ref, v_ref [P, L, H] (head k), scales [P, L];
+    # row_gather: k_ref, v_ref [P * L, H], scales [P * L] (one pool row per key, gathered as a 2-D tile).
+    # Outputs: direct -> o_ref [B, N, H], else o_ref [G_pad, H] f32, lse_ref [G_pad].
     if quantized:
         ks_ref, vs_ref, *outs = refs
     else:
@@ -129,10 +131,18 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
     q = pltriton.load(q_at, mask=row_ok, other=0) if group_pad != group else q_ref[b, pl.ds(kh * group, group), :]
     cdt = q.dtype
 
-    def page_ids(pstart):
+    def page_ids(pstart):  # [ppb] page ids, or with row_gather [block] pool rows (page id * L + slot)
+        if row_gather:
+            r = jnp.arange(block)
+            slot = pstart + r // page_size
+            ids = pt_ref[b, jnp.minimum(slot, max_pages - 1)]
+            return jnp.clip(jnp.where(slot < n_pages, ids, 0), 0, num_pages - 1) * page_size + r % page_size
         page_ok = pstart + jnp.arange(pages_per_block) < n_pages
         ids = pltriton.load(pt_ref.at[b, pl.ds(pstart, pages_per_block)], mask=page_ok, other=0)
         return jnp.clip(jnp.where(page_ok, ids, 0), 0, num_pages - 1)
+
+    def gather(ref, ids, scales=False):  # -> [block, H] keys / values, or [1, block] scales
+        return ref[ids].reshape((1, block) if scales else (block, head_dim))
 
     def body(i, carry):
         acc, m, l, ids = carry
@@ -140,19 +150,18 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
         ids_next = page_ids(pstart + pages_per_block) if prefetch_ids else None  # issued before this block's loads
         if not prefetch_ids:
             ids = page_ids(pstart)
-        k = k_ref[ids].reshape(block, head_dim)
-        v = v_ref[ids].reshape(block, head_dim)
+        k, v = gather(k_ref, ids), gather(v_ref, ids)
         valid = pstart * page_size + jnp.arange(block) < length
         logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:
-            logits = logits * ks_ref[ids].reshape(1, block)
+            logits = logits * gather(ks_ref, ids, scales=True)
         logits = jnp.where(valid[None, :], logits * (scale * LOG2E), MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(logits - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         if quantized:
-            p = p * jnp.where(valid[None, :], vs_ref[ids].reshape(1, block), 0.0)
+            p = p * jnp.where(valid[None, :], gather(vs_ref, ids, scales=True), 0.0)
         v = jnp.where(valid[:, None], v.astype(cdt), jnp.zeros((), cdt))
         acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32)
@@ -200,7 +209,7 @@ def _combine_kernel(o_part_ref, lse_ref, o_ref, *, group, num_splits, chunk):
 def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **given) -> dict:
     """Fills unset block sizes: tuned table first, then a default; clamps to what the shapes allow."""
     blocks = {k: v for k, v in given.items() if v is not None}
-    if len(blocks) < 5:
+    if len(blocks) < 6:
         key, tuned = tuned_blocks("decode", page_size=page_size, quantized=quantized, group=group, batch=batch,
                                   context=max_pages * page_size)
         if tuned:  # carry the tuned point over as (programs in flight, tokens per block), not raw counts
@@ -208,7 +217,7 @@ def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **giv
             tuned["num_splits"] = max(1, round(programs / (batch * kv_heads)))
             tuned["pages_per_block"] = max(1, tuned["pages_per_block"] * key["page_size"] // page_size)
         default = dict(pages_per_block=max(1, 64 // page_size), num_splits=max(1, round(128 / (batch * kv_heads))),
-                       num_warps=4, num_stages=3, prefetch_ids=True)
+                       num_warps=4, num_stages=3, prefetch_ids=True, row_gather=False)
         blocks = {**default, **tuned, **blocks}
     ppb = blocks["pages_per_block"]
     if ppb < 1 or ppb & (ppb - 1):
@@ -219,7 +228,8 @@ def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **giv
     return dict(pages_per_block=ppb, pages_per_split=pages_per_split,
                 num_splits=-(-max_pages // pages_per_split),
                 num_warps=int(blocks["num_warps"]), num_stages=int(blocks["num_stages"]),
-                prefetch_ids=bool(blocks.get("prefetch_ids", True)))
+                prefetch_ids=bool(blocks.get("prefetch_ids", True)),
+                row_gather=bool(blocks.get("row_gather", False)))
 
 
 def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, blocks,
@@ -235,10 +245,16 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
         _decode_kernel, group=group, group_pad=group_pad, page_size=page_size,
         pages_per_block=blocks["pages_per_block"], pages_per_split=pps, num_pages=num_pages,
         max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct,
-        prefetch_ids=blocks["prefetch_ids"])
+        prefetch_ids=blocks["prefetch_ids"], row_gather=blocks["row_gather"])
     whole = pl.BlockSpec()
-    pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, k, s: (k, 0, 0, 0))
-    scales_spec = pl.BlockSpec((None, num_pages, page_size), lambda b, k, s: (k, 0, 0))
+    if blocks["row_gather"]:  # free reshapes: a page's L rows are contiguous
+        k_pages = k_pages.reshape(kv_heads, num_pages * page_size, head_dim)
+        v_pages = v_pages.reshape(kv_heads, num_pages * page_size, head_dim)
+        if quantized:
+            k_scales = k_scales.reshape(kv_heads, num_pages * page_size)
+            v_scales = v_scales.reshape(kv_heads, num_pages * page_size)
+    pages_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, k, s: (k,) + (0,) * (k_pages.ndim - 1))
+    scales_spec = pl.BlockSpec((None, *k_pages.shape[1:-1]), lambda b, k, s: (k,) + (0,) * (k_pages.ndim - 2))
     in_specs = [whole, whole, whole, pages_spec, pages_spec] + ([scales_spec] * 2 if quantized else [])
     args = [lengths, page_table, q, k_pages, v_pages] + ([k_scales, v_scales] if quantized else [])
     params = pltriton.CompilerParams(num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
@@ -287,124 +303,6 @@ def _drop_aliased_inputs(kernel, n_out, n_scratch=0):
     return wrapped
 
 
-# ----------------------------------------------------------------------------------------- TPU kernel
-def _decode_tpu_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, page_size, max_pages, scale, quantized):
-    # Mosaic TPU, grid (B, K, max_pages): one page per step (the pipeline prefetches the next page while
-    # this one computes); q_ref [G, H]; k_ref, v_ref [L, H]; scales [1, L]; o_ref [G, H];
-    # scratch m, l [G, 1], acc [G, H] float32.
-    o_ref, m_ref, l_ref, acc_ref = refs[-4:]  # int8 pages put (k scales, v scales) first
-    b, p = pl.program_id(0), pl.program_id(2)
-    length = len_ref[b]
-
-    @pl.when(p == 0)
-    def _init():
-        tpu_init(m_ref, l_ref, acc_ref)
-
-    @pl.when(p * page_size < length)
-    def _page():
-        tpu_page_step(q_ref, k_ref, v_ref, refs[:2] if quantized else None, m_ref, l_ref, acc_ref,
-                      page_start=p * page_size, limit=length, scale=scale)
-
-    @pl.when(p == max_pages - 1)
-    def _done():
-        tpu_finish(o_ref, l_ref, acc_ref)
-
-
-def tpu_init(m_ref, l_ref, acc_ref):
-    """Online-softmax state before the first page (the Mosaic TPU kernels)."""
-    m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-
-def tpu_page_step(q_ref, k_ref, v_ref, scale_refs, m_ref, l_ref, acc_ref, *, page_start, limit, scale,
-                  query_pos=None):
-    """One page of the online softmax (the Mosaic TPU kernels): q_ref [rows, H]; k_ref, v_ref [L, H];
-    scale_refs = (k scales, v scales) [1, L] for int8 pages, else None. Key page_start + i counts when it is
-    < limit and, if ``query_pos(shape)`` gives each row's position, when it is <= that position (causal)."""
-    q = q_ref[...]
-    k = k_ref[...].astype(q.dtype)
-    v = v_ref[...].astype(q.dtype)
-    logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    if scale_refs is not None:
-        logits = logits * scale_refs[0][...]
-    key = page_start + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    valid = key < limit
-    if query_pos is not None:
-        valid = (key <= query_pos(logits.shape)) & valid
-    logits = jnp.where(valid, logits * scale, MASK_VALUE)
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)
-    probs = jnp.exp(logits - m_new)
-    l_ref[...] = l_ref[...] * alpha + jnp.sum(probs, axis=1, keepdims=True)
-    if scale_refs is not None:
-        probs = probs * jnp.where(key[:1] < limit, scale_refs[1][...], 0.0)
-    v = jnp.where(page_start + lax.broadcasted_iota(jnp.int32, v.shape, 0) < limit, v, jnp.zeros((), v.dtype))
-    acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(probs.astype(q.dtype), v, (((1,), (0,)), ((), ())),
-                                                          preferred_element_type=jnp.float32)
-    m_ref[...] = m_new
-
-
-def tpu_finish(o_ref, l_ref, acc_ref):
-    """The output rows after the last page: acc / l (0 where no key counted)."""
-    l = l_ref[...]
-    o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
-
-
-def tpu_paged_call(kernel, page, qx, q_spec, k_pages, v_pages, k_scales, v_scales, *, prefetch, grid, interpret,
-                   poison, name):
-    """The launch both Mosaic TPU kernels (decode, ragged prefill) share. ``qx`` [rows0, K, R, H] with its
-    ``q_spec``; K/V pages [K, P, L, H] (and int8 scales [K, P, L]) arrive one page per grid step (i, k, p) at
-    ``page(i, p, *prefetch)``; ``prefetch``: the two scalar-prefetch operands; scratch m, l [R, 1] and
-    acc [R, H] float32 for the online softmax; with ``poison`` the output aliases a NaN-filled buffer."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    kv_heads, num_pages, page_size, head_dim = k_pages.shape
-    rows = qx.shape[2]
-    kv_spec = pl.BlockSpec((None, None, page_size, head_dim), lambda i, k, p, *pf: (k, page(i, p, *pf), 0, 0))
-    in_specs, args = [q_spec, kv_spec, kv_spec], [qx, k_pages, v_pages]
-    if k_scales is not None:
-        sc_spec = pl.BlockSpec((None, None, 1, page_size), lambda i, k, p, *pf: (k, page(i, p, *pf), 0, 0))
-        in_specs += [sc_spec] * 2
-        args += [k_scales.reshape(kv_heads, num_pages, 1, page_size), v_scales.reshape(kv_heads, num_pages, 1, page_size)]
-    aliases = {}
-    if poison:
-        args.append(jnp.full(qx.shape, jnp.nan, qx.dtype))
-        in_specs.append(q_spec)
-        aliases = {len(args) + len(prefetch) - 1: 0}  # operand index counts the scalar-prefetch operands
-        kernel = _drop_aliased_inputs(kernel, 1, n_scratch=3)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(prefetch), grid=grid, in_specs=in_specs, out_specs=q_spec,
-        scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
-                        pltpu.VMEM((rows, head_dim), jnp.float32)])
-    return pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qx.shape, qx.dtype), input_output_aliases=aliases,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret, name=name,
-    )(*prefetch, *args)
-
-
-def _decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, interpret, poison):
-    """Mosaic TPU decode: written for TPU, exercised here only in interpret mode (no TPU to run on)."""
-    batch, n, head_dim = q.shape
-    kv_heads, num_pages, page_size, _ = k_pages.shape
-    group, max_pages = n // kv_heads, page_table.shape[1]
-    quantized = k_scales is not None
-
-    def page(b, p, lens, pt):  # pages past the length repeat the last one: no new DMA is issued
-        last = jnp.maximum((lens[b] + page_size - 1) // page_size - 1, 0)
-        return jnp.clip(pt[b * max_pages + jnp.minimum(p, last)], 0, num_pages - 1)
-
-    q_spec = pl.BlockSpec((None, None, group, head_dim), lambda b, k, p, lens, pt: (b, k, 0, 0))
-    kernel = functools.partial(_decode_tpu_kernel, page_size=page_size, max_pages=max_pages, scale=scale,
-                               quantized=quantized)
-    out = tpu_paged_call(kernel, page, q.reshape(batch, kv_heads, group, head_dim), q_spec, k_pages, v_pages,
-                         k_scales, v_scales, prefetch=(lengths, page_table.reshape(-1)), grid=(batch, kv_heads, max_pages),
-                         interpret=interpret, poison=poison, name="paged_decode_tpu")
-    return out.reshape(q.shape)
-
-
 # ----------------------------------------------------------------------------------------- dispatch
 def check_decode_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales):
     """Static (shape/dtype) checks; raises ValueError before any launch. Returns (K, P, L, H)."""
@@ -439,27 +337,30 @@ def _select_backend(backend, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "num_splits", "num_warps",
-                                             "num_stages", "prefetch_ids", "backend", "interpret", "poison"))
+                                             "num_stages", "prefetch_ids", "row_gather", "backend", "interpret",
+                                             "poison"))
 def _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, pages_per_block,
-                     num_splits, num_warps, num_stages, prefetch_ids, backend, interpret, poison):
+                     num_splits, num_warps, num_stages, prefetch_ids, row_gather, backend, interpret, poison):
     kv_heads, _, page_size, head_dim = k_pages.shape
     scale = head_dim ** -0.5 if scale is None else float(scale)
     if backend == "reference":
         return paged_attention_reference(q, k_pages, v_pages, lengths, page_table, k_scales=k_scales,
                                          v_scales=v_scales, scale=scale)
     if backend == "mosaic_tpu":
-        return _decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
+        from .paged_attention_tpu import decode_tpu
+        return decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
                            interpret=interpret, poison=poison)
     blocks = decode_blocks(q.shape[0], kv_heads, q.shape[1] // kv_heads, page_table.shape[1], page_size,
                            k_scales is not None, pages_per_block=pages_per_block, num_splits=num_splits,
-                           num_warps=num_warps, num_stages=num_stages, prefetch_ids=prefetch_ids)
+                           num_warps=num_warps, num_stages=num_stages, prefetch_ids=prefetch_ids,
+                           row_gather=row_gather)
     return _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
                           blocks=blocks, interpret=interpret, poison=poison)
 
 
 def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, v_scales=None, scale=None,
                     pages_per_block=None, num_splits=None, num_warps=None, num_stages=None, prefetch_ids=None,
-                    backend=None, interpret=False, _poison=False):
+                    row_gather=None, backend=None, interpret=False, _poison=False):
     """Decode attention over a paged KV cache.
 
     q [B, N, H]; k_pages, v_pages [K, P, L, H] (bf16/f16/f32, or int8 with k_scales, v_scales [K, P, L]
@@ -470,7 +371,9 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
     backend: None picks the Pallas GPU kernel on GPU (and under ``interpret=True`` on CPU), the Mosaic
     TPU kernel on TPU, and the jnp reference elsewhere; "triton", "mosaic_tpu" or "reference" force one.
     Block sizes (pages_per_block, num_splits, num_warps, num_stages, prefetch_ids: load the next block's
-    page ids one iteration ahead) default to the tuned table; the TPU kernel takes one page per step.
+    page ids one iteration ahead; row_gather: load K/V as one 2-D [pages_per_block * L, H] gather of pool rows
+    instead of [pages_per_block, L, H] pages reshaped) default to the tuned table; the TPU kernel takes one page
+    per step.
     Shapes are checked before launch; concrete page tables and lengths are also checked on the host
     (``validate_page_table``).
     """
@@ -479,6 +382,6 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
         validate_page_table(page_table, lengths, num_pages=k_pages.shape[1], page_size=k_pages.shape[2])
     return _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
                             pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
-                            num_stages=num_stages, prefetch_ids=prefetch_ids,
+                            num_stages=num_stages, prefetch_ids=prefetch_ids, row_gather=row_gather,
                             backend=_select_backend(backend, interpret),
                             interpret=interpret, poison=_poison)

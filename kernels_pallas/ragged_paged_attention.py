@@ -27,8 +27,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .kv_pages import _is_concrete, page_geometry, validate_page_table
-from .paged_attention import (LOG2E, MASK_VALUE, _drop_aliased_inputs, _pow2, _select_backend,
-                              gather_pages, tpu_finish, tpu_init, tpu_page_step, tpu_paged_call, tuned_blocks)
+from .paged_attention import (LOG2E, MASK_VALUE, _drop_aliased_inputs, _pow2, _select_backend, gather_pages,
+                              tuned_blocks)
+from .paged_attention_tpu import tpu_finish, tpu_init, tpu_page_step, tpu_paged_call
 
 
 # ----------------------------------------------------------------------------------------- reference

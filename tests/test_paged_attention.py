@@ -77,31 +77,32 @@ def rel_err(out, ref):
 class PagedAttentionCases:
     interpret = False
 
-    @pytest.mark.parametrize("group,page_size,num_splits", [(1, 16, None), (2, 64, 2), (16, 16, 1), (16, 16, 3),
-                                                            (16, 64, None)])
-    def test_matches_reference(self, group, page_size, num_splits):
+    @pytest.mark.parametrize("group,page_size,num_splits,row_gather", [
+        (1, 16, None, None), (2, 64, 2, False), (16, 16, 1, False), (16, 16, 3, False), (16, 64, None, None),
+        (16, 16, 3, True), (2, 64, 2, True), (1, 16, 1, True)])
+    def test_matches_reference(self, group, page_size, num_splits, row_gather):
         rng = np.random.default_rng([group, page_size, num_splits or 0])
         lengths = [1, page_size, page_size + 1, 5 * page_size + 7]
         pool = make_pool(rng, kv_heads=2, page_size=page_size, lengths=lengths)
         q = jnp.asarray(rng.standard_normal((len(lengths), 2 * group, H)), jnp.bfloat16)
         args = (q, pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"])
-        out = paged_attention(*args, num_splits=num_splits, pages_per_block=2, interpret=self.interpret,
-                              _poison=True)
+        out = paged_attention(*args, num_splits=num_splits, pages_per_block=2, row_gather=row_gather,
+                              interpret=self.interpret, _poison=True)
         ref = paged_attention_reference(*args)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert bool(jnp.isfinite(out).all()), "unwritten (NaN-poisoned) or non-finite outputs"
         assert rel_err(out, ref) < 1e-2
 
-    @pytest.mark.parametrize("group,page_size", [(16, 16), (2, 64)])
-    def test_int8_pages(self, group, page_size):
+    @pytest.mark.parametrize("group,page_size,row_gather", [(16, 16, False), (2, 64, False), (16, 16, True)])
+    def test_int8_pages(self, group, page_size, row_gather):
         rng = np.random.default_rng([7, group, page_size])
         lengths = [page_size + 1, 1, 3 * page_size]
         pool = make_pool(rng, kv_heads=2, page_size=page_size, lengths=lengths, quantized=True)
         q = jnp.asarray(rng.standard_normal((len(lengths), 2 * group, H)), jnp.bfloat16)
         args = (q, pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"])
         scales = dict(k_scales=pool["k_scales"], v_scales=pool["v_scales"])
-        out = paged_attention(*args, **scales, num_splits=2, pages_per_block=1, interpret=self.interpret,
-                              _poison=True)
+        out = paged_attention(*args, **scales, num_splits=2, pages_per_block=1, row_gather=row_gather,
+                              interpret=self.interpret, _poison=True)
         ref = paged_attention_reference(*args, **scales)
         assert bool(jnp.isfinite(out).all())
         assert rel_err(out, ref) < 1e-2
