@@ -2,9 +2,9 @@
 
 Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_splits x tokens per block
 x row_gather) at 4 warps / 3 stages, then (num_warps x num_stages) around the best. Prefill: (block_q x tokens per
-block), then warps/stages. Timed with the benchmark's harness (distinct layers unrolled, L2 rotated).
+block x row_gather), then warps/stages. Timed with the benchmark's harness (distinct layers unrolled, L2 rotated).
 
-Usage: python experiments/tune_paged_attention.py [--quick | --summary-points] [--no-prefill] [--out DIR]
+Usage: python experiments/tune_paged_attention.py [--quick | --summary-points] [--ops decode prefill] [--out DIR]
 (--quick: fewer points, no write; a run replaces only the table entries it tuned)
 """
 
@@ -71,8 +71,8 @@ def tune_prefill(rng, page_size=16):
             res.append((sec, c))
             print(f"  prefill L{page_size} {c} {sec * 1e6:.1f} us {flops / sec / 1e12:.1f} TFLOP/s", flush=True)
         return min(res, key=lambda r: r[0]) if res else None
-    best = run([dict(block_q=bq, pages_per_block=max(1, t // page_size), num_warps=8, num_stages=3)
-                for bq, t in ((8, 64), (8, 128), (8, 256), (16, 64), (16, 128), (4, 256))])
+    best = run([dict(block_q=bq, pages_per_block=max(1, t // page_size), num_warps=8, num_stages=3, row_gather=g)
+                for bq, t in ((8, 64), (8, 128), (8, 256), (16, 64), (16, 128), (4, 256)) for g in (False, True)])
     if best is None:
         return None
     b2 = run([dict(best[1], num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4), (8, 2), (8, 4))])
@@ -85,7 +85,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--summary-points", action="store_true",
                     help="only the benchmark summary's decode points (other table entries are kept)")
-    ap.add_argument("--no-prefill", action="store_true", help="decode points only (the prefill entry is kept)")
+    ap.add_argument("--ops", nargs="+", choices=["decode", "prefill"], default=["decode", "prefill"],
+                    help="which kernels to tune (the other's table entries are kept)")
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     if args.quick:
@@ -115,13 +116,13 @@ def main():
         if args.out:
             shutil.copy(path, Path(args.out) / "paged_attention_tuned.json")
 
-    best = None if args.no_prefill else tune_prefill(rng)
+    best = tune_prefill(rng) if "prefill" in args.ops else None
     if best:
         prefill.append(dict(key=dict(batch=1, context=2048, page_size=16, quantized=False, group=bench.N // bench.K),
                             blocks=best[1], us=best[0] * 1e6))
         print(f"BEST prefill: {best[1]} {best[0] * 1e6:.1f} us", flush=True)
         save()
-    for batch, ctx, page_size, quantized in points:
+    for batch, ctx, page_size, quantized in (points if "decode" in args.ops else []):
         best = tune_decode(rng, batch, ctx, page_size, quantized)
         if best:
             decode.append(dict(key=dict(batch=batch, context=ctx, page_size=page_size, quantized=quantized,

@@ -75,6 +75,29 @@ def gather_pages(pages, page_table, scales=None):
     return jnp.transpose(x.reshape(kv_heads, b, mp * page_size, h), (1, 2, 0, 3))
 
 
+def pool_rows(pt_ref, b, pstart, *, pages_per_block, page_size, n_pages, max_pages, num_pages):
+    """Row gather (GPU kernels): the pool rows ``page id * L + slot`` of the ``pages_per_block * L`` keys from
+    page ``pstart`` of sequence b, for pools viewed as ``[P * L, H]``; keys of pages at or past n_pages read
+    page 0 (masked by the caller). Loading these rows as one 2-D tile avoids the shared-memory round trip of
+    reshaping gathered ``[pages, L, H]`` page tiles."""
+    r = jnp.arange(pages_per_block * page_size)
+    slot = pstart + r // page_size
+    ids = pt_ref[b, jnp.minimum(slot, max_pages - 1)]
+    return jnp.clip(jnp.where(slot < n_pages, ids, 0), 0, num_pages - 1) * page_size + r % page_size
+
+
+def pool_operands(k_pages, v_pages, k_scales, v_scales, row_gather):
+    """(pools, BlockSpecs) for a kernel whose grid axis 1 is the kv head: page tiles [P, L, H] of head k, or
+    with row_gather the rows [P * L, H] (a free reshape: a page's L rows are contiguous); int8 scales alike."""
+    kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    pools = [k_pages, v_pages] + ([k_scales, v_scales] if k_scales is not None else [])
+    if row_gather:
+        pools = [x.reshape(kv_heads, num_pages * page_size, *x.shape[3:]) for x in pools]
+    specs = [pl.BlockSpec((None, *x.shape[1:]), lambda _, k, *__, nd=x.ndim: (k,) + (0,) * (nd - 1))
+             for x in pools]
+    return pools, specs
+
+
 # ----------------------------------------------------------------------------------------- tuning
 @functools.lru_cache(maxsize=1)
 def _tuned_table() -> dict:
@@ -133,10 +156,8 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
 
     def page_ids(pstart):  # [ppb] page ids, or with row_gather [block] pool rows (page id * L + slot)
         if row_gather:
-            r = jnp.arange(block)
-            slot = pstart + r // page_size
-            ids = pt_ref[b, jnp.minimum(slot, max_pages - 1)]
-            return jnp.clip(jnp.where(slot < n_pages, ids, 0), 0, num_pages - 1) * page_size + r % page_size
+            return pool_rows(pt_ref, b, pstart, pages_per_block=pages_per_block, page_size=page_size,
+                             n_pages=n_pages, max_pages=max_pages, num_pages=num_pages)
         page_ok = pstart + jnp.arange(pages_per_block) < n_pages
         ids = pltriton.load(pt_ref.at[b, pl.ds(pstart, pages_per_block)], mask=page_ok, other=0)
         return jnp.clip(jnp.where(page_ok, ids, 0), 0, num_pages - 1)
@@ -247,16 +268,9 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
         max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct,
         prefetch_ids=blocks["prefetch_ids"], row_gather=blocks["row_gather"])
     whole = pl.BlockSpec()
-    if blocks["row_gather"]:  # free reshapes: a page's L rows are contiguous
-        k_pages = k_pages.reshape(kv_heads, num_pages * page_size, head_dim)
-        v_pages = v_pages.reshape(kv_heads, num_pages * page_size, head_dim)
-        if quantized:
-            k_scales = k_scales.reshape(kv_heads, num_pages * page_size)
-            v_scales = v_scales.reshape(kv_heads, num_pages * page_size)
-    pages_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, k, s: (k,) + (0,) * (k_pages.ndim - 1))
-    scales_spec = pl.BlockSpec((None, *k_pages.shape[1:-1]), lambda b, k, s: (k,) + (0,) * (k_pages.ndim - 2))
-    in_specs = [whole, whole, whole, pages_spec, pages_spec] + ([scales_spec] * 2 if quantized else [])
-    args = [lengths, page_table, q, k_pages, v_pages] + ([k_scales, v_scales] if quantized else [])
+    pools, pool_specs = pool_operands(k_pages, v_pages, k_scales, v_scales, blocks["row_gather"])
+    in_specs = [whole, whole, whole] + pool_specs
+    args = [lengths, page_table, q] + pools
     params = pltriton.CompilerParams(num_warps=blocks["num_warps"], num_stages=blocks["num_stages"])
     if direct:
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]

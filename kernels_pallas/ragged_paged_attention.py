@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .kv_pages import _is_concrete, page_geometry, validate_page_table
 from .paged_attention import (LOG2E, MASK_VALUE, _drop_aliased_inputs, _pow2, _select_backend, gather_pages,
-                              tuned_blocks)
+                              pool_operands, pool_rows, tuned_blocks)
 from .paged_attention_tpu import tpu_finish, tpu_init, tpu_page_step, tpu_paged_call
 
 
@@ -82,9 +82,9 @@ def _block_map(query_start, num_seqs, t_total, block_q, n_blocks):
 
 
 def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad, block_q,
-                    page_size, pages_per_block, num_pages, max_pages, scale, quantized):
+                    page_size, pages_per_block, num_pages, max_pages, scale, quantized, row_gather):
     # meta_ref [n_blocks, 4]; ctx_ref [B]; qs_ref [B+1]; pt_ref [B, max_pages]; q_ref, o_ref [T, N, H];
-    # k_ref, v_ref [P, L, H] (head k); scales [P, L].
+    # k_ref, v_ref [P, L, H] (head k), scales [P, L]; row_gather: [P * L, H] and [P * L] (pool_rows).
     if quantized:
         ks_ref, vs_ref, o_ref = refs
     else:
@@ -111,13 +111,17 @@ def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *ref
     def body(i, carry, masked):
         acc, m, l = carry
         pstart = i * pages_per_block
-        if masked:
+        if row_gather:
+            ids = pool_rows(pt_ref, seq, pstart, pages_per_block=pages_per_block, page_size=page_size,
+                            n_pages=n_pages, max_pages=max_pages, num_pages=num_pages)
+        elif masked:
             page_ok = pstart + jnp.arange(pages_per_block) < n_pages
             ids = pltriton.load(pt_ref.at[seq, pl.ds(pstart, pages_per_block)], mask=page_ok, other=0)
             ids = jnp.where(page_ok, ids, 0)
         else:  # every page of the block is below n_pages
             ids = pt_ref[seq, pl.ds(pstart, pages_per_block)]
-        ids = jnp.clip(ids, 0, num_pages - 1)
+        if not row_gather:
+            ids = jnp.clip(ids, 0, num_pages - 1)
         k = k_ref[ids].reshape(block, head_dim)
         v = v_ref[ids].reshape(block, head_dim)
         logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -156,21 +160,22 @@ def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *ref
 
 def prefill_blocks(group, page_size, quantized, tokens, **given) -> dict:
     blocks = {k: v for k, v in given.items() if v is not None}
-    if len(blocks) < 4:
+    if len(blocks) < 5:
         key, tuned = tuned_blocks("prefill", page_size=page_size, quantized=quantized, group=group, batch=1,
                                   context=tokens)
         if tuned:  # tokens per kv block and query rows carry over to other page sizes / groups
             tuned["pages_per_block"] = max(1, tuned["pages_per_block"] * key["page_size"] // page_size)
             tuned["block_q"] = max(1, tuned["block_q"] * _pow2(key["group"]) // _pow2(group))
         default = dict(block_q=max(1, 256 // _pow2(group)), pages_per_block=max(1, 64 // page_size),
-                       num_warps=8, num_stages=4)
+                       num_warps=8, num_stages=4, row_gather=False)
         blocks = {**default, **tuned, **blocks}
     for name in ("block_q", "pages_per_block"):
         if blocks[name] < 1 or blocks[name] & (blocks[name] - 1):
             raise ValueError(f"{name} must be a power of two >= 1; got {blocks[name]}")
     if blocks["block_q"] * _pow2(group) < 16:
         raise ValueError(f"block_q * G must be >= 16 (tensor-core rows); got block_q={blocks['block_q']}, G={group}")
-    return {k: int(v) for k, v in blocks.items()}
+    return {**{k: int(v) for k, v in blocks.items() if k != "row_gather"},
+            "row_gather": bool(blocks.get("row_gather", False))}
 
 
 def _prefill_triton(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales, *,
@@ -185,13 +190,12 @@ def _prefill_triton(q, k_pages, v_pages, page_table, context_lens, query_start, 
     quantized = k_scales is not None
     kernel = functools.partial(
         _prefill_kernel, group=group, group_pad=group_pad, block_q=block_q, page_size=page_size,
-        pages_per_block=ppb, num_pages=num_pages, max_pages=page_table.shape[1], scale=scale, quantized=quantized)
+        pages_per_block=ppb, num_pages=num_pages, max_pages=page_table.shape[1], scale=scale, quantized=quantized,
+        row_gather=blocks["row_gather"])
     whole = pl.BlockSpec()
-    pages_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda j, k: (k, 0, 0, 0))
-    scales_spec = pl.BlockSpec((None, num_pages, page_size), lambda j, k: (k, 0, 0))
-    in_specs = [whole] * 5 + [pages_spec] * 2 + ([scales_spec] * 2 if quantized else [])
-    args = [meta, context_lens, query_start, page_table, q, k_pages, v_pages] + (
-        [k_scales, v_scales] if quantized else [])
+    pools, pool_specs = pool_operands(k_pages, v_pages, k_scales, v_scales, blocks["row_gather"])
+    in_specs = [whole] * 5 + pool_specs
+    args = [meta, context_lens, query_start, page_table, q] + pools
     aliases = {}
     if poison:
         args.append(jnp.full(q.shape, jnp.nan, q.dtype))
@@ -271,10 +275,10 @@ def _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num
 
 # ----------------------------------------------------------------------------------------- dispatch
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "pages_per_block", "num_warps", "num_stages",
-                                             "backend", "interpret", "poison"))
+                                             "row_gather", "backend", "interpret", "poison"))
 def _ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales,
-                            v_scales, *, scale, block_q, pages_per_block, num_warps, num_stages, backend,
-                            interpret, poison):
+                            v_scales, *, scale, block_q, pages_per_block, num_warps, num_stages, row_gather,
+                            backend, interpret, poison):
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else float(scale)
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(-1)[0]
@@ -288,7 +292,8 @@ def _ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query
         return _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales,
                             v_scales, scale=scale, block_q=bq, interpret=interpret, poison=poison)
     blocks = prefill_blocks(q.shape[1] // kv_heads, page_size, k_scales is not None, q.shape[0], block_q=block_q,
-                            pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
+                            pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
+                            row_gather=row_gather)
     return _prefill_triton(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales,
                            v_scales, scale=scale, blocks=blocks, interpret=interpret, poison=poison)
 
@@ -335,7 +340,7 @@ def validate_ragged(q, page_table, context_lens, query_start, num_seqs, *, num_p
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, *, k_scales=None,
                            v_scales=None, scale=None, block_q=None, pages_per_block=None, num_warps=None,
-                           num_stages=None, backend=None, interpret=False, _poison=False):
+                           num_stages=None, row_gather=None, backend=None, interpret=False, _poison=False):
     """Chunked-prefill attention over a paged KV cache.
 
     q [T, N, H] packed query tokens; page_table [B, max_pages] int32; context_lens [B] int32 (cached
@@ -352,4 +357,4 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_
     return _ragged_paged_attention(
         q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales, scale=scale,
         block_q=block_q, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
-        backend=_select_backend(backend, interpret), interpret=interpret, poison=_poison)
+        row_gather=row_gather, backend=_select_backend(backend, interpret), interpret=interpret, poison=_poison)

@@ -31,16 +31,17 @@ def make_batch(rng, *, group, page_size, contexts, chunks, padding=5, quantized=
 class RaggedCases:
     interpret = False
 
-    @pytest.mark.parametrize("group,page_size,block_q,ppb,quantized", [
-        (16, 16, 4, 2, False), (2, 64, 8, 1, False), (1, 16, 16, 4, False), (16, 16, 2, 1, True)])
-    def test_matches_reference(self, group, page_size, block_q, ppb, quantized):
+    @pytest.mark.parametrize("group,page_size,block_q,ppb,quantized,row_gather", [
+        (16, 16, 4, 2, False, False), (2, 64, 8, 1, False, False), (1, 16, 16, 4, False, False),
+        (16, 16, 2, 1, True, False), (16, 16, 4, 2, False, True), (2, 64, 8, 1, True, True)])
+    def test_matches_reference(self, group, page_size, block_q, ppb, quantized, row_gather):
         rng = np.random.default_rng([group, page_size, block_q, int(quantized)])
         l = page_size
         contexts = [3 * l + 5, l + 1, 2 * l, 37]
         chunks = [l + 9, l + 1, 1, 37]  # crosses pages; starts mid-page; decode-like; whole prompt
         args, scales, pool, starts = make_batch(rng, group=group, page_size=page_size, contexts=contexts,
                                                 chunks=chunks, quantized=quantized)
-        out = ragged_paged_attention(*args, **scales, block_q=block_q, pages_per_block=ppb,
+        out = ragged_paged_attention(*args, **scales, block_q=block_q, pages_per_block=ppb, row_gather=row_gather,
                                      interpret=self.interpret, _poison=True)
         ref = ragged_paged_attention_reference(*args, **scales)
         assert out.shape == args[0].shape
@@ -48,8 +49,8 @@ class RaggedCases:
         assert not np.any(np.asarray(out[int(starts[-1]):], np.float32)), "padding rows must be zero"
         assert rel_err(out[: int(starts[-1])], ref[: int(starts[-1])]) < 1e-2
 
-    @pytest.mark.parametrize("quantized", [False, True])
-    def test_chunks_after_long_cached_prefix(self, quantized):
+    @pytest.mark.parametrize("quantized,row_gather", [(False, False), (True, False), (False, True), (True, True)])
+    def test_chunks_after_long_cached_prefix(self, quantized, row_gather):
         """Most kv blocks lie wholly before every query of a block (the kernel's unmasked loop); the diagonal
         and the partial last page take the masked one. NaN in unowned slots would leak through either."""
         rng = np.random.default_rng([11, int(quantized)])
@@ -57,8 +58,8 @@ class RaggedCases:
         contexts, chunks = [9 * l + 5, 6 * l, 2 * l + 3], [l + 3, 2 * l, 5]
         args, scales, _, starts = make_batch(rng, group=16, page_size=l, contexts=contexts, chunks=chunks,
                                              quantized=quantized)
-        out = ragged_paged_attention(*args, **scales, block_q=4, pages_per_block=2, interpret=self.interpret,
-                                     _poison=True)
+        out = ragged_paged_attention(*args, **scales, block_q=4, pages_per_block=2, row_gather=row_gather,
+                                     interpret=self.interpret, _poison=True)
         ref = ragged_paged_attention_reference(*args, **scales)
         assert bool(np.isfinite(np.asarray(out, np.float32)).all())
         assert rel_err(out[: int(starts[-1])], ref[: int(starts[-1])]) < 1e-2
