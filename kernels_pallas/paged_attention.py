@@ -7,7 +7,9 @@ GPU kernel (Pallas, Triton lowering; grid (B, K, S)): program (b, k, s) owns seq
 the s-th split of b's pages. It loads the G query heads of kv head k once ([G, H], G padded to 16 rows
 for the tensor cores), then streams ``pages_per_block`` pages at a time: the page ids are gathered
 from the page table, K and V pages of head k are loaded once and used by all G query heads
-(logits [G, pages_per_block * L]), with an online softmax in float32. With one split the kernel
+(logits [G, pages_per_block * L]); with ``row_gather`` (the H100 table's choice) the pool is viewed as
+[P * L, H] rows and the block's keys are loaded as one 2-D gather of their rows (``pool_rows``), instead of
+[pages, L, H] page tiles whose reshape Triton routes through shared memory; with an online softmax in float32. With one split the kernel
 writes the normalized output; with several, each split writes its normalized partial output
 [G, H] and log-sum-exp [G] (base 2) and a small combine kernel merges them:
 out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. Empty splits carry lse = -1e30
@@ -18,7 +20,8 @@ Keys past a sequence's length are masked and V rows past it are zeroed before th
 or non-finite slot contents never leak; page-table entries past the last used page are replaced by
 page 0 and entries are clamped into the pool, so no launch reads outside the pool.
 
-Block sizes (keyword-only, static): pages_per_block, num_splits, num_warps, num_stages; when None
+Block sizes (keyword-only, static): pages_per_block, num_splits, num_warps, num_stages, prefetch_ids,
+row_gather; when None
 they come from kernels_pallas/tuned/paged_attention.json (written by experiments/tune_paged_attention.py).
 """
 

@@ -13,7 +13,9 @@ kv head as its [block_q * G, H] row tile, so each K/V page of that head is loade
 and streams ``pages_per_block`` pages at a time up to the block's last causal key, online softmax in
 float32. Kv blocks wholly before the block's first query run an unmasked loop; the diagonal ones (and the partial
 page past the last key) a masked one. Grid rows past the real blocks cover the padding tokens (past query_start[num_seqs]) and write
-zeros; int8 pages are dequantized in the kernel as in the decode kernel.
+zeros; int8 pages are dequantized in the kernel as in the decode kernel. Block sizes: block_q, pages_per_block,
+num_warps, num_stages and row_gather (K/V as 2-D pool-row gathers, as in the decode kernel; the H100 table keeps
+page tiles here).
 """
 
 from __future__ import annotations
