@@ -34,8 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import bench_common  # noqa: E402
-from bench_qmatmul import random_weight, time_layers  # noqa: E402
-from diag_int8_dot import write_diag  # noqa: E402
+from bench_qmatmul import random_weight  # noqa: E402
+from diag_int8_dot import time_variant, write_diag  # noqa: E402
 from kernels_pallas import quantized_matmul  # noqa: E402
 
 SMEM_BYTES = 227 * 1024  # the H100's shared memory per block
@@ -93,7 +93,7 @@ def main():
         k, n = SHAPES[name]
         keys = jax.random.split(jax.random.key(0), args.layers)
         ws = [random_weight(kk, "int8_kmajor", k, n) for kk in keys]
-        wb = [(w.dequantize(jnp.float32).astype(jnp.bfloat16)) for w in ws]
+        wb = [w.dequantize(jnp.float32).astype(jnp.bfloat16) for w in ws]
         for m in args.ms:
             x = jax.random.normal(jax.random.key(2 + m), (m, k), jnp.float32).astype(jnp.bfloat16)
             ref = jnp.dot(x.astype(jnp.float32), ws[0].dequantize(jnp.float32), precision=lax.Precision.HIGHEST)
@@ -107,25 +107,16 @@ def main():
                 fn = lambda x, w, cfg=cfg: mgpu_int8(x, w, cfg)
                 try:
                     e = err(jax.jit(fn)(x, ws[0]))
+                    problem = None if e < 1e-2 else f"rel err {e:.3g}"  # wrong results are recorded, never timed
                 except Exception as ex:  # noqa: BLE001 -- recorded, the others go on
-                    rows.append({"shape": name, "m": m, "variant": label(cfg),
-                                 "error": bench_common.error_text(ex)[:300]})
+                    problem = bench_common.error_text(ex)[:300]
+                if problem:
+                    rows.append({"shape": name, "m": m, "variant": label(cfg), "error": problem})
                     print(json.dumps(rows[-1]), flush=True)
-                    continue
-                if not e < 1e-2:  # wrong results are recorded, never timed
-                    rows.append({"shape": name, "m": m, "variant": label(cfg), "error": f"rel err {e:.3g}"})
-                    print(json.dumps(rows[-1]), flush=True)
-                    continue
-                timed.append((label(cfg), fn, ws, k * n, e))
-            for lab, fn, w_list, nbytes, e in timed:
-                try:
-                    t, _ = time_layers(fn, x, w_list)
-                except Exception as ex:  # noqa: BLE001
-                    rows.append({"shape": name, "m": m, "variant": lab, "error": bench_common.error_text(ex)[:300]})
                 else:
-                    rows.append({"shape": name, "m": m, "variant": lab, "us": 1e6 * t, "weight_bytes": nbytes,
-                                 "frac_bw": nbytes / t / bw, "rel_err_vs_f32": e})
-                print(json.dumps(rows[-1]), flush=True)
+                    timed.append((label(cfg), fn, ws, k * n, e))
+            for lab, fn, w_list, nbytes, e in timed:
+                time_variant(rows, name, m, lab, fn, x, w_list, nbytes, e, bw)
     write_diag(rows, bw, args.out, "diag_mgpu_int8")
     best = {}
     for r in rows:
