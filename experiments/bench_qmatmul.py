@@ -3,7 +3,7 @@
 GPU only. For each shape (qkv 4096->4608, o 4096->4096, gate_up 4096->27392, down 13696->4096), each M and
 each format: this project's dispatch (``quantized_matmul``, tuned table), XLA's dequantize-then-dot
 (``impl="xla"``), and XLA's bf16 dot, all in one run, with the copy bandwidth measured in the same run.
-Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``; served by XLA's int8 dot, see
+Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``; the Pallas K-major tiles or XLA, see
 ``quantized_matmul``) is not in the default ``--formats``; add it to compare layouts:
 ``--formats int8,int8_kmajor``.
 Each op is timed as ``--layers`` distinct layers' weights unrolled in one jit (no scan, no Python loop of
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -84,6 +85,13 @@ def time_layers(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times) / len(weights), compile_s
+
+
+def layers_for(k: int, n: int, min_layers: int, min_call_mb: float) -> int:
+    """Distinct layers to unroll per timed call: at least ``min_layers`` and enough that an int8 [K, N] weight set
+    is >= ``min_call_mb`` MB (at most 64), so one call keeps the GPU busy longer than the host takes to dispatch it
+    (measured on the H100: 8 layers of the 19 MB int8 qkv weight timed the same kernel at 10.7 and 15.2 us)."""
+    return min(64, max(min_layers, math.ceil(min_call_mb * 2**20 / (k * n))))
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -170,7 +178,9 @@ def markdown(result: dict) -> str:
     runs = "; ".join(f"run {r['run']}: {r['date']}, copy bandwidth (read + write) {r['copy_bw_tbs']:.2f} TB/s"
                      for r in result["runs"])
     lines = [f"# quantized_matmul on {result['device']}", "", runs + ".", "",
-             f"{result['layers']} distinct layers per jit; times are per layer (us); frac_bw = weight bytes / time / "
+             f"{result['layers']} distinct layers per jit (at least: rows that record `layers` in the JSON gave a small "
+             f"shape more, up to 64, so each call holds >= {result.get('min_call_mb', 512):g} MB of int8 weights); "
+             "times are per layer (us); frac_bw = weight bytes / time / "
              "copy bandwidth of the row's run; ours/bf16 uses the bf16 dot of the same run.", "",
              "| shape | M | format | ours us | frac_bw | xla us | bf16 us | ours/bf16 | xla/ours | config | run |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -197,6 +207,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--min_call_mb", type=float, default=512,
+                    help="more layers for small shapes: at least this many MB of int8 weights per timed call")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--extra_formats", default=",".join(EXTRA_FORMATS), help="timed at M=1 only")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
@@ -230,12 +242,13 @@ def main():
             skipped.append(f"{shape} M={m}")
             continue
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
-        keys = jax.random.split(jax.random.key(hash((shape, m)) % 2**31), args.layers)
+        layers = layers_for(k, n, args.layers, args.min_call_mb)
+        keys = jax.random.split(jax.random.key(hash((shape, m)) % 2**31), layers)
         ws = [random_weight(kk, "bf16", k, n) for kk in keys]
         us, cs = time_layers(bf16_dot, x, ws)
         nb = weight_bytes(ws[0])
         rows.append(dict(shape=shape, m=m, k=k, n=n, format="bf16", method="bf16", us=us * 1e6, bytes=nb,
-                         frac_bw=nb / us / bw, compile_s=cs))
+                         frac_bw=nb / us / bw, compile_s=cs, layers=layers))
         del ws
         for fmt in formats + (args.extra_formats.split(",") if m == 1 and args.extra_formats else []):
             ws = [random_weight(kk, fmt, k, n) for kk in keys]
@@ -248,7 +261,7 @@ def main():
                     print(f"FAILED {method} {fmt} {shape} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
                 rows.append(dict(shape=shape, m=m, k=k, n=n, format=fmt, method=method, us=us * 1e6, bytes=nb,
-                                 frac_bw=nb / us / bw, compile_s=cs,
+                                 frac_bw=nb / us / bw, compile_s=cs, layers=layers,
                                  config=(cfg.to_json() if method == "ours" else None)))
             del ws
         done = [r for r in rows if r["shape"] == shape and r["m"] == m]
@@ -257,7 +270,7 @@ def main():
     result = dict(device=dev.device_kind, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   versions=dict(jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
                                 else None),
-                  copy_bw_tbs=bw / 1e12, layers=args.layers, rows=rows, skipped=skipped,
+                  copy_bw_tbs=bw / 1e12, layers=args.layers, min_call_mb=args.min_call_mb, rows=rows, skipped=skipped,
                   baselines_missing=missing, summary=summarize(rows))
     for r in result["rows"]:
         if r.get("config"):

@@ -5,13 +5,13 @@ dequantize-then-dot as the candidate ``kernel="xla"``; for int8 also XLA's int8 
 two-digit activations, ``kernel="xla_split"``, at every M) with ``--layers`` distinct weights unrolled in one jit,
 and keep the fastest. Entries for the (device, format, M, K, N) problems tuned now are replaced; all other
 entries are kept.
-A candidate that fails to compile is reported and skipped. ``--budget_s`` bounds the sweep; untuned problems
-use ``default_config``.
+A candidate that fails to compile is reported and skipped. ``--budget_s`` bounds the sweep: a problem whose
+candidate list it cuts keeps its table entry (untuned problems use ``default_config``).
 
     python experiments/tune_qmatmul.py --out $OUT/quantized_matmul.json
 
-Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``; no Pallas kernel reads it) has the two
-XLA paths as its only candidates; it is not in the default ``--formats``:
+Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``): the Pallas gemv / dot over
+``[block_n, block_k]`` tiles and the two XLA paths; it is not in the default ``--formats``:
 
     python experiments/tune_qmatmul.py --formats int8_kmajor --ms 1,8,32 --out $OUT/quantized_matmul.json
 """
@@ -29,15 +29,16 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench_qmatmul import SHAPES, config_label, gpu_name, random_weight, time_layers  # noqa: E402
+from bench_qmatmul import SHAPES, config_label, gpu_name, layers_for, random_weight, time_layers  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
 from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
 
 
-def T(kernel, bm, bn, bk, split, warps, stages, fast=True, prefetch=False, asm=False, bs=False):
+def T(kernel, bm, bn, bk, split, warps, stages, fast=True, prefetch=False, asm=False, bs=False, unroll=0):
     return TileConfig(kernel=kernel, block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps,
-                      num_stages=stages, fast_dequant=fast, prefetch=prefetch, asm_dequant=asm, scale_in_bf16=bs)
+                      num_stages=stages, fast_dequant=fast, prefetch=prefetch, asm_dequant=asm, scale_in_bf16=bs,
+                      unroll=unroll)
 
 
 def _int4_asm_candidates(m: int, g: int) -> list[TileConfig]:
@@ -72,14 +73,29 @@ XLA_SPLIT = TileConfig(kernel="xla_split")  # Int8Weight only (quantized_matmul.
 
 
 def candidates(fmt: str, m: int) -> list[TileConfig]:
-    """Most likely first: the sweep may be cut by the budget. int8 at M <= 32: the split int8 dot second (on an
+    """Most likely first. int8 at M <= 32: the split int8 dot second (on an
     H100 it beat the GEMV on down_proj at M=1 and 8, experiments/results/qmatmul_h100_notes.md)."""
-    if fmt == "int8_kmajor":  # XLA paths only: the Pallas kernels take [K, N]
-        return [XLA_SPLIT, XLA] if m <= 32 else [XLA, XLA_SPLIT]
+    if fmt == "int8_kmajor":  # [N, K] tiles: a few rows of N a program, each reading along K
+        return _kmajor_candidates(m)
     cands = _pallas_candidates(fmt, m)
     if fmt == "int8":  # at M > 32 the int8 tensor cores run its 2M digit rows as fast as bf16 runs M rows
         cands.insert(1 if m <= 32 else len(cands), XLA_SPLIT)
     return cands
+
+
+def _kmajor_candidates(m: int) -> list[TileConfig]:
+    """K-major int8: at M=1 a gemv over [block_n, block_k] tiles with no split (one program per few rows of N,
+    the whole K in flight when unrolled); at M <= 32 tensor-core dots with the tiles transposed; the XLA paths."""
+    if m == 1:  # (block_n, block_k, warps, unroll); a block_k not dividing K is halved by fit_config
+        tiles = [(8, 256, 4, 8), (8, 512, 4, 8), (8, 4096, 8, 1), (4, 4096, 4, 1), (2, 2048, 4, 2), (1, 4096, 4, 1),
+                 (16, 1024, 8, 4), (8, 1024, 4, 4), (4, 512, 4, 8), (16, 512, 8, 8), (8, 128, 4, 16)]
+        return [T("gemv", 1, bn, bk, 1, w, 1, unroll=u) for bn, bk, w, u in tiles] + [XLA_SPLIT, XLA]
+    if m <= 32:
+        bm = 16 if m <= 16 else 32
+        return [T("dot", bm, 64, 256, 1, 4, 1, unroll=4), T("dot", bm, 32, 256, 1, 4, 1, unroll=8),
+                T("dot", bm, 64, 128, 2, 4, 4), T("dot", bm, 128, 128, 4, 4, 4), T("dot", bm, 32, 512, 1, 4, 1, unroll=4),
+                T("dot", bm, 64, 128, 1, 4, 1, unroll=8), XLA_SPLIT, XLA]
+    return [XLA, XLA_SPLIT, T("dot", 64, 128, 64, 1, 4, 4), T("dot", 128, 128, 64, 1, 8, 3)]
 
 
 def _pallas_candidates(fmt: str, m: int) -> list[TileConfig]:
@@ -156,6 +172,8 @@ def main():
     ap.add_argument("--ms", default="1,512,32,128")
     ap.add_argument("--shapes", default="gate_up,down", help=f"comma-separated, of {list(SHAPES)}")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--min_call_mb", type=int, default=512,
+                    help="more layers for small shapes: at least this many MB of int8 weights per timed call")
     ap.add_argument("--budget_s", type=float, default=150.0)
     ap.add_argument("--from_bench", default=None,
                     help="add entries for the problems of this bench JSON that the table lacks, then exit")
@@ -176,15 +194,16 @@ def main():
         for fmt in args.formats.split(","):
             for shape in args.shapes.split(","):
                 k, n = SHAPES[shape]
-                keys = jax.random.split(jax.random.key(k * n + m), args.layers)
+                layers = layers_for(k, n, args.layers, args.min_call_mb)  # small shapes: more layers a call
+                keys = jax.random.split(jax.random.key(k * n + m), layers)
                 ws = [random_weight(kk, fmt, k, n) for kk in keys]
                 x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
-                best = None
+                best, cut = None, False
                 for cfg in candidates(fmt, m):
                     if time.time() - start > args.budget_s:
+                        cut = True  # a part of the list is no sweep: keep the table's entry for this problem
                         break
-                    # a K-major weight refuses impl="pallas_gpu"; "auto" routes it by the config (XLA kinds)
-                    impl = "auto" if fmt == "int8_kmajor" else "pallas_gpu"
+                    impl = "pallas_gpu"  # an XLA kind of config routes to its XLA path
                     fn = lambda x, w, cfg=cfg, impl=impl: quantized_matmul(x, w, config=cfg, impl=impl)
                     try:
                         s, cs = time_layers(fn, x, ws, min_sample_s=0.01, samples=5)
@@ -195,7 +214,7 @@ def main():
                     print(f"{fmt:15s} {shape:8s} M={m:<4d} {s * 1e6:8.1f}us compile {cs:5.1f}s {cfg}", flush=True)
                     if best is None or s < best[0]:
                         best = (s, cfg)
-                if best is not None:
+                if best is not None and not cut:
                     name = ws[0].name
                     entries.append(dict(device=dev, format=name, m=m, k=k, n=n, us=round(best[0] * 1e6, 2),
                                         config=best[1].to_json()))

@@ -8,6 +8,12 @@ Shape letters: M rows of x, K = I (reduction), N = O. Two kernels share one body
 * ``dot`` (tensor cores): ``[block_m, block_n]`` tiles, K loop of ``block_k`` steps, int -> bf16/f16
   dequantization in registers before ``jnp.dot``; W8A8 uses an int8 x int8 -> int32 dot.
 
+int8 weight-only reads either layout: ``[K, N]`` tiles ``[block_k, block_n]``, or K-major ``[N, K]``
+(``Int8Weight.k_major``) tiles ``[block_n, block_k]``, contiguous along K (the gemv's accumulator is then
+``[block_n, block_k]``, reduced over K at the end; the dot contracts the last dims of both tiles, as W8A8 does).
+With ``unroll = u`` (a K loop whose trip count is static) the loop is written out and u tiles are loaded ahead,
+so a short K loop (decode: K = 4096 in 8 steps of 512) has all its loads in flight from the start.
+
 Grid ``(M / block_m, N / block_n, split_k)``: M varies fastest, so programs sharing a weight tile run
 together and the tile is read from DRAM once. Columns past N are masked on load and store (ragged N);
 x is padded to a multiple of ``block_m`` by the caller. Scales (and zero points) are applied per output
@@ -37,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .qmatmul_tiles import TileConfig
-from .quant_formats import Int4Weight, Int8Weight, QuantFormatError, W8A8Weight
+from .quant_formats import Int4Weight, Int8Weight, W8A8Weight
 
 _MAGIC = 0x4B000000  # float32 bits of 2**23: or-ing a small non-negative int n into the mantissa gives 2**23 + n
 _TWO23 = 8388608.0
@@ -126,19 +132,31 @@ def _takes_x_sums(cfg: TileConfig, has_zero: bool) -> bool:
     return has_zero and cfg.asm_dequant and cfg.kernel == "dot" and not cfg.scale_in_bf16
 
 
-def _gemv_loop(steps, step, load, zero, prefetch: bool):
-    """The GEMV reduction over ``steps`` K tiles: ``acc = step(i, acc, load(i))`` on a [rows, BN] float32
-    accumulator, summed over rows to [1, BN]. With ``prefetch`` the load of tile i + 1 is issued before the
-    math of tile i."""
+def _k_loop(steps, step, load, zero, prefetch: bool, unroll: int = 0):
+    """``acc = step(i, acc, load(i))`` over ``steps`` K tiles. With ``prefetch`` the load of tile i + 1 is
+    issued before the math of tile i. ``unroll = u > 0`` (``steps`` a Python int): the loop written out in
+    Python, tile i + u loaded before the math of tile i, so u tiles are in flight from the start."""
+    if unroll:
+        acc, tiles = zero, [load(i) for i in range(min(unroll, steps))]
+        for i in range(steps):
+            if i + unroll < steps:
+                tiles.append(load(i + unroll))
+            acc = step(i, acc, tiles.pop(0))
+        return acc
     if prefetch:
         acc, _ = lax.fori_loop(0, steps, lambda i, c: (step(i, c[0], c[1]), load(i + 1)), (zero, load(0)))
     else:
         acc = lax.fori_loop(0, steps, lambda i, acc: step(i, acc, load(i)), zero)
-    return jnp.sum(acc, axis=0)[None, :]
+    return acc
+
+
+def _gemv_loop(steps, step, load, zero, prefetch: bool, unroll: int = 0, axis: int = 0):
+    """The GEMV reduction: ``_k_loop`` on a float32 accumulator tile, summed over its K ``axis`` -> [1, BN]."""
+    return jnp.sum(_k_loop(steps, step, load, zero, prefetch, unroll), axis=axis)[None, :]
 
 
 def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group: int, has_zero: bool,
-            aliased: bool = False, interpret: bool = False):
+            k_major: bool = False, aliased: bool = False, interpret: bool = False):
     if aliased:  # the poisoned output buffer passed in (refs[-2]) is the output itself; drop the input view
         refs = refs[:-2] + refs[-1:]
     if fmt == "w8a8":
@@ -157,7 +175,8 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
     total_steps = k_total // cfg.block_k
     per_split = pl.cdiv(total_steps, cfg.split_k)
     first = pl.program_id(2) * per_split
-    steps = jnp.clip(total_steps - first, 0, per_split)
+    # Every split has per_split steps when they divide evenly (a Python int: the loop may be unrolled).
+    steps = per_split if total_steps % cfg.split_k == 0 else jnp.clip(total_steps - first, 0, per_split)
 
     def load_cols(ref, rows, dtype=None):  # [rows, BN] tile of a [*, N] ref, zeros past N
         v = pltriton.load(ref.at[rows, :], mask=cmask[None, :], other=0)
@@ -176,6 +195,30 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
             return acc + lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         acci = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.int32))
         acc = acci.astype(jnp.float32) * sx_ref[...] * load_row(s_ref, 0)
+    elif fmt == "int8" and k_major:  # weight [N, K]: [BN, BK] tiles, contiguous along K
+        bk = cfg.block_k
+
+        def load_w(i):  # clamped: a prefetch past the last step re-reads it
+            k0 = pl.multiple_of(jnp.minimum((first + i) * bk, k_total - bk), bk)
+            return pltriton.load(w_ref.at[:, pl.ds(k0, bk)], mask=cmask[:, None], other=0)  # [BN, BK] int8
+
+        def x_tile(i):  # [BM, BK] of x
+            return x_ref[:, pl.ds(pl.multiple_of((first + i) * bk, bk), bk)]
+
+        if cfg.kernel == "gemv":
+            def step(i, acc, wt):  # [BN, BK] float32 FMA accumulator
+                return acc + x_tile(i).astype(jnp.float32) * _int8_to_f32(wt, fast)
+
+            acc = _gemv_loop(steps, step, load_w, jnp.zeros((bn, bk), jnp.float32), cfg.prefetch, cfg.unroll,
+                             axis=1)
+        else:
+            def step(i, acc, wt):
+                xt = x_tile(i)
+                wt = _int8_to_f32(wt, fast).astype(xt.dtype)
+                return acc + lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            acc = _k_loop(steps, step, load_w, jnp.zeros((cfg.block_m, bn), jnp.float32), cfg.prefetch,
+                          cfg.unroll)
+        acc = acc * load_row(s_ref, 0)
     elif fmt == "int8":
         bk = cfg.block_k
         if cfg.kernel == "gemv":
@@ -186,14 +229,15 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                 xt = x_ref[0, pl.ds(pl.multiple_of((first + i) * bk, bk), bk)].astype(jnp.float32)  # [BK]
                 return acc + xt[:, None] * _int8_to_f32(wt, fast)  # [BK, BN]
 
-            acc = _gemv_loop(steps, step, load_w, jnp.zeros((bk, bn), jnp.float32), cfg.prefetch)
+            acc = _gemv_loop(steps, step, load_w, jnp.zeros((bk, bn), jnp.float32), cfg.prefetch, cfg.unroll)
         else:
-            def body(i, acc):
-                k0 = pl.multiple_of((first + i) * bk, bk)
-                xt = x_ref[:, pl.ds(k0, bk)]  # [BM, BK]
-                wt = _int8_to_f32(load_cols(w_ref, pl.ds(k0, bk)), fast).astype(xt.dtype)
-                return acc + jnp.dot(xt, wt, preferred_element_type=jnp.float32)
-            acc = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.float32))
+            def load_t(i):
+                return load_cols(w_ref, pl.ds(pl.multiple_of((first + i) * bk, bk), bk))
+
+            def step(i, acc, wt):
+                xt = x_ref[:, pl.ds(pl.multiple_of((first + i) * bk, bk), bk)]  # [BM, BK]
+                return acc + jnp.dot(xt, _int8_to_f32(wt, fast).astype(xt.dtype), preferred_element_type=jnp.float32)
+            acc = _k_loop(steps, step, load_t, jnp.zeros((cfg.block_m, bn), jnp.float32), False, cfg.unroll)
         acc = acc * load_row(s_ref, 0)
     else:  # int4, half-group packing: packed rows g*G/2 + j hold x columns g*G + j (lo) and g*G + G/2 + j (hi)
         # The loop walks "units": whole groups (block_k >= G: block_k / G of them a step) or, with block_k < G,
@@ -238,7 +282,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                     acc = acc + (xl[:, None] * lo + xh[:, None] * hi) * s
                 return acc
 
-            acc = _gemv_loop(steps, step, load_step, jnp.zeros((hb, bn), jnp.float32), cfg.prefetch)
+            acc = _gemv_loop(steps, step, load_step, jnp.zeros((hb, bn), jnp.float32), cfg.prefetch, cfg.unroll)
         else:
             def body(i, acc):
                 for j in range(ups):
@@ -266,12 +310,10 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
 def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bool = False):
     """x: [Mp, K] (int8 for W8A8 with sx [Mp, 1] float32, else float with sx None), Mp a multiple of
     ``cfg.block_m``; w: a validated format -> [Mp, N] in ``out_dtype`` (split_k == 1) or float32 partial
-    sums [split_k, Mp, N]. An ``Int8Weight`` must be stored [K, N] (not K-major)."""
+    sums [split_k, Mp, N]. An ``Int8Weight`` may be stored [K, N] or K-major [N, K]."""
     if cfg.asm_dequant and not isinstance(w, Int4Weight):
         raise ValueError(f"TileConfig.asm_dequant is for Int4Weight only; got {type(w).__name__}")
-    if isinstance(w, Int8Weight) and w.k_major:
-        raise QuantFormatError("the Pallas GPU kernel takes an Int8Weight stored [K, N] only; got a K-major "
-                               "[N, K] one (quantized_matmul serves it on XLA's int8 dot)")
+    k_major = isinstance(w, Int8Weight) and w.k_major
     mp, k = x.shape
     n = w.out_features
     bm, bn = cfg.block_m, cfg.block_n
@@ -290,7 +332,7 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
             specs.append(pl.BlockSpec((bm, k // group * sub), lambda mi, ni, si: (mi, 0)))
     else:
         operands = [x] + ([sx] if fmt == "w8a8" else []) + [w.qweight, w.scale.reshape(1, n)]
-        w_spec = pl.BlockSpec((bn, k), lambda mi, ni, si: (ni, 0)) if fmt == "w8a8" else full_k(k)
+        w_spec = pl.BlockSpec((bn, k), lambda mi, ni, si: (ni, 0)) if fmt == "w8a8" or k_major else full_k(k)
         specs = ([x_spec] + ([pl.BlockSpec((bm, 1), lambda mi, ni, si: (mi, 0))] if fmt == "w8a8" else [])
                  + [w_spec, full_k(1)])
     if cfg.split_k == 1:
@@ -306,7 +348,8 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
         aliases = {len(operands): 0}
         operands, specs = operands + [out], specs + [out_spec]
     kernel = functools.partial(_kernel, fmt=fmt, cfg=cfg, n_total=n, k_total=k, group=group,
-                               has_zero=fmt == "int4" and w.zero is not None, aliased=out is not None,
+                               has_zero=fmt == "int4" and w.zero is not None, k_major=k_major,
+                               aliased=out is not None,
                                interpret=interpret)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=specs, out_specs=out_spec,

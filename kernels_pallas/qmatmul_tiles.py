@@ -35,7 +35,9 @@ class TileConfig:
     tricks instead of int-to-float converts, prefetch (gemv): load step i + 1 before the math of step i,
     asm_dequant (int4 only): nibbles -> bfloat16 pairs in PTX (``qmatmul_gpu._int4_planes``), scale_in_bf16
     (with asm_dequant, dot): the weights scaled to bfloat16 before the dot (one rounding per weight, ~1e-3
-    relative, as XLA's path) instead of rescaling the float32 accumulator per group.
+    relative, as XLA's path) instead of rescaling the float32 accumulator per group, unroll (0: a K loop;
+    u > 0: the loop written out in Python with u tiles loaded ahead, where every split has the same number of
+    steps, else ``quantized_matmul.fit_config`` sets 0; not on the TPU kernel).
     """
 
     kernel: str = "dot"
@@ -49,6 +51,7 @@ class TileConfig:
     prefetch: bool = False
     asm_dequant: bool = False
     scale_in_bf16: bool = False
+    unroll: int = 0
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -61,6 +64,8 @@ class TileConfig:
             v = getattr(self, name)
             if v & (v - 1):
                 raise ValueError(f"TileConfig.{name}={v} must be a power of two")
+        if not isinstance(self.unroll, int) or self.unroll < 0:
+            raise ValueError(f"TileConfig.unroll={self.unroll!r} must be a non-negative int")
         if self.scale_in_bf16 and not (self.asm_dequant and self.kernel == "dot"):
             raise ValueError("TileConfig.scale_in_bf16 needs asm_dequant=True and kernel='dot'")
         if self.kernel == "gemv" and self.block_m != 1:

@@ -13,10 +13,11 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
   gaps: experiments/results/qmatmul_h100_notes.md.
 * TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
 * CPU: ``quantized_matmul_reference``; ``interpret=True`` runs a Pallas kernel in interpret mode instead.
-* K-major ``Int8Weight`` (``k_major=True``, ``qweight[N, K]``): the Pallas kernels take ``[K, N]`` only, so the
-  XLA paths serve it on every platform: the table entry of format ``"int8_kmajor"`` where it names an XLA path
-  (``qmatmul_tiles.default_config`` names ``xla_split`` while none is tuned), else ``xla_split`` for bf16/f16
-  x (K <= ``SPLIT_MAX_K``) and ``xla`` for float32 x. Forcing ``impl="pallas_gpu"``/``"pallas_tpu"`` raises.
+* K-major ``Int8Weight`` (``k_major=True``, ``qweight[N, K]``): on the GPU the table entry of format
+  ``"int8_kmajor"`` picks the Pallas gemv / dot over ``[block_n, block_k]`` tiles or an XLA path
+  (``qmatmul_tiles.default_config`` names ``xla_split`` while none is tuned). The Mosaic TPU kernel takes
+  ``[K, N]`` only, so on the TPU the XLA paths serve it (``xla_split`` for bf16/f16 x with K <= ``SPLIT_MAX_K``,
+  else ``xla``); forcing ``impl="pallas_tpu"`` on it raises.
 
 ``impl`` forces a path: ``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"``, ``"xla_split"`` (``Int8Weight`` only, any
 platform), ``"reference"`` (``"auto"`` = above).
@@ -208,7 +209,8 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     if kernel == "dot":
         bm = max(16, min(bm, 1 << max(m - 1, 1).bit_length()))
     split = max(1, min(cfg.split_k, k // bk))
-    return dataclasses.replace(cfg, kernel=kernel, block_m=bm, block_k=bk, split_k=split)
+    unroll = cfg.unroll if (k // bk) % split == 0 else 0  # written out only with equal static steps per split
+    return dataclasses.replace(cfg, kernel=kernel, block_m=bm, block_k=bk, split_k=split, unroll=unroll)
 
 
 def fit_tpu_config(cfg: TileConfig, qweight) -> TileConfig | None:
@@ -261,7 +263,7 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
     A table (or ``config``) choice of ``kernel="xla_split"`` serves ``Int8Weight`` with bf16/f16 activations and
     K <= ``SPLIT_MAX_K``; elsewhere it falls back to ``"xla"``. ``impl="xla_split"`` forces it (Int8Weight only).
-    A K-major ``Int8Weight`` (``qweight[N, K]``) runs on the XLA paths only (module docstring).
+    A K-major ``Int8Weight`` (``qweight[N, K]``) runs on the GPU kernels or the XLA paths (module docstring).
     """
     validate_inputs(x, qweight, bias, out_dtype, act_scale)
     _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
@@ -269,10 +271,10 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     platform = jax.default_backend()
     k_major = isinstance(qweight, Int8Weight) and qweight.k_major
-    _check(not (k_major and impl.startswith("pallas")),
-           f"impl={impl!r}: the Pallas kernels take an Int8Weight stored [K, N] only; this one is K-major "
-           f"([N, K], k_major=True). Allowed for it: 'auto', 'xla', 'xla_split', 'reference' (or convert it "
-           f"with .with_layout(k_major=False))")
+    _check(not (k_major and impl == "pallas_tpu"),
+           f"impl={impl!r}: the Mosaic TPU kernel takes an Int8Weight stored [K, N] only; this one is K-major "
+           f"([N, K], k_major=True). Allowed for it: 'auto', 'pallas_gpu', 'xla', 'xla_split', 'reference' (or "
+           f"convert it with .with_layout(k_major=False))")
     if impl == "auto":
         if interpret:
             impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
@@ -291,11 +293,12 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
         # The split int8 dot where the table says so (Int8Weight, bf16/f16 x, K in bound); XLA's
         # dequantize-then-dot where the table says either XLA path, for float32 x, or where K has no 16-row tiles.
         f32 = x.dtype == jnp.float32
-        # A K-major weight takes an XLA path whatever the entry says: xla_split unless the entry says xla.
-        if ((config.kernel == "xla_split" or (k_major and config.kernel != "xla"))
+        # On the TPU a K-major weight takes an XLA path whatever the entry says: xla_split unless it says xla.
+        tpu_k_major = k_major and impl == "pallas_tpu"
+        if ((config.kernel == "xla_split" or (tpu_k_major and config.kernel != "xla"))
                 and isinstance(qweight, Int8Weight) and not f32 and k <= SPLIT_MAX_K):
             impl = "xla_split"
-        elif config.kernel in qmatmul_tiles.XLA_KERNELS or (f32 and not interpret) or k % 16 or k_major:
+        elif config.kernel in qmatmul_tiles.XLA_KERNELS or (f32 and not interpret) or k % 16 or tpu_k_major:
             impl = "xla"
     if impl == "pallas_tpu":
         config = fit_tpu_config(config, qweight)

@@ -65,17 +65,27 @@ GPU_CASES = [
     (1, 512, 136, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=64, split_k=3, asm_dequant=True)),
     (3, 256, 200, TileConfig(kernel="dot", block_m=16, block_n=128, block_k=32, split_k=2)),
     (1, 256, 200, TileConfig(kernel="gemv", block_m=1, block_n=64, block_k=32, split_k=2, asm_dequant=True)),
+    # the K loop written out (unroll: u tiles loaded ahead), gemv and dot, int8 in both layouts and int4
+    (1, 512, 200, TileConfig(kernel="gemv", block_m=1, block_n=16, block_k=128, split_k=1, unroll=2)),
+    (1, 768, 136, TileConfig(kernel="gemv", block_m=1, block_n=8, block_k=128, split_k=2, unroll=5)),
+    (5, 256, 130, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=64, split_k=2, unroll=1)),
+    (1, 768, 136, TileConfig(kernel="gemv", block_m=1, block_n=32, block_k=128, split_k=2, prefetch=True)),
 ]
+INT8_KMAJOR = ("int8", dict(k_major=True))
 KERNEL_CASES = ([(fmt, kw, 0) for fmt, kw in FORMATS] + [(*FORMATS[1], 1), (*FORMATS[3], 1), (*FORMATS[0], 2)]
-                + [(*FORMATS[i], c) for c in (3, 4, 5, 6, 7, 8, 9, 10) for i in (1, 2)])
+                + [(*FORMATS[i], c) for c in (3, 4, 5, 6, 7, 8, 9, 10) for i in (1, 2)]
+                + [(*INT8_KMAJOR, c) for c in (1, 2, 11, 12, 13, 14)] + [(*FORMATS[i], c) for c in (11, 12) for i in (0, 1)])
 KERNEL_IDS = ([f"{name}-case0" for name in FMT_IDS] + ["int4_g64_sym-case1", "w8a8-case1", "int8-case2"]
               + [f"{FMT_IDS[i]}-asm{c}" for c in (3, 4, 5, 6, 7) for i in (1, 2)]
-              + [f"{FMT_IDS[i]}-part{c}" for c in (8, 9, 10) for i in (1, 2)])
+              + [f"{FMT_IDS[i]}-part{c}" for c in (8, 9, 10) for i in (1, 2)]
+              + [f"int8_kmajor-case{c}" for c in (1, 2, 11, 12, 13, 14)]
+              + [f"{FMT_IDS[i]}-unroll{c}" for c in (11, 12) for i in (0, 1)])
 
 
 class GpuKernelCases:
     """The GPU (Triton-lowered) Pallas kernels. Case 0: gemv with prefetch, ragged N, and split-K where the
-    last split gets no K steps; case 1: dot with ragged M and N, split-K, exact converts; case 2: 2 M blocks."""
+    last split gets no K steps; case 1: dot with ragged M and N, split-K, exact converts; case 2: 2 M blocks;
+    cases 11-13: the K loop unrolled; int8_kmajor: the K-major [N, K] int8 weight's [block_n, block_k] tiles."""
     interpret = False
 
     @pytest.mark.parametrize("fmt,kw,case", KERNEL_CASES, ids=KERNEL_IDS)
@@ -398,13 +408,16 @@ def test_k_major_dispatch_table_and_errors():
     assert lookup("h100", "int8_kmajor", 5, 256, 136, table=({**entry, "format": "int8_kmajor"},)).kernel == "xla"
     run = lambda x, cfg: quantized_matmul(x, nk, out_dtype=jnp.float32, interpret=True, config=cfg)
     np.testing.assert_array_equal(run(x, TileConfig(kernel="xla")), xla)  # an XLA entry is taken as it is
-    np.testing.assert_array_equal(run(x, TileConfig(kernel="dot")), split)  # a Pallas entry: xla_split
     np.testing.assert_array_equal(run(x, TileConfig(kernel="xla_split")), split)
     np.testing.assert_array_equal(run(x.astype(jnp.float32), TileConfig(kernel="xla_split")),
                                   quantized_matmul(x.astype(jnp.float32), nk, out_dtype=jnp.float32, impl="xla"))
-    for impl in ("pallas_gpu", "pallas_tpu"):
-        with pytest.raises(QuantFormatError, match=r"Pallas kernels take an Int8Weight stored \[K, N\] only"):
-            quantized_matmul(x, nk, impl=impl, interpret=True)
+    # a Pallas entry runs the GPU kernel on the [N, K] tiles: the kn kernel's sums, in another order
+    dot = TileConfig(kernel="dot", block_m=16, block_n=64, block_k=64, split_k=1)
+    pallas_nk = run(x, dot)
+    assert rel_err(pallas_nk, quantized_matmul(x, kn, out_dtype=jnp.float32, interpret=True, config=dot)) < 1e-6
+    assert not np.array_equal(np.asarray(pallas_nk), np.asarray(split))  # not the XLA path in disguise
+    with pytest.raises(QuantFormatError, match=r"Mosaic TPU kernel takes an Int8Weight stored \[K, N\] only"):
+        quantized_matmul(x, nk, impl="pallas_tpu", interpret=True)
     with pytest.raises(QuantFormatError, match="I = 256"):  # in_features read from the [N, K] storage
         quantized_matmul(jnp.ones((2, 136), jnp.bfloat16), nk, impl="xla")
 
