@@ -87,8 +87,9 @@ def _kmajor_candidates(m: int) -> list[TileConfig]:
     """K-major int8: at M=1 a gemv over [block_n, block_k] tiles with no split (one program per few rows of N,
     the whole K in flight when unrolled); at M <= 32 tensor-core dots with the tiles transposed; the XLA paths."""
     if m == 1:  # (block_n, block_k, warps, unroll); a block_k not dividing K is halved by fit_config
-        tiles = [(8, 256, 4, 8), (8, 512, 4, 8), (8, 4096, 8, 1), (4, 4096, 4, 1), (2, 2048, 4, 2), (1, 4096, 4, 1),
-                 (16, 1024, 8, 4), (8, 1024, 4, 4), (4, 512, 4, 8), (16, 512, 8, 8), (8, 128, 4, 16)]
+        tiles = [(1, 4096, 4, 1), (1, 4096, 1, 1), (1, 4096, 2, 1), (2, 4096, 2, 1), (1, 2048, 1, 2), (4, 4096, 4, 1),
+                 (8, 4096, 8, 1), (2, 2048, 4, 2), (8, 256, 4, 8), (8, 512, 4, 8), (16, 1024, 8, 4), (8, 1024, 4, 4),
+                 (4, 512, 4, 8), (16, 512, 8, 8), (8, 128, 4, 16)]
         return [T("gemv", 1, bn, bk, 1, w, 1, unroll=u) for bn, bk, w, u in tiles] + [XLA_SPLIT, XLA]
     if m <= 32:
         bm = 16 if m <= 16 else 32
