@@ -14,7 +14,7 @@ from flax import nnx
 
 from kernels_pallas.qmatmul_tiles import TileConfig, default_config, lookup
 from kernels_pallas.quant_formats import Int8Weight, QuantFormatError, quantize, quantize_int4, quantize_int8
-from kernels_pallas.quantized_matmul import (SPLIT_MAX_K, fit_tpu_config, quantized_matmul,
+from kernels_pallas.quantized_matmul import (SPLIT_MAX_K, fit_config, fit_tpu_config, quantized_matmul,
                                              quantized_matmul_reference)
 
 FORMATS = [("int8", {}), ("int4", dict(group=64, symmetric=True)), ("int4", dict(group=128, symmetric=False)),
@@ -327,6 +327,12 @@ def test_table_lookup_and_default():
     assert lookup("h100", "int4_g64_asym", 1, 4096, 27392, table=int4).block_n == 512  # borrowed from int4
     with pytest.raises(ValueError, match="power of two"):
         TileConfig(block_n=100)
+    with pytest.raises(ValueError, match="unroll"):
+        TileConfig(unroll=-1)
+    # unroll is kept only where every split gets the same static number of K steps
+    q8 = quantize_int8(jnp.ones((768, 64)))  # K=768: 6 steps of 128
+    assert fit_config(TileConfig(kernel="gemv", block_m=1, block_k=128, split_k=2, unroll=3), q8, 1).unroll == 3
+    assert fit_config(TileConfig(kernel="gemv", block_m=1, block_k=128, split_k=4, unroll=3), q8, 1).unroll == 0
     # Mosaic TPU tiles: (16, 128)-aligned blocks and a block_k dividing K, else XLA (None)
     q = quantize_int8(jnp.ones((384, 256)))
     tpu = fit_tpu_config(TileConfig(kernel="gemv", block_m=1, block_n=64, block_k=512), q)
