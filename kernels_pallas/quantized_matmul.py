@@ -6,8 +6,8 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
   otherwise), tile config from the tuned table (``qmatmul_tiles.lookup``); where the table says XLA's
   dequantize-then-dot was faster for that shape, that path (``kernel="xla"``); for ``Int8Weight`` where it
   says XLA's int8 x int8 dot of two-digit activations was faster (``kernel="xla_split"``,
-  ``int8_split_matmul``), that path (the H100 table of 2026-11-26 picks it for K-major int8 at M <= 32 and for
-  some [K, N] shapes at M = 8-32). float32 activations take the XLA dequantize-then-dot path (also where the table
+  ``int8_split_matmul``), that path (the H100 table of 2026-11-26 picks it for most K-major int8 problems at
+  M <= 32, the Pallas K-major gemv for qkv / o at M = 1, and the split path for some [K, N] shapes at M = 8-32). float32 activations take the XLA dequantize-then-dot path (also where the table
   says ``xla_split``).
   There is no Mosaic GPU kernel yet (the Triton lowering is deprecated since jax 0.11); measured speeds and
   gaps: experiments/results/qmatmul_h100_notes.md.
