@@ -195,49 +195,31 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
             return acc + lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         acci = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, bn), jnp.int32))
         acc = acci.astype(jnp.float32) * sx_ref[...] * load_row(s_ref, 0)
-    elif fmt == "int8" and k_major:  # weight [N, K]: [BN, BK] tiles, contiguous along K
-        bk = cfg.block_k
+    elif fmt == "int8":  # tiles [BK, BN] of a [K, N] weight, or [BN, BK] of a K-major [N, K] one
+        bk, kdim = cfg.block_k, 1 if k_major else 0  # kdim: the tile's K axis
 
         def load_w(i):  # clamped: a prefetch past the last step re-reads it
             k0 = pl.multiple_of(jnp.minimum((first + i) * bk, k_total - bk), bk)
-            return pltriton.load(w_ref.at[:, pl.ds(k0, bk)], mask=cmask[:, None], other=0)  # [BN, BK] int8
+            if k_major:
+                return pltriton.load(w_ref.at[:, pl.ds(k0, bk)], mask=cmask[:, None], other=0)
+            return load_cols(w_ref, pl.ds(k0, bk))
 
-        def x_tile(i):  # [BM, BK] of x
-            return x_ref[:, pl.ds(pl.multiple_of((first + i) * bk, bk), bk)]
+        def x_cols(i):  # the step's K columns of x
+            return pl.ds(pl.multiple_of((first + i) * bk, bk), bk)
 
-        if cfg.kernel == "gemv":
-            def step(i, acc, wt):  # [BN, BK] float32 FMA accumulator
-                return acc + x_tile(i).astype(jnp.float32) * _int8_to_f32(wt, fast)
+        if cfg.kernel == "gemv":  # a float32 FMA accumulator shaped as the tile, reduced over K at the end
+            def step(i, acc, wt):
+                xt = x_ref[:, x_cols(i)] if k_major else x_ref[0, x_cols(i)][:, None]  # [1, BK] / [BK, 1]
+                return acc + xt.astype(jnp.float32) * _int8_to_f32(wt, fast)
 
-            acc = _gemv_loop(steps, step, load_w, jnp.zeros((bn, bk), jnp.float32), cfg.prefetch, cfg.unroll,
-                             axis=1)
+            tile = (bn, bk) if k_major else (bk, bn)
+            acc = _gemv_loop(steps, step, load_w, jnp.zeros(tile, jnp.float32), cfg.prefetch, cfg.unroll, axis=kdim)
         else:
             def step(i, acc, wt):
-                xt = x_tile(i)
+                xt = x_ref[:, x_cols(i)]  # [BM, BK]
                 wt = _int8_to_f32(wt, fast).astype(xt.dtype)
-                return acc + lax.dot_general(xt, wt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            acc = _k_loop(steps, step, load_w, jnp.zeros((cfg.block_m, bn), jnp.float32), cfg.prefetch,
-                          cfg.unroll)
-        acc = acc * load_row(s_ref, 0)
-    elif fmt == "int8":
-        bk = cfg.block_k
-        if cfg.kernel == "gemv":
-            def load_w(i):  # clamped: a prefetch past the last step re-reads it
-                return load_cols(w_ref, pl.ds(jnp.minimum((first + i) * bk, k_total - bk), bk))
-
-            def step(i, acc, wt):
-                xt = x_ref[0, pl.ds(pl.multiple_of((first + i) * bk, bk), bk)].astype(jnp.float32)  # [BK]
-                return acc + xt[:, None] * _int8_to_f32(wt, fast)  # [BK, BN]
-
-            acc = _gemv_loop(steps, step, load_w, jnp.zeros((bk, bn), jnp.float32), cfg.prefetch, cfg.unroll)
-        else:
-            def load_t(i):
-                return load_cols(w_ref, pl.ds(pl.multiple_of((first + i) * bk, bk), bk))
-
-            def step(i, acc, wt):
-                xt = x_ref[:, pl.ds(pl.multiple_of((first + i) * bk, bk), bk)]  # [BM, BK]
-                return acc + jnp.dot(xt, _int8_to_f32(wt, fast).astype(xt.dtype), preferred_element_type=jnp.float32)
-            acc = _k_loop(steps, step, load_t, jnp.zeros((cfg.block_m, bn), jnp.float32), False, cfg.unroll)
+                return acc + lax.dot_general(xt, wt, (((1,), (kdim,)), ((), ())), preferred_element_type=jnp.float32)
+            acc = _k_loop(steps, step, load_w, jnp.zeros((cfg.block_m, bn), jnp.float32), False, cfg.unroll)
         acc = acc * load_row(s_ref, 0)
     else:  # int4, half-group packing: packed rows g*G/2 + j hold x columns g*G + j (lo) and g*G + G/2 + j (hi)
         # The loop walks "units": whole groups (block_k >= G: block_k / G of them a step) or, with block_k < G,
