@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import bench_common  # noqa: E402
 from bench_qmatmul import SHAPES, config_label, gpu_name, layers_for, random_weight, time_layers  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
 from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
@@ -229,7 +230,8 @@ def main():
         json.dump(dict(note="written by experiments/tune_qmatmul.py; lookup rules in kernels_pallas/qmatmul_tiles.py",
                        entries=entries), f, indent=1)
     with open(os.path.splitext(args.out)[0] + "_sweep.json", "w") as f:
-        json.dump(log, f, indent=1)
+        json.dump(dict(device=jax.devices()[0].device_kind, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       versions=bench_common.versions(), rows=log), f, indent=1)
     print(f"wrote {len(entries)} entries to {args.out} in {time.time() - start:.0f}s")
 
 
