@@ -58,10 +58,10 @@ def _jax_worker(args) -> dict:
     bandwidth = bench_common.measure_copy_bandwidth() if jax.default_backend() != "cpu" else None
     t0 = time.perf_counter()
     model = random_model(cfg, dtype=args.dtype, seed=0)
-    layout = args.int8_layout
+    layout = args.int4_layout if args.quant == "int4" else args.int8_layout
     if args.quant != "none":
         from autoglm_jax.model.quantized_linear import quantize_model
-        from autoglm_jax.quant.cli import INT8_LAYOUTS  # --int8-layout -> quantize_model's k_major
+        from autoglm_jax.quant.cli import INT8_LAYOUTS  # --int8/4-layout -> quantize_model's k_major
         keep = tuple(x for x in args.keep_float.split(",") if x)
         quantize_model(model, fmt=args.quant, k_major=INT8_LAYOUTS[layout], keep_float=keep)  # in place
     jax.block_until_ready(nnx.state(model))
@@ -199,7 +199,8 @@ def _hf_worker(args) -> dict:
 
 def _worker_argv(part: str, args) -> list[str]:
     return ["--worker", part, "--preset", args.preset, "--dtype", args.dtype, "--quant", args.quant,
-            "--int8-layout", args.int8_layout if args.quant == "int8" else "kn", "--keep-float", args.keep_float,
+            "--int8-layout", args.int8_layout if args.quant == "int8" else "kn",
+            "--int4-layout", args.int4_layout if args.quant == "int4" else "kn", "--keep-float", args.keep_float,
             "--prompt", str(args.prompt), "--new", str(args.new),
             "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s), "--batch", *map(str, args.batch)]
 
@@ -224,6 +225,9 @@ def main(argv=None):
     p.add_argument("--int8-layout", default="kn",
                    help="with --quant int8: kn (qweight [K, N], default), nk (K-major [N, K], XLA's int8 dot) or "
                         "auto (per weight: nk unless K > N)")
+    p.add_argument("--int4-layout", default="kn",
+                   help="with --quant int4: kn (packed [K/2, N], default), nk (K-major [N, K/2], the one-row "
+                        "integer-dot kernel) or auto (nk for wide weights, O >= 2 K: gate_up)")
     p.add_argument("--keep-float", default="lm_head",
                    help="with --quant: comma-separated layer patterns kept in float ('' quantizes the LM head too)")
     p.add_argument("--also-quant", default="", help="comma-separated formats (int8, int4) timed beside the float run")
@@ -248,6 +252,8 @@ def main(argv=None):
         p.error(f"--also-quant {args.also_quant!r}: formats from 'int8', 'int4', with a float --quant none run")
     if args.int8_layout != "kn" and "int8" not in (args.quant, *also):
         p.error(f"--int8-layout {args.int8_layout} is for --quant int8 only; got --quant {args.quant!r}")
+    if args.int4_layout not in INT8_LAYOUTS or (args.int4_layout != "kn" and "int4" not in (args.quant, *also)):
+        p.error(f"--int4-layout {args.int4_layout!r}: 'kn', 'nk' or 'auto', with --quant int4 (or --also-quant int4)")
     if args.worker:
         work = {"jax": _jax_worker, "hf": _hf_worker, "memory": _memory_worker}[args.worker]
         if args.worker == "memory":  # spawn_worker's protocol (errors come back as {"error": ...})
@@ -262,7 +268,8 @@ def main(argv=None):
     quant_res = {}
     for fmt in also if "jax" in parts else []:
         q_args = argparse.Namespace(**{**vars(args), "quant": fmt,
-                                       "int8_layout": args.int8_layout if fmt == "int8" else "kn"})
+                                       "int8_layout": args.int8_layout if fmt == "int8" else "kn",
+                                       "int4_layout": args.int4_layout if fmt == "int4" else "kn"})
         try:
             quant_res[fmt] = _spawn("jax", q_args, out / f"_decode_jax_{fmt}.json")
         except subprocess.CalledProcessError as e:  # the float run and the other formats still count

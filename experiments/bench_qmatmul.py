@@ -5,7 +5,9 @@ each format: this project's dispatch (``quantized_matmul``, tuned table), XLA's 
 (``impl="xla"``), and XLA's bf16 dot, all in one run, with the copy bandwidth measured in the same run.
 Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``; the Pallas K-major tiles or XLA, see
 ``quantized_matmul``) is not in the default ``--formats``; add it to compare layouts:
-``--formats int8,int8_kmajor``.
+``--formats int8,int8_kmajor``. ``int4_g128_sym_kmajor`` (``Int4Weight`` stored K-major, ``packed[N, K/2]``: the
+integer-dot GEMV at M=1, ``qmatmul_dp4a.py``) is in the default formats; where it ran, the int4 summary key reads it
+(the layout ``k_major="auto"`` gives int4), as the int8 keys read ``int8_auto``.
 Each op is timed as ``--layers`` distinct layers' weights unrolled in one jit (no scan, no Python loop of
 calls), median of many reps. Writes experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
 
@@ -34,7 +36,7 @@ from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
 
 SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096)}
 MS = (1, 8, 32, 128, 512)
-FORMATS = ("int8", "int8_auto", "int4_g128_sym", "w8a8")
+FORMATS = ("int8", "int8_auto", "int4_g128_sym", "int4_g128_sym_kmajor", "w8a8")
 EXTRA_FORMATS = ("int4_g128_asym", "int4_g64_sym")  # timed at M=1 only (device budget)
 
 
@@ -53,12 +55,12 @@ def random_weight(key, fmt: str, k: int, n: int):
         if fmt == "w8a8":
             return W8A8Weight(qweight=q, scale=s)
         return Int8Weight(qweight=q, scale=s, k_major=fmt == "int8_kmajor")
-    _, g, sym = fmt.split("_")
+    _, g, sym, *kmajor = fmt.split("_")  # int4_g128_sym[_kmajor]
     group = int(g[1:])
     packed = jax.random.randint(k1, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
     scale = jax.random.uniform(k2, (k // group, n), jnp.float32, 1e-3, 1e-2).astype(jnp.bfloat16)
     zero = None if sym == "sym" else jax.random.randint(k3, (k // group, n), 0, 16, jnp.int32).astype(jnp.uint8)
-    return Int4Weight(packed=packed, scale=scale, zero=zero, group=group)
+    return Int4Weight(packed=packed, scale=scale, zero=zero, group=group).with_layout(bool(kmajor))
 
 
 def weight_bytes(w) -> int:
@@ -142,6 +144,8 @@ def summarize(rows: list[dict]) -> dict:
 
     # The int8 keys read the per-weight layout the model uses with k_major="auto" where this run timed it.
     int8 = "int8_auto" if any(r["format"] == "int8_auto" for r in rows) else "int8"
+    # int4 likewise: k_major="auto" stores int4 K-major (quant_formats.resolve_k_major).
+    int4 = "int4_g128_sym_kmajor" if any(r["format"] == "int4_g128_sym_kmajor" for r in rows) else "int4_g128_sym"
 
     def frac(m):
         def f(s):
@@ -168,7 +172,8 @@ def summarize(rows: list[dict]) -> dict:
         "int8_layout": "auto" if int8 == "int8_auto" else "kn",
         "int8_speedup_vs_bf16_m1": worst(speed(int8, 1, "bf16", "bf16")),
         "int8_speedup_vs_xla_int8_m1": worst(speed(int8, 1, "xla", int8)),
-        "int4_speedup_vs_bf16_m1": worst(speed("int4_g128_sym", 1, "bf16", "bf16")),
+        "int4_speedup_vs_bf16_m1": worst(speed(int4, 1, "bf16", "bf16")),
+        "int4_layout": "nk" if int4.endswith("_kmajor") else "kn",
         "w8a8_speedup_vs_bf16_m512": worst(speed("w8a8", 512, "bf16", "bf16")),
         "worst_ratio_vs_bf16": max(ratios) if ratios else None,
     }

@@ -78,6 +78,8 @@ def candidates(fmt: str, m: int) -> list[TileConfig]:
     H100 it beat the GEMV on down_proj at M=1 and 8, experiments/results/qmatmul_h100_notes.md)."""
     if fmt == "int8_kmajor":  # [N, K] tiles: a few rows of N a program, each reading along K
         return _kmajor_candidates(m)
+    if fmt.startswith("int4") and fmt.endswith("_kmajor"):
+        return _int4_kmajor_candidates(m, int(fmt.split("_")[1][1:]))
     cands = _pallas_candidates(fmt, m)
     if fmt == "int8":  # at M > 32 the int8 tensor cores run its 2M digit rows as fast as bf16 runs M rows
         cands.insert(1 if m <= 32 else len(cands), XLA_SPLIT)
@@ -98,6 +100,16 @@ def _kmajor_candidates(m: int) -> list[TileConfig]:
                 T("dot", bm, 64, 128, 2, 4, 4), T("dot", bm, 128, 128, 4, 4, 4), T("dot", bm, 32, 512, 1, 4, 1, unroll=4),
                 T("dot", bm, 64, 128, 1, 4, 1, unroll=8), XLA_SPLIT, XLA]
     return [XLA, XLA_SPLIT, T("dot", 64, 128, 64, 1, 4, 4), T("dot", 128, 128, 64, 1, 8, 3)]
+
+
+def _int4_kmajor_candidates(m: int, g: int) -> list[TileConfig]:
+    """K-major int4: at M=1 the integer-dot GEMV (qmatmul_dp4a; block_n rows a program, block_k / g groups a step,
+    the tiles the H100 diagnosis ranked first), else the PTX-unpacking dot tiles over [block_n, g/2] planes."""
+    if m == 1:  # (block_n, block_k, warps)
+        tiles = [(2, 4096, 4), (4, 2048, 2), (2, 2048, 2), (4, 4096, 4), (2, 4096, 2), (4, 2048, 4), (8, 2048, 4),
+                 (8, 4096, 4), (4, 1024, 2), (2, 2048, 4), (8, 1024, 2), (4, 16384, 4)]
+        return [T("gemv", 1, bn, bk, 1, w, 1) for bn, bk, w in tiles] + [XLA]
+    return _int4_asm_candidates(m, g) + [XLA]
 
 
 def _pallas_candidates(fmt: str, m: int) -> list[TileConfig]:
@@ -169,8 +181,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=qmatmul_tiles.TABLE_PATH)
     ap.add_argument("--formats", default="int8,int4_g128_sym,w8a8",
-                    help="comma-separated: int8, int8_kmajor (K-major [N, K], XLA paths only), int4_g128_sym, "
-                         "int4_g128_asym, int4_g64_sym, int4_g64_asym, w8a8")
+                    help="comma-separated: int8, int8_kmajor (K-major [N, K]), int4_g128_sym, "
+                         "int4_g128_asym, int4_g64_sym, int4_g64_asym (each with _kmajor: K-major [N, K/2]), w8a8")
     ap.add_argument("--ms", default="1,512,32,128")
     ap.add_argument("--shapes", default="gate_up,down", help=f"comma-separated, of {list(SHAPES)}")
     ap.add_argument("--layers", type=int, default=4)

@@ -11,6 +11,8 @@ Shape letters: M rows of x, K = I (reduction), N = O. Two kernels share one body
 int8 weight-only reads either layout: ``[K, N]`` tiles ``[block_k, block_n]``, or K-major ``[N, K]``
 (``Int8Weight.k_major``) tiles ``[block_n, block_k]``, contiguous along K (the gemv's accumulator is then
 ``[block_n, block_k]``, reduced over K at the end; the dot contracts the last dims of both tiles, as W8A8 does).
+int4 likewise on the dot: a K-major ``Int4Weight`` (``packed[N, K/2]``) gives ``[block_n, G/2]`` nibble planes
+contracted on their last dim; its one-row GEMV is ``qmatmul_dp4a.py`` (integer dot products), not this file's.
 With ``unroll = u`` (a K loop whose trip count is static) the loop is written out and u tiles are loaded ahead,
 so a short K loop (decode: K = 4096 in 8 steps of 512) has all its loads in flight from the start.
 
@@ -233,11 +235,21 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
         def unit_col(u):  # -> the first lo column of x of unit u
             return pl.multiple_of((u // sub) * group + (u % sub) * hb, hb)
 
-        def load_unit(u):  # raw tiles of unit u (clamped to the last): packed [hb, BN], scale, zero of its group
-            u = jnp.minimum(u, n_units - 1)
+        def load_group(ref, g):  # [1, BN] float32: group g's scales (zero points) of the BN columns
+            if not k_major:
+                return load_row(ref, g)
+            col = pltriton.load(ref.at[:, pl.ds(g, 1)], mask=cmask[:, None], other=0)  # [BN, 1] of [N, K/G]
+            return col.astype(jnp.float32).reshape(1, bn)
+
+        def load_unit(u):  # raw tiles of unit u (clamped to the last): packed [hb, BN] (K-major: [BN, hb]),
+            u = jnp.minimum(u, n_units - 1)  # scale, zero of its group
             g = u // sub
-            p = load_cols(w_ref, pl.ds(pl.multiple_of(u * hb, hb), hb))
-            return p, load_row(s_ref, g), (load_row(z_ref, g) if z_ref is not None else None)
+            rows = pl.ds(pl.multiple_of(u * hb, hb), hb)
+            if k_major:
+                p = pltriton.load(w_ref.at[:, rows], mask=cmask[:, None], other=0)
+            else:
+                p = load_cols(w_ref, rows)
+            return p, load_group(s_ref, g), (load_group(z_ref, g) if z_ref is not None else None)
 
         def group_terms(raw):
             """-> (lo, hi, s, z): the two nibble planes as floats and the group's scale; z is the zero point
@@ -247,11 +259,15 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                 lo, hi = _int4_planes(p, 0 if z is not None else 8, interpret)
                 return lo, hi, s, z
             p = p.astype(jnp.int32)
-            zf = 8.0 if z is None else z
+            zf = 8.0 if z is None else (z.reshape(bn, 1) if k_major else z)  # along the plane's BN axis
             return _nibble_minus(p & 0xF, zf, fast), _nibble_minus(p >> 4, zf, fast), s, None
 
+        def dot(xt, plane):  # [BM, hb] x plane [hb, BN] (K-major: [BN, hb]) -> [BM, BN] float32
+            return lax.dot_general(xt, plane.astype(xt.dtype), (((1,), (1 if k_major else 0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
         load_step = lambda i: tuple(load_unit((first + i) * ups + j) for j in range(ups))  # noqa: E731
-        if cfg.kernel == "gemv":
+        if cfg.kernel == "gemv":  # [hb, BN] tiles only: a K-major int4 GEMV is qmatmul_dp4a's
             def step(i, acc, raws):
                 for j in range(ups):
                     lo, hi, s, z = group_terms(raws[j])
@@ -274,12 +290,11 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
                     xl = x_ref[:, pl.ds(k0, hb)]
                     xh = x_ref[:, pl.ds(k0 + g2, hb)]
                     if cfg.scale_in_bf16:  # scaled weights: the dots accumulate straight into acc
-                        lo, hi = _scale_planes((lo, hi), s, z, interpret)
-                        acc = acc + jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
-                        acc = acc + jnp.dot(xh, hi.astype(xh.dtype), preferred_element_type=jnp.float32)
+                        col = (lambda v: v.reshape(bn, 1)) if k_major else (lambda v: v)  # noqa: E731
+                        lo, hi = _scale_planes((lo, hi), col(s), None if z is None else col(z), interpret)
+                        acc = acc + dot(xl, lo) + dot(xh, hi)
                         continue
-                    part = (jnp.dot(xl, lo.astype(xl.dtype), preferred_element_type=jnp.float32)
-                            + jnp.dot(xh, hi.astype(xh.dtype), preferred_element_type=jnp.float32))
+                    part = dot(xl, lo) + dot(xh, hi)
                     if z is not None:  # sum_k x (u - z) = x.u - z * sum_k x, per row and column
                         part = part - xs_ref[:, pl.ds(u, 1)] * z
                     acc = acc + part * s
@@ -292,10 +307,13 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
 def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bool = False):
     """x: [Mp, K] (int8 for W8A8 with sx [Mp, 1] float32, else float with sx None), Mp a multiple of
     ``cfg.block_m``; w: a validated format -> [Mp, N] in ``out_dtype`` (split_k == 1) or float32 partial
-    sums [split_k, Mp, N]. An ``Int8Weight`` may be stored [K, N] or K-major [N, K]."""
+    sums [split_k, Mp, N]. An ``Int8Weight`` may be stored [K, N] or K-major [N, K]; an ``Int4Weight`` K-major on
+    the dot only."""
     if cfg.asm_dequant and not isinstance(w, Int4Weight):
         raise ValueError(f"TileConfig.asm_dequant is for Int4Weight only; got {type(w).__name__}")
-    k_major = isinstance(w, Int8Weight) and w.k_major
+    k_major = isinstance(w, (Int8Weight, Int4Weight)) and w.k_major
+    if isinstance(w, Int4Weight) and k_major and cfg.kernel == "gemv":
+        raise ValueError("a K-major Int4Weight at one row runs qmatmul_dp4a.int4_dp4a_gemv, not this kernel")
     mp, k = x.shape
     n = w.out_features
     bm, bn = cfg.block_m, cfg.block_n
@@ -306,7 +324,8 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     x_spec = pl.BlockSpec((bm, k), lambda mi, ni, si: (mi, 0))
     if fmt == "int4":
         operands = [x, w.packed, w.scale] + ([w.zero] if w.zero is not None else [])
-        specs = [x_spec, full_k(k // 2), full_k(k // group)] + ([full_k(k // group)] if w.zero is not None else [])
+        rows_of = (lambda cols: pl.BlockSpec((bn, cols), lambda mi, ni, si: (ni, 0))) if k_major else full_k  # noqa: E731
+        specs = [x_spec, rows_of(k // 2), rows_of(k // group)] + ([rows_of(k // group)] if w.zero is not None else [])
         if _takes_x_sums(cfg, w.zero is not None):  # a unit's sum covers its lo and hi columns
             sub, _ = _int4_units(group, cfg.block_k)
             xs = x.astype(jnp.float32).reshape(mp, k // group, 2, sub, group // 2 // sub).sum(axis=(2, 4))

@@ -5,11 +5,12 @@ one entry per (device, format, M bucket, K, N) with the measured-fastest config,
 (dequantize-then-dot through XLA) or, for int8 at M <= 32, ``"xla_split"`` (XLA's int8 x int8 dot of the
 activations written as two int8 digits, ``quantized_matmul.int8_split_matmul``) where that beat every kernel.
 The format key is the weight's ``name``: a K-major ``Int8Weight`` (``qweight[N, K]``) is ``"int8_kmajor"``,
-tuned apart from ``"int8"`` ([K, N]) and only over the XLA paths (the Pallas kernels take [K, N] only).
+tuned apart from ``"int8"`` ([K, N]); a K-major ``Int4Weight`` is ``"int4_g128_sym_kmajor"`` (etc.), tuned apart
+from the ``[K/2, N]`` int4 formats (its ``gemv`` is another kernel, ``qmatmul_dp4a.py``).
 No entry is written by hand. Lookup: exact (device, format, K, N) at the
 smallest tuned M >= M (else the largest tuned M); then the same (device, format) at the nearest shape (by
-K*N) with the same M bucket; an int4 variant with no entries uses another int4 variant's (same group
-first); else ``default_config``.
+K*N) with the same M bucket; an int4 variant with no entries uses another int4 variant's of the same layout
+(same group first); else ``default_config``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ XLA_KERNELS = ("xla", "xla_split")  # not Pallas: the tile fields are unused
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
-    """kernel: "gemv" (one row of x, FMA on CUDA cores, split-K), "dot" (tensor-core tiles), "xla"
+    """kernel: "gemv" (one row of x, FMA on CUDA cores, split-K; for a K-major ``Int4Weight`` the integer-dot
+    GEMV of ``qmatmul_dp4a.py``: block_n rows a program, block_k / group groups a step, no split), "dot" (tensor-core tiles), "xla"
     (XLA's dequantize-then-dot) or "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations).
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
@@ -77,9 +79,12 @@ class TileConfig:
 
 def default_config(fmt: str, m: int) -> TileConfig:
     """The untuned fallback: gemv for one row (not W8A8), small dot tiles for decode, large ones for prefill;
-    ``"int8_kmajor"`` (no Pallas kernel reads [N, K]): XLA's split int8 dot."""
+    ``"int8_kmajor"``: XLA's split int8 dot; a K-major int4 format at one row: the integer-dot GEMV at the
+    tile the H100 diagnosis found best on gate_up (two rows a program, 32 groups a step)."""
     if fmt == "int8_kmajor":
         return TileConfig(kernel="xla_split")
+    if m == 1 and fmt.startswith("int4") and fmt.endswith("_kmajor"):
+        return TileConfig(kernel="gemv", block_m=1, block_n=2, block_k=4096, split_k=1, num_warps=4, num_stages=1)
     if m == 1 and fmt != "w8a8":  # [block_k, block_n] float32 accumulator: keep it at 64 registers a thread
         return TileConfig(kernel="gemv", block_m=1, block_n=128, block_k=128 if fmt.startswith("int4") else 64,
                           split_k=8, num_warps=4, num_stages=3)
@@ -113,8 +118,10 @@ def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None
     """Tuned config for this problem, or ``default_config`` when the table has none."""
     table = load_table() if table is None else table
     entries = [e for e in table if e["device"] == device and e["format"] == fmt]
-    if not entries and fmt.startswith("int4"):  # an untuned int4 variant borrows the tuned int4 configs
-        family = [e for e in table if e["device"] == device and e["format"].startswith("int4")]
+    if not entries and fmt.startswith("int4"):  # an untuned int4 variant borrows tuned int4 configs (same layout)
+        kmajor = fmt.endswith("_kmajor")
+        family = [e for e in table if e["device"] == device and e["format"].startswith("int4")
+                  and e["format"].endswith("_kmajor") == kmajor]
         same_group = [e for e in family if e["format"].split("_")[1] == fmt.split("_")[1]]
         entries = same_group or family
         entries = [e for e in entries if e["format"] == entries[0]["format"]]

@@ -9,12 +9,15 @@ data fields, shape-like facts are static meta fields, so a format passes through
     contiguous), ``w[i, o] = qweight[o, i] * scale[o]``. XLA's int8 dot reads a wide K-major weight closer to
     copy bandwidth at M=1 (H100: 0.90 vs 0.78 for gate_up 4096->27392; the [I, O] layout was better for
     down 13696->4096, experiments/results/qmatmul_h100_notes.md). Only the XLA paths of ``quantized_matmul``
-    take it (the Pallas kernels read [I, O]); its tuned-table format name is ``"int8_kmajor"``.
+    take it on the TPU (the GPU Pallas kernels read both layouts); its tuned-table format name is ``"int8_kmajor"``.
 
 ``Int4Weight`` (weight-only int4, grouped along I, two values per byte)
     ``packed[I // 2, O] uint8``, ``scale[I // group, O] bfloat16``, ``zero[I // group, O] uint8`` or ``None``.
     Each stored nibble ``u`` is in [0, 15]; ``w[i, o] = (u[i, o] - z[i // group, o]) * scale[i // group, o]``
     with ``z = zero`` (asymmetric) or ``z = 8`` (symmetric, so values are in [-8, 7]).
+    Opt-in K-major layout (``k_major=True``, static): ``packed[O, I // 2]``, ``scale`` and ``zero`` ``[O, I //
+    group]`` -- the same arrays transposed, so a packed row holds one output's nibbles along I (the layout of
+    the GPU's integer-dot GEMV, ``qmatmul_dp4a.py``; tuned-table format name ``int4_g{group}_{sym|asym}_kmajor``).
     Packing is *half-group*: inside group ``g`` (rows ``g*group .. (g+1)*group - 1``), packed row
     ``g*group/2 + j`` holds row ``g*group + j`` in its low nibble and row ``g*group + group/2 + j`` in its
     high nibble. A kernel that reads one group then multiplies the two nibble planes with two contiguous
@@ -133,10 +136,11 @@ class W8A8Weight:
 
 @dataclasses.dataclass(frozen=True)
 class Int4Weight:
-    packed: jax.Array  # [I // 2, O] uint8, half-group packing (module docstring)
-    scale: jax.Array  # [I // group, O] bfloat16
-    zero: jax.Array | None  # [I // group, O] uint8 in [0, 15], or None when symmetric
+    packed: jax.Array  # [I // 2, O] uint8, half-group packing (module docstring); [O, I // 2] when k_major
+    scale: jax.Array  # [I // group, O] bfloat16; [O, I // group] when k_major
+    zero: jax.Array | None  # [I // group, O] uint8 in [0, 15] ([O, I // group] when k_major), or None: symmetric
     group: int = dataclasses.field(default=128, metadata=dict(static=True))
+    k_major: bool = dataclasses.field(default=False, metadata=dict(static=True))  # all three stored transposed
 
     @property
     def symmetric(self) -> bool:
@@ -144,47 +148,61 @@ class Int4Weight:
 
     @property
     def in_features(self) -> int:
-        return 2 * self.packed.shape[0]
+        return 2 * self.packed.shape[1 if self.k_major else 0]
 
     @property
     def out_features(self) -> int:
-        return self.packed.shape[1]
+        return self.packed.shape[0 if self.k_major else 1]
 
     @property
     def name(self) -> str:
-        return f"int4_g{self.group}_{'sym' if self.symmetric else 'asym'}"
+        return f"int4_g{self.group}_{'sym' if self.symmetric else 'asym'}{'_kmajor' if self.k_major else ''}"
 
     def validate(self):
         _check(self.group in INT4_GROUPS, f"Int4Weight.group={self.group} is not supported; allowed: {INT4_GROUPS}")
+        _check(isinstance(self.k_major, bool), f"Int4Weight.k_major must be a bool; got {self.k_major!r}")
+        t = self.k_major
         _check(self.packed.ndim == 2 and self.packed.dtype == jnp.uint8,
-               f"Int4Weight.packed must be uint8 [I/2, O]; got {self.packed.dtype} {self.packed.shape}")
+               f"Int4Weight.packed must be uint8 {'[O, I/2] (k_major)' if t else '[I/2, O]'}; got "
+               f"{self.packed.dtype} {self.packed.shape}")
         _check(self.in_features % self.group == 0,
                f"Int4Weight: I={self.in_features} must be a multiple of group={self.group}")
         gshape = (self.in_features // self.group, self.out_features)
+        gshape, gname = (gshape[::-1], "[O, I/group] (k_major)") if t else (gshape, "[I/group, O]")
         _check(self.scale.shape == gshape and jnp.issubdtype(self.scale.dtype, jnp.floating),
-               f"Int4Weight.scale must be float {list(gshape)} = [I/group, O]; got {self.scale.dtype} "
-               f"{self.scale.shape}")
+               f"Int4Weight.scale must be float {list(gshape)} = {gname}; got {self.scale.dtype} {self.scale.shape}")
         if self.zero is not None:
             _check(self.zero.shape == gshape and self.zero.dtype == jnp.uint8,
-                   f"Int4Weight.zero must be uint8 {list(gshape)} = [I/group, O]; got {self.zero.dtype} "
+                   f"Int4Weight.zero must be uint8 {list(gshape)} = {gname}; got {self.zero.dtype} "
                    f"{self.zero.shape}")
 
+    def with_layout(self, k_major: bool) -> "Int4Weight":
+        """The same quantized values with packed / scale / zero stored ``[O, .]`` (``k_major=True``: a packed row
+        holds one output's half-group packing along I) or ``[., O]``; self when unchanged."""
+        if bool(k_major) == self.k_major:
+            return self
+        return Int4Weight(packed=self.packed.T, scale=self.scale.T, zero=None if self.zero is None else self.zero.T,
+                          group=self.group, k_major=bool(k_major))
+
     def unpack(self) -> jax.Array:
-        """-> nibbles u [I, O] int32 in [0, 15] (undoing the half-group packing)."""
+        """-> nibbles u [I, O] int32 in [0, 15] (undoing the half-group packing, whatever the layout)."""
         g2 = self.group // 2
-        p = self.packed.astype(jnp.int32).reshape(-1, g2, self.out_features)  # [I/group, group/2, O]
+        packed = self.packed.T if self.k_major else self.packed
+        p = packed.astype(jnp.int32).reshape(-1, g2, self.out_features)  # [I/group, group/2, O]
         u = jnp.concatenate([p & 0xF, p >> 4], axis=1)  # [I/group, group, O]
         return u.reshape(self.in_features, self.out_features)
 
     def zero_points(self) -> jax.Array:
         """-> z [I/group, O] float32."""
         if self.zero is None:
-            return jnp.full(self.scale.shape, 8.0, jnp.float32)
-        return self.zero.astype(jnp.float32)
+            return jnp.full((self.in_features // self.group, self.out_features), 8.0, jnp.float32)
+        return (self.zero.T if self.k_major else self.zero).astype(jnp.float32)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """-> [I, O] (the weight, not its storage layout)."""
         u = self.unpack().astype(jnp.float32).reshape(-1, self.group, self.out_features)
-        w = (u - self.zero_points()[:, None, :]) * self.scale.astype(jnp.float32)[:, None, :]
+        scale = (self.scale.T if self.k_major else self.scale).astype(jnp.float32)
+        w = (u - self.zero_points()[:, None, :]) * scale[:, None, :]
         return w.reshape(self.in_features, self.out_features).astype(dtype)
 
     def nbytes(self) -> int:
@@ -233,8 +251,9 @@ def pack_int4(u: jax.Array, group: int) -> jax.Array:
     return (u[:, 0] | (u[:, 1] << 4)).reshape(i // 2, o)
 
 
-def quantize_int4(w, *, group: int = 128, symmetric: bool = True) -> Int4Weight:
-    """Float ``w[I, O]`` -> ``Int4Weight`` with groups of ``group`` rows along I (64 or 128).
+def quantize_int4(w, *, group: int = 128, symmetric: bool = True, k_major: bool = False) -> Int4Weight:
+    """Float ``w[I, O]`` -> ``Int4Weight`` with groups of ``group`` rows along I (64 or 128); ``k_major``: stored
+    transposed (``Int4Weight.with_layout``).
 
     symmetric: ``scale = max|w| / 7`` per group, values in [-8, 7] (stored +8); asymmetric: ``scale =
     (max - min) / 15`` and an integer zero point ``z = round(-min / scale)`` in [0, 15].
@@ -258,8 +277,9 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True) -> Int4Weight:
         zf = jnp.clip(jnp.round(-lo / sf), 0, 15)
         u = jnp.clip(jnp.round(wg / sf[:, None, :]) + zf[:, None, :], 0, 15)
         zero = zf.astype(jnp.uint8)
+    _check(isinstance(k_major, bool), f"k_major must be a bool; got {k_major!r}")
     packed = pack_int4(u.reshape(i, o).astype(jnp.int32), group)
-    return Int4Weight(packed=packed, scale=scale, zero=zero, group=group)
+    return Int4Weight(packed=packed, scale=scale, zero=zero, group=group).with_layout(k_major)
 
 
 K_MAJOR_CHOICES = (False, True, "auto")
@@ -271,25 +291,36 @@ def check_k_major_choice(k_major) -> None:
            f"k_major={k_major!r}; allowed: False ([I, O]), True ([O, I]) or 'auto' (per weight by shape)")
 
 
+K_MAJOR_FORMATS = ("int8", "int4")
+
+
 def check_k_major(fmt: str, k_major: bool | str) -> None:
     """Raises ``QuantFormatError`` unless ``k_major`` is one of ``K_MAJOR_CHOICES`` and, when not False, ``fmt``
-    is int8."""
+    is one of ``K_MAJOR_FORMATS`` (weight-only int8 or int4)."""
     check_k_major_choice(k_major)
-    _check(not k_major or fmt == "int8", f"k_major (the [O, I] int8 layout) is for fmt='int8' only; got fmt={fmt!r}")
+    _check(not k_major or fmt in K_MAJOR_FORMATS,
+           f"k_major (the K-major [O, I] weight layout) is for fmt in {K_MAJOR_FORMATS} only; got fmt={fmt!r}")
 
 
-def resolve_k_major(k_major: bool | str, in_features: int, out_features: int) -> bool:
-    """The int8 storage of one ``[I, O]`` weight: True / False as given; ``"auto"``: K-major (``[O, I]``) unless
-    ``I > O``. On the H100 XLA's int8 dot read the wide K-major weights (qkv, o, gate_up) and the tall ``[I, O]``
-    down_proj (13696 -> 4096) fastest at decode sizes (experiments/results/qmatmul_h100_notes.md)."""
+def resolve_k_major(k_major: bool | str, in_features: int, out_features: int, fmt: str = "int8") -> bool:
+    """The storage of one ``[I, O]`` weight: True / False as given; ``"auto"``: int8 K-major (``[O, I]``) unless
+    ``I > O`` (on the H100 XLA's int8 dot read the wide K-major weights -- qkv, o, gate_up -- and the tall
+    ``[I, O]`` down_proj, 13696 -> 4096, fastest at decode sizes); int4 K-major where ``O >= 2 I`` (gate_up:
+    with each layer's activation digits computed before the launch, the K-major integer-dot GEMV took 29.1 us
+    against 41.4 for the ``[I, O]`` kernel on the H100; on the square and tall shapes the gain did not survive end
+    to end -- all-K-major int4 decoded at 4.39 ms/token against 4.30 -- see
+    experiments/results/qmatmul_h100_notes.md)."""
     check_k_major_choice(k_major)
-    return in_features <= out_features if k_major == "auto" else bool(k_major)
+    if k_major == "auto":
+        return out_features >= 2 * in_features if fmt == "int4" else in_features <= out_features
+    return bool(k_major)
 
 
 def quantize(w, fmt: str, *, group: int = 128, symmetric: bool = True,
              k_major: bool | str = False) -> QuantizedWeight:
     """Dispatch by format name: ``"int8"`` (with ``k_major``: False, True or ``"auto"``, see
-    ``resolve_k_major``), ``"int4"`` (with ``group``, ``symmetric``) or ``"w8a8"`` (always stored [O, I])."""
+    ``resolve_k_major``), ``"int4"`` (with ``group``, ``symmetric``, ``k_major``) or ``"w8a8"`` (always stored
+    [O, I])."""
     check_k_major(fmt, k_major)
     if fmt == "int8":
         w = _check_float_weight(w)
@@ -297,7 +328,8 @@ def quantize(w, fmt: str, *, group: int = 128, symmetric: bool = True,
     if fmt == "w8a8":
         return quantize_w8a8(w)
     if fmt == "int4":
-        return quantize_int4(w, group=group, symmetric=symmetric)
+        w = _check_float_weight(w)
+        return quantize_int4(w, group=group, symmetric=symmetric, k_major=resolve_k_major(k_major, *w.shape, "int4"))
     raise QuantFormatError(f"unknown quantization format {fmt!r}; allowed: 'int8', 'int4', 'w8a8'")
 
 

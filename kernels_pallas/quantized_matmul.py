@@ -15,9 +15,11 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
 * CPU: ``quantized_matmul_reference``; ``interpret=True`` runs a Pallas kernel in interpret mode instead.
 * K-major ``Int8Weight`` (``k_major=True``, ``qweight[N, K]``): on the GPU the table entry of format
   ``"int8_kmajor"`` picks the Pallas gemv / dot over ``[block_n, block_k]`` tiles or an XLA path
-  (``qmatmul_tiles.default_config`` names ``xla_split`` while none is tuned). The Mosaic TPU kernel takes
-  ``[K, N]`` only, so on the TPU the XLA paths serve it (``xla_split`` for bf16/f16 x with K <= ``SPLIT_MAX_K``,
-  else ``xla``); forcing ``impl="pallas_tpu"`` on it raises.
+  (``qmatmul_tiles.default_config`` names ``xla_split`` while none is tuned). K-major ``Int4Weight``
+  (``packed[N, K/2]``): at one row the integer-dot GEMV of ``qmatmul_dp4a.py`` (``kernel="gemv"``), else the
+  Pallas dot over ``[block_n, G/2]`` planes. The Mosaic TPU kernel takes ``[K, N]`` only, so on the TPU the XLA
+  paths serve K-major weights (int8: ``xla_split`` for bf16/f16 x with K <= ``SPLIT_MAX_K``, else ``xla``);
+  forcing ``impl="pallas_tpu"`` on one raises.
 
 ``impl`` forces a path: ``"pallas_gpu"``, ``"pallas_tpu"``, ``"xla"``, ``"xla_split"`` (``Int8Weight`` only, any
 platform), ``"reference"`` (``"auto"`` = above).
@@ -191,10 +193,15 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
     return jnp.sum(y, axis=0) * scale
 
 
+DP4A_BYTES_PER_THREAD = 16  # the integer-dot GEMV's tile: at least this many packed bytes a thread
+
+
 def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group, or a
     power-of-two part of one down to 32), split_k at most the number of K steps, block_m not far above M, W8A8
-    never on the gemv kernel."""
+    never on the gemv kernel; the K-major int4 GEMV (``qmatmul_dp4a``): whole groups a step, at most K's groups
+    rounded up to a power of two, no split, and a tile of at least ``DP4A_BYTES_PER_THREAD`` packed bytes a thread
+    (more groups a step, then fewer warps, then more rows)."""
     k = qweight.in_features
     group = qweight.group if isinstance(qweight, Int4Weight) else 16
     if isinstance(qweight, Int4Weight) and cfg.block_k < group:  # part of a group a step (at least 32 rows)
@@ -206,6 +213,19 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     kernel, bm = cfg.kernel, cfg.block_m
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
+    if kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major:  # qmatmul_dp4a: whole group steps
+        kg = k // qweight.group
+        ug_cap = 1 << max(kg - 1, 0).bit_length()
+        bn, ug, warps = cfg.block_n, min(max(cfg.block_k // group, 1), ug_cap), cfg.num_warps
+        while bn * ug * group // 2 < DP4A_BYTES_PER_THREAD * 32 * warps:  # see qmatmul_dp4a.check_dp4a_inputs
+            if ug < ug_cap:
+                ug *= 2
+            elif warps > 1:
+                warps //= 2
+            else:
+                bn *= 2
+        return dataclasses.replace(cfg, kernel=kernel, block_m=1, block_n=bn, block_k=ug * group, split_k=1,
+                                   num_warps=warps, unroll=0)
     if kernel == "dot":
         bm = max(16, min(bm, 1 << max(m - 1, 1).bit_length()))
     split = max(1, min(cfg.split_k, k // bk))
@@ -242,6 +262,10 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         from .qmatmul_tpu import tpu_qmatmul
         out = jnp.full((mp, n), jnp.nan, out_dtype) if poison else None
         y = tpu_qmatmul(xk, sx, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+    elif isinstance(qweight, Int4Weight) and qweight.k_major and cfg.kernel == "gemv":
+        from .qmatmul_dp4a import int4_dp4a_gemv
+        out = jnp.full((n,), jnp.nan, jnp.float32) if poison else None
+        y = int4_dp4a_gemv(xk, qweight, out, cfg=cfg, interpret=interpret)
     else:
         from .qmatmul_gpu import gpu_qmatmul
         shape, dt = ((mp, n), out_dtype) if cfg.split_k == 1 else ((cfg.split_k, mp, n), jnp.float32)
@@ -263,18 +287,19 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
     A table (or ``config``) choice of ``kernel="xla_split"`` serves ``Int8Weight`` with bf16/f16 activations and
     K <= ``SPLIT_MAX_K``; elsewhere it falls back to ``"xla"``. ``impl="xla_split"`` forces it (Int8Weight only).
-    A K-major ``Int8Weight`` (``qweight[N, K]``) runs on the GPU kernels or the XLA paths (module docstring).
+    A K-major ``Int8Weight`` / ``Int4Weight`` runs on the GPU kernels or the XLA paths (module docstring).
     """
     validate_inputs(x, qweight, bias, out_dtype, act_scale)
     _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
     _check(config is None or isinstance(config, TileConfig), f"config must be a TileConfig; got {config!r}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     platform = jax.default_backend()
-    k_major = isinstance(qweight, Int8Weight) and qweight.k_major
+    k_major = isinstance(qweight, (Int8Weight, Int4Weight)) and qweight.k_major
     _check(not (k_major and impl == "pallas_tpu"),
-           f"impl={impl!r}: the Mosaic TPU kernel takes an Int8Weight stored [K, N] only; this one is K-major "
-           f"([N, K], k_major=True). Allowed for it: 'auto', 'pallas_gpu', 'xla', 'xla_split', 'reference' (or "
-           f"convert it with .with_layout(k_major=False))")
+           f"impl={impl!r}: the Mosaic TPU kernel takes weights stored [K, N] only; this {type(qweight).__name__} is "
+           f"K-major (k_major=True). Allowed for it: 'auto', 'pallas_gpu', 'xla', "
+           f"{'xla_split, ' if isinstance(qweight, Int8Weight) else ''}'reference' (or convert it with "
+           f".with_layout(k_major=False))")
     if impl == "auto":
         if interpret:
             impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"

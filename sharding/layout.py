@@ -21,7 +21,8 @@ and KV-cache entries equal to "K heads replicated" per device (1 instead of 2 he
 
 Every leaf under a ``qkv_proj`` / ``gate_up_proj`` module is permuted along its output axis -- the one its
 ``logical_axes`` name ``qkv`` / ``mlp`` (kernel [I, O], bias [O]; quantized int8/int4 ``qweight``/``packed``
-[I(/2), O] and ``scale``/``zero`` [O] or [I/group, O]; W8A8's and K-major int8's transposed ``qweight`` [O, I])
+[I(/2), O] and ``scale``/``zero`` [O] or [I/group, O]; W8A8's and K-major int8's transposed ``qweight`` [O, I],
+K-major int4's ``packed`` [O, I/2] and ``scale``/``zero`` [O, I/group])
 -- so quantized weights and their scales stay consistent.
 """
 

@@ -17,7 +17,8 @@ row-parallel o_proj and down_proj: one all-reduce after each). The embedding tab
 Quantized weights (kernels_pallas/quant_formats.py: int8 ``qweight[I, O]`` + ``scale[O]``; int4
 ``packed[I/2, O]`` + ``scale``/``zero`` ``[I/group, O]``) keep the output axis last and take their
 module's axis names; W8A8 and K-major int8 (``Int8Weight.k_major``) store ``qweight[O, I]`` and name its axes
-in the transposed order ``(out, in)``, so the same rules give the transposed spec. ``quant_groups`` (the
+in the transposed order ``(out, in)``, so the same rules give the transposed spec; K-major int4
+(``Int4Weight.k_major``) likewise stores ``packed[O, I/2]`` and ``scale``/``zero`` ``[O, I/group]``. ``quant_groups`` (the
 I/group axis of int4 scales) and ``packed_embed`` (I/2) are listed so a QuantizedLinear that names them shards
 its scales like its weights.
 """

@@ -122,6 +122,8 @@ def test_int8_layouts_nk_and_auto_round_trip_and_load(tmp_path):
     (["--method", "int8", "--int8-layout", "kmajor"], "--int8-layout 'kmajor' is not a layout; allowed: 'kn'"),
     (["--method", "int4", "--group-size", "64", "--int8-layout", "nk"], "is for --method int8 only"),
     (["--method", "w8a8", "--int8-layout", "auto"], "is for --method int8 only"),
+    (["--method", "int8", "--int4-layout", "nk"], "is for --method int4 only"),
+    (["--method", "int4", "--group-size", "64", "--int4-layout", "kmajor"], "--int4-layout 'kmajor' is not a layout"),
     (["--method", "int3"], "unknown quantization method 'int3'"),
     (["--method", "int4", "--group-size", "32"], "group size 32 is not supported"),
     (["--method", "int4", "--group-size", "128"], "does not divide K = I = 688"),

@@ -131,14 +131,19 @@ def test_paged_attention_per_shard_matches_unsharded():
         sharded_paged_attention(make_mesh(tensor=8), q, kp, vp, lengths, table, backend="reference")
 
 
-@pytest.mark.parametrize("fmt,tensor", [("int8", 4), ("w8a8", 2), ("int4", 2)])
-def test_quantized_model_tensor_parallel(fmt, tensor):
-    """int8 / W8A8 (weight stored [O, I]) / int4 weights and their scales follow the same TP layout."""
+@pytest.mark.parametrize("fmt,tensor,k_major", [("int8", 4, False), ("w8a8", 2, False), ("int4", 2, False),
+                                                ("int4", 4, True)])
+def test_quantized_model_tensor_parallel(fmt, tensor, k_major):
+    """int8 / W8A8 (weight stored [O, I]) / int4 weights and their scales follow the same TP layout; K-major int4
+    (packed [O, I/2], scale [O, I/group]) as the transpose."""
     from autoglm_jax.model.quantized_linear import quantize_model
 
     cfg = CFG.replace(intermediate_size=512, num_layers=1)
     model = random_model(cfg, dtype="float32", seed=11)
-    quantize_model(model, fmt, group=64)
+    quantize_model(model, fmt, group=64, k_major=k_major)
+    if k_major:
+        down = model.layers[0].mlp.down_proj
+        assert down.k_major and down.qweight[...].shape == (256, 256) and down.scale[...].shape == (256, 8)
     ids = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 5)), jnp.int32)
     ref = nnx.jit(lambda m, x: m(x))(model, ids)
     mesh = make_mesh(tensor=tensor)

@@ -3,11 +3,13 @@
 Same call signature as ``Linear``. Parameters keep ``logical_axes`` metadata: the integer weight keeps the
 Linear's ``(in, out)`` axes (int4's packed ``[I/2, O]`` too; W8A8's transposed ``[O, I]`` weight and a K-major
 int8 weight ``[O, I]`` have them swapped), per-channel scales take the output axis,
-per-group scales and zero points ``[I/group, O]`` take ``(None, out)``. ``quantize_model`` swaps every
+per-group scales and zero points ``[I/group, O]`` take ``(None, out)`` (K-major int4: all three transposed,
+axes swapped). ``quantize_model`` swaps every
 ``Linear`` of a ``GLMForCausalLM`` (except those named in ``keep_float``, by default the LM head) so a
-quantized model runs end to end through the kernels. ``k_major=True`` (int8 only) stores the int8 weights
-K-major, ``[O, I]`` (``Int8Weight.k_major``; served by XLA's int8 dot, see ``kernels_pallas.quantized_matmul``);
-``k_major="auto"`` picks per weight: K-major unless I > O (``kernels_pallas.quant_formats.resolve_k_major``).
+quantized model runs end to end through the kernels. ``k_major=True`` (int8 and int4) stores the weights
+K-major, ``[O, I]`` (``Int8Weight.k_major``, ``Int4Weight.k_major``; see ``kernels_pallas.quantized_matmul``);
+``k_major="auto"`` picks per weight: int8 K-major unless I > O, int4 K-major where O >= 2 I
+(``kernels_pallas.quant_formats.resolve_k_major``).
 
 W8A8 with static activations: ``act_scale`` (a ``[1]`` float32 param, e.g. from calibration in
 ``autoglm_jax.quant``) is the one activation scale of the layer; without it activations are quantized per token
@@ -35,8 +37,8 @@ FORMATS = ("int8", "int4", "w8a8")
 class QuantizedLinear(nnx.Module):
     """Holds one quantized weight (see ``kernels_pallas.quant_formats``) and an optional float bias.
 
-    fmt: "int8" | "int4" | "w8a8"; group / symmetric: int4 only; k_major (static, from the weight): int8 stored
-    ``[O, I]``; dtype: compute and output dtype; impl / interpret: passed to ``quantized_matmul`` (default:
+    fmt: "int8" | "int4" | "w8a8"; group / symmetric: int4 only; k_major (static, from the weight): int8 / int4
+    stored ``[O, I]``; dtype: compute and output dtype; impl / interpret: passed to ``quantized_matmul`` (default:
     dispatch by platform); k_blocks (static, 1 unless ``sharding`` sets it on a row-parallel layer): passed too.
     """
 
@@ -49,11 +51,12 @@ class QuantizedLinear(nnx.Module):
         self.dtype, self.impl, self.interpret = dtype, impl, interpret
         self.k_major = bool(getattr(weight, "k_major", False))
         self.k_blocks = 1
-        if isinstance(weight, Int4Weight):
+        if isinstance(weight, Int4Weight):  # K-major: packed [O, I/2], scale / zero [O, I/group]
             self.fmt, self.group = "int4", weight.group
-            self.qweight = nnx.Param(weight.packed, logical_axes=axes)
-            self.scale = nnx.Param(weight.scale, logical_axes=(None, axes[1]))
-            self.zero = None if weight.zero is None else nnx.Param(weight.zero, logical_axes=(None, axes[1]))
+            gaxes = (axes[1], None) if self.k_major else (None, axes[1])
+            self.qweight = nnx.Param(weight.packed, logical_axes=axes[::-1] if self.k_major else axes)
+            self.scale = nnx.Param(weight.scale, logical_axes=gaxes)
+            self.zero = None if weight.zero is None else nnx.Param(weight.zero, logical_axes=gaxes)
         else:
             self.fmt, self.group = ("w8a8" if isinstance(weight, W8A8Weight) else "int8"), 0
             # W8A8 (and K-major int8) store the int8 weight transposed, [O, I]: the axes follow the storage.
@@ -71,8 +74,8 @@ class QuantizedLinear(nnx.Module):
     def from_linear(cls, linear: Linear, fmt: str, *, group: int = 128, symmetric: bool = True,
                     k_major: bool | str = False, impl: str = "auto", interpret: bool = False,
                     act_scale=None) -> "QuantizedLinear":
-        """Quantize a ``Linear``'s kernel (round-to-nearest) into ``fmt`` (int8 ``k_major``: True = stored
-        [O, I], ``"auto"`` = [O, I] unless I > O, see ``resolve_k_major``); the bias stays float."""
+        """Quantize a ``Linear``'s kernel (round-to-nearest) into ``fmt`` (int8 / int4 ``k_major``: True = stored
+        [O, I], ``"auto"`` = per format and shape, see ``resolve_k_major``); the bias stays float."""
         if fmt not in FORMATS:
             raise QuantFormatError(f"fmt={fmt!r}; allowed: {FORMATS}")
         axes = tuple(linear.kernel.get_metadata().get("logical_axes", (None, None)))
@@ -85,7 +88,8 @@ class QuantizedLinear(nnx.Module):
         """-> the format object (a pytree) built from the parameters."""
         if self.fmt == "int4":
             return Int4Weight(packed=self.qweight[...], scale=self.scale[...],
-                              zero=None if self.zero is None else self.zero[...], group=self.group)
+                              zero=None if self.zero is None else self.zero[...], group=self.group,
+                              k_major=self.k_major)
         if self.fmt == "w8a8":
             return W8A8Weight(qweight=self.qweight[...], scale=self.scale[...])
         return Int8Weight(qweight=self.qweight[...], scale=self.scale[...], k_major=self.k_major)
@@ -118,8 +122,8 @@ def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: 
     keep_float: glob patterns matched against the dotted path (``"layers.0.mlp.down_proj"``) and against the
     attribute name; matching layers stay float. For int4, a layer whose I is not a multiple of ``group``
     raises. static_activations (w8a8 only): each layer gets a static ``act_scale`` (1.0; set it from
-    calibration, or restore it from a checkpoint). k_major (int8 only): int8 weights stored K-major [O, I]
-    (True), [I, O] (False) or per weight, K-major unless I > O (``"auto"``, see
+    calibration, or restore it from a checkpoint). k_major (int8 and int4): weights stored K-major [O, I]
+    (True), [I, O] (False) or per weight (``"auto"``: int8 K-major unless I > O, int4 K-major, see
     ``kernels_pallas.quant_formats.resolve_k_major``); a quantized checkpoint's ``quantization`` dict records
     it (absent = [I, O]). Returns the dotted paths of the swapped layers.
     """

@@ -9,7 +9,10 @@ checked before loading; the write is atomic, so a failure leaves no partial OUT.
 ``--int8-layout nk`` (method int8 only) stores the int8 weights K-major, ``qweight[N, K]`` (served by XLA's int8
 dot; default ``kn``: ``[K, N]``, what the Pallas kernels read); ``auto`` picks per weight: nk unless K > N (so
 GLM's down_proj stays kn). The checkpoint records it (``k_major`` in the ``quantization`` dict: true or
-"auto"; absent = kn), so it loads back in the same layouts.
+"auto"; absent = kn), so it loads back in the same layouts. ``--int4-layout nk`` (method int4 only) stores int4
+weights K-major, ``packed[N, K/2]``: the layout of the GPU's one-row integer-dot kernel
+(``kernels_pallas/qmatmul_dp4a.py``); ``auto`` does so for wide weights only (N >= 2 K: gate_up); recorded the
+same way.
 
 Calibration file (``--calib``): ``.jsonl`` (one JSON string or ``{"text": ...}`` per line, one sample each) or
 plain text (tokenized whole and cut into ``--calib-seq-len`` windows).
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-# --int8-layout -> k_major: qweight [K, N] (default), K-major [N, K], or per weight (nk unless K > N)
+# --int8-layout / --int4-layout -> k_major: [K, N] (default), K-major [N, K], or per weight (resolve_k_major)
 INT8_LAYOUTS = {"kn": False, "nk": True, "auto": "auto"}
 
 
@@ -50,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-layout", default="kn",
                    help="int8: kn (qweight [K, N], default), nk (K-major [N, K], XLA's int8 dot only) or auto "
                         "(per weight: nk unless K > N)")
+    p.add_argument("--int4-layout", default="kn",
+                   help="int4: kn (packed [K/2, N], default), nk (K-major [N, K/2], the GPU's one-row integer-dot "
+                        "kernel) or auto (nk for wide weights, O >= 2 K: gate_up)")
     p.add_argument("--keep-float", default="lm_head",
                    help="comma-separated glob patterns of layers to keep float (path or name), e.g. "
                         "lm_head,layers.0.*,down_proj; '' for none")
@@ -143,18 +149,21 @@ def quantize_main(argv: Sequence[str]) -> int:
         p.error("--activations static needs --calib FILE (calibration text)")
     if args.calib and args.method != "w8a8":
         p.error(f"--calib calibrates static w8a8 activation scales; method {args.method!r} quantizes weights only")
-    if args.int8_layout not in INT8_LAYOUTS:
-        p.error(f"--int8-layout {args.int8_layout!r} is not a layout; allowed: 'kn' (qweight [K, N], the default), "
-                f"'nk' (K-major [N, K]) or 'auto' (per weight: nk unless K > N)")
-    if args.int8_layout != "kn" and args.method != "int8":
-        p.error(f"--int8-layout {args.int8_layout} (an int8 weight layout) is for --method int8 only; "
-                f"got {args.method!r}")
+    for fmt, layout, kn, nk, auto in (("int8", args.int8_layout, "qweight [K, N]", "[N, K]", "nk unless K > N"),
+                                      ("int4", args.int4_layout, "packed [K/2, N]", "[N, K/2]", "nk where N >= 2 K")):
+        if layout not in INT8_LAYOUTS:
+            p.error(f"--{fmt}-layout {layout!r} is not a layout; allowed: 'kn' ({kn}, the default), "
+                    f"'nk' (K-major {nk}) or 'auto' (per weight: {auto})")
+        if layout != "kn" and args.method != fmt:
+            p.error(f"--{fmt}-layout {layout} (an {fmt} weight layout) is for --method {fmt} only; "
+                    f"got {args.method!r}")
+    layout = args.int4_layout if args.method == "int4" else args.int8_layout
     try:
         keep = tuple(s.strip() for s in args.keep_float.split(",") if s.strip())
         cfg = PTQConfig(method=args.method, group=args.group_size, symmetric=not args.asymmetric,
                         activations=activations, weight_observer=parse_observer(args.observer),
                         act_observer=parse_observer(args.act_observer or args.observer), keep_float=keep,
-                        keep_indivisible=args.keep_indivisible, k_major=INT8_LAYOUTS[args.int8_layout])
+                        keep_indivisible=args.keep_indivisible, k_major=INT8_LAYOUTS[layout])
         model_cfg = _source_config(args.src)
         abstract = nnx.eval_shape(lambda: GLMForCausalLM(model_cfg, rngs=nnx.Rngs(0)))
         plan(abstract, cfg, act_stats=None if activations == "dynamic" else _AllStats())
@@ -191,6 +200,7 @@ def quantize_main(argv: Sequence[str]) -> int:
                     extra_meta={"quantized_by": "autoglm quantize", "source": str(args.src),
                                 "ptq": {"label": cfg.label, "weight_observer": cfg.weight_observer.name,
                                         "int8_layout": args.int8_layout if args.method == "int8" else None,
+                                        "int4_layout": args.int4_layout if args.method == "int4" else None,
                                         "act_observer": cfg.act_observer.name if activations == "static" else None,
                                         "calibration": {"file": str(args.calib), "samples": len(samples)}
                                         if samples else None, "kept_float": report.kept_float}})

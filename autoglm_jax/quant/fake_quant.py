@@ -157,8 +157,8 @@ def fake_quant_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str,
 def quantize_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str, group: int = 128, *,
                     symmetric: bool = True, k_major: bool | str = False):
     """Float ``w[I, O]`` with ``scale, zero [G, O]`` -> ``Int8Weight`` | ``Int4Weight`` | ``W8A8Weight``, rounding as
-    ``fake_quant_weight`` does (so ``result.dequantize() == fake_quant_weight(w, ...)``). k_major (int8 only):
-    the ``Int8Weight`` stores ``qweight[O, I]`` (True, or ``"auto"`` unless I > O: ``resolve_k_major``)."""
+    ``fake_quant_weight`` does (so ``result.dequantize() == fake_quant_weight(w, ...)``). k_major (int8 and
+    int4): the weight is stored K-major, ``[O, I]`` (True, or ``"auto"``: ``resolve_k_major``)."""
     i, o = w.shape
     check_weight_format(fmt, group, i)
     check_k_major(fmt, k_major)
@@ -173,7 +173,8 @@ def quantize_weight(w: jax.Array, scale: jax.Array, zero: jax.Array, fmt: str, g
     if fmt == "w8a8":
         return W8A8Weight(qweight=q.astype(jnp.int8).T, scale=s.reshape(o))
     return Int4Weight(packed=pack_int4(q.astype(jnp.int32), group), scale=s.astype(jnp.bfloat16),
-                      zero=None if symmetric else zero.astype(jnp.uint8), group=group)
+                      zero=None if symmetric else zero.astype(jnp.uint8), group=group).with_layout(
+                          resolve_k_major(k_major, i, o, "int4"))
 
 
 def fake_quant_activations(x: jax.Array, act_scale: jax.Array | None = None) -> jax.Array:

@@ -2,7 +2,8 @@
 
 Methods (``PTQConfig.method``): ``int8`` weight-only per output channel (``k_major=True``: stored K-major
 ``[O, I]``; ``k_major="auto"``: per weight, K-major unless I > O; recorded in the ``quantization`` dict);
-``int4`` grouped (``group`` 64/128, symmetric or asymmetric); ``w8a8`` with dynamic per-token activation
+``int4`` grouped (``group`` 64/128, symmetric or asymmetric; ``k_major`` True or ``"auto"``: stored K-major,
+the layout of the GPU's one-row integer-dot kernel); ``w8a8`` with dynamic per-token activation
 scales (``activations="dynamic"``) or one static scale per layer from calibration (``activations="static"``,
 ``act_stats`` from ``calibrate``). ``weight_observer`` picks each channel's/group's clip range (absmax = the
 plain round-to-nearest of ``quant_formats``), ``act_observer`` the static activation clip. Layers matching
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.quant_formats import QuantFormatError, check_k_major_choice
+from kernels_pallas.quant_formats import K_MAJOR_FORMATS, QuantFormatError, check_k_major_choice
 
 from ..model.linear import Linear
 from ..model.quantized_linear import QuantizedLinear
@@ -46,7 +47,7 @@ class PTQConfig:
     act_observer: Observer = Observer()
     keep_float: tuple[str, ...] = ("lm_head",)
     keep_indivisible: bool = False  # int4: keep layers with I % group != 0 float instead of raising
-    k_major: bool | str = False  # int8 only: qweight stored [O, I] (K-major); "auto": [O, I] unless I > O
+    k_major: bool | str = False  # int8 / int4: stored [O, I] (K-major); "auto": per format and shape (resolve_k_major)
 
     def __post_init__(self):
         if self.method not in WEIGHT_FORMATS:
@@ -63,9 +64,9 @@ class PTQConfig:
             check_k_major_choice(self.k_major)
         except QuantFormatError as e:
             raise PTQError(str(e)) from None
-        if self.k_major and self.method != "int8":
-            raise PTQError(f"the K-major weight layout ([O, I], k_major) is for method 'int8' only; got "
-                           f"{self.method!r}")
+        if self.k_major and self.method not in K_MAJOR_FORMATS:
+            raise PTQError(f"the K-major weight layout ([O, I], k_major) is for methods {list(K_MAJOR_FORMATS)} "
+                           f"only; got {self.method!r}")
         object.__setattr__(self, "weight_observer", parse_observer(self.weight_observer))
         object.__setattr__(self, "act_observer", parse_observer(self.act_observer))
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
@@ -74,6 +75,7 @@ class PTQConfig:
     def label(self) -> str:
         if self.method == "int4":
             base = f"int4_g{self.group}_{'sym' if self.symmetric else 'asym'}"
+            base += {False: "", True: "_kmajor", "auto": "_auto"}[self.k_major]
         elif self.method == "w8a8":
             base = f"w8a8_{self.activations}" + (f"_{self.act_observer.name}" if self.activations == "static" else "")
         else:

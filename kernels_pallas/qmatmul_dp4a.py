@@ -1,0 +1,164 @@
+"""GPU Pallas GEMV (Triton lowering): one row of x times a K-major ``Int4Weight`` through integer dot products.
+
+``y[1, N] = x[1, K] @ dequant(w)[K, N]`` for ``w.k_major`` (``packed[N, K/2]``, viewed ``[N, K/G, G/2]``: row n,
+group g, byte j holds k = g*G + j in its low nibble and g*G + G/2 + j in its high one; ``scale`` / ``zero``
+``[N, K/G]``). The activation row is written as two int8 digits per element, exactly as the ``xla_split`` int8
+path writes it (``quantized_matmul.split_digits``: ``xs = round(x / step) = 128 * hi + lo``, 15 bits of fixed
+point per row, the only approximation); per group the kernel needs ``sum_k u[k, n] * xs[k]`` (nibbles u in
+[0, 15]) and takes the zero point out once per group and row: ``sum_k (u - z) xs = sum_k u xs - z * X[g]`` with
+``X[g] = sum_{k in g} xs[k]`` (z = 8 for a symmetric weight). So
+
+    y[n] = step * sum_g s[n, g] * (sum_{k in g} u[k, n] xs[k] - z[n, g] X[g])
+
+One PTX ``dp4a`` multiplies four unsigned bytes by four signed bytes and adds them to an int32: per four packed
+bytes (eight weights) the asm (``_ASM``) masks out the low nibbles and shifts out the high ones as bytes, runs
+four ``dp4a`` (both nibble planes times both digits of their halves of x), recombines the digits with one
+shift, converts to float32 and adds ``s[n, g]`` times it to lane 0 of the running sum -- about 1.25
+instructions a weight (the float32 unpacking of the ``[K, N]`` kernels costs ~4.8). Lanes 1-3 of the running sum
+stay zero. Interpret mode (no PTX on the CPU) computes the same sums with ``jnp``.
+
+Grid ``(N / block_n,)``: each program owns ``block_n`` rows of N and walks all of K, ``block_k / G`` groups a step
+(the steps written out; the last may run past K / G and is masked, e.g. down_proj's 107 groups), keeping one
+``[block_n, block_k / G, G/2]`` running sum and one ``[block_n, block_k / G]`` zero-point term, reduced once at the
+end. The digit planes, group sums and step are computed by XLA before the launch (one small fusion).
+Measured on the H100 (``experiments/results/qmatmul_diag/diag_int4_dp4a_h100*.json``): gate_up 4096 -> 27392 at
+0.85 of copy bandwidth, down 13696 -> 4096 at 0.67, against 0.49 / 0.48 for the ``[K, N]`` int4 kernels.
+
+Reference: ``quantized_matmul.quantized_matmul_reference`` (the dispatcher's truth for every path).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .qmatmul_tiles import TileConfig
+from .quant_formats import Int4Weight, QuantFormatError
+
+_ASM = """{
+.reg .b32 lo, hi, t, z;
+.reg .f32 f;
+mov.b32 z, 0;
+and.b32 lo, $4, 0x0F0F0F0F;
+shr.b32 hi, $4, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+dp4a.u32.s32 t, lo, $5, z;
+dp4a.u32.s32 t, hi, $7, t;
+shl.b32 t, t, 7;
+dp4a.u32.s32 t, lo, $6, t;
+dp4a.u32.s32 t, hi, $8, t;
+cvt.rn.f32.s32 f, t;
+fma.rn.f32 $0, f, $9, $13;
+mov.b32 $1, 0;
+mov.b32 $2, 0;
+mov.b32 $3, 0;
+}"""
+# pack=4: $0-$3 out (float32 lanes), $4 four packed bytes, $5 / $6 x's hi / lo digits at the low-nibble ks,
+# $7 / $8 at the high-nibble ks (four int8 each), $9-$12 the group's scale, $13-$16 the running sum.
+
+
+def _dp4a(p, xa, xb, xc, xd, sc, acc, interpret: bool):
+    """acc + s * sum(u * xs) over each four packed bytes (lane 0; interpret: the same sums, spread over lanes)."""
+    if interpret:
+        p = p.astype(jnp.int32)
+        lo, hi = p & 0xF, p >> 4
+        i32 = lambda v: v.astype(jnp.int32)  # noqa: E731
+        t = 128 * (lo * i32(xa) + hi * i32(xc)) + lo * i32(xb) + hi * i32(xd)
+        return acc + t.astype(jnp.float32) * sc
+    out = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+    return pltriton.elementwise_inline_asm(_ASM, args=[p, xa, xb, xc, xd, sc, acc],
+                                           constraints="=r,=r,=r,=r," + ",".join(["r"] * 13), pack=4,
+                                           result_shape_dtypes=[out])[0]
+
+
+def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug, bn, g2, has_zero, aliased,
+            interpret):
+    # xd_ref [4, K/G, G/2] int8 digit planes; xg_ref [K/G] float32 group sums X; step_ref [1];
+    # w_ref [bn, K/G, G/2] uint8; s_ref (z_ref) [bn, K/G]; o_ref [bn] float32.
+    if aliased:  # the poisoned output passed in is the output itself
+        refs = refs[:-2] + refs[-1:]
+    z_ref, o_ref = refs if has_zero else (None, *refs)
+    rows = pl.program_id(0) * bn + jnp.arange(bn)
+    rmask = rows < n_total
+    shape = (bn, ug, g2)
+    tile, corr = jnp.zeros(shape, jnp.float32), jnp.zeros((bn, ug), jnp.float32)
+    for i in range(pl.cdiv(n_groups, ug)):
+        gm = i * ug + jnp.arange(ug) < n_groups
+        gs = pl.ds(jnp.asarray(i * ug, jnp.int32), ug)  # a traced start: the last step may run past K/G (masked)
+        sm = rmask[:, None] & gm[None, :]
+        p = pltriton.load(w_ref.at[:, gs, :], mask=sm[:, :, None], other=0)
+        xs = [pltriton.load(xd_ref.at[pl.ds(j, 1), gs, :], mask=gm[None, :, None], other=0) for j in range(4)]
+        s = pltriton.load(s_ref.at[:, gs], mask=sm, other=0.0).astype(jnp.float32)
+        z = 8.0 if z_ref is None else pltriton.load(z_ref.at[:, gs], mask=sm, other=0).astype(jnp.float32)
+        xg = pltriton.load(xg_ref.at[gs], mask=gm, other=0.0)
+        tile = _dp4a(p, *(jnp.broadcast_to(x, shape) for x in xs), jnp.broadcast_to(s[:, :, None], shape), tile,
+                     interpret)
+        corr = corr + s * z * xg[None, :]
+    acc = jnp.sum(jnp.sum(tile, axis=2), axis=1) - jnp.sum(corr, axis=1)
+    pltriton.store(o_ref, acc * step_ref[...], mask=rmask)
+
+
+def digit_planes(x, group: int):
+    """x [1, K] float -> (digits [4, K/G, G/2] int8: hi and lo digits of the low then the high half of each
+    group; group sums X [K/G] float32; step [1] float32)."""
+    from .quantized_matmul import split_digits
+
+    k = x.shape[1]
+    step, d = split_digits(x.astype(jnp.float32), axis=1)  # [1, 1], [2, K] (hi; lo)
+    d = d.reshape(2, k // group, 2, group // 2)  # digit, group, half, j
+    planes = jnp.stack([d[0, :, 0], d[1, :, 0], d[0, :, 1], d[1, :, 1]])
+    xs = 128 * d[0].astype(jnp.int32) + d[1].astype(jnp.int32)  # [K/G, 2, G/2]
+    return planes, jnp.sum(xs, axis=(1, 2)).astype(jnp.float32), step.reshape(1)
+
+
+def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
+    """Raises ``QuantFormatError`` naming what is wrong, before any launch."""
+    if not (isinstance(w, Int4Weight) and w.k_major):
+        raise QuantFormatError(f"the int4 integer-dot GEMV takes a K-major Int4Weight; got "
+                               f"{type(w).__name__}{'' if not isinstance(w, Int4Weight) else ' stored [I/2, O]'}")
+    if x.ndim != 2 or x.shape[0] != 1 or x.shape[1] != w.in_features:
+        raise QuantFormatError(f"the int4 integer-dot GEMV takes one row x[1, K={w.in_features}]; got {x.shape}")
+    if cfg.kernel != "gemv" or cfg.block_k % w.group or cfg.split_k != 1:
+        raise QuantFormatError(f"the int4 integer-dot GEMV needs kernel='gemv', block_k a multiple of the group "
+                               f"({w.group}) and split_k=1; got {cfg}")
+    from .quantized_matmul import DP4A_BYTES_PER_THREAD
+    if cfg.block_n * cfg.block_k // 2 < DP4A_BYTES_PER_THREAD * 32 * cfg.num_warps:
+        raise QuantFormatError(  # measured on the H100: tiles of 2-4 bytes a thread summed wrong lanes
+            f"the int4 integer-dot GEMV needs block_n * block_k / 2 >= {DP4A_BYTES_PER_THREAD} * 32 * num_warps "
+            f"(each thread's four-byte packs must be contiguous bytes of one row and group); got block_n="
+            f"{cfg.block_n}, block_k={cfg.block_k}, num_warps={cfg.num_warps} (quantized_matmul.fit_config enlarges a "
+            f"tuned tile to fit)")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, interpret: bool = False):
+    """x [1, K] float, w a K-major ``Int4Weight`` -> y [1, N] float32. ``cfg``: block_n rows of N a program,
+    block_k / G groups a step, num_warps; out (tests): a NaN-filled [N] float32 buffer the kernel must overwrite."""
+    check_dp4a_inputs(x, w, cfg)
+    n, k, group = w.out_features, w.in_features, w.group
+    kg, g2, bn, ug = k // group, group // 2, cfg.block_n, cfg.block_k // group
+    planes, xg, step = digit_planes(x, group)
+    operands = [planes, xg, step, w.packed.reshape(n, kg, g2), w.scale] + ([w.zero] if w.zero is not None else [])
+    specs = [pl.BlockSpec(planes.shape, lambda i: (0, 0, 0)), pl.BlockSpec((kg,), lambda i: (0,)),
+             pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((bn, kg, g2), lambda i: (i, 0, 0))]
+    specs += [pl.BlockSpec((bn, kg), lambda i: (i, 0))] * (2 if w.zero is not None else 1)
+    out_spec = pl.BlockSpec((bn,), lambda i: (i,))
+    aliases = {}
+    if out is not None:
+        if out.shape != (n,) or out.dtype != jnp.float32:
+            raise ValueError(f"out must be float32 ({n},); got {out.dtype} {out.shape}")
+        aliases = {len(operands): 0}
+        operands, specs = operands + [out], specs + [out_spec]
+    kernel = functools.partial(_kernel, n_total=n, n_groups=kg, ug=ug, bn=bn, g2=g2, has_zero=w.zero is not None,
+                               aliased=out is not None, interpret=interpret)
+    y = pl.pallas_call(
+        kernel, grid=(pl.cdiv(n, bn),), in_specs=specs, out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct((n,), jnp.float32), input_output_aliases=aliases,
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=interpret, name="qmatmul_int4_dp4a_gemv",
+    )(*operands)
+    return y[None, :]

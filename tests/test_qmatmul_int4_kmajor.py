@@ -1,0 +1,212 @@
+"""K-major int4 (``Int4Weight.k_major``: packed [N, K/2], scale / zero [N, K/G]): the format, the one-row
+integer-dot GEMV (``qmatmul_dp4a``), the K-major dot tiles, dispatch, the layer, PTQ and the checkpoint.
+
+Kernel cases run with a NaN-poisoned output, fresh random non-zero inputs, ragged N and a K whose groups do not
+fill the last step (masked); the GEMV's only approximation is the activation's 15-bit fixed point (as the
+``xla_split`` int8 path), checked against ``int8_split_matmul``'s bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas.qmatmul_tiles import TileConfig, default_config, lookup
+from kernels_pallas.quant_formats import Int4Weight, QuantFormatError, quantize, quantize_int4, resolve_k_major
+from kernels_pallas.quantized_matmul import SPLIT_STEPS, fit_config, quantized_matmul, quantized_matmul_reference
+
+
+def problem(seed, m, k, n, group, symmetric, x_dtype=jnp.bfloat16):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    w = 0.05 * jax.random.normal(kw, (k, n), jnp.float32) + 0.01
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(x_dtype)
+    return x, quantize_int4(w, group=group, symmetric=symmetric, k_major=True)
+
+
+def split_bound(x, q):
+    """|y - x @ dequant(w)| <= step / 2 * sum_k |w[k, n]| per output (the activation's fixed point), + f32 slack."""
+    step = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / SPLIT_STEPS
+    return step / 2 * jnp.sum(jnp.abs(q.dequantize(jnp.float32)), axis=0)[None, :] * 1.01 + 1e-5
+
+
+GEMV = lambda bn, bk, w=4: TileConfig(kernel="gemv", block_m=1, block_n=bn, block_k=bk, split_k=1,  # noqa: E731
+                                      num_warps=w, num_stages=1)
+# (M, K, N, group, symmetric, config)
+CASES = [
+    (1, 512, 200, 128, True, GEMV(4, 256)),  # 4 groups in 2 steps, ragged N (200 = 50 programs of 4)
+    (1, 640, 136, 128, False, GEMV(8, 512, 2)),  # 5 groups in a 4-group step: the second step masked
+    (1, 448, 72, 64, True, GEMV(2, 256)),  # 7 groups of 64, steps of 4
+    (1, 768, 40, 64, False, GEMV(1, 64)),  # one group a step, one row a program
+    (5, 512, 200, 128, True, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=128, split_k=2)),
+    (3, 512, 136, 64, False, TileConfig(kernel="dot", block_m=16, block_n=32, block_k=64, split_k=1, asm_dequant=True)),
+    (20, 256, 130, 128, False, TileConfig(kernel="dot", block_m=32, block_n=64, block_k=128, split_k=1,
+                                          asm_dequant=True, scale_in_bf16=True)),
+    (1, 512, 136, 128, True, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=64, split_k=3, asm_dequant=True)),
+]
+IDS = ["gemv-sym-ragged", "gemv-asym-masked", "gemv-g64", "gemv-1row", "dot", "dot-asm-asym", "dot-bf16scale",
+       "dot-part-group"]
+
+
+class Int4KMajorCases:
+    interpret = True
+
+    @pytest.mark.parametrize("m,k,n,group,symmetric,cfg", CASES, ids=IDS)
+    def test_matches_reference(self, m, k, n, group, symmetric, cfg):
+        x, q = problem(k + n + m, m, k, n, group, symmetric)
+        out = quantized_matmul(x, q, out_dtype=jnp.float32, impl="pallas_gpu", interpret=self.interpret, config=cfg,
+                               _poison=True)
+        ref = quantized_matmul_reference(x, q, out_dtype=jnp.float32)
+        assert out.shape == ref.shape and bool(jnp.isfinite(out).all()), "unwritten (NaN-poisoned) outputs"
+        err = jnp.abs(out - ref)
+        if cfg.kernel == "gemv":  # the fixed-point activation: within its bound, and not exact (not XLA's path)
+            assert bool(jnp.all(err <= split_bound(x, q))), float(jnp.max(err - split_bound(x, q)))
+            assert float(jnp.max(err)) > 0
+        else:
+            tol = 5e-3 if cfg.scale_in_bf16 else 1e-4
+            assert float(jnp.linalg.norm(err) / jnp.linalg.norm(ref)) < tol
+
+
+class TestInt4KMajorInterpret(Int4KMajorCases):
+    interpret = True
+
+
+@pytest.mark.gpu
+class TestInt4KMajorGPU(Int4KMajorCases):
+    interpret = False
+
+    @pytest.mark.parametrize("k,n,bn,bk,w", [(4096, 27392, 2, 4096, 4), (13696, 4096, 4, 2048, 2),
+                                              (13696, 4160, 8, 16384, 4), (4096, 4608, 2, 2048, 4)])
+    def test_glm_shapes(self, k, n, bn, bk, w):
+        """GLM-4-9B's shapes (down: 107 groups, the last step masked; N = 4160 ragged)."""
+        x, q = problem(k + n, 1, k, n, 128, True)
+        out = quantized_matmul(x, q, out_dtype=jnp.float32, config=GEMV(bn, bk, w), _poison=True)
+        err = jnp.abs(out - quantized_matmul_reference(x, q, out_dtype=jnp.float32))
+        assert bool(jnp.all(err <= split_bound(x, q)))
+
+    def test_dispatch_default(self):
+        x, q = problem(3, 1, 4096, 4608, 128, True)
+        err = jnp.abs(quantized_matmul(x, q, out_dtype=jnp.float32) - quantized_matmul_reference(x, q, out_dtype=jnp.float32))
+        assert bool(jnp.all(err <= split_bound(x, q)))
+
+
+def test_format_is_the_kn_one_transposed_and_validates():
+    w = jax.random.normal(jax.random.key(1), (256, 48))
+    for sym in (True, False):
+        kn, nk = quantize_int4(w, group=64, symmetric=sym), quantize_int4(w, group=64, symmetric=sym, k_major=True)
+        assert nk.k_major and nk.packed.shape == (48, 128) and nk.scale.shape == (48, 4)
+        assert (nk.in_features, nk.out_features) == (256, 48) and nk.name.endswith("_kmajor")
+        np.testing.assert_array_equal(np.asarray(nk.packed), np.asarray(kn.packed).T)
+        np.testing.assert_array_equal(np.asarray(nk.dequantize()), np.asarray(kn.dequantize()))
+        np.testing.assert_array_equal(np.asarray(nk.unpack()), np.asarray(kn.unpack()))
+        back = nk.with_layout(False)
+        assert not back.k_major and np.array_equal(np.asarray(back.packed), np.asarray(kn.packed))
+    nk = quantize_int4(w, group=64, symmetric=False, k_major=True)
+    with pytest.raises(QuantFormatError, match=r"scale must be float \[48, 4\] = \[O, I/group\] \(k_major\)"):
+        Int4Weight(packed=nk.packed, scale=nk.scale.T, zero=nk.zero, group=64, k_major=True).validate()
+    with pytest.raises(QuantFormatError, match=r"zero must be uint8 \[48, 4\]"):
+        Int4Weight(packed=nk.packed, scale=nk.scale, zero=nk.zero.T, group=64, k_major=True).validate()
+    with pytest.raises(QuantFormatError, match=r"packed must be uint8 \[O, I/2\] \(k_major\)"):
+        Int4Weight(packed=nk.packed.astype(jnp.int8), scale=nk.scale, zero=None, group=64, k_major=True).validate()
+    # auto: int4 K-major for wide weights (O >= 2 I, gate_up-like) only; int8 unless I > O
+    assert [resolve_k_major("auto", 256, o, "int4") for o in (48, 256, 511, 512)] == [False, False, False, True]
+    assert resolve_k_major("auto", 256, 256, "int8") and not resolve_k_major("auto", 256, 48, "int8")
+    assert quantize(jnp.tile(w, (1, 12)), "int4", group=64, k_major="auto").k_major  # [256, 576]
+    assert not quantize(w, "int4", group=64, k_major="auto").k_major
+    leaves, _ = jax.tree_util.tree_flatten(nk)
+    assert len(leaves) == 3 and jax.jit(lambda q: q)(nk).k_major is True  # static metadata
+
+
+def test_dispatch_table_fit_and_errors():
+    assert default_config("int4_g128_sym_kmajor", 1).kernel == "gemv"
+    assert default_config("int4_g128_sym_kmajor", 8).kernel == "dot"
+    # an untuned int4 variant borrows configs of its own layout only
+    entry = {"device": "h100", "m": 1, "k": 256, "n": 136, "config": GEMV(2, 256).to_json()}
+    kn_entry = {**entry, "format": "int4_g128_sym", "config": TileConfig(kernel="xla").to_json()}
+    assert lookup("h100", "int4_g64_sym_kmajor", 1, 256, 136, table=(kn_entry,)) == default_config(
+        "int4_g64_sym_kmajor", 1)
+    assert lookup("h100", "int4_g64_sym_kmajor", 1, 256, 136, table=({**entry, "format": "int4_g128_sym_kmajor"},)) \
+        == GEMV(2, 256)
+    _, q = problem(0, 1, 13696, 64, 128, True)  # 107 groups: block_k capped at 128 groups, no split
+    assert fit_config(GEMV(4, 1 << 20), q, 1).block_k == 128 * 128
+    assert fit_config(TileConfig(kernel="gemv", block_m=1, block_k=64, split_k=8), q, 1).block_k == 128
+    assert fit_config(GEMV(4, 2048), q, 8).kernel == "dot"
+    # at least 16 packed bytes a thread (smaller tiles summed wrong lanes on the H100): groups, then warps, then rows
+    assert fit_config(GEMV(2, 256, 4), q, 1) == GEMV(2, 2048, 4)
+    _, small = problem(0, 1, 256, 64, 64, True)  # 4 groups of 64: 4 * 32 bytes a row
+    assert fit_config(GEMV(1, 64, 4), small, 1) == GEMV(4, 256, 1)
+    x, q = problem(1, 1, 256, 40, 128, True)
+    with pytest.raises(QuantFormatError, match=r"Mosaic TPU kernel takes weights stored \[K, N\] only"):
+        quantized_matmul(x, q, impl="pallas_tpu", interpret=True)
+    with pytest.raises(QuantFormatError, match="impl='xla_split' is for Int8Weight"):
+        quantized_matmul(x, q, impl="xla_split")
+    xla = quantized_matmul(x, q, out_dtype=jnp.float32, impl="xla")  # the TPU's path for it
+    assert float(jnp.max(jnp.abs(xla - quantized_matmul_reference(x, q, out_dtype=jnp.float32)))) < 1e-2
+    from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv
+    with pytest.raises(QuantFormatError, match="one row x"):
+        int4_dp4a_gemv(jnp.ones((2, 256), jnp.bfloat16), q, cfg=GEMV(2, 256), interpret=True)
+    with pytest.raises(QuantFormatError, match="takes a K-major Int4Weight"):
+        int4_dp4a_gemv(x, q.with_layout(False), cfg=GEMV(2, 256), interpret=True)
+    with pytest.raises(QuantFormatError, match="block_k a multiple of the group"):
+        int4_dp4a_gemv(x, q, cfg=GEMV(2, 64), interpret=True)
+    with pytest.raises(QuantFormatError, match=r"block_n \* block_k / 2 >= 16 \* 32 \* num_warps"):
+        int4_dp4a_gemv(x, q, cfg=GEMV(2, 256), interpret=True)
+
+
+def test_layer_model_and_ptq_in_k_major_int4():
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.model import GLMForCausalLM, Linear
+    from autoglm_jax.model.quantized_linear import QuantizedLinear, quantize_model
+    from autoglm_jax.quant import PTQConfig
+    from autoglm_jax.quant.fake_quant import quantize_weight
+    lin = Linear(256, 192, axes=("embed", "mlp"), dtype=jnp.float32, rngs=nnx.Rngs(0))
+    ql = QuantizedLinear.from_linear(lin, "int4", group=64, symmetric=False, k_major=True)
+    assert ql.k_major and ql.weight().k_major and ql.qweight[...].shape == (192, 128)
+    assert ql.qweight.get_metadata()["logical_axes"] == ("mlp", "embed")
+    assert ql.scale.get_metadata()["logical_axes"] == ql.zero.get_metadata()["logical_axes"] == ("mlp", None)
+    cfg = GLMConfig.from_preset("tiny", num_layers=1, vocab_size=512)
+    ids = jnp.asarray([[5, 17, 300, 2, 99]], jnp.int32)
+    run = lambda m: jax.jit(lambda s, i: nnx.merge(nnx.graphdef(m), s)(i))(nnx.state(m), ids)
+    kn, nk = (GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)) for _ in range(2))
+    keep = ("lm_head", "down_proj")  # the tiny preset's down_proj K = 688 is no multiple of 64
+    assert quantize_model(kn, "int4", group=64, keep_float=keep) == quantize_model(
+        nk, "int4", group=64, keep_float=keep, k_major="auto")
+    a, b = nk.layers[0], kn.layers[0]
+    assert a.mlp.gate_up_proj.k_major and not b.mlp.gate_up_proj.k_major  # 256 -> 1376: wide
+    for lin in (a.attn.qkv_proj, a.attn.o_proj, a.mlp.gate_up_proj):  # the rule, per weight
+        assert lin.k_major == (lin.out_features >= 2 * lin.in_features)
+    assert not a.attn.o_proj.k_major
+    np.testing.assert_allclose(np.asarray(run(nk)), np.asarray(run(kn)), rtol=1e-5, atol=1e-5)  # CPU: reference
+    # PTQ: the K-major weight is the kn one transposed; the label and dict record the layout
+    w = jax.random.normal(jax.random.key(2), (128, 24))
+    s = jnp.full((2, 24), 0.1, jnp.float32)
+    z = jnp.full((2, 24), 8.0, jnp.float32)
+    a, b = (quantize_weight(w, s, z, "int4", 64, k_major=km) for km in (False, True))
+    assert b.k_major and np.array_equal(np.asarray(b.packed), np.asarray(a.packed).T)
+    assert PTQConfig(method="int4", group=64, k_major=True).label == "int4_g64_sym_kmajor"
+
+
+def test_cli_int4_nk_checkpoint_round_trip(tmp_path):
+    """``autoglm quantize --method int4 --int4-layout nk``: recorded, stored [N, K/2], loaded back identical."""
+    import orbax.checkpoint as ocp
+    from autoglm_jax import loading
+    from autoglm_jax.quant import PTQConfig, quantize
+    from autoglm_jax.quant.cli import quantize_main
+    out = tmp_path / "nk"
+    argv = ["tiny", str(out), "--method", "int4", "--group-size", "64", "--int4-layout", "nk", "--keep-indivisible",
+            "--quiet"]
+    assert quantize_main(argv) == 0
+    meta = loading.orbax_io.read_marker(out)
+    assert meta["quantization"]["k_major"] is True and meta["ptq"]["int4_layout"] == "nk"
+    stored = ocp.PyTreeCheckpointer().metadata(out / "params" / "layers.0").item_metadata.tree
+    assert tuple(stored["mlp"]["gate_up_proj"]["qweight"].shape) == (1376, 128)  # [N, K/2]
+    assert tuple(stored["mlp"]["gate_up_proj"]["scale"].shape) == (1376, 4)  # [N, K/G]
+    loaded = loading.from_pretrained(out, progress=False)
+    ref = loading.from_pretrained("tiny")
+    quantize(ref, PTQConfig(method="int4", group=64, k_major=True, keep_indivisible=True))
+    assert loaded.layers[0].mlp.gate_up_proj.k_major
+    flat = lambda m: jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(m)))  # noqa: E731
+    for a, b in zip(flat(ref), flat(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
