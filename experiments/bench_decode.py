@@ -7,7 +7,7 @@ Each side runs in its own process (so their memory pools do not meet):
     python experiments/bench_decode.py --quant int8 --int8-layout nk --parts jax --name decode_int8_nk_h100
 
 ``--int8-layout nk`` (with ``--quant int8``) stores the int8 weights K-major, ``qweight[N, K]``
-(``Int8Weight.k_major``, served by XLA's int8 dot); the default ``kn`` is ``[K, N]``; ``auto`` picks per weight
+(``Int8Weight.k_major``, served by XLA's int8 dot or the Pallas K-major tiles); the default ``kn`` is ``[K, N]``; ``auto`` picks per weight
 (nk unless K > N: down_proj stays kn, ``k_major="auto"``). ``--also-quant int8,int4``
 adds, in the same run, a timing worker per quantized format (int8 with ``--int8-layout``, int4 g128) beside the
 float one: their rows, and ``<fmt>_b1_ms_per_token`` / ``<fmt>_b1_speedup`` (over the float run) in the summary.
@@ -223,7 +223,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", default="none", help="none, or a QuantizedLinear format (int8, int4)")
     p.add_argument("--int8-layout", default="kn",
-                   help="with --quant int8: kn (qweight [K, N], default), nk (K-major [N, K], XLA's int8 dot) or "
+                   help="with --quant int8: kn (qweight [K, N], default), nk (K-major [N, K]) or "
                         "auto (per weight: nk unless K > N)")
     p.add_argument("--int4-layout", default="kn",
                    help="with --quant int4: kn (packed [K/2, N], default), nk (K-major [N, K/2], the one-row "

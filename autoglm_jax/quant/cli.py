@@ -7,7 +7,7 @@ without the weights (method, group size against every layer's K, observer, the c
 checked before loading; the write is atomic, so a failure leaves no partial OUT.
 
 ``--int8-layout nk`` (method int8 only) stores the int8 weights K-major, ``qweight[N, K]`` (served by XLA's int8
-dot; default ``kn``: ``[K, N]``, what the Pallas kernels read); ``auto`` picks per weight: nk unless K > N (so
+dot or the Pallas K-major tiles, as the tuned table says; default ``kn``: ``[K, N]``); ``auto`` picks per weight: nk unless K > N (so
 GLM's down_proj stays kn). The checkpoint records it (``k_major`` in the ``quantization`` dict: true or
 "auto"; absent = kn), so it loads back in the same layouts. ``--int4-layout nk`` (method int4 only) stores int4
 weights K-major, ``packed[N, K/2]``: the layout of the GPU's one-row integer-dot kernel
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--calib-batch", type=int, default=8)
     p.add_argument("--int8-layout", default="kn",
-                   help="int8: kn (qweight [K, N], default), nk (K-major [N, K], XLA's int8 dot only) or auto "
+                   help="int8: kn (qweight [K, N], default), nk (K-major [N, K]) or auto "
                         "(per weight: nk unless K > N)")
     p.add_argument("--int4-layout", default="kn",
                    help="int4: kn (packed [K/2, N], default), nk (K-major [N, K/2], the GPU's one-row integer-dot "
