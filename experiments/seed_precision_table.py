@@ -9,9 +9,11 @@ INT4 (g128, symmetric) and W8A8 (dynamic per-token activations) on one GPU.
     python experiments/seed_precision_table.py --variants int8 --int8-layout auto # row int8_auto: per weight
 
 ``--int8-layout nk`` runs the int8 variant with its weights stored K-major, ``qweight[N, K]`` (``Int8Weight.k_major``,
-served by XLA's int8 dot), as the row ``int8_nk`` (worker file ``_seed_precision_int8_nk.json``), beside the
+served by XLA's int8 dot or the Pallas K-major tiles), as the row ``int8_nk`` (worker file ``_seed_precision_int8_nk.json``), beside the
 default ``[K, N]`` row ``int8`` when both have run; ``--int8-layout auto`` picks per weight (nk unless K > N:
-down_proj stays kn, ``k_major="auto"``), as the row ``int8_auto``.
+down_proj stays kn, ``k_major="auto"``), as the row ``int8_auto``. ``--int4-layout nk`` / ``auto`` does the same for
+int4 (``Int4Weight.k_major``, the GPU's one-row integer-dot GEMV; ``auto``: K-major where N >= 2 K, gate_up), rows
+``int4_nk`` / ``int4_auto``; the int4 summary key takes the fastest int4 layout that ran (``int4_layout`` says which).
 
 Each variant runs ``experiments/bench_decode.py``'s JAX worker (``_jax_worker``: random weights in the float
 dtype, ``quantize_model(model, fmt=...)`` for the quantized ones, then prefill + greedy decode with the dense
@@ -48,21 +50,27 @@ SEED = {"fp32": {"memory": 1.0, "speed": 1.0, "latency_ms": 120.0},
         "int8": {"memory": 0.25, "speed": 3.5, "latency_ms": 68.0}}
 
 
-def _tag(variant: str, int8_layout: str) -> str:
-    """Row / worker-file name: ``int8_nk`` / ``int8_auto`` for the int8 run in those layouts, else the variant."""
-    return f"{variant}_{int8_layout}" if (variant == "int8" and int8_layout != "kn") else variant
+def _tag(variant: str, layout: str) -> str:
+    """Row / worker-file name: ``int8_nk`` / ``int8_auto`` (``int4_nk`` / ``int4_auto``) for the int8 (int4) run in
+    those layouts, else the variant."""
+    return f"{variant}_{layout}" if (variant in ("int8", "int4") and layout != "kn") else variant
+
+
+def _layout(quant: str, args) -> str:
+    return {"int8": args.int8_layout, "int4": args.int4_layout}.get(quant, "kn")
 
 
 def _worker(variant: str, args) -> dict:
     import bench_decode
 
     dtype, quant = VARIANTS[variant]
-    layout = args.int8_layout if quant == "int8" else "kn"
+    layout = _layout(quant, args)
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
-                            reps=args.reps, batch=args.batch, hf_budget_s=0.0, int8_layout=layout,
-                            keep_float=args.keep_float)
+                            reps=args.reps, batch=args.batch, hf_budget_s=0.0,
+                            int8_layout=layout if quant == "int8" else "kn",
+                            int4_layout=layout if quant == "int4" else "kn", keep_float=args.keep_float)
     res = bench_decode._jax_worker(ns)
-    res.update(variant=_tag(variant, layout), dtype=dtype, quant=quant, int8_layout=layout,
+    res.update(variant=_tag(variant, layout), dtype=dtype, quant=quant, int8_layout=layout, weight_layout=layout,
                keep_float=args.keep_float if quant != "none" else None,
                device=bench_common.device_info(),
                gpu_tag=bench_common.gpu_tag(), versions=bench_common.versions())
@@ -87,6 +95,9 @@ def main(argv=None):
     p.add_argument("--int8-layout", default="kn",
                    help="the int8 variant's weights: kn ([K, N], default), nk (K-major [N, K]; row int8_nk) or "
                         "auto (per weight: nk unless K > N; row int8_auto)")
+    p.add_argument("--int4-layout", default="kn",
+                   help="the int4 variant's weights: kn ([K/2, N], default), nk (K-major [N, K/2], the one-row "
+                        "integer-dot kernel; row int4_nk) or auto (nk where N >= 2 K: gate_up; row int4_auto)")
     p.add_argument("--keep-float", default="lm_head",
                    help="quantized variants: layer patterns kept in float ('' quantizes the LM head too)")
     p.add_argument("--out", default=str(bench_common.RESULTS))
@@ -99,6 +110,8 @@ def main(argv=None):
     if args.int8_layout not in INT8_LAYOUTS:
         p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default), 'nk' (K-major [N, K]) or "
                 f"'auto' (per weight: nk unless K > N)")
+    if args.int4_layout not in INT8_LAYOUTS:
+        p.error(f"--int4-layout {args.int4_layout!r}; allowed: 'kn' ([K/2, N], default), 'nk' (K-major) or 'auto'")
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(_worker(args.worker, args)))
         return
@@ -110,8 +123,8 @@ def main(argv=None):
         p.error(f"unknown variants {unknown}; allowed: {list(VARIANTS)}")
     for v in wanted:
         cmd = [sys.executable, __file__, "--worker", v, "--int8-layout", args.int8_layout,
-               "--keep-float", args.keep_float,
-               "--worker-out", str(out / f"_seed_precision_{_tag(v, args.int8_layout)}.json"),
+               "--int4-layout", args.int4_layout, "--keep-float", args.keep_float,
+               "--worker-out", str(out / f"_seed_precision_{_tag(v, _layout(VARIANTS[v][1], args))}.json"),
                "--preset", args.preset, "--prompt", str(args.prompt), "--new", str(args.new),
                "--reps", str(args.reps), "--batch", *map(str, args.batch)]
         print(f"--- {v}: {' '.join(cmd[1:])}", flush=True)
@@ -120,7 +133,7 @@ def main(argv=None):
             print(f"{v}: worker failed (exit {r.returncode}); continuing", flush=True)
     results = {}
     # this call's workers and earlier ones (subsets run in separate calls)
-    for v in [*VARIANTS, "int8_nk", "int8_auto"]:
+    for v in [*VARIANTS, "int8_nk", "int8_auto", "int4_nk", "int4_auto"]:
         f = out / f"_seed_precision_{v}.json"
         if f.exists():
             results[v] = json.loads(f.read_text())
@@ -130,6 +143,7 @@ def main(argv=None):
         bw = res.get("bandwidth")
         rows.append(dict(variant=v, dtype=res["dtype"], quant=res["quant"],
                          int8_layout=res.get("int8_layout", "kn") if res["quant"] == "int8" else None,
+                         int4_layout=res.get("weight_layout", "kn") if res["quant"] == "int4" else None,
                          param_gib=res["param_bytes"] / 2**30,
                          peak_gib=res["peak_bytes"] / 2**30 if res.get("peak_bytes") else None,
                          b1_ms_per_token=b1, b32_tokens_per_s=_pick(res, max(args.batch), "tokens_per_s"),
@@ -157,17 +171,21 @@ def main(argv=None):
     # The int8 keys the issue names take the fastest of the int8 layouts that ran (int8_layout says which).
     int8 = max((v for v in ("int8", "int8_nk", "int8_auto") if get(v, "b1_speedup_vs_bf16")),
                key=lambda v: get(v, "b1_speedup_vs_bf16"), default="int8")
+    int4 = max((v for v in ("int4", "int4_nk", "int4_auto") if get(v, "b1_speedup_vs_bf16")),
+               key=lambda v: get(v, "b1_speedup_vs_bf16"), default="int4")  # likewise for int4
     summary = {"int8_b1_speedup_vs_bf16": get(int8, "b1_speedup_vs_bf16"),
                "int8_layout": by.get(int8, {}).get("int8_layout"),
                "int8_kn_b1_speedup_vs_bf16": get("int8", "b1_speedup_vs_bf16"),
                "int8_nk_b1_speedup_vs_bf16": get("int8_nk", "b1_speedup_vs_bf16"),
                "int8_auto_b1_speedup_vs_bf16": get("int8_auto", "b1_speedup_vs_bf16"),
-               "int4_b1_speedup_vs_bf16": get("int4", "b1_speedup_vs_bf16"),
+               "int4_b1_speedup_vs_bf16": get(int4, "b1_speedup_vs_bf16"),
+               "int4_layout": by.get(int4, {}).get("int4_layout"),
+               "int4_kn_b1_speedup_vs_bf16": get("int4", "b1_speedup_vs_bf16"),
                "fp16_b1_speedup_vs_fp32": get("fp16", "b1_speedup_vs_fp32"),
                "w8a8_b1_speedup_vs_bf16": get("w8a8", "b1_speedup_vs_bf16"),
                "int8_b1_speedup_vs_fp32": get(int8, "b1_speedup_vs_fp32"),
                "fp16_memory_vs_fp32": get("fp16", "memory_vs_fp32"), "int8_memory_vs_fp32": get(int8, "memory_vs_fp32"),
-               "int4_memory_vs_fp32": get("int4", "memory_vs_fp32"),
+               "int4_memory_vs_fp32": get(int4, "memory_vs_fp32"),
                "seed_claims": "FP16 50% memory 1.8x speed, INT8 25% memory 3.5x speed (vs FP32); "
                               "latency 120 / 85 / 68 ms (FP32 / FP16 / INT8)",
                "setup": {"preset": args.preset, "prompt": args.prompt, "new_tokens": args.new, "batches": args.batch,
