@@ -65,12 +65,11 @@ def _worker(variant: str, args) -> dict:
 
     dtype, quant = VARIANTS[variant]
     layout = _layout(quant, args)
+    layouts = {f"{fmt}_layout": layout if quant == fmt else "kn" for fmt in ("int8", "int4")}  # bench_decode's names
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
-                            reps=args.reps, batch=args.batch, hf_budget_s=0.0,
-                            int8_layout=layout if quant == "int8" else "kn",
-                            int4_layout=layout if quant == "int4" else "kn", keep_float=args.keep_float)
+                            reps=args.reps, batch=args.batch, hf_budget_s=0.0, keep_float=args.keep_float, **layouts)
     res = bench_decode._jax_worker(ns)
-    res.update(variant=_tag(variant, layout), dtype=dtype, quant=quant, int8_layout=layout, weight_layout=layout,
+    res.update(variant=_tag(variant, layout), dtype=dtype, quant=quant, **layouts,
                keep_float=args.keep_float if quant != "none" else None,
                device=bench_common.device_info(),
                gpu_tag=bench_common.gpu_tag(), versions=bench_common.versions())
@@ -143,7 +142,7 @@ def main(argv=None):
         bw = res.get("bandwidth")
         rows.append(dict(variant=v, dtype=res["dtype"], quant=res["quant"],
                          int8_layout=res.get("int8_layout", "kn") if res["quant"] == "int8" else None,
-                         int4_layout=res.get("weight_layout", "kn") if res["quant"] == "int4" else None,
+                         int4_layout=res.get("int4_layout", "kn") if res["quant"] == "int4" else None,
                          param_gib=res["param_bytes"] / 2**30,
                          peak_gib=res["peak_bytes"] / 2**30 if res.get("peak_bytes") else None,
                          b1_ms_per_token=b1, b32_tokens_per_s=_pick(res, max(args.batch), "tokens_per_s"),

@@ -38,6 +38,16 @@ from jax.experimental.pallas import triton as pltriton
 
 from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, QuantFormatError
+from .quantized_matmul import split_digits
+
+BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
+
+
+def tile_fits(block_n: int, block_k: int, num_warps: int) -> bool:
+    """Whether a ``[block_n, block_k / G, G / 2]`` packed tile gives every thread >= ``BYTES_PER_THREAD`` bytes:
+    on the H100, tiles of 2-4 bytes a thread let a four-byte asm pack span rows or groups (lanes summed under
+    the wrong scale); ``quantized_matmul.fit_config`` enlarges a tuned tile until it fits."""
+    return block_n * block_k // 2 >= BYTES_PER_THREAD * 32 * num_warps
 
 _ASM = """{
 .reg .b32 lo, hi, t, z;
@@ -105,8 +115,6 @@ def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug
 def digit_planes(x, group: int):
     """x [1, K] float -> (digits [4, K/G, G/2] int8: hi and lo digits of the low then the high half of each
     group; group sums X [K/G] float32; step [1] float32)."""
-    from .quantized_matmul import split_digits
-
     k = x.shape[1]
     step, d = split_digits(x.astype(jnp.float32), axis=1)  # [1, 1], [2, K] (hi; lo)
     d = d.reshape(2, k // group, 2, group // 2)  # digit, group, half, j
@@ -125,10 +133,9 @@ def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
     if cfg.kernel != "gemv" or cfg.block_k % w.group or cfg.split_k != 1:
         raise QuantFormatError(f"the int4 integer-dot GEMV needs kernel='gemv', block_k a multiple of the group "
                                f"({w.group}) and split_k=1; got {cfg}")
-    from .quantized_matmul import DP4A_BYTES_PER_THREAD
-    if cfg.block_n * cfg.block_k // 2 < DP4A_BYTES_PER_THREAD * 32 * cfg.num_warps:
-        raise QuantFormatError(  # measured on the H100: tiles of 2-4 bytes a thread summed wrong lanes
-            f"the int4 integer-dot GEMV needs block_n * block_k / 2 >= {DP4A_BYTES_PER_THREAD} * 32 * num_warps "
+    if not tile_fits(cfg.block_n, cfg.block_k, cfg.num_warps):
+        raise QuantFormatError(
+            f"the int4 integer-dot GEMV needs block_n * block_k / 2 >= {BYTES_PER_THREAD} * 32 * num_warps "
             f"(each thread's four-byte packs must be contiguous bytes of one row and group); got block_n="
             f"{cfg.block_n}, block_k={cfg.block_k}, num_warps={cfg.num_warps} (quantized_matmul.fit_config enlarges a "
             f"tuned tile to fit)")

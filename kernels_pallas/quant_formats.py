@@ -186,23 +186,27 @@ class Int4Weight:
 
     def unpack(self) -> jax.Array:
         """-> nibbles u [I, O] int32 in [0, 15] (undoing the half-group packing, whatever the layout)."""
+        if self.k_major:
+            return self.with_layout(False).unpack()
         g2 = self.group // 2
-        packed = self.packed.T if self.k_major else self.packed
-        p = packed.astype(jnp.int32).reshape(-1, g2, self.out_features)  # [I/group, group/2, O]
+        p = self.packed.astype(jnp.int32).reshape(-1, g2, self.out_features)  # [I/group, group/2, O]
         u = jnp.concatenate([p & 0xF, p >> 4], axis=1)  # [I/group, group, O]
         return u.reshape(self.in_features, self.out_features)
 
     def zero_points(self) -> jax.Array:
-        """-> z [I/group, O] float32."""
+        """-> z [I/group, O] float32 (whatever the layout)."""
+        if self.k_major:
+            return self.with_layout(False).zero_points()
         if self.zero is None:
-            return jnp.full((self.in_features // self.group, self.out_features), 8.0, jnp.float32)
-        return (self.zero.T if self.k_major else self.zero).astype(jnp.float32)
+            return jnp.full(self.scale.shape, 8.0, jnp.float32)
+        return self.zero.astype(jnp.float32)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """-> [I, O] (the weight, not its storage layout)."""
+        if self.k_major:
+            return self.with_layout(False).dequantize(dtype)
         u = self.unpack().astype(jnp.float32).reshape(-1, self.group, self.out_features)
-        scale = (self.scale.T if self.k_major else self.scale).astype(jnp.float32)
-        w = (u - self.zero_points()[:, None, :]) * scale[:, None, :]
+        w = (u - self.zero_points()[:, None, :]) * self.scale.astype(jnp.float32)[:, None, :]
         return w.reshape(self.in_features, self.out_features).astype(dtype)
 
     def nbytes(self) -> int:

@@ -193,15 +193,12 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
     return jnp.sum(y, axis=0) * scale
 
 
-DP4A_BYTES_PER_THREAD = 16  # the integer-dot GEMV's tile: at least this many packed bytes a thread
-
-
 def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group, or a
     power-of-two part of one down to 32), split_k at most the number of K steps, block_m not far above M, W8A8
     never on the gemv kernel; the K-major int4 GEMV (``qmatmul_dp4a``): whole groups a step, at most K's groups
-    rounded up to a power of two, no split, and a tile of at least ``DP4A_BYTES_PER_THREAD`` packed bytes a thread
-    (more groups a step, then fewer warps, then more rows)."""
+    rounded up to a power of two, no split, and a tile that ``qmatmul_dp4a.tile_fits`` (more groups a step, then
+    fewer warps, then more rows)."""
     k = qweight.in_features
     group = qweight.group if isinstance(qweight, Int4Weight) else 16
     if isinstance(qweight, Int4Weight) and cfg.block_k < group:  # part of a group a step (at least 32 rows)
@@ -214,10 +211,11 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
     if kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major:  # qmatmul_dp4a: whole group steps
+        from .qmatmul_dp4a import tile_fits
         kg = k // qweight.group
         ug_cap = 1 << max(kg - 1, 0).bit_length()
         bn, ug, warps = cfg.block_n, min(max(cfg.block_k // group, 1), ug_cap), cfg.num_warps
-        while bn * ug * group // 2 < DP4A_BYTES_PER_THREAD * 32 * warps:  # see qmatmul_dp4a.check_dp4a_inputs
+        while not tile_fits(bn, ug * group, warps):
             if ug < ug_cap:
                 ug *= 2
             elif warps > 1:
