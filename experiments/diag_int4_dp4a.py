@@ -48,7 +48,9 @@ from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
 from kernels_pallas.quantized_matmul import SPLIT_STEPS, quantized_matmul, quantized_matmul_reference  # noqa: E402
 
 SHAPES = {"gate_up": (4096, 27392), "down": (13696, 4096), "qkv": (4096, 4608), "o": (4096, 4096)}
-TILES = [(2, 4096, 4), (4, 2048, 2), (4, 1024, 2), (2, 2048, 2), (8, 2048, 4)]  # library GEMV (bn, bk, warps)
+# library GEMV tiles (bn, bk, warps, split_k): split_k runs of K's steps a program each (down: 7 steps of 16 groups)
+TILES = [(2, 4096, 4, 1), (4, 2048, 2, 1), (4, 1024, 2, 1), (2, 2048, 2, 1), (8, 2048, 4, 1), (2, 4096, 2, 4),
+         (4, 2048, 2, 4), (4, 2048, 2, 7), (2, 4096, 4, 4), (8, 1024, 2, 7)]
 FUSED = [(8, 512, 4), (8, 1024, 4), (16, 512, 4), (8, 2048, 8), (16, 1024, 8), (4, 2048, 4), (16, 256, 4),
          (32, 256, 8)]
 
@@ -107,8 +109,43 @@ def fused_gemv(x, w, *, bn, bk, warps, interpret=False):
     )(x.reshape(kg, 2, g2), w.packed.reshape(n, kg, g2), w.scale)[None, :]
 
 
-def gemv_cfg(bn, bk, w):
-    return TileConfig(kernel="gemv", block_m=1, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=1)
+def gemv_cfg(bn, bk, w, s=1):
+    return TileConfig(kernel="gemv", block_m=1, block_n=bn, block_k=bk, split_k=s, num_warps=w, num_stages=1)
+
+
+def check_tiles(out: str, interpret: bool, block_ns=(1, 2, 4, 8, 16)) -> None:
+    """Every (block_n, groups a step, group, warps) that ``tile_fits`` admits, with a split, on a small ragged
+    problem (3.5 steps of K, 5 programs and one row of N): the max error over the fixed-point bound, per tile
+    (``ok``: within it, split or not). The JSON is rewritten after every tile (a cut run keeps its rows)."""
+    from kernels_pallas.qmatmul_dp4a import tile_fits
+    rows = []
+    path = Path(out) / f"diag_int4_dp4a_tiles_{bench_common.gpu_tag()}.json"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for g in (64, 128):
+        for bn in block_ns:
+            for ug in (1, 2, 4, 8, 16, 32):
+                for w in (1, 2, 4, 8):
+                    if not tile_fits(bn, ug * g, w):
+                        continue
+                    k, n = (3 * ug + max(ug // 2, 1)) * g, 5 * bn + 1
+                    x = jax.random.normal(jax.random.key(k + n), (1, k), jnp.float32).astype(jnp.bfloat16)
+                    q = random_weight(jax.random.key(n), f"int4_g{g}_sym", k, n).with_layout(True)
+                    ref = quantized_matmul_reference(x, q, out_dtype=jnp.float32)
+                    step = jnp.max(jnp.abs(x.astype(jnp.float32))) / SPLIT_STEPS
+                    bound = step / 2 * jnp.sum(jnp.abs(q.dequantize(jnp.float32)), axis=0) * 1.01 + 1e-5
+                    row = dict(group=g, block_n=bn, groups_a_step=ug, warps=w, bytes_a_thread=bn * ug * g // 2 // (32 * w))
+                    for sp in (1, 2):
+                        try:
+                            y = quantized_matmul(x, q, config=gemv_cfg(bn, ug * g, w, sp), out_dtype=jnp.float32,
+                                                 interpret=interpret, _poison=True)
+                            row[f"excess_s{sp}"] = float(jnp.max(jnp.abs(y[0] - ref[0]) - bound))
+                        except Exception as ex:  # noqa: BLE001 -- recorded, the others go on
+                            row[f"excess_s{sp}"] = bench_common.error_text(ex)
+                    row["ok"] = all(isinstance(row[f"excess_s{sp}"], float) and row[f"excess_s{sp}"] <= 0 for sp in (1, 2))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    path.write_text(json.dumps({"device": bench_common.device_info(), "versions":
+                                                bench_common.versions(), "rows": rows}, indent=1))
 
 
 def main():
@@ -119,8 +156,17 @@ def main():
     ap.add_argument("--fused", action="store_true", help="also time the in-kernel digit prototype")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--no-tiles", action="store_true", help="only the table's tile (ours_int4_nk), not TILES")
+    ap.add_argument("--tiles", default=None, help="bn:bk:warps:split,... instead of TILES")
+    ap.add_argument("--check-tiles", action="store_true",
+                    help="only check every tile shape that tile_fits admits against the reference (no timing)")
+    ap.add_argument("--tile-rows", default="1,2,4,8,16", help="--check-tiles: the block_n values to check")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every variant this many times, round after round (run-to-run spread)")
     args = ap.parse_args()
+    tiles = TILES if args.tiles is None else [tuple(map(int, t.split(":"))) for t in args.tiles.split(",")]
     interpret = jax.default_backend() != "gpu"
+    if args.check_tiles:
+        return check_tiles(args.out, interpret, tuple(map(int, args.tile_rows.split(","))))
     bw = None if interpret else bench_common.measure_copy_bandwidth()
     rows = []
     for name in args.shapes.split(","):
@@ -143,10 +189,11 @@ def main():
         f = lambda x, w: quantized_matmul(x, w, interpret=interpret)  # noqa: E731 -- the tuned table's tile
         e_nk = err(quantized_matmul(x, nk[0], out_dtype=jnp.float32, interpret=interpret))  # not bf16-rounded
         variants.append(("ours_int4_nk", f, nk, nbytes, e_nk))
-        for bn, bk, wp in ([] if args.no_tiles else TILES):
-            f = lambda x, w, c=gemv_cfg(bn, bk, wp): quantized_matmul(x, w, config=c, interpret=interpret)  # noqa: E731
-            e = err(quantized_matmul(x, nk[0], config=gemv_cfg(bn, bk, wp), out_dtype=jnp.float32, interpret=interpret))
-            variants.append((f"dp4a_bn{bn}_bk{bk}_w{wp}", f, nk, nbytes, e))
+        for bn, bk, wp, sp in ([] if args.no_tiles else tiles):
+            c = gemv_cfg(bn, bk, wp, sp)
+            f = lambda x, w, c=c: quantized_matmul(x, w, config=c, interpret=interpret)  # noqa: E731
+            e = err(quantized_matmul(x, nk[0], config=c, out_dtype=jnp.float32, interpret=interpret))
+            variants.append((f"dp4a_bn{bn}_bk{bk}_w{wp}_s{sp}", f, nk, nbytes, e))
         if args.fused:
             for bn, bk, wp in FUSED:
                 f = lambda x, w, bn=bn, bk=bk, wp=wp: fused_gemv(x, w, bn=bn, bk=bk, warps=wp, interpret=interpret)  # noqa: E731
@@ -157,19 +204,24 @@ def main():
                                  "error": bench_common.error_text(ex)})
                     continue
                 variants.append((f"fused_bn{bn}_bk{bk}_w{wp}", f, nk, nbytes, e))
-        for label, fn, ws, nb, e in variants:
-            if e is not None and e > 2e-3:
-                rows.append({"shape": name, "m": 1, "variant": label, "error": f"wrong: rel err {e:.3g}"})
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            if interpret:
-                rows.append({"shape": name, "m": 1, "variant": label, "rel_err_vs_f32": e})
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            time_variant(rows, name, 1, label, fn, x, ws, nb, e, bw)
-            if args.distinct_x:  # each layer its own x: the digit prep is no longer shared
-                pairs = list(zip(ws, xs))
-                time_variant(rows, name, 1, label + "_dx", lambda _, wx, fn=fn: fn(wx[1], wx[0]), x, pairs, nb, e, bw)
+        for rnd in range(1 if interpret else args.rounds):
+            for label, fn, ws, nb, e in variants:
+                if e is not None and e > 2e-3:
+                    if rnd == 0:
+                        rows.append({"shape": name, "m": 1, "variant": label, "error": f"wrong: rel err {e:.3g}"})
+                        print(json.dumps(rows[-1]), flush=True)
+                    continue
+                if interpret:
+                    rows.append({"shape": name, "m": 1, "variant": label, "rel_err_vs_f32": e})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
+                time_variant(rows, name, 1, label, fn, x, ws, nb, e, bw)
+                rows[-1]["round"] = rnd
+                if args.distinct_x:  # each layer its own x: the digit prep is no longer shared
+                    pairs = list(zip(ws, xs))
+                    time_variant(rows, name, 1, label + "_dx", lambda _, wx, fn=fn: fn(wx[1], wx[0]), x, pairs, nb,
+                                 e, bw)
+                    rows[-1]["round"] = rnd
         write_diag(rows, bw, args.out, "diag_int4_dp4a")  # after every shape: a cut run keeps what it measured
 
 

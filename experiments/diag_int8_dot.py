@@ -76,10 +76,11 @@ def time_variant(rows: list[dict], shape: str, m: int, label: str, fn, x, ws, nb
 
 def write_diag(rows: list[dict], bw, out: str, name: str) -> None:
     """Adds ``speedup_vs_bf16`` to each timed row and writes ``<name>_<gpu>.json`` under ``out``; prints a table."""
-    base = {(r["shape"], r["m"]): r["us"] for r in rows if r["variant"] == "bf16" and "us" in r}
+    key = lambda r: (r["shape"], r["m"], r.get("round"))  # noqa: E731 -- rows of a repeated run: its own round's bf16
+    base = {key(r): r["us"] for r in rows if r["variant"] == "bf16" and "us" in r}
     for r in rows:
-        if "us" in r and (r["shape"], r["m"]) in base:
-            r["speedup_vs_bf16"] = base[(r["shape"], r["m"])] / r["us"]
+        if "us" in r and key(r) in base:
+            r["speedup_vs_bf16"] = base[key(r)] / r["us"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}_{bench_common.gpu_tag()}.json").write_text(json.dumps(

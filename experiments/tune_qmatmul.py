@@ -105,10 +105,11 @@ def _kmajor_candidates(m: int) -> list[TileConfig]:
 def _int4_kmajor_candidates(m: int, g: int) -> list[TileConfig]:
     """K-major int4: at M=1 the integer-dot GEMV (qmatmul_dp4a; block_n rows a program, block_k / g groups a step,
     the tiles the H100 diagnosis ranked first), else the PTX-unpacking dot tiles over [block_n, g/2] planes."""
-    if m == 1:  # (block_n, block_k, warps)
-        tiles = [(2, 4096, 4), (4, 2048, 2), (2, 2048, 2), (4, 4096, 4), (2, 4096, 2), (4, 2048, 4), (8, 2048, 4),
-                 (8, 4096, 4), (4, 1024, 2), (2, 2048, 4), (8, 1024, 2), (4, 16384, 4)]
-        return [T("gemv", 1, bn, bk, 1, w, 1) for bn, bk, w in tiles] + [XLA]
+    if m == 1:  # (block_n, block_k, warps, split_k); a split cuts K's steps into runs (a K-long weight: down)
+        tiles = [(2, 4096, 4, 1), (4, 2048, 2, 1), (2, 4096, 4, 4), (4, 2048, 2, 7), (4, 2048, 2, 4), (2, 2048, 4, 7),
+                 (2, 2048, 2, 7), (4, 2048, 4, 7), (2, 4096, 2, 4), (4, 4096, 4, 4), (8, 1024, 2, 7), (4, 1024, 2, 14),
+                 (2, 1024, 4, 14), (4, 4096, 4, 2), (2, 2048, 2, 1), (4, 4096, 4, 1), (8, 2048, 4, 1), (4, 16384, 4, 1)]
+        return [T("gemv", 1, bn, bk, s, w, 1) for bn, bk, w, s in tiles] + [XLA]
     return _int4_asm_candidates(m, g) + [XLA]
 
 

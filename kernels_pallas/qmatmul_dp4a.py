@@ -17,10 +17,13 @@ shift, converts to float32 and adds ``s[n, g]`` times it to lane 0 of the runnin
 instructions a weight (the float32 unpacking of the ``[K, N]`` kernels costs ~4.8). Lanes 1-3 of the running sum
 stay zero. Interpret mode (no PTX on the CPU) computes the same sums with ``jnp``.
 
-Grid ``(N / block_n,)``: each program owns ``block_n`` rows of N and walks all of K, ``block_k / G`` groups a step
-(the steps written out; the last may run past K / G and is masked, e.g. down_proj's 107 groups), keeping one
-``[block_n, block_k / G, G/2]`` running sum and one ``[block_n, block_k / G]`` zero-point term, reduced once at the
-end. The digit planes, group sums and step are computed by XLA before the launch (one small fusion).
+Grid ``(N / block_n, split_k)``: each program owns ``block_n`` rows of N and one of ``split_k`` equal runs of
+K's steps of ``block_k / G`` groups (the steps written out; the last may run past K / G and is masked, e.g.
+down_proj's 107 groups), keeping one ``[block_n, block_k / G, G/2]`` running sum and one ``[block_n, block_k / G]``
+zero-point term, reduced once at the end into its row of the ``[split_k, N]`` float32 partials; the wrapper sums
+them (XLA fuses that sum into the consumer's cast). A split gives a K-long, N-short weight (down_proj: 1024
+programs of 27 KB each without one) the program count of a wide one. The digit planes, group sums and step are
+computed by XLA before the launch (one small fusion).
 Measured on the H100 (``experiments/results/qmatmul_diag/diag_int4_dp4a_h100*.json``): gate_up 4096 -> 27392 at
 0.85 of copy bandwidth, down 13696 -> 4096 at 0.67, against 0.49 / 0.48 for the ``[K, N]`` int4 kernels.
 
@@ -41,13 +44,21 @@ from .quant_formats import Int4Weight, QuantFormatError
 from .quantized_matmul import split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
+MAX_ROWS_A_PASS = 4  # at most this many rows of N under one pass of the CTA's threads (tile_fits)
 
 
 def tile_fits(block_n: int, block_k: int, num_warps: int) -> bool:
-    """Whether a ``[block_n, block_k / G, G / 2]`` packed tile gives every thread >= ``BYTES_PER_THREAD`` bytes:
-    on the H100, tiles of 2-4 bytes a thread let a four-byte asm pack span rows or groups (lanes summed under
-    the wrong scale); ``quantized_matmul.fit_config`` enlarges a tuned tile until it fits."""
-    return block_n * block_k // 2 >= BYTES_PER_THREAD * 32 * num_warps
+    """Whether the H100 computes a ``[block_n, block_k / G, G / 2]`` packed tile right (``experiments/
+    diag_int4_dp4a.py --check-tiles``, ``experiments/results/qmatmul_diag/diag_int4_dp4a_tiles_h100.json``): every
+    thread holds >= ``BYTES_PER_THREAD`` bytes (tiles of 2-4 bytes a thread let a four-byte asm pack span rows or
+    groups: lanes summed under the wrong scale), and, with more than ``MAX_ROWS_A_PASS`` rows, one pass of the
+    threads (16 bytes each) spans at most that many rows, i.e. a row's step (block_k / 2 bytes) is >= a quarter of
+    the pass: all 12 failing tiles of the check spanned 8 or 16 rows, all 61 passing ones 4 or fewer. The cause
+    (Triton's layout for the running sum, presumably) is not pinned down. ``quantized_matmul.fit_config`` adapts a
+    tuned tile until it fits."""
+    pass_bytes = BYTES_PER_THREAD * 32 * num_warps
+    return (block_n * block_k // 2 >= pass_bytes
+            and (block_n <= MAX_ROWS_A_PASS or MAX_ROWS_A_PASS * (block_k // 2) >= pass_bytes))
 
 _ASM = """{
 .reg .b32 lo, hi, t, z;
@@ -85,10 +96,10 @@ def _dp4a(p, xa, xb, xc, xd, sc, acc, interpret: bool):
                                            result_shape_dtypes=[out])[0]
 
 
-def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug, bn, g2, has_zero, aliased,
+def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug, sps, bn, g2, has_zero, aliased,
             interpret):
     # xd_ref [4, K/G, G/2] int8 digit planes; xg_ref [K/G] float32 group sums X; step_ref [1];
-    # w_ref [bn, K/G, G/2] uint8; s_ref (z_ref) [bn, K/G]; o_ref [bn] float32.
+    # w_ref [bn, K/G, G/2] uint8; s_ref (z_ref) [bn, K/G]; o_ref [1, bn] float32 (this split's partials).
     if aliased:  # the poisoned output passed in is the output itself
         refs = refs[:-2] + refs[-1:]
     z_ref, o_ref = refs if has_zero else (None, *refs)
@@ -96,9 +107,11 @@ def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug
     rmask = rows < n_total
     shape = (bn, ug, g2)
     tile, corr = jnp.zeros(shape, jnp.float32), jnp.zeros((bn, ug), jnp.float32)
-    for i in range(pl.cdiv(n_groups, ug)):
-        gm = i * ug + jnp.arange(ug) < n_groups
-        gs = pl.ds(jnp.asarray(i * ug, jnp.int32), ug)  # a traced start: the last step may run past K/G (masked)
+    first = pl.program_id(1) * sps  # this split's first step
+    for i in range(sps):
+        g0 = ((first + i) * ug).astype(jnp.int32)  # traced: the last step may run past K/G (masked)
+        gm = g0 + jnp.arange(ug) < n_groups
+        gs = pl.ds(g0, ug)
         sm = rmask[:, None] & gm[None, :]
         p = pltriton.load(w_ref.at[:, gs, :], mask=sm[:, :, None], other=0)
         xs = [pltriton.load(xd_ref.at[pl.ds(j, 1), gs, :], mask=gm[None, :, None], other=0) for j in range(4)]
@@ -109,7 +122,7 @@ def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug
                      interpret)
         corr = corr + s * z * xg[None, :]
     acc = jnp.sum(jnp.sum(tile, axis=2), axis=1) - jnp.sum(corr, axis=1)
-    pltriton.store(o_ref, acc * step_ref[...], mask=rmask)
+    pltriton.store(o_ref, (acc * step_ref[...])[None, :], mask=rmask[None, :])
 
 
 def digit_planes(x, group: int):
@@ -130,42 +143,55 @@ def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
                                f"{type(w).__name__}{'' if not isinstance(w, Int4Weight) else ' stored [I/2, O]'}")
     if x.ndim != 2 or x.shape[0] != 1 or x.shape[1] != w.in_features:
         raise QuantFormatError(f"the int4 integer-dot GEMV takes one row x[1, K={w.in_features}]; got {x.shape}")
-    if cfg.kernel != "gemv" or cfg.block_k % w.group or cfg.split_k != 1:
-        raise QuantFormatError(f"the int4 integer-dot GEMV needs kernel='gemv', block_k a multiple of the group "
-                               f"({w.group}) and split_k=1; got {cfg}")
+    steps = -(-w.in_features // cfg.block_k) if cfg.block_k > 0 else 0
+    if cfg.kernel != "gemv" or cfg.block_k <= 0 or cfg.block_k % w.group or not 1 <= cfg.split_k <= steps:
+        raise QuantFormatError(f"the int4 integer-dot GEMV needs kernel='gemv', block_k a positive multiple of the "
+                               f"group ({w.group}) and 1 <= split_k <= K's steps of block_k ({steps}); got {cfg}")
     if not tile_fits(cfg.block_n, cfg.block_k, cfg.num_warps):
         raise QuantFormatError(
-            f"the int4 integer-dot GEMV needs block_n * block_k / 2 >= {BYTES_PER_THREAD} * 32 * num_warps "
-            f"(each thread's four-byte packs must be contiguous bytes of one row and group); got block_n="
-            f"{cfg.block_n}, block_k={cfg.block_k}, num_warps={cfg.num_warps} (quantized_matmul.fit_config enlarges a "
-            f"tuned tile to fit)")
+            f"the int4 integer-dot GEMV needs block_n * block_k / 2 >= {BYTES_PER_THREAD} * 32 * num_warps (each "
+            f"thread's four-byte packs must be contiguous bytes of one row and group) and, for block_n > "
+            f"{MAX_ROWS_A_PASS}, {MAX_ROWS_A_PASS} * block_k / 2 >= {BYTES_PER_THREAD} * 32 * num_warps (tiles whose "
+            f"threads span more rows at once computed wrong sums on the H100); got block_n={cfg.block_n}, block_k="
+            f"{cfg.block_k}, num_warps={cfg.num_warps} (quantized_matmul.fit_config adapts a tuned tile to fit)")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
 def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, interpret: bool = False):
     """x [1, K] float, w a K-major ``Int4Weight`` -> y [1, N] float32. ``cfg``: block_n rows of N a program,
-    block_k / G groups a step, num_warps; out (tests): a NaN-filled [N] float32 buffer the kernel must overwrite."""
+    block_k / G groups a step, split_k runs of K's steps (the program grid's second axis), num_warps; out (tests):
+    a NaN-filled [split_k', N] float32 partials buffer the kernel must overwrite, split_k' = the number of
+    non-empty splits (``dp4a_splits``)."""
     check_dp4a_inputs(x, w, cfg)
     n, k, group = w.out_features, w.in_features, w.group
     kg, g2, bn, ug = k // group, group // 2, cfg.block_n, cfg.block_k // group
+    splits, sps = dp4a_splits(kg, ug, cfg.split_k)
     planes, xg, step = digit_planes(x, group)
     operands = [planes, xg, step, w.packed.reshape(n, kg, g2), w.scale] + ([w.zero] if w.zero is not None else [])
-    specs = [pl.BlockSpec(planes.shape, lambda i: (0, 0, 0)), pl.BlockSpec((kg,), lambda i: (0,)),
-             pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((bn, kg, g2), lambda i: (i, 0, 0))]
-    specs += [pl.BlockSpec((bn, kg), lambda i: (i, 0))] * (2 if w.zero is not None else 1)
-    out_spec = pl.BlockSpec((bn,), lambda i: (i,))
+    specs = [pl.BlockSpec(planes.shape, lambda i, s: (0, 0, 0)), pl.BlockSpec((kg,), lambda i, s: (0,)),
+             pl.BlockSpec((1,), lambda i, s: (0,)), pl.BlockSpec((bn, kg, g2), lambda i, s: (i, 0, 0))]
+    specs += [pl.BlockSpec((bn, kg), lambda i, s: (i, 0))] * (2 if w.zero is not None else 1)
+    out_spec = pl.BlockSpec((1, bn), lambda i, s: (s, i))
     aliases = {}
     if out is not None:
-        if out.shape != (n,) or out.dtype != jnp.float32:
-            raise ValueError(f"out must be float32 ({n},); got {out.dtype} {out.shape}")
+        if out.shape != (splits, n) or out.dtype != jnp.float32:
+            raise ValueError(f"out must be float32 ({splits}, {n}); got {out.dtype} {out.shape}")
         aliases = {len(operands): 0}
         operands, specs = operands + [out], specs + [out_spec]
-    kernel = functools.partial(_kernel, n_total=n, n_groups=kg, ug=ug, bn=bn, g2=g2, has_zero=w.zero is not None,
-                               aliased=out is not None, interpret=interpret)
+    kernel = functools.partial(_kernel, n_total=n, n_groups=kg, ug=ug, sps=sps, bn=bn, g2=g2,
+                               has_zero=w.zero is not None, aliased=out is not None, interpret=interpret)
     y = pl.pallas_call(
-        kernel, grid=(pl.cdiv(n, bn),), in_specs=specs, out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct((n,), jnp.float32), input_output_aliases=aliases,
+        kernel, grid=(pl.cdiv(n, bn), splits), in_specs=specs, out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32), input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret, name="qmatmul_int4_dp4a_gemv",
     )(*operands)
-    return y[None, :]
+    return jnp.sum(y, axis=0)[None, :]
+
+
+def dp4a_splits(n_groups: int, ug: int, split_k: int) -> tuple[int, int]:
+    """(non-empty splits, steps per split) for K's ``n_groups`` groups in steps of ``ug`` cut into at most
+    ``split_k`` equal runs: 107 groups in steps of 16 (7 steps) with split_k 4 -> 4 splits of 2 steps."""
+    steps = -(-n_groups // ug)
+    sps = -(-steps // max(1, min(split_k, steps)))
+    return -(-steps // sps), sps

@@ -197,8 +197,8 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group, or a
     power-of-two part of one down to 32), split_k at most the number of K steps, block_m not far above M, W8A8
     never on the gemv kernel; the K-major int4 GEMV (``qmatmul_dp4a``): whole groups a step, at most K's groups
-    rounded up to a power of two, no split, and a tile that ``qmatmul_dp4a.tile_fits`` (more groups a step, then
-    fewer warps, then more rows)."""
+    rounded up to a power of two, only non-empty splits of K's steps, and a tile that ``qmatmul_dp4a.tile_fits``
+    (more groups a step, then fewer warps, then up to 4 rows; else the dot tiles)."""
     k = qweight.in_features
     group = qweight.group if isinstance(qweight, Int4Weight) else 16
     if isinstance(qweight, Int4Weight) and cfg.block_k < group:  # part of a group a step (at least 32 rows)
@@ -211,7 +211,7 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
     if kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major:  # qmatmul_dp4a: whole group steps
-        from .qmatmul_dp4a import tile_fits
+        from .qmatmul_dp4a import dp4a_splits, tile_fits
         kg = k // qweight.group
         ug_cap = 1 << max(kg - 1, 0).bit_length()
         bn, ug, warps = cfg.block_n, min(max(cfg.block_k // group, 1), ug_cap), cfg.num_warps
@@ -220,9 +220,12 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
                 ug *= 2
             elif warps > 1:
                 warps //= 2
-            else:
+            elif bn < 4:
                 bn *= 2
-        return dataclasses.replace(cfg, kernel=kernel, block_m=1, block_n=bn, block_k=ug * group, split_k=1,
+            else:  # K too short for any tile that fits (a few groups): the dot tiles serve it
+                return fit_config(qmatmul_tiles.default_config(qweight.name, 16), qweight, m)
+        split = dp4a_splits(kg, ug, cfg.split_k)[0]
+        return dataclasses.replace(cfg, kernel=kernel, block_m=1, block_n=bn, block_k=ug * group, split_k=split,
                                    num_warps=warps, unroll=0)
     if kernel == "dot":
         bm = max(16, min(bm, 1 << max(m - 1, 1).bit_length()))
@@ -262,7 +265,7 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         y = tpu_qmatmul(xk, sx, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
     elif isinstance(qweight, Int4Weight) and qweight.k_major and cfg.kernel == "gemv":
         from .qmatmul_dp4a import int4_dp4a_gemv
-        out = jnp.full((n,), jnp.nan, jnp.float32) if poison else None
+        out = jnp.full((cfg.split_k, n), jnp.nan, jnp.float32) if poison else None  # fit_config: non-empty splits
         y = int4_dp4a_gemv(xk, qweight, out, cfg=cfg, interpret=interpret)
     else:
         from .qmatmul_gpu import gpu_qmatmul

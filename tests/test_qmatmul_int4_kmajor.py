@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.qmatmul_dp4a import tile_fits
 from kernels_pallas.qmatmul_tiles import TileConfig, default_config, lookup
 from kernels_pallas.quant_formats import Int4Weight, QuantFormatError, quantize, quantize_int4, resolve_k_major
 from kernels_pallas.quantized_matmul import SPLIT_STEPS, fit_config, quantized_matmul, quantized_matmul_reference
@@ -32,21 +33,23 @@ def split_bound(x, q):
     return step / 2 * jnp.sum(jnp.abs(q.dequantize(jnp.float32)), axis=0)[None, :] * 1.01 + 1e-5
 
 
-GEMV = lambda bn, bk, w=4: TileConfig(kernel="gemv", block_m=1, block_n=bn, block_k=bk, split_k=1,  # noqa: E731
-                                      num_warps=w, num_stages=1)
+GEMV = lambda bn, bk, w=4, s=1: TileConfig(kernel="gemv", block_m=1, block_n=bn, block_k=bk,  # noqa: E731
+                                           split_k=s, num_warps=w, num_stages=1)
 # (M, K, N, group, symmetric, config)
 CASES = [
     (1, 512, 200, 128, True, GEMV(4, 256)),  # 4 groups in 2 steps, ragged N (200 = 50 programs of 4)
     (1, 640, 136, 128, False, GEMV(8, 512, 2)),  # 5 groups in a 4-group step: the second step masked
     (1, 448, 72, 64, True, GEMV(2, 256)),  # 7 groups of 64, steps of 4
     (1, 768, 40, 64, False, GEMV(1, 64)),  # one group a step, one row a program
+    (1, 1792, 72, 128, True, GEMV(4, 256, 1, 3)),  # 7 steps of 2 groups in 3 splits of 3 (2 steps past K)
+    (1, 6848, 24, 64, False, GEMV(8, 1024, 2, 4)),  # down-like: 107 groups, 7 steps, 4 splits of 2
     (5, 512, 200, 128, True, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=128, split_k=2)),
     (3, 512, 136, 64, False, TileConfig(kernel="dot", block_m=16, block_n=32, block_k=64, split_k=1, asm_dequant=True)),
     (20, 256, 130, 128, False, TileConfig(kernel="dot", block_m=32, block_n=64, block_k=128, split_k=1,
                                           asm_dequant=True, scale_in_bf16=True)),
     (1, 512, 136, 128, True, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=64, split_k=3, asm_dequant=True)),
 ]
-IDS = ["gemv-sym-ragged", "gemv-asym-masked", "gemv-g64", "gemv-1row", "dot", "dot-asm-asym", "dot-bf16scale",
+IDS = ["gemv-sym-ragged", "gemv-asym-masked", "gemv-g64", "gemv-1row", "gemv-split", "gemv-split-107", "dot", "dot-asm-asym", "dot-bf16scale",
        "dot-part-group"]
 
 
@@ -77,12 +80,15 @@ class TestInt4KMajorInterpret(Int4KMajorCases):
 class TestInt4KMajorGPU(Int4KMajorCases):
     interpret = False
 
-    @pytest.mark.parametrize("k,n,bn,bk,w", [(4096, 27392, 2, 4096, 4), (13696, 4096, 4, 2048, 2),
-                                              (13696, 4160, 8, 16384, 4), (4096, 4608, 2, 2048, 4)])
-    def test_glm_shapes(self, k, n, bn, bk, w):
-        """GLM-4-9B's shapes (down: 107 groups, the last step masked; N = 4160 ragged)."""
-        x, q = problem(k + n, 1, k, n, 128, True)
-        out = quantized_matmul(x, q, out_dtype=jnp.float32, config=GEMV(bn, bk, w), _poison=True)
+    @pytest.mark.parametrize("k,n,bn,bk,w,s", [(4096, 27392, 2, 4096, 4, 1), (13696, 4096, 2, 4096, 2, 4),
+                                                (13696, 4096, 4, 2048, 2, 1),
+                                                (13696, 4160, 8, 16384, 4, 1), (4096, 4608, 2, 2048, 4, 1),
+                                                (13696, 4096, 4, 2048, 2, 7), (13696, 4160, 2, 4096, 4, 4),
+                                                (13696, 4096, 8, 1024, 4, 5)])
+    def test_glm_shapes(self, k, n, bn, bk, w, s):
+        """GLM-4-9B's shapes (down: 107 groups, the last step masked, split or not; N = 4160 ragged)."""
+        x, q = problem(k + n + s, 1, k, n, 128, True)
+        out = quantized_matmul(x, q, out_dtype=jnp.float32, config=GEMV(bn, bk, w, s), _poison=True)
         err = jnp.abs(out - quantized_matmul_reference(x, q, out_dtype=jnp.float32))
         assert bool(jnp.all(err <= split_bound(x, q)))
 
@@ -129,14 +135,24 @@ def test_dispatch_table_fit_and_errors():
         "int4_g64_sym_kmajor", 1)
     assert lookup("h100", "int4_g64_sym_kmajor", 1, 256, 136, table=({**entry, "format": "int4_g128_sym_kmajor"},)) \
         == GEMV(2, 256)
-    _, q = problem(0, 1, 13696, 64, 128, True)  # 107 groups: block_k capped at 128 groups, no split
-    assert fit_config(GEMV(4, 1 << 20), q, 1).block_k == 128 * 128
-    assert fit_config(TileConfig(kernel="gemv", block_m=1, block_k=64, split_k=8), q, 1).block_k == 128
+    _, q = problem(0, 1, 13696, 64, 128, True)  # 107 groups: block_k capped at 128 groups, one split then
+    assert fit_config(GEMV(4, 1 << 20, 4, 3), q, 1) == GEMV(4, 128 * 128, 4, 1)
+    c = fit_config(TileConfig(kernel="gemv", block_m=1, block_k=64, split_k=8), q, 1)  # part of a group: whole ones
+    assert c.block_k % 128 == 0 and tile_fits(c.block_n, c.block_k, c.num_warps)
+    # splits of K's 7 steps of 16 groups: only non-empty ones (8 -> 7 of one step; 5 -> 4 of two steps)
+    assert [fit_config(GEMV(4, 2048, 2, s), q, 1).split_k for s in (1, 4, 5, 7, 8)] == [1, 4, 4, 7, 7]
     assert fit_config(GEMV(4, 2048), q, 8).kernel == "dot"
     # at least 16 packed bytes a thread (smaller tiles summed wrong lanes on the H100): groups, then warps, then rows
     assert fit_config(GEMV(2, 256, 4), q, 1) == GEMV(2, 2048, 4)
     _, small = problem(0, 1, 256, 64, 64, True)  # 4 groups of 64: 4 * 32 bytes a row
     assert fit_config(GEMV(1, 64, 4), small, 1) == GEMV(4, 256, 1)
+    # more than 4 rows only where one pass of the threads spans at most 4 of them (the H100's --check-tiles sweep:
+    # [8, 2, 32] bytes with one warp, 16 a thread, summed wrong; [8, 4, 32] right)
+    assert not tile_fits(8, 128, 1) and tile_fits(8, 256, 1) and tile_fits(4, 256, 1)
+    assert not tile_fits(16, 512, 4) and tile_fits(16, 1024, 4) and not tile_fits(8, 1024, 8)
+    assert fit_config(GEMV(8, 128, 1), small, 1) == GEMV(8, 256, 1)
+    _, tiny = problem(0, 1, 128, 64, 64, True)  # 2 groups of 64: no tile fits -> the dot tiles
+    assert fit_config(GEMV(1, 64, 4), tiny, 1).kernel == "dot"
     x, q = problem(1, 1, 256, 40, 128, True)
     with pytest.raises(QuantFormatError, match=r"Mosaic TPU kernel takes weights stored \[K, N\] only"):
         quantized_matmul(x, q, impl="pallas_tpu", interpret=True)
@@ -149,10 +165,14 @@ def test_dispatch_table_fit_and_errors():
         int4_dp4a_gemv(jnp.ones((2, 256), jnp.bfloat16), q, cfg=GEMV(2, 256), interpret=True)
     with pytest.raises(QuantFormatError, match="takes a K-major Int4Weight"):
         int4_dp4a_gemv(x, q.with_layout(False), cfg=GEMV(2, 256), interpret=True)
-    with pytest.raises(QuantFormatError, match="block_k a multiple of the group"):
+    with pytest.raises(QuantFormatError, match="block_k a positive multiple of the group"):
         int4_dp4a_gemv(x, q, cfg=GEMV(2, 64), interpret=True)
+    with pytest.raises(QuantFormatError, match=r"1 <= split_k <= K's steps of block_k \(1\)"):
+        int4_dp4a_gemv(x, q, cfg=GEMV(8, 256, 1, 2), interpret=True)
     with pytest.raises(QuantFormatError, match=r"block_n \* block_k / 2 >= 16 \* 32 \* num_warps"):
         int4_dp4a_gemv(x, q, cfg=GEMV(2, 256), interpret=True)
+    with pytest.raises(QuantFormatError, match=r"for block_n > 4, 4 \* block_k / 2 >= 16 \* 32 \* num_warps"):
+        int4_dp4a_gemv(x, q, cfg=GEMV(16, 256, 2), interpret=True)
 
 
 def test_layer_model_and_ptq_in_k_major_int4():
