@@ -1,10 +1,11 @@
 """Tile sweep for the paged attention kernels; writes kernels_pallas/tuned/paged_attention.json for this device.
 
 Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_splits x tokens per block
-x row_gather) at 4 warps / 3 stages, then (num_warps x num_stages) around the best. Prefill: (block_q x tokens per
+x row_gather; int8 pages: row gather x int8_qk) at 4 warps / 3 stages, then (num_warps x num_stages) around the best. Prefill: (block_q x tokens per
 block x row_gather), then warps/stages. Timed with the benchmark's harness (distinct layers unrolled, L2 rotated).
 
-Usage: python experiments/tune_paged_attention.py [--quick | --summary-points] [--ops decode prefill] [--out DIR]
+Usage: python experiments/tune_paged_attention.py [--quick | --summary-points | --points B:CTX:L:Q ...]
+       [--ops decode prefill] [--out DIR]
 (--quick: fewer points, no write; a run replaces only the table entries it tuned)
 """
 
@@ -47,8 +48,11 @@ def tune_decode(rng, batch, ctx, page_size, quantized):
     max_pages = ctx // page_size
     splits = sorted({max(1, min(max_pages, round(f * SMS / (batch * bench.K)))) for f in (0.5, 1, 2, 4, 8)})
     ppbs = sorted({max(1, t // page_size) for t in (64, 128, 256)})
-    stage_a = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=3, prefetch_ids=True, row_gather=g)
-               for s in splits for p in ppbs for g in (False, True)]
+    # int8 pages: the row gather (it won every int8 point since session 9) x int8_qk
+    flags = ([dict(row_gather=True, int8_qk=i) for i in (False, True)] if quantized
+             else [dict(row_gather=g) for g in (False, True)])
+    stage_a = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=3, prefetch_ids=True, **f)
+               for s in splits for p in ppbs for f in flags]
     best = time_decode(rng, batch, ctx, page_size, quantized, stage_a)
     if best is None:
         return None
@@ -85,11 +89,15 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--summary-points", action="store_true",
                     help="only the benchmark summary's decode points (other table entries are kept)")
+    ap.add_argument("--points", nargs="+", default=None, metavar="B:CTX:L:Q",
+                    help="only these decode points, e.g. 32:8192:16:1 (Q 1 = int8 pages)")
     ap.add_argument("--ops", nargs="+", choices=["decode", "prefill"], default=["decode", "prefill"],
                     help="which kernels to tune (the other's table entries are kept)")
     args = ap.parse_args()
     rng = np.random.default_rng(1)
-    if args.quick:
+    if args.points:
+        points = [(int(b), int(c), int(pg), bool(int(qz))) for b, c, pg, qz in (p.split(":") for p in args.points)]
+    elif args.quick:
         points = [(32, 2048, 16, False), (1, 8192, 16, False)]
     elif args.summary_points:
         points = [(32, 2048, 16, False), (1, 8192, 16, False), (32, 8192, 16, True), (32, 2048, 64, False)]

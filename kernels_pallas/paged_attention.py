@@ -15,6 +15,12 @@ writes the normalized output; with several, each split writes its normalized par
 out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s. Empty splits carry lse = -1e30
 and weigh nothing. int8 pages are dequantized in the kernel: K scales multiply the logits per key,
 V scales multiply the probabilities per key (both per token per head), so no dequantized copy exists.
+With ``int8_qk`` (int8 pages only) q is written once per program as two int8 digits per element (the
+``xla_split`` fixed point of ``quantized_matmul.split_digits``: 15 bits per query row, ``q ~ (128 hi + lo) step``)
+and q.K^T runs as two int8 x int8 -> int32 tensor-core dots straight from the int8 K tile, instead of
+converting every key to bf16 first. P.V keeps the bf16 product: the same two-digit form for P times the V
+scales, run as int8 dots on the int8 V tile (contracted over its rows), measured 2x slower on the H100 and
+wrong in two of three GPU test cases (session 12), and was removed.
 
 Keys past a sequence's length are masked and V rows past it are zeroed before the product, so stale
 or non-finite slot contents never leak; page-table entries past the last used page are replaced by
@@ -39,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .kv_pages import _is_concrete, page_geometry, validate_page_table
+from .quantized_matmul import SPLIT_STEPS
 
 MASK_VALUE = -1e30  # finite: fully masked rows stay NaN-free
 LOG2E = 1.4426950408889634
@@ -135,7 +142,7 @@ def _pow2(x: int) -> int:
 # ----------------------------------------------------------------------------------------- GPU kernel
 def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad, page_size,
                    pages_per_block, pages_per_split, num_pages, max_pages, scale, quantized, direct,
-                   prefetch_ids, row_gather):
+                   prefetch_ids, row_gather, int8_qk=False):
     # len_ref [B]; pt_ref [B, max_pages]; q_ref [B, N, H]; k_ref, v_ref [P, L, H] (head k), scales [P, L];
     # row_gather: k_ref, v_ref [P * L, H], scales [P * L] (one pool row per key, gathered as a 2-D tile).
     # Outputs: direct -> o_ref [B, N, H], else o_ref [G_pad, H] f32, lse_ref [G_pad].
@@ -156,6 +163,13 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
     q_at = q_ref.at[b, pl.ds(kh * group, group_pad), :]
     q = pltriton.load(q_at, mask=row_ok, other=0) if group_pad != group else q_ref[b, pl.ds(kh * group, group), :]
     cdt = q.dtype
+    if int8_qk:  # q [G_pad, H] -> int8 digits hi, lo and a step per row: q ~ (128 hi + lo) * step
+        qf = q.astype(jnp.float32)
+        q_step = jnp.maximum(jnp.max(jnp.abs(qf), axis=1), 1e-30) / SPLIT_STEPS  # [G_pad]
+        xs = jnp.floor(qf / q_step[:, None] + 0.5)  # |xs| <= 16256
+        q_hi = jnp.floor(xs * (1.0 / 128.0) + 0.5)
+        q_lo = (xs - 128.0 * q_hi).astype(jnp.int32).astype(jnp.int8)
+        q_hi = q_hi.astype(jnp.int32).astype(jnp.int8)
 
     def page_ids(pstart):  # [ppb] page ids, or with row_gather [block] pool rows (page id * L + slot)
         if row_gather:
@@ -176,7 +190,13 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
             ids = page_ids(pstart)
         k, v = gather(k_ref, ids), gather(v_ref, ids)
         valid = pstart * page_size + jnp.arange(block) < length
-        logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if int8_qk:
+            dims = (((1,), (1,)), ((), ()))
+            hi = lax.dot_general(q_hi, k, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
+            lo = lax.dot_general(q_lo, k, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
+            logits = (128.0 * hi + lo) * q_step[:, None]
+        else:
+            logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:
             logits = logits * gather(ks_ref, ids, scales=True)
         logits = jnp.where(valid[None, :], logits * (scale * LOG2E), MASK_VALUE)
@@ -233,7 +253,7 @@ def _combine_kernel(o_part_ref, lse_ref, o_ref, *, group, num_splits, chunk):
 def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **given) -> dict:
     """Fills unset block sizes: tuned table first, then a default; clamps to what the shapes allow."""
     blocks = {k: v for k, v in given.items() if v is not None}
-    if len(blocks) < 6:
+    if len(blocks) < 7:
         key, tuned = tuned_blocks("decode", page_size=page_size, quantized=quantized, group=group, batch=batch,
                                   context=max_pages * page_size)
         if tuned:  # carry the tuned point over as (programs in flight, tokens per block), not raw counts
@@ -241,7 +261,7 @@ def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **giv
             tuned["num_splits"] = max(1, round(programs / (batch * kv_heads)))
             tuned["pages_per_block"] = max(1, tuned["pages_per_block"] * key["page_size"] // page_size)
         default = dict(pages_per_block=max(1, 64 // page_size), num_splits=max(1, round(128 / (batch * kv_heads))),
-                       num_warps=4, num_stages=3, prefetch_ids=True, row_gather=False)
+                       num_warps=4, num_stages=3, prefetch_ids=True, row_gather=False, int8_qk=False)
         blocks = {**default, **tuned, **blocks}
     ppb = blocks["pages_per_block"]
     if ppb < 1 or ppb & (ppb - 1):
@@ -253,7 +273,8 @@ def decode_blocks(batch, kv_heads, group, max_pages, page_size, quantized, **giv
                 num_splits=-(-max_pages // pages_per_split),
                 num_warps=int(blocks["num_warps"]), num_stages=int(blocks["num_stages"]),
                 prefetch_ids=bool(blocks.get("prefetch_ids", True)),
-                row_gather=bool(blocks.get("row_gather", False)))
+                row_gather=bool(blocks.get("row_gather", False)),
+                int8_qk=bool(blocks.get("int8_qk", False)) and quantized)
 
 
 def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, blocks,
@@ -269,7 +290,8 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
         _decode_kernel, group=group, group_pad=group_pad, page_size=page_size,
         pages_per_block=blocks["pages_per_block"], pages_per_split=pps, num_pages=num_pages,
         max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct,
-        prefetch_ids=blocks["prefetch_ids"], row_gather=blocks["row_gather"])
+        prefetch_ids=blocks["prefetch_ids"], row_gather=blocks["row_gather"],
+        int8_qk=blocks["int8_qk"] and quantized)
     whole = pl.BlockSpec()
     pools, pool_specs = pool_operands(k_pages, v_pages, k_scales, v_scales, blocks["row_gather"])
     in_specs = [whole, whole, whole] + pool_specs
@@ -292,7 +314,7 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
     outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases=aliases, compiler_params=params, interpret=interpret,
-        name=f"paged_decode_g{group}_l{page_size}_ppb{blocks['pages_per_block']}_s{splits}",
+        name=f"paged_decode_g{group}_l{page_size}_ppb{blocks['pages_per_block']}_s{splits}{'_i8qk' * blocks['int8_qk']}",
     )(*args)
     if direct:
         return outs[0]
@@ -354,10 +376,11 @@ def _select_backend(backend, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "num_splits", "num_warps",
-                                             "num_stages", "prefetch_ids", "row_gather", "backend", "interpret",
-                                             "poison"))
+                                             "num_stages", "prefetch_ids", "row_gather", "int8_qk", "backend",
+                                             "interpret", "poison"))
 def _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, *, scale, pages_per_block,
-                     num_splits, num_warps, num_stages, prefetch_ids, row_gather, backend, interpret, poison):
+                     num_splits, num_warps, num_stages, prefetch_ids, row_gather, int8_qk, backend, interpret,
+                     poison):
     kv_heads, _, page_size, head_dim = k_pages.shape
     scale = head_dim ** -0.5 if scale is None else float(scale)
     if backend == "reference":
@@ -370,14 +393,14 @@ def _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scale
     blocks = decode_blocks(q.shape[0], kv_heads, q.shape[1] // kv_heads, page_table.shape[1], page_size,
                            k_scales is not None, pages_per_block=pages_per_block, num_splits=num_splits,
                            num_warps=num_warps, num_stages=num_stages, prefetch_ids=prefetch_ids,
-                           row_gather=row_gather)
+                           row_gather=row_gather, int8_qk=int8_qk)
     return _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
                           blocks=blocks, interpret=interpret, poison=poison)
 
 
 def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, v_scales=None, scale=None,
                     pages_per_block=None, num_splits=None, num_warps=None, num_stages=None, prefetch_ids=None,
-                    row_gather=None, backend=None, interpret=False, _poison=False):
+                    row_gather=None, int8_qk=None, backend=None, interpret=False, _poison=False):
     """Decode attention over a paged KV cache.
 
     q [B, N, H]; k_pages, v_pages [K, P, L, H] (bf16/f16/f32, or int8 with k_scales, v_scales [K, P, L]
@@ -389,8 +412,8 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
     TPU kernel on TPU, and the jnp reference elsewhere; "triton", "mosaic_tpu" or "reference" force one.
     Block sizes (pages_per_block, num_splits, num_warps, num_stages, prefetch_ids: load the next block's
     page ids one iteration ahead; row_gather: load K/V as one 2-D [pages_per_block * L, H] gather of pool rows
-    instead of [pages_per_block, L, H] pages reshaped) default to the tuned table; the TPU kernel takes one page
-    per step.
+    instead of [pages_per_block, L, H] pages reshaped; int8_qk, int8 pages only: q.K^T as int8 tensor-core dots
+    of q's two int8 digits, module docstring) default to the tuned table; the TPU kernel takes one page per step.
     Shapes are checked before launch; concrete page tables and lengths are also checked on the host
     (``validate_page_table``).
     """
@@ -400,5 +423,5 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
     return _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
                             pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
                             num_stages=num_stages, prefetch_ids=prefetch_ids, row_gather=row_gather,
-                            backend=_select_backend(backend, interpret),
+                            int8_qk=int8_qk, backend=_select_backend(backend, interpret),
                             interpret=interpret, poison=_poison)

@@ -93,8 +93,10 @@ class PagedAttentionCases:
         assert bool(jnp.isfinite(out).all()), "unwritten (NaN-poisoned) or non-finite outputs"
         assert rel_err(out, ref) < 1e-2
 
-    @pytest.mark.parametrize("group,page_size,row_gather", [(16, 16, False), (2, 64, False), (16, 16, True)])
-    def test_int8_pages(self, group, page_size, row_gather):
+    @pytest.mark.parametrize("group,page_size,row_gather,int8_qk", [
+        (16, 16, False, False), (2, 64, False, False), (16, 16, True, False), (16, 16, True, True),
+        (2, 64, False, True)])
+    def test_int8_pages(self, group, page_size, row_gather, int8_qk):
         rng = np.random.default_rng([7, group, page_size])
         lengths = [page_size + 1, 1, 3 * page_size]
         pool = make_pool(rng, kv_heads=2, page_size=page_size, lengths=lengths, quantized=True)
@@ -102,10 +104,14 @@ class PagedAttentionCases:
         args = (q, pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"])
         scales = dict(k_scales=pool["k_scales"], v_scales=pool["v_scales"])
         out = paged_attention(*args, **scales, num_splits=2, pages_per_block=1, row_gather=row_gather,
-                              interpret=self.interpret, _poison=True)
+                              int8_qk=int8_qk, interpret=self.interpret, _poison=True)
         ref = paged_attention_reference(*args, **scales)
         assert bool(jnp.isfinite(out).all())
         assert rel_err(out, ref) < 1e-2
+        if int8_qk:  # q.K^T from q's int8 digits: within 1e-3 of the bf16 product, and not the same computation
+            other = paged_attention(*args, **scales, num_splits=2, pages_per_block=1, row_gather=row_gather,
+                                    int8_qk=False, interpret=self.interpret)
+            assert rel_err(out, other) < 1e-3 and not np.array_equal(np.asarray(out), np.asarray(other))
         # The dequantized cache is what it attends over: compare with dense attention on it as well.
         for b, n in enumerate(lengths):
             dense = dense_attention(q[b:b + 1].astype(jnp.float32), pool["k_logical"][b], pool["v_logical"][b],
@@ -259,3 +265,7 @@ def test_tuned_table_lookup_carries_programs_and_tokens(monkeypatch):
     # No entry for int8: the default, still clamped to the pages there are.
     blocks = pa.decode_blocks(1, 2, 16, 3, 16, True)
     assert blocks["num_splits"] * blocks["pages_per_split"] >= 3 and blocks["num_splits"] <= 3
+    assert not blocks["int8_qk"]
+    # int8_qk is for int8 pages only: asked for on bf16 pages it stays off
+    assert pa.decode_blocks(1, 2, 16, 3, 16, True, int8_qk=True)["int8_qk"]
+    assert not pa.decode_blocks(1, 2, 16, 3, 16, False, int8_qk=True)["int8_qk"]
