@@ -133,7 +133,8 @@ def check_tiles(out: str, interpret: bool, block_ns=(1, 2, 4, 8, 16)) -> None:
                     ref = quantized_matmul_reference(x, q, out_dtype=jnp.float32)
                     step = jnp.max(jnp.abs(x.astype(jnp.float32))) / SPLIT_STEPS
                     bound = step / 2 * jnp.sum(jnp.abs(q.dequantize(jnp.float32)), axis=0) * 1.01 + 1e-5
-                    row = dict(group=g, block_n=bn, groups_a_step=ug, warps=w, bytes_a_thread=bn * ug * g // 2 // (32 * w))
+                    row = dict(group=g, block_n=bn, groups_a_step=ug, warps=w,
+                               bytes_a_thread=bn * ug * g // 2 // (32 * w))
                     for sp in (1, 2):
                         try:
                             y = quantized_matmul(x, q, config=gemv_cfg(bn, ug * g, w, sp), out_dtype=jnp.float32,
@@ -141,7 +142,8 @@ def check_tiles(out: str, interpret: bool, block_ns=(1, 2, 4, 8, 16)) -> None:
                             row[f"excess_s{sp}"] = float(jnp.max(jnp.abs(y[0] - ref[0]) - bound))
                         except Exception as ex:  # noqa: BLE001 -- recorded, the others go on
                             row[f"excess_s{sp}"] = bench_common.error_text(ex)
-                    row["ok"] = all(isinstance(row[f"excess_s{sp}"], float) and row[f"excess_s{sp}"] <= 0 for sp in (1, 2))
+                    row["ok"] = all(isinstance(row[f"excess_s{sp}"], float) and row[f"excess_s{sp}"] <= 0
+                                    for sp in (1, 2))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     path.write_text(json.dumps({"device": bench_common.device_info(), "versions":

@@ -1,8 +1,9 @@
 """Tile sweep for the paged attention kernels; writes kernels_pallas/tuned/paged_attention.json for this device.
 
 Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_splits x tokens per block
-x row_gather; int8 pages: row gather x int8_qk) at 4 warps / 3 stages, then (num_warps x num_stages) around the best. Prefill: (block_q x tokens per
-block x row_gather), then warps/stages. Timed with the benchmark's harness (distinct layers unrolled, L2 rotated).
+x row_gather; int8 pages: row gather x int8_qk) at 4 warps / 3 stages, then (num_warps x num_stages) around the
+best. Prefill: (block_q x tokens per block x row_gather), then warps/stages. Timed with the benchmark's harness
+(distinct layers unrolled, L2 rotated).
 
 Usage: python experiments/tune_paged_attention.py [--quick | --summary-points | --points B:CTX:L:Q ...]
        [--ops decode prefill] [--out DIR]

@@ -18,9 +18,9 @@ V scales multiply the probabilities per key (both per token per head), so no deq
 With ``int8_qk`` (int8 pages only) q is written once per program as two int8 digits per element (the
 ``xla_split`` fixed point of ``quantized_matmul.split_digits``: 15 bits per query row, ``q ~ (128 hi + lo) step``)
 and q.K^T runs as two int8 x int8 -> int32 tensor-core dots straight from the int8 K tile, instead of
-converting every key to bf16 first. P.V keeps the bf16 product: the same two-digit form for P times the V
-scales, run as int8 dots on the int8 V tile (contracted over its rows), measured 2x slower on the H100 and
-wrong in two of three GPU test cases (session 12), and was removed.
+converting every key to bf16 first. P.V stays a bf16 product (int8 dots on the int8 V tile, contracted over its
+rows, measured 2x slower on the H100; a float16 P.V 0-2% faster, not landed:
+``experiments/results/paged_attention_h100_notes.md``).
 
 Keys past a sequence's length are masked and V rows past it are zeroed before the product, so stale
 or non-finite slot contents never leak; page-table entries past the last used page are replaced by
@@ -311,10 +311,11 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
         in_specs += out_specs
         aliases = {len(args) - len(out_shape) + i: i for i in range(len(out_shape))}
         kernel = _drop_aliased_inputs(kernel, len(out_shape))
+    tag = "_i8qk" if blocks["int8_qk"] else ""
     outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases=aliases, compiler_params=params, interpret=interpret,
-        name=f"paged_decode_g{group}_l{page_size}_ppb{blocks['pages_per_block']}_s{splits}{'_i8qk' * blocks['int8_qk']}",
+        name=f"paged_decode_g{group}_l{page_size}_ppb{blocks['pages_per_block']}_s{splits}{tag}",
     )(*args)
     if direct:
         return outs[0]
