@@ -9,7 +9,8 @@ Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``; the Pa
 integer-dot GEMV at M=1, ``qmatmul_dp4a.py``) is in the default formats; where it ran, the int4 summary key reads it
 (the layout ``k_major="auto"`` gives int4), as the int8 keys read ``int8_auto``.
 Each op is timed as ``--layers`` distinct layers' weights unrolled in one jit (no scan, no Python loop of
-calls), median of many reps. Writes experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
+calls), median of many reps; ``--rounds R`` times all ops of a (shape, M) R times, round after round, and each row
+keeps the median (``us_rounds``: every round): ops of 10-20 us move 10-30% between repeats on one H100. Writes experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
 
     python experiments/bench_qmatmul.py --out $OUT
 """
@@ -67,26 +68,36 @@ def weight_bytes(w) -> int:
     return w.size * w.dtype.itemsize if isinstance(w, jax.Array) else w.nbytes()
 
 
-def time_layers(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5) -> tuple[float, float]:
-    """Median seconds per layer of ``fn(x, w)`` over distinct weights unrolled in one jit; also compile s."""
+def layer_timer(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5):
+    """Compiles ``fn(x, w)`` over distinct weights unrolled in one jit; returns (compile s, ``measure``), where
+    ``measure()`` gives the median seconds per layer of ``samples`` timed batches (callable again: rounds)."""
     f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
     t0 = time.perf_counter()
     jax.block_until_ready(f(x, weights))
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(3):
-        out = f(x, weights)
-    jax.block_until_ready(out)
-    est = (time.perf_counter() - t0) / 3
-    inner = max(1, int(min_sample_s / max(est, 1e-6)))
-    times = []
-    for _ in range(samples):
+
+    def measure() -> float:
         t0 = time.perf_counter()
-        for _ in range(inner):
+        for _ in range(3):
             out = f(x, weights)
         jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times) / len(weights), compile_s
+        est = (time.perf_counter() - t0) / 3
+        inner = max(1, int(min_sample_s / max(est, 1e-6)))
+        times = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                out = f(x, weights)
+            jax.block_until_ready(out)
+            times.append((time.perf_counter() - t0) / inner)
+        return statistics.median(times) / len(weights)
+    return compile_s, measure
+
+
+def time_layers(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5) -> tuple[float, float]:
+    """Median seconds per layer of ``fn(x, w)`` over distinct weights unrolled in one jit; also compile s."""
+    compile_s, measure = layer_timer(fn, x, weights, min_sample_s=min_sample_s, samples=samples)
+    return measure(), compile_s
 
 
 def layers_for(k: int, n: int, min_layers: int, min_call_mb: float) -> int:
@@ -186,7 +197,9 @@ def markdown(result: dict) -> str:
              f"{result['layers']} distinct layers per jit (at least: rows that record `layers` in the JSON gave a small "
              f"shape more, up to 64, so each call holds >= {result.get('min_call_mb', 512):g} MB of int8 weights); "
              "times are per layer (us); frac_bw = weight bytes / time / "
-             "copy bandwidth of the row's run; ours/bf16 uses the bf16 dot of the same run.", "",
+             "copy bandwidth of the row's run; ours/bf16 uses the bf16 dot of the same run"
+             + (f"; each time is the median of {result['rounds']} rounds (`us_rounds` in the JSON)"
+                if result.get("rounds", 1) > 1 else "") + ".", "",
              "| shape | M | format | ours us | frac_bw | xla us | bf16 us | ours/bf16 | xla/ours | config | run |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = result["rows"]
@@ -219,6 +232,8 @@ def main():
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--budget_s", type=float, default=1e9, help="stop adding rows after this many seconds")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every op of a (shape, M) this many times, round after round; rows take the median")
     ap.add_argument("--merge_into", default=None,
                     help="a results JSON of the same device: this run's rows replace its rows for the same "
                          "(format, shape, M) and are tagged with a new run number; summary recomputed")
@@ -249,33 +264,40 @@ def main():
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
         layers = layers_for(k, n, args.layers, args.min_call_mb)
         keys = jax.random.split(jax.random.key(hash((shape, m)) % 2**31), layers)
+        # Every op of this (shape, M) is compiled first, then timed round after round (--rounds): each row's time is
+        # the median of its rounds, so one slow or lucky repeat of a ~10 us op does not decide it.
+        ops = []  # (row fields, measure, weights)
         ws = [random_weight(kk, "bf16", k, n) for kk in keys]
-        us, cs = time_layers(bf16_dot, x, ws)
-        nb = weight_bytes(ws[0])
-        rows.append(dict(shape=shape, m=m, k=k, n=n, format="bf16", method="bf16", us=us * 1e6, bytes=nb,
-                         frac_bw=nb / us / bw, compile_s=cs, layers=layers))
-        del ws
+        cs, measure = layer_timer(bf16_dot, x, ws)
+        ops.append((dict(format="bf16", method="bf16", bytes=weight_bytes(ws[0]), compile_s=cs), measure, ws))
         for fmt in formats + (args.extra_formats.split(",") if m == 1 and args.extra_formats else []):
             ws = [random_weight(kk, fmt, k, n) for kk in keys]
-            nb = weight_bytes(ws[0])
             cfg = qmatmul_tiles.lookup(gpu_name(), ws[0].name, m, k, n)
             for method, fn in (("ours", ours(fmt)), ("xla", xla)):
                 try:
-                    us, cs = time_layers(fn, x, ws)
+                    cs, measure = layer_timer(fn, x, ws)
                 except Exception as e:  # report, keep going
                     print(f"FAILED {method} {fmt} {shape} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
-                rows.append(dict(shape=shape, m=m, k=k, n=n, format=fmt, method=method, us=us * 1e6, bytes=nb,
-                                 frac_bw=nb / us / bw, compile_s=cs, layers=layers,
-                                 config=(cfg.to_json() if method == "ours" else None)))
-            del ws
+                ops.append((dict(format=fmt, method=method, bytes=weight_bytes(ws[0]), compile_s=cs,
+                                 config=(cfg.to_json() if method == "ours" else None)), measure, ws))
+        times = [[] for _ in ops]
+        for _ in range(args.rounds):
+            for t, (_, measure, _) in zip(times, ops):
+                t.append(measure())
+        for t, (fields, _, _) in zip(times, ops):
+            us = statistics.median(t)
+            rows.append(dict(shape=shape, m=m, k=k, n=n, us=us * 1e6, frac_bw=fields["bytes"] / us / bw,
+                             layers=layers, **fields, **({"us_rounds": [v * 1e6 for v in t]} if len(t) > 1 else {})))
+        del ops, ws
         done = [r for r in rows if r["shape"] == shape and r["m"] == m]
         print(" ".join(f"{r['format']}/{r['method']}={r['us']:.1f}us" for r in done), f"[{shape} M={m}]",
               f"t={time.time() - start:.0f}s", flush=True)
     result = dict(device=dev.device_kind, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   versions=dict(jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
                                 else None),
-                  copy_bw_tbs=bw / 1e12, layers=args.layers, min_call_mb=args.min_call_mb, rows=rows, skipped=skipped,
+                  copy_bw_tbs=bw / 1e12, layers=args.layers, min_call_mb=args.min_call_mb, rounds=args.rounds,
+                  rows=rows, skipped=skipped,
                   baselines_missing=missing, summary=summarize(rows))
     for r in result["rows"]:
         if r.get("config"):

@@ -10,6 +10,9 @@ candidate list it cuts keeps its table entry (untuned problems use ``default_con
 
     python experiments/tune_qmatmul.py --out $OUT/quantized_matmul.json
 
+``--rounds R`` times every candidate of a problem R times, round after round, and keeps the best median (the fastest
+single sample of a ~10-20 us op is often noise: two sweeps of down_proj's int4 GEMV chose different splits).
+
 Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``): the Pallas gemv / dot over
 ``[block_n, block_k]`` tiles and the two XLA paths; it is not in the default ``--formats``:
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bench_common  # noqa: E402
-from bench_qmatmul import SHAPES, config_label, gpu_name, layers_for, random_weight, time_layers  # noqa: E402
+from bench_qmatmul import SHAPES, config_label, gpu_name, layer_timer, layers_for, random_weight  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
 from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
@@ -190,6 +194,8 @@ def main():
     ap.add_argument("--min_call_mb", type=int, default=512,
                     help="more layers for small shapes: at least this many MB of int8 weights per timed call")
     ap.add_argument("--budget_s", type=float, default=150.0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every candidate of a problem this many times, round after round; keep the best median")
     ap.add_argument("--from_bench", default=None,
                     help="add entries for the problems of this bench JSON that the table lacks, then exit")
     args = ap.parse_args()
@@ -213,7 +219,7 @@ def main():
                 keys = jax.random.split(jax.random.key(k * n + m), layers)
                 ws = [random_weight(kk, fmt, k, n) for kk in keys]
                 x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
-                best, cut = None, False
+                best, cut, compiled = None, False, []
                 for cfg in candidates(fmt, m):
                     if time.time() - start > args.budget_s:
                         cut = True  # a part of the list is no sweep: keep the table's entry for this problem
@@ -221,14 +227,23 @@ def main():
                     impl = "pallas_gpu"  # an XLA kind of config routes to its XLA path
                     fn = lambda x, w, cfg=cfg, impl=impl: quantized_matmul(x, w, config=cfg, impl=impl)
                     try:
-                        s, cs = time_layers(fn, x, ws, min_sample_s=0.01, samples=5)
+                        cs, measure = layer_timer(fn, x, ws, min_sample_s=0.01, samples=5)
+                        times = [measure()]
                     except Exception as e:
                         print(f"FAILED {fmt} {shape} M={m} {cfg}: {type(e).__name__}: {str(e)[:400]}", flush=True)
                         continue
-                    log.append(dict(format=fmt, shape=shape, m=m, config=cfg.to_json(), us=s * 1e6, compile_s=cs))
+                    compiled.append((cfg, cs, measure, times))
+                for _ in range(args.rounds - 1):  # --rounds: every candidate again, round after round
+                    for _, _, measure, times in compiled:
+                        times.append(measure())
+                for cfg, cs, _, times in compiled:
+                    s = statistics.median(times)  # one fastest sample of a ~10 us op is often noise
+                    log.append(dict(format=fmt, shape=shape, m=m, config=cfg.to_json(), us=s * 1e6, compile_s=cs,
+                                    **({"us_rounds": [t * 1e6 for t in times]} if len(times) > 1 else {})))
                     print(f"{fmt:15s} {shape:8s} M={m:<4d} {s * 1e6:8.1f}us compile {cs:5.1f}s {cfg}", flush=True)
                     if best is None or s < best[0]:
                         best = (s, cfg)
+                del compiled
                 if best is not None and not cut:
                     name = ws[0].name
                     entries.append(dict(device=dev, format=name, m=m, k=k, n=n, us=round(best[0] * 1e6, 2),
