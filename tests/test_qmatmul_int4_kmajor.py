@@ -49,8 +49,8 @@ CASES = [
                                           asm_dequant=True, scale_in_bf16=True)),
     (1, 512, 136, 128, True, TileConfig(kernel="dot", block_m=16, block_n=64, block_k=64, split_k=3, asm_dequant=True)),
 ]
-IDS = ["gemv-sym-ragged", "gemv-asym-masked", "gemv-g64", "gemv-1row", "gemv-split", "gemv-split-107", "dot", "dot-asm-asym", "dot-bf16scale",
-       "dot-part-group"]
+IDS = ["gemv-sym-ragged", "gemv-asym-masked", "gemv-g64", "gemv-1row", "gemv-split", "gemv-split-107", "dot",
+       "dot-asm-asym", "dot-bf16scale", "dot-part-group"]
 
 
 class Int4KMajorCases:
