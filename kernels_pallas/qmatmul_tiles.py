@@ -28,7 +28,8 @@ XLA_KERNELS = ("xla", "xla_split")  # not Pallas: the tile fields are unused
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
     """kernel: "gemv" (one row of x, FMA on CUDA cores, split-K; for a K-major ``Int4Weight`` the integer-dot
-    GEMV of ``qmatmul_dp4a.py``: block_n rows a program, block_k / group groups a step, no split), "dot" (tensor-core tiles), "xla"
+    GEMV of ``qmatmul_dp4a.py``: block_n rows a program, block_k / group groups a step, split_k runs of K's steps),
+    "dot" (tensor-core tiles), "xla"
     (XLA's dequantize-then-dot) or "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations).
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop

@@ -123,7 +123,7 @@ def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: 
     attribute name; matching layers stay float. For int4, a layer whose I is not a multiple of ``group``
     raises. static_activations (w8a8 only): each layer gets a static ``act_scale`` (1.0; set it from
     calibration, or restore it from a checkpoint). k_major (int8 and int4): weights stored K-major [O, I]
-    (True), [I, O] (False) or per weight (``"auto"``: int8 K-major unless I > O, int4 K-major, see
+    (True), [I, O] (False) or per weight (``"auto"``: int8 K-major unless I > O, int4 K-major where O >= 2 I, see
     ``kernels_pallas.quant_formats.resolve_k_major``); a quantized checkpoint's ``quantization`` dict records
     it (absent = [I, O]). Returns the dotted paths of the swapped layers.
     """
