@@ -82,6 +82,43 @@ def time_fn(fn, *args, warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def gpu_span_per_call(fn, *args, calls: int = 30, warmup: int = 5) -> float:
+    """Median seconds of GPU time per call of a jitted ``fn``: from a ``jax.profiler`` trace of ``calls`` calls, each
+    call's span from its first kernel's start to its last kernel's end (the gaps between its own kernels count; the
+    host's time between calls does not). ``time_fn``'s wall time is host-bound wherever dispatching a call takes
+    longer than its kernels run (the H100's int4 GEMVs: 15 us of kernels a layer, 16-26 us of wall time). Needs a
+    GPU; each call must launch the same kernels."""
+    import glob
+
+    import jax
+    from jax.profiler import ProfileData
+
+    for _ in range(warmup):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        (xplane,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        events = sorted((e.start_ns, e.start_ns + e.duration_ns)
+                        for plane in ProfileData.from_file(xplane).planes if "GPU" in plane.name
+                        for line in plane.lines if line.name.lower().startswith("stream") for e in line.events)
+    return statistics.median(call_spans(events, calls)) / 1e9
+
+
+def call_spans(events: list[tuple[int, int]], calls: int) -> list[int]:
+    """(start, end) of every kernel of ``calls`` identical calls, sorted by start -> each call's span (its first
+    kernel's start to its last kernel's end): the k-th run of len(events) / calls kernels is the k-th call."""
+    per = len(events) // calls
+    if per == 0 or per * calls != len(events):
+        raise RuntimeError(f"gpu_span_per_call: {len(events)} GPU kernels traced for {calls} calls (needs a GPU and "
+                           f"the same kernels every call)")
+    return [max(e for _, e in events[i * per:(i + 1) * per]) - events[i * per][0] for i in range(calls)]
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):

@@ -3,7 +3,9 @@
 GLM-4-9B heads (N=32, K=2, H=128), bf16 (and int8 pages), page sizes 16 and 64, batch x context grid.
 Timing: 4 distinct layers (separate page pools) unrolled in one jit; each layer is called ``rot`` times
 with disjoint page tables into its pool so at least ~200 MB of pages are touched per jit call and L2
-(50 MB) cannot serve them; per-call time = median wall time of the jit call / (4 * rot).
+(50 MB) cannot serve them; per-call time = the jit call's time / (4 * rot), where the call's time is
+(``--timing trace``, the default) its GPU span in a profiler trace, first kernel start to last kernel end, or
+(``--timing wall``) the median wall time of pipelined calls, which the host's launches bound at small batches.
 Roofline: copy bandwidth (read + write) and bf16 matmul rate measured in the same run.
 
 Writes <out>/paged_attention_<gpu>.json/.md.  Usage: python experiments/bench_paged_attention.py [--quick] [--out DIR]
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from experiments.bench_common import gpu_tag, measure_copy_bandwidth, write_results  # noqa: E402
+from experiments.bench_common import gpu_span_per_call, gpu_tag, measure_copy_bandwidth, write_results  # noqa: E402
 from kernels_pallas.kv_pages import quantize_kv  # noqa: E402
 from kernels_pallas.paged_attention import paged_attention  # noqa: E402
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention  # noqa: E402
@@ -35,8 +37,11 @@ TOUCH_BYTES = 200e6
 TARGET_S = 0.25  # timed seconds per measurement
 
 
-def wall(fn, *args, target_s=None, samples=7) -> float:
-    """Median seconds per call of a jitted fn (calls pipelined, blocking once per sample)."""
+def wall(fn, *args, target_s=None, samples=7, timing="wall") -> float:
+    """Median seconds per call of a jitted fn: timing "wall", calls pipelined, blocking once per sample; "trace",
+    a call's GPU span in a profiler trace (``bench_common.gpu_span_per_call``: its kernels, no host dispatch)."""
+    if timing == "trace":
+        return gpu_span_per_call(fn, *args)
     target_s = target_s or TARGET_S
     jax.block_until_ready(fn(*args))
     t = time.perf_counter()
@@ -83,14 +88,14 @@ def make_decode_inputs(rng, batch, ctx, page_size, quantized=False):
     return layers, q, lengths, rot
 
 
-def run_layers(call, layers, q, lengths, rot):
+def run_layers(call, layers, q, lengths, rot, timing="wall"):
     """jit over all layers x rotations, each with its own pool / page table; returns every output (the timed
     program holds only the attention calls: no slicing or accumulating kernels between them)."""
     @jax.jit
     def f(layers, q, lengths):
         return [call(q[layer][r], kp, vp, lengths, tables[r], ks, vs)
                 for layer, (kp, vp, ks, vs, tables) in enumerate(layers) for r in range(rot)]
-    return wall(f, layers, q, lengths) / (LAYERS * rot)
+    return wall(f, layers, q, lengths, timing=timing) / (LAYERS * rot)
 
 
 def ours(**blocks):
@@ -111,7 +116,7 @@ def jax_options(pages_per_seq):
     return out[:2] or [dict(pages_per_compute_block=1, k_splits=1)]
 
 
-def dense_time(batch, ctx):
+def dense_time(batch, ctx, timing="wall"):
     """Dense XLA GQA decode attention over [B, K, S, H] caches (``DenseKVCache``'s layout; over [B, S, K, H] XLA
     transposes each cache before both products), LAYERS distinct layers unrolled."""
     rot = int(min(32, max(1, math.ceil(TOUCH_BYTES / (LAYERS * kv_bytes(batch, ctx))))))
@@ -135,17 +140,17 @@ def dense_time(batch, ctx):
                 p = jax.nn.softmax(logits, axis=-1).astype(jnp.bfloat16)
                 outs.append(jnp.einsum("bkgs,bksh->bkgh", p, vs[layer][r]).reshape(batch, N, H))
         return outs
-    return wall(f, ks, vs, q, lengths) / (LAYERS * rot)
+    return wall(f, ks, vs, q, lengths, timing=timing) / (LAYERS * rot)
 
 
-def matmul_peak() -> float:
+def matmul_peak(timing="wall") -> float:
     a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
     f = jax.jit(lambda a, b: a @ b)
-    return 2 * 8192 ** 3 / wall(f, a, b)
+    return 2 * 8192 ** 3 / wall(f, a, b, timing=timing)
 
 
-def prefill_case(rng, *, seqs, chunk, ctx, page_size=16, **blocks):
+def prefill_case(rng, *, seqs, chunk, ctx, page_size=16, timing="wall", **blocks):
     """`seqs` sequences each with a `chunk`-token chunk ending at position ctx; returns (seconds, flops)."""
     pages_per_seq = ctx // page_size
     num_pages = seqs * pages_per_seq + 1
@@ -165,7 +170,7 @@ def prefill_case(rng, *, seqs, chunk, ctx, page_size=16, **blocks):
     def f(layers, q):
         return [ragged_paged_attention(q[layer], kp, vp, table, ctx_lens, qs, ns, **blocks)
                 for layer, (kp, vp, table) in enumerate(layers)]
-    sec = wall(f, layers, q) / LAYERS
+    sec = wall(f, layers, q, timing=timing) / LAYERS
     keys = sum(ctx - chunk + i + 1 for i in range(chunk))
     return sec, 4 * N * H * keys * seqs
 
@@ -175,6 +180,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="summary points only (smoke run)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--budget_s", type=float, default=1e9, help="skip the remaining grid after this many seconds")
+    ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
+                    help="trace: a call's GPU span in a profiler trace (kernels only); wall: pipelined calls' wall "
+                         "time, host-bound where launching a call's kernels outlasts them (small batches)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -184,7 +192,7 @@ def main():
     except ImportError:
         tokamax_note = "tokamax is not importable on the device image: no tokamax baseline"
     bw_common = bw_pipelined = bw = measure_copy_bandwidth()  # pipelined bf16 pass (bench_common)
-    peak = matmul_peak()
+    peak = matmul_peak(args.timing)
     print(f"copy bandwidth {bw_common / 1e12:.3f} TB/s (bench_common) / {bw_pipelined / 1e12:.3f} TB/s (pipelined) "
           f"-> roofline {bw / 1e12:.3f}; bf16 matmul {peak / 1e12:.1f} TFLOP/s; {tokamax_note}", flush=True)
     rows = []
@@ -212,14 +220,14 @@ def main():
         for page_size in page_sizes:
             layers, q, lengths, rot = make_decode_inputs(rng, batch, ctx, page_size)
             try:
-                record("ours", batch, ctx, page_size, run_layers(ours(), layers, q, lengths, rot))
+                record("ours", batch, ctx, page_size, run_layers(ours(), layers, q, lengths, rot, args.timing))
             except Exception as e:  # noqa: BLE001 - a failing config is reported, the run goes on
                 print(f"ours failed b{batch} ctx{ctx} L{page_size}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             if page_size == 16 or ((batch, ctx) in ((32, 2048), (32, 8192)) and not args.quick):
                 best = None
                 for opts in jax_options(ctx // page_size):
                     try:
-                        t = run_layers(jax_bundled(**opts), layers, q, lengths, rot)
+                        t = run_layers(jax_bundled(**opts), layers, q, lengths, rot, args.timing)
                         best = min(best or (t, opts), (t, opts), key=lambda x: x[0])
                     except Exception as e:  # noqa: BLE001
                         print(f"jax failed {opts}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -229,19 +237,20 @@ def main():
             gc.collect()
         if batch * ctx <= 32 * 32768:
             try:
-                record("dense_xla", batch, ctx, 0, dense_time(batch, ctx))
+                record("dense_xla", batch, ctx, 0, dense_time(batch, ctx, args.timing))
             except Exception as e:  # noqa: BLE001
                 print(f"dense failed b{batch} ctx{ctx}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             gc.collect()
     for page_size in page_sizes:
         layers, q, lengths, rot = make_decode_inputs(rng, 32, 8192, page_size, quantized=True)
-        record("ours", 32, 8192, page_size, run_layers(ours(), layers, q, lengths, rot), quantized=True)
+        record("ours", 32, 8192, page_size, run_layers(ours(), layers, q, lengths, rot, args.timing),
+               quantized=True)
         del layers, q
         gc.collect()
 
     prefill = []
     for ctx in (512, 4096):
-        sec, flops = prefill_case(rng, seqs=4, chunk=512, ctx=ctx)
+        sec, flops = prefill_case(rng, seqs=4, chunk=512, ctx=ctx, timing=args.timing)
         prefill.append(dict(impl="ours_prefill", seqs=4, chunk=512, ctx=ctx, us=sec * 1e6, tflops=flops / sec / 1e12,
                             frac_matmul_peak=flops / sec / peak))
         print(f"prefill chunk512 ctx{ctx}: {sec * 1e6:.1f} us {flops / sec / 1e12:.1f} TFLOP/s "
@@ -253,7 +262,8 @@ def main():
         return min(c, key=lambda r: r["us"]) if c else None
 
     summary = {"copy_bw_TBps": bw / 1e12, "copy_bw_common_TBps": bw_common / 1e12,
-               "copy_bw_pipelined_TBps": bw_pipelined / 1e12, "matmul_peak_TFLOPs": peak / 1e12, "tokamax": tokamax_note}
+               "copy_bw_pipelined_TBps": bw_pipelined / 1e12, "matmul_peak_TFLOPs": peak / 1e12, "tokamax": tokamax_note,
+               "timing": args.timing}
     for b, c in ((32, 2048), (8, 32768), (32, 8192), (1, 8192)):
         r = pick("ours", b, c)
         summary[f"frac_bw_b{b}_ctx{c}"] = r and r["frac_bw"]
@@ -273,7 +283,7 @@ def main():
     path = write_results(args.out, name, rows=rows + prefill, summary=summary,
                          columns=["impl", "batch", "ctx", "page_size", "dtype", "us", "floor_us", "frac_bw", "opts",
                                   "seqs", "chunk", "tflops", "frac_matmul_peak"],
-                         notes=__doc__.strip().splitlines()[2] + " " + tokamax_note)
+                         notes=__doc__.strip().splitlines()[2] + f" Timing: {args.timing}. " + tokamax_note)
     print("SUMMARY", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
     print("wrote", path)
 

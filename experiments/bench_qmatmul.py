@@ -9,7 +9,9 @@ Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``; the Pa
 integer-dot GEMV at M=1, ``qmatmul_dp4a.py``) is in the default formats; where it ran, the int4 summary key reads it
 (the layout ``k_major="auto"`` gives int4), as the int8 keys read ``int8_auto``.
 Each op is timed as ``--layers`` distinct layers' weights unrolled in one jit (no scan, no Python loop of
-calls), median of many reps; ``--rounds R`` times all ops of a (shape, M) R times, round after round, and each row
+calls); ``--timing trace`` (the default) takes a call's GPU span from a profiler trace (first kernel start to last
+kernel end: the int4 GEMVs' calls were host-bound, 15 us of kernels a layer against 16-26 us of wall time), ``--timing
+wall`` the median wall time of many pipelined calls; ``--rounds R`` times all ops of a (shape, M) R times, round after round, and each row
 keeps the median (``us_rounds``: every round): ops of 10-20 us move 10-30% between repeats on one H100. Writes experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
 
     python experiments/bench_qmatmul.py --out $OUT
@@ -68,15 +70,19 @@ def weight_bytes(w) -> int:
     return w.size * w.dtype.itemsize if isinstance(w, jax.Array) else w.nbytes()
 
 
-def layer_timer(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5):
+def layer_timer(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5, timing: str = "wall"):
     """Compiles ``fn(x, w)`` over distinct weights unrolled in one jit; returns (compile s, ``measure``), where
-    ``measure()`` gives the median seconds per layer of ``samples`` timed batches (callable again: rounds)."""
+    ``measure()`` gives seconds per layer (callable again: rounds): with ``timing="wall"`` the median of ``samples``
+    timed batches of calls, with ``"trace"`` the median GPU span of a call in a profiler trace
+    (``bench_common.gpu_span_per_call``: kernels only, no host dispatch)."""
     f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
     t0 = time.perf_counter()
     jax.block_until_ready(f(x, weights))
     compile_s = time.perf_counter() - t0
 
     def measure() -> float:
+        if timing == "trace":
+            return bench_common.gpu_span_per_call(f, x, weights) / len(weights)
         t0 = time.perf_counter()
         for _ in range(3):
             out = f(x, weights)
@@ -94,9 +100,10 @@ def layer_timer(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5)
     return compile_s, measure
 
 
-def time_layers(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5) -> tuple[float, float]:
-    """Median seconds per layer of ``fn(x, w)`` over distinct weights unrolled in one jit; also compile s."""
-    compile_s, measure = layer_timer(fn, x, weights, min_sample_s=min_sample_s, samples=samples)
+def time_layers(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5,
+                timing: str = "wall") -> tuple[float, float]:
+    """Seconds per layer of ``fn(x, w)`` over distinct weights unrolled in one jit (``layer_timer``); also compile s."""
+    compile_s, measure = layer_timer(fn, x, weights, min_sample_s=min_sample_s, samples=samples, timing=timing)
     return measure(), compile_s
 
 
@@ -191,12 +198,14 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    runs = "; ".join(f"run {r['run']}: {r['date']}, copy bandwidth (read + write) {r['copy_bw_tbs']:.2f} TB/s"
-                     for r in result["runs"])
+    runs = "; ".join(f"run {r['run']}: {r['date']}, copy bandwidth (read + write) {r['copy_bw_tbs']:.2f} TB/s, "
+                     f"{r.get('timing', 'wall')} timing" for r in result["runs"])
     lines = [f"# quantized_matmul on {result['device']}", "", runs + ".", "",
              f"{result['layers']} distinct layers per jit (at least: rows that record `layers` in the JSON gave a small "
              f"shape more, up to 64, so each call holds >= {result.get('min_call_mb', 512):g} MB of int8 weights); "
-             "times are per layer (us); frac_bw = weight bytes / time / "
+             "times are per layer (us): wall timing = wall time of pipelined calls (host-bound where dispatch "
+             "outlasts the kernels), trace timing = a call's GPU span in a profiler trace (kernels only); "
+             "frac_bw = weight bytes / time / "
              "copy bandwidth of the row's run; ours/bf16 uses the bf16 dot of the same run"
              + (f"; each time is the median of {result['rounds']} rounds (`us_rounds` in the JSON)"
                 if result.get("rounds", 1) > 1 else "") + ".", "",
@@ -234,6 +243,9 @@ def main():
     ap.add_argument("--budget_s", type=float, default=1e9, help="stop adding rows after this many seconds")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every op of a (shape, M) this many times, round after round; rows take the median")
+    ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
+                    help="trace: GPU time of a call from a profiler trace (its kernels, first start to last end); "
+                         "wall: wall time of pipelined calls, host-bound where dispatch outlasts the kernels")
     ap.add_argument("--merge_into", default=None,
                     help="a results JSON of the same device: this run's rows replace its rows for the same "
                          "(format, shape, M) and are tagged with a new run number; summary recomputed")
@@ -268,14 +280,14 @@ def main():
         # the median of its rounds, so one slow or lucky repeat of a ~10 us op does not decide it.
         ops = []  # (row fields, measure, weights)
         ws = [random_weight(kk, "bf16", k, n) for kk in keys]
-        cs, measure = layer_timer(bf16_dot, x, ws)
+        cs, measure = layer_timer(bf16_dot, x, ws, timing=args.timing)
         ops.append((dict(format="bf16", method="bf16", bytes=weight_bytes(ws[0]), compile_s=cs), measure, ws))
         for fmt in formats + (args.extra_formats.split(",") if m == 1 and args.extra_formats else []):
             ws = [random_weight(kk, fmt, k, n) for kk in keys]
             cfg = qmatmul_tiles.lookup(gpu_name(), ws[0].name, m, k, n)
             for method, fn in (("ours", ours(fmt)), ("xla", xla)):
                 try:
-                    cs, measure = layer_timer(fn, x, ws)
+                    cs, measure = layer_timer(fn, x, ws, timing=args.timing)
                 except Exception as e:  # report, keep going
                     print(f"FAILED {method} {fmt} {shape} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
@@ -297,12 +309,13 @@ def main():
                   versions=dict(jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
                                 else None),
                   copy_bw_tbs=bw / 1e12, layers=args.layers, min_call_mb=args.min_call_mb, rounds=args.rounds,
+                  timing=args.timing,
                   rows=rows, skipped=skipped,
                   baselines_missing=missing, summary=summarize(rows))
     for r in result["rows"]:
         if r.get("config"):
             r["config"] = config_label(r["config"])
-    result["runs"] = [dict(run=1, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"])]
+    result["runs"] = [dict(run=1, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"], timing=args.timing)]
     if args.merge_into:
         with open(args.merge_into) as f:
             old = json.load(f)
@@ -313,7 +326,8 @@ def main():
         fresh = {(r["format"], r["shape"], r["m"]) for r in rows if r["method"] != "bf16"}
         kept = [r for r in old["rows"] if r["method"] == "bf16" or (r["format"], r["shape"], r["m"]) not in fresh]
         result["rows"] = kept + rows
-        result["runs"] = runs + [dict(run=run, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"])]
+        result["runs"] = runs + [dict(run=run, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"],
+                                              timing=args.timing)]
         result["skipped"] = old.get("skipped", []) + skipped
         result["summary"] = summarize(result["rows"])
     os.makedirs(args.out, exist_ok=True)

@@ -162,6 +162,9 @@ def main():
     ap.add_argument("--check-tiles", action="store_true",
                     help="only check every tile shape that tile_fits admits against the reference (no timing)")
     ap.add_argument("--tile-rows", default="1,2,4,8,16", help="--check-tiles: the block_n values to check")
+    ap.add_argument("--timing", choices=("wall", "trace"), default="wall",
+                    help="trace: a call's GPU span in a profiler trace (bench_common.gpu_span_per_call; the int4 "
+                         "GEMVs' wall time is host-bound)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every variant this many times, round after round (run-to-run spread)")
     args = ap.parse_args()
@@ -217,12 +220,12 @@ def main():
                     rows.append({"shape": name, "m": 1, "variant": label, "rel_err_vs_f32": e})
                     print(json.dumps(rows[-1]), flush=True)
                     continue
-                time_variant(rows, name, 1, label, fn, x, ws, nb, e, bw)
+                time_variant(rows, name, 1, label, fn, x, ws, nb, e, bw, timing=args.timing)
                 rows[-1]["round"] = rnd
                 if args.distinct_x:  # each layer its own x: the digit prep is no longer shared
                     pairs = list(zip(ws, xs))
                     time_variant(rows, name, 1, label + "_dx", lambda _, wx, fn=fn: fn(wx[1], wx[0]), x, pairs, nb,
-                                 e, bw)
+                                 e, bw, timing=args.timing)
                     rows[-1]["round"] = rnd
         write_diag(rows, bw, args.out, "diag_int4_dp4a")  # after every shape: a cut run keeps what it measured
 

@@ -62,10 +62,12 @@ def diag_args(doc: str):
     return ap.parse_args()
 
 
-def time_variant(rows: list[dict], shape: str, m: int, label: str, fn, x, ws, nbytes: int, err, bw) -> None:
-    """Times ``fn`` over the layers ``ws`` (time_layers) and appends its row (or the error, and goes on)."""
+def time_variant(rows: list[dict], shape: str, m: int, label: str, fn, x, ws, nbytes: int, err, bw,
+                 timing: str = "wall") -> None:
+    """Times ``fn`` over the layers ``ws`` (time_layers; ``timing`` "wall" or "trace") and appends its row (or the
+    error, and goes on)."""
     try:
-        t, _ = time_layers(fn, x, ws)
+        t, _ = time_layers(fn, x, ws, timing=timing)
     except Exception as ex:  # noqa: BLE001 -- recorded, the others go on
         rows.append({"shape": shape, "m": m, "variant": label, "error": bench_common.error_text(ex)})
     else:

@@ -12,6 +12,8 @@ candidate list it cuts keeps its table entry (untuned problems use ``default_con
 
 ``--rounds R`` times every candidate of a problem R times, round after round, and keeps the best median (the fastest
 single sample of a ~10-20 us op is often noise: two sweeps of down_proj's int4 GEMV chose different splits).
+``--timing trace`` (the default) times a call by its GPU span in a profiler trace, as ``bench_qmatmul``: wall time
+was host-bound for the int4 GEMVs' calls, so earlier sweeps ranked their tiles partly by dispatch noise.
 
 Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``): the Pallas gemv / dot over
 ``[block_n, block_k]`` tiles and the two XLA paths; it is not in the default ``--formats``:
@@ -194,6 +196,8 @@ def main():
     ap.add_argument("--min_call_mb", type=int, default=512,
                     help="more layers for small shapes: at least this many MB of int8 weights per timed call")
     ap.add_argument("--budget_s", type=float, default=150.0)
+    ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
+                    help="bench_qmatmul's: a call's GPU span in a profiler trace, or pipelined wall time")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every candidate of a problem this many times, round after round; keep the best median")
     ap.add_argument("--from_bench", default=None,
@@ -227,7 +231,7 @@ def main():
                     impl = "pallas_gpu"  # an XLA kind of config routes to its XLA path
                     fn = lambda x, w, cfg=cfg, impl=impl: quantized_matmul(x, w, config=cfg, impl=impl)
                     try:
-                        cs, measure = layer_timer(fn, x, ws, min_sample_s=0.01, samples=5)
+                        cs, measure = layer_timer(fn, x, ws, min_sample_s=0.01, samples=5, timing=args.timing)
                         times = [measure()]
                     except Exception as e:
                         print(f"FAILED {fmt} {shape} M={m} {cfg}: {type(e).__name__}: {str(e)[:400]}", flush=True)

@@ -21,7 +21,8 @@ Grid ``(N / block_n, split_k)``: each program owns ``block_n`` rows of N and one
 K's steps of ``block_k / G`` groups (the steps written out; the last may run past K / G and is masked, e.g.
 down_proj's 107 groups), keeping one ``[block_n, block_k / G, G/2]`` running sum and one ``[block_n, block_k / G]``
 zero-point term, reduced once at the end into its row of the ``[split_k, N]`` float32 partials; the wrapper sums
-them (XLA fuses that sum into the consumer's cast). A split gives a K-long, N-short weight (down_proj: 1024
+them (XLA fuses that sum into the consumer's cast). With one split the kernel writes the output in its dtype, so
+no convert kernel follows (~1.2-1.7 us a call on the H100's op timings). A split gives a K-long, N-short weight (down_proj: 1024
 programs of 27 KB each without one) the program count of a wide one. The digit planes, group sums and step are
 computed by XLA before the launch (one small fusion).
 Measured on the H100 (``experiments/results/qmatmul_diag/diag_int4_dp4a_h100*.json``): gate_up 4096 -> 27392 at
@@ -99,7 +100,8 @@ def _dp4a(p, xa, xb, xc, xd, sc, acc, interpret: bool):
 def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug, sps, bn, g2, has_zero, aliased,
             interpret):
     # xd_ref [4, K/G, G/2] int8 digit planes; xg_ref [K/G] float32 group sums X; step_ref [1];
-    # w_ref [bn, K/G, G/2] uint8; s_ref (z_ref) [bn, K/G]; o_ref [1, bn] float32 (this split's partials).
+    # w_ref [bn, K/G, G/2] uint8; s_ref (z_ref) [bn, K/G]; o_ref [1, bn]: this split's float32 partials, or with
+    # one split the output itself in its dtype.
     if aliased:  # the poisoned output passed in is the output itself
         refs = refs[:-2] + refs[-1:]
     z_ref, o_ref = refs if has_zero else (None, *refs)
@@ -122,7 +124,7 @@ def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug
                      interpret)
         corr = corr + s * z * xg[None, :]
     acc = jnp.sum(jnp.sum(tile, axis=2), axis=1) - jnp.sum(corr, axis=1)
-    pltriton.store(o_ref, (acc * step_ref[...])[None, :], mask=rmask[None, :])
+    pltriton.store(o_ref, (acc * step_ref[...])[None, :].astype(o_ref.dtype), mask=rmask[None, :])
 
 
 def digit_planes(x, group: int):
@@ -156,16 +158,18 @@ def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
             f"{cfg.block_k}, num_warps={cfg.num_warps} (quantized_matmul.fit_config adapts a tuned tile to fit)")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, interpret: bool = False):
-    """x [1, K] float, w a K-major ``Int4Weight`` -> y [1, N] float32. ``cfg``: block_n rows of N a program,
-    block_k / G groups a step, split_k runs of K's steps (the program grid's second axis), num_warps; out (tests):
-    a NaN-filled [split_k', N] float32 partials buffer the kernel must overwrite, split_k' = the number of
-    non-empty splits (``dp4a_splits``)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "interpret"))
+def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp.float32, interpret: bool = False):
+    """x [1, K] float, w a K-major ``Int4Weight`` -> y [1, N]: in ``out_dtype`` written by the kernel with one
+    split, else float32 (the splits' partials summed by XLA). ``cfg``: block_n rows of N a program, block_k / G
+    groups a step, split_k runs of K's steps (the program grid's second axis), num_warps; out (tests): a NaN-filled
+    buffer the kernel must overwrite, [split_k', N] float32 partials (split_k' = the number of non-empty splits,
+    ``dp4a_splits``), or [1, N] ``out_dtype`` with one split."""
     check_dp4a_inputs(x, w, cfg)
     n, k, group = w.out_features, w.in_features, w.group
     kg, g2, bn, ug = k // group, group // 2, cfg.block_n, cfg.block_k // group
     splits, sps = dp4a_splits(kg, ug, cfg.split_k)
+    odt = jnp.dtype(out_dtype) if splits == 1 else jnp.dtype(jnp.float32)
     planes, xg, step = digit_planes(x, group)
     operands = [planes, xg, step, w.packed.reshape(n, kg, g2), w.scale] + ([w.zero] if w.zero is not None else [])
     specs = [pl.BlockSpec(planes.shape, lambda i, s: (0, 0, 0)), pl.BlockSpec((kg,), lambda i, s: (0,)),
@@ -174,19 +178,19 @@ def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, interpret: bo
     out_spec = pl.BlockSpec((1, bn), lambda i, s: (s, i))
     aliases = {}
     if out is not None:
-        if out.shape != (splits, n) or out.dtype != jnp.float32:
-            raise ValueError(f"out must be float32 ({splits}, {n}); got {out.dtype} {out.shape}")
+        if out.shape != (splits, n) or out.dtype != odt:
+            raise ValueError(f"out must be {odt} ({splits}, {n}); got {out.dtype} {out.shape}")
         aliases = {len(operands): 0}
         operands, specs = operands + [out], specs + [out_spec]
     kernel = functools.partial(_kernel, n_total=n, n_groups=kg, ug=ug, sps=sps, bn=bn, g2=g2,
                                has_zero=w.zero is not None, aliased=out is not None, interpret=interpret)
     y = pl.pallas_call(
         kernel, grid=(pl.cdiv(n, bn), splits), in_specs=specs, out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32), input_output_aliases=aliases,
+        out_shape=jax.ShapeDtypeStruct((splits, n), odt), input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret, name="qmatmul_int4_dp4a_gemv",
     )(*operands)
-    return jnp.sum(y, axis=0)[None, :]
+    return y if splits == 1 else jnp.sum(y, axis=0)[None, :]
 
 
 def dp4a_splits(n_groups: int, ug: int, split_k: int) -> tuple[int, int]:

@@ -265,8 +265,9 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         y = tpu_qmatmul(xk, sx, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
     elif isinstance(qweight, Int4Weight) and qweight.k_major and cfg.kernel == "gemv":
         from .qmatmul_dp4a import int4_dp4a_gemv
-        out = jnp.full((cfg.split_k, n), jnp.nan, jnp.float32) if poison else None  # fit_config: non-empty splits
-        y = int4_dp4a_gemv(xk, qweight, out, cfg=cfg, interpret=interpret)
+        odt = jnp.dtype(out_dtype if cfg.split_k == 1 else jnp.float32)  # fit_config: split_k = non-empty splits
+        out = jnp.full((cfg.split_k, n), jnp.nan, odt) if poison else None
+        y = int4_dp4a_gemv(xk, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
     else:
         from .qmatmul_gpu import gpu_qmatmul
         shape, dt = ((mp, n), out_dtype) if cfg.split_k == 1 else ((cfg.split_k, mp, n), jnp.float32)

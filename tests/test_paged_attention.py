@@ -118,6 +118,21 @@ class PagedAttentionCases:
                                     H ** -0.5)
             assert rel_err(out[b:b + 1], dense) < 2e-2
 
+    @pytest.mark.parametrize("v_gain", [1e-6, 1e7])
+    def test_int8_pages_tiny_and_huge_values(self, v_gain):
+        # P times the V scales feeds a 16-bit P.V product: V scales of any magnitude must neither sink into
+        # subnormals nor overflow (a float16 product without a per-block rescale failed both cases).
+        rng = np.random.default_rng([13, int(np.log10(v_gain)) + 6])
+        lengths = [40, 3 * 16 + 5]
+        pool = make_pool(rng, kv_heads=2, page_size=16, lengths=lengths, quantized=True)
+        q = jnp.asarray(rng.standard_normal((len(lengths), 32, H)), jnp.bfloat16)
+        args = (q, pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"])
+        scales = dict(k_scales=pool["k_scales"], v_scales=pool["v_scales"] * v_gain)
+        out = paged_attention(*args, **scales, num_splits=2, pages_per_block=2, interpret=self.interpret,
+                              _poison=True)
+        assert bool(jnp.isfinite(out).all())
+        assert rel_err(out, paged_attention_reference(*args, **scales)) < 1e-2
+
 
 @pytest.mark.gpu
 class TestPagedAttentionGPU(PagedAttentionCases):

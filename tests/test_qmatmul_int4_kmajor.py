@@ -71,6 +71,21 @@ class Int4KMajorCases:
             tol = 5e-3 if cfg.scale_in_bf16 else 1e-4
             assert float(jnp.linalg.norm(err) / jnp.linalg.norm(ref)) < tol
 
+    @pytest.mark.parametrize("split", [1, 3])
+    def test_gemv_writes_its_output_dtype_with_one_split(self, split):
+        # One split: the kernel stores bfloat16 itself (no convert kernel after it); several: float32 partials
+        # summed by XLA. Either way the same numbers as the float32 output rounded once.
+        from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv
+        x, q = problem(5, 1, 1792, 72, 128, True)
+        cfg = fit_config(GEMV(4, 256, 1, split), q, 1)
+        odt = jnp.bfloat16 if split == 1 else jnp.float32
+        out = jnp.full((cfg.split_k, 72), jnp.nan, odt)
+        y = int4_dp4a_gemv(x, q, out, cfg=cfg, out_dtype=jnp.bfloat16, interpret=self.interpret)
+        assert y.dtype == odt and y.shape == (1, 72) and bool(jnp.isfinite(y).all())
+        y32 = quantized_matmul(x, q, out_dtype=jnp.float32, impl="pallas_gpu", interpret=self.interpret, config=cfg)
+        np.testing.assert_array_equal(np.asarray(y.astype(jnp.bfloat16), np.float32),
+                                      np.asarray(y32.astype(jnp.bfloat16), np.float32))
+
 
 class TestInt4KMajorInterpret(Int4KMajorCases):
     interpret = True
