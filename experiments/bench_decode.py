@@ -61,9 +61,9 @@ def _jax_worker(args) -> dict:
     layout = args.int4_layout if args.quant == "int4" else args.int8_layout
     if args.quant != "none":
         from autoglm_jax.model.quantized_linear import quantize_model
-        from autoglm_jax.quant.cli import INT8_LAYOUTS  # --int8/4-layout -> quantize_model's k_major
+        from autoglm_jax.quant.cli import LAYOUTS  # --int8/4-layout -> quantize_model's k_major
         keep = tuple(x for x in args.keep_float.split(",") if x)
-        quantize_model(model, fmt=args.quant, k_major=INT8_LAYOUTS[layout], keep_float=keep)  # in place
+        quantize_model(model, fmt=args.quant, k_major=LAYOUTS[layout], keep_float=keep)  # in place
     jax.block_until_ready(nnx.state(model))
     init_s = time.perf_counter() - t0
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
@@ -241,19 +241,21 @@ def main(argv=None):
     p.add_argument("--worker", choices=["jax", "hf", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from autoglm_jax.quant.cli import INT8_LAYOUTS
+    from autoglm_jax.quant.cli import layout_error
 
-    if args.int8_layout not in INT8_LAYOUTS:
-        p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default), 'nk' (K-major [N, K]) or "
-                f"'auto' (per weight: nk unless K > N)")
+    for fmt, layout in (("int8", args.int8_layout), ("int4", args.int4_layout)):
+        if layout_error(fmt, layout):
+            p.error(layout_error(fmt, layout))
     also = [f for f in args.also_quant.split(",") if f]
     bad = [f for f in also if f not in ("int8", "int4")]
     if bad or (also and args.quant != "none"):
         p.error(f"--also-quant {args.also_quant!r}: formats from 'int8', 'int4', with a float --quant none run")
     if args.int8_layout != "kn" and "int8" not in (args.quant, *also):
-        p.error(f"--int8-layout {args.int8_layout} is for --quant int8 only; got --quant {args.quant!r}")
-    if args.int4_layout not in INT8_LAYOUTS or (args.int4_layout != "kn" and "int4" not in (args.quant, *also)):
-        p.error(f"--int4-layout {args.int4_layout!r}: 'kn', 'nk' or 'auto', with --quant int4 (or --also-quant int4)")
+        p.error(f"--int8-layout {args.int8_layout} is for --quant int8 (or --also-quant int8) only; got "
+                f"--quant {args.quant!r}")
+    if args.int4_layout != "kn" and "int4" not in (args.quant, *also):
+        p.error(f"--int4-layout {args.int4_layout} is for --quant int4 (or --also-quant int4) only; got --quant "
+                f"{args.quant!r}")
     if args.worker:
         work = {"jax": _jax_worker, "hf": _hf_worker, "memory": _memory_worker}[args.worker]
         if args.worker == "memory":  # spawn_worker's protocol (errors come back as {"error": ...})

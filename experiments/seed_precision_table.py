@@ -104,13 +104,11 @@ def main(argv=None):
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from autoglm_jax.quant.cli import INT8_LAYOUTS
+    from autoglm_jax.quant.cli import layout_error
 
-    if args.int8_layout not in INT8_LAYOUTS:
-        p.error(f"--int8-layout {args.int8_layout!r}; allowed: 'kn' ([K, N], default), 'nk' (K-major [N, K]) or "
-                f"'auto' (per weight: nk unless K > N)")
-    if args.int4_layout not in INT8_LAYOUTS:
-        p.error(f"--int4-layout {args.int4_layout!r}; allowed: 'kn' ([K/2, N], default), 'nk' (K-major) or 'auto'")
+    for fmt, layout in (("int8", args.int8_layout), ("int4", args.int4_layout)):
+        if layout_error(fmt, layout):
+            p.error(layout_error(fmt, layout))
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(_worker(args.worker, args)))
         return

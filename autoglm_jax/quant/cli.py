@@ -28,7 +28,19 @@ from pathlib import Path
 from typing import Sequence
 
 # --int8-layout / --int4-layout -> k_major: [K, N] (default), K-major [N, K], or per weight (resolve_k_major)
-INT8_LAYOUTS = {"kn": False, "nk": True, "auto": "auto"}
+LAYOUTS = {"kn": False, "nk": True, "auto": "auto"}
+_LAYOUT_WORDS = {"int8": ("qweight [K, N]", "[N, K]", "nk unless K > N"),
+                 "int4": ("packed [K/2, N]", "[N, K/2]", "nk where N >= 2 K")}
+
+
+def layout_error(fmt: str, layout: str) -> str | None:
+    """The message for a ``--int8-layout`` / ``--int4-layout`` value that is not a layout, else None (the
+    benchmarks that take these flags use it too)."""
+    if layout in LAYOUTS:
+        return None
+    kn, nk, auto = _LAYOUT_WORDS[fmt]
+    return (f"--{fmt}-layout {layout!r} is not a layout; allowed: 'kn' ({kn}, the default), 'nk' (K-major {nk}) "
+            f"or 'auto' (per weight: {auto})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,11 +161,9 @@ def quantize_main(argv: Sequence[str]) -> int:
         p.error("--activations static needs --calib FILE (calibration text)")
     if args.calib and args.method != "w8a8":
         p.error(f"--calib calibrates static w8a8 activation scales; method {args.method!r} quantizes weights only")
-    for fmt, layout, kn, nk, auto in (("int8", args.int8_layout, "qweight [K, N]", "[N, K]", "nk unless K > N"),
-                                      ("int4", args.int4_layout, "packed [K/2, N]", "[N, K/2]", "nk where N >= 2 K")):
-        if layout not in INT8_LAYOUTS:
-            p.error(f"--{fmt}-layout {layout!r} is not a layout; allowed: 'kn' ({kn}, the default), "
-                    f"'nk' (K-major {nk}) or 'auto' (per weight: {auto})")
+    for fmt, layout in (("int8", args.int8_layout), ("int4", args.int4_layout)):
+        if layout_error(fmt, layout):
+            p.error(layout_error(fmt, layout))
         if layout != "kn" and args.method != fmt:
             p.error(f"--{fmt}-layout {layout} (an {fmt} weight layout) is for --method {fmt} only; "
                     f"got {args.method!r}")
@@ -163,7 +173,7 @@ def quantize_main(argv: Sequence[str]) -> int:
         cfg = PTQConfig(method=args.method, group=args.group_size, symmetric=not args.asymmetric,
                         activations=activations, weight_observer=parse_observer(args.observer),
                         act_observer=parse_observer(args.act_observer or args.observer), keep_float=keep,
-                        keep_indivisible=args.keep_indivisible, k_major=INT8_LAYOUTS[layout])
+                        keep_indivisible=args.keep_indivisible, k_major=LAYOUTS[layout])
         model_cfg = _source_config(args.src)
         abstract = nnx.eval_shape(lambda: GLMForCausalLM(model_cfg, rngs=nnx.Rngs(0)))
         plan(abstract, cfg, act_stats=None if activations == "dynamic" else _AllStats())
