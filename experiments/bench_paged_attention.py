@@ -262,8 +262,8 @@ def main():
         return min(c, key=lambda r: r["us"]) if c else None
 
     summary = {"copy_bw_TBps": bw / 1e12, "copy_bw_common_TBps": bw_common / 1e12,
-               "copy_bw_pipelined_TBps": bw_pipelined / 1e12, "matmul_peak_TFLOPs": peak / 1e12, "tokamax": tokamax_note,
-               "timing": args.timing}
+               "copy_bw_pipelined_TBps": bw_pipelined / 1e12, "matmul_peak_TFLOPs": peak / 1e12,
+               "tokamax": tokamax_note, "timing": args.timing}
     for b, c in ((32, 2048), (8, 32768), (32, 8192), (1, 8192)):
         r = pick("ours", b, c)
         summary[f"frac_bw_b{b}_ctx{c}"] = r and r["frac_bw"]

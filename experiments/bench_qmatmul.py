@@ -10,9 +10,10 @@ integer-dot GEMV at M=1, ``qmatmul_dp4a.py``) is in the default formats; where i
 (the layout ``k_major="auto"`` gives int4), as the int8 keys read ``int8_auto``.
 Each op is timed as ``--layers`` distinct layers' weights unrolled in one jit (no scan, no Python loop of
 calls); ``--timing trace`` (the default) takes a call's GPU span from a profiler trace (first kernel start to last
-kernel end: the int4 GEMVs' calls were host-bound, 15 us of kernels a layer against 16-26 us of wall time), ``--timing
-wall`` the median wall time of many pipelined calls; ``--rounds R`` times all ops of a (shape, M) R times, round after round, and each row
-keeps the median (``us_rounds``: every round): ops of 10-20 us move 10-30% between repeats on one H100. Writes experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
+kernel end: the int4 GEMVs' calls were host-bound, 15 us of kernels a layer against 16-26 us of wall time),
+``--timing wall`` the median wall time of many pipelined calls; ``--rounds R`` times all ops of a (shape, M) R times,
+round after round, and each row keeps the median (``us_rounds``: every round). Writes
+experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
 
     python experiments/bench_qmatmul.py --out $OUT
 """

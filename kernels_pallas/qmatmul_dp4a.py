@@ -22,11 +22,13 @@ K's steps of ``block_k / G`` groups (the steps written out; the last may run pas
 down_proj's 107 groups), keeping one ``[block_n, block_k / G, G/2]`` running sum and one ``[block_n, block_k / G]``
 zero-point term, reduced once at the end into its row of the ``[split_k, N]`` float32 partials; the wrapper sums
 them (XLA fuses that sum into the consumer's cast). With one split the kernel writes the output in its dtype, so
-no convert kernel follows (~1.2-1.7 us a call on the H100's op timings). A split gives a K-long, N-short weight (down_proj: 1024
-programs of 27 KB each without one) the program count of a wide one. The digit planes, group sums and step are
-computed by XLA before the launch (one small fusion).
-Measured on the H100 (``experiments/results/qmatmul_diag/diag_int4_dp4a_h100*.json``): gate_up 4096 -> 27392 at
-0.85 of copy bandwidth, down 13696 -> 4096 at 0.67, against 0.49 / 0.48 for the ``[K, N]`` int4 kernels.
+no convert kernel follows (1.2-1.7 us a call on the H100). A split gives a K-long, N-short weight (down_proj: 1024
+programs of 27 KB each without one) the program count of a wide one, but its partials cost a kernel too: the H100
+table now runs down_proj unsplit (bn2 bk2048, one warp: 13.5 us against 15.5 with split 4, GPU time in a profiler
+trace). The digit planes, group sums and step are computed by XLA before the launch (one small fusion).
+Measured on the H100 (``experiments/results/qmatmul_h100.md`` run 13, GPU time in a profiler trace): gate_up
+4096 -> 27392 at 0.93 of copy bandwidth, down 13696 -> 4096 at 0.75, against about 0.5 for the ``[K, N]`` int4
+kernels.
 
 Reference: ``quantized_matmul.quantized_matmul_reference`` (the dispatcher's truth for every path).
 """
