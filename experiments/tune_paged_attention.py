@@ -3,7 +3,7 @@
 Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_splits x tokens per block
 x row_gather; int8 pages: row gather x int8_qk) at 4 warps / 3 stages, then (num_warps x num_stages) around the
 best. Prefill: (block_q x tokens per block x row_gather), then warps/stages. Timed with the benchmark's harness
-(distinct layers unrolled, L2 rotated).
+(distinct layers unrolled, L2 rotated; ``--timing trace``, the default: a call's GPU span in a profiler trace).
 
 Usage: python experiments/tune_paged_attention.py [--quick | --summary-points | --points B:CTX:L:Q ...]
        [--ops decode prefill] [--out DIR]
@@ -30,12 +30,12 @@ bench.TARGET_S = 0.1
 SMS = 132
 
 
-def time_decode(rng, batch, ctx, page_size, quantized, cands):
+def time_decode(rng, batch, ctx, page_size, quantized, cands, timing="trace"):
     layers, q, lengths, rot = bench.make_decode_inputs(rng, batch, ctx, page_size, quantized)
     res = []
     for c in cands:
         try:
-            t = bench.run_layers(bench.ours(**c), layers, q, lengths, rot)
+            t = bench.run_layers(bench.ours(**c), layers, q, lengths, rot, timing)
         except Exception as e:  # noqa: BLE001 - an illegal tile is skipped
             print(f"  skip {c}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -45,7 +45,7 @@ def time_decode(rng, batch, ctx, page_size, quantized, cands):
     return min(res, key=lambda r: r[0]) if res else None
 
 
-def tune_decode(rng, batch, ctx, page_size, quantized):
+def tune_decode(rng, batch, ctx, page_size, quantized, timing="trace"):
     max_pages = ctx // page_size
     splits = sorted({max(1, min(max_pages, round(f * SMS / (batch * bench.K)))) for f in (0.5, 1, 2, 4, 8)})
     ppbs = sorted({max(1, t // page_size) for t in (64, 128, 256)})
@@ -54,22 +54,23 @@ def tune_decode(rng, batch, ctx, page_size, quantized):
              else [dict(row_gather=g) for g in (False, True)])
     stage_a = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=3, prefetch_ids=True, **f)
                for s in splits for p in ppbs for f in flags]
-    best = time_decode(rng, batch, ctx, page_size, quantized, stage_a)
+    best = time_decode(rng, batch, ctx, page_size, quantized, stage_a, timing)
     if best is None:
         return None
     base = best[1]
     stage_b = [dict(base, prefetch_ids=False), dict(base, num_warps=8), dict(base, num_stages=2),
                dict(base, num_stages=4)]
-    b2 = time_decode(rng, batch, ctx, page_size, quantized, stage_b)
+    b2 = time_decode(rng, batch, ctx, page_size, quantized, stage_b, timing)
     return min(best, b2, key=lambda r: r[0]) if b2 else best
 
 
-def tune_prefill(rng, page_size=16):
+def tune_prefill(rng, page_size=16, timing="trace"):
     def run(cands):
         res = []
         for c in cands:
             try:
-                sec, flops = bench.prefill_case(rng, seqs=4, chunk=512, ctx=4096, page_size=page_size, **c)
+                sec, flops = bench.prefill_case(rng, seqs=4, chunk=512, ctx=4096, page_size=page_size, timing=timing,
+                                                **c)
             except Exception as e:  # noqa: BLE001
                 print(f"  skip {c}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
@@ -94,6 +95,8 @@ def main():
                     help="only these decode points, e.g. 32:8192:16:1 (Q 1 = int8 pages)")
     ap.add_argument("--ops", nargs="+", choices=["decode", "prefill"], default=["decode", "prefill"],
                     help="which kernels to tune (the other's table entries are kept)")
+    ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
+                    help="the benchmark's: a call's GPU span in a profiler trace, or pipelined wall time")
     args = ap.parse_args()
     rng = np.random.default_rng(1)
     if args.points:
@@ -125,14 +128,14 @@ def main():
         if args.out:
             shutil.copy(path, Path(args.out) / "paged_attention_tuned.json")
 
-    best = tune_prefill(rng) if "prefill" in args.ops else None
+    best = tune_prefill(rng, timing=args.timing) if "prefill" in args.ops else None
     if best:
         prefill.append(dict(key=dict(batch=1, context=2048, page_size=16, quantized=False, group=bench.N // bench.K),
                             blocks=best[1], us=best[0] * 1e6))
         print(f"BEST prefill: {best[1]} {best[0] * 1e6:.1f} us", flush=True)
         save()
     for batch, ctx, page_size, quantized in (points if "decode" in args.ops else []):
-        best = tune_decode(rng, batch, ctx, page_size, quantized)
+        best = tune_decode(rng, batch, ctx, page_size, quantized, args.timing)
         if best:
             decode.append(dict(key=dict(batch=batch, context=ctx, page_size=page_size, quantized=quantized,
                                         group=bench.N // bench.K), blocks=best[1], us=best[0] * 1e6))
