@@ -19,8 +19,8 @@ With ``int8_qk`` (int8 pages only) q is written once per program as two int8 dig
 ``xla_split`` fixed point of ``quantized_matmul.split_digits``: 15 bits per query row, ``q ~ (128 hi + lo) step``)
 and q.K^T runs as two int8 x int8 -> int32 tensor-core dots straight from the int8 K tile, instead of
 converting every key to bf16 first. P.V stays a bf16 product (int8 dots on the int8 V tile, contracted over its
-rows, measured 2x slower on the H100; a float16 P.V 0-2% faster, not landed:
-``experiments/results/paged_attention_h100_notes.md``).
+rows, measured 2x slower on the H100; a float16 P.V needs the V scales rescaled per block to stay in range and
+measured 7% slower with it: ``experiments/results/paged_attention_h100_notes.md``).
 
 Keys past a sequence's length are masked and V rows past it are zeroed before the product, so stale
 or non-finite slot contents never leak; page-table entries past the last used page are replaced by
