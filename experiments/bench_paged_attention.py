@@ -37,7 +37,7 @@ TOUCH_BYTES = 200e6
 TARGET_S = 0.25  # timed seconds per measurement
 
 
-def wall(fn, *args, target_s=None, samples=7, timing="wall") -> float:
+def call_seconds(fn, *args, target_s=None, samples=7, timing="wall") -> float:
     """Median seconds per call of a jitted fn: timing "wall", calls pipelined, blocking once per sample; "trace",
     a call's GPU span in a profiler trace (``bench_common.gpu_span_per_call``: its kernels, no host dispatch)."""
     if timing == "trace":
@@ -95,7 +95,7 @@ def run_layers(call, layers, q, lengths, rot, timing="wall"):
     def f(layers, q, lengths):
         return [call(q[layer][r], kp, vp, lengths, tables[r], ks, vs)
                 for layer, (kp, vp, ks, vs, tables) in enumerate(layers) for r in range(rot)]
-    return wall(f, layers, q, lengths, timing=timing) / (LAYERS * rot)
+    return call_seconds(f, layers, q, lengths, timing=timing) / (LAYERS * rot)
 
 
 def ours(**blocks):
@@ -140,14 +140,14 @@ def dense_time(batch, ctx, timing="wall"):
                 p = jax.nn.softmax(logits, axis=-1).astype(jnp.bfloat16)
                 outs.append(jnp.einsum("bkgs,bksh->bkgh", p, vs[layer][r]).reshape(batch, N, H))
         return outs
-    return wall(f, ks, vs, q, lengths, timing=timing) / (LAYERS * rot)
+    return call_seconds(f, ks, vs, q, lengths, timing=timing) / (LAYERS * rot)
 
 
 def matmul_peak(timing="wall") -> float:
     a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
     f = jax.jit(lambda a, b: a @ b)
-    return 2 * 8192 ** 3 / wall(f, a, b, timing=timing)
+    return 2 * 8192 ** 3 / call_seconds(f, a, b, timing=timing)
 
 
 def prefill_case(rng, *, seqs, chunk, ctx, page_size=16, timing="wall", **blocks):
@@ -170,7 +170,7 @@ def prefill_case(rng, *, seqs, chunk, ctx, page_size=16, timing="wall", **blocks
     def f(layers, q):
         return [ragged_paged_attention(q[layer], kp, vp, table, ctx_lens, qs, ns, **blocks)
                 for layer, (kp, vp, table) in enumerate(layers)]
-    sec = wall(f, layers, q, timing=timing) / LAYERS
+    sec = call_seconds(f, layers, q, timing=timing) / LAYERS
     keys = sum(ctx - chunk + i + 1 for i in range(chunk))
     return sec, 4 * N * H * keys * seqs
 

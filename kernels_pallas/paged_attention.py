@@ -291,7 +291,7 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
         pages_per_block=blocks["pages_per_block"], pages_per_split=pps, num_pages=num_pages,
         max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct,
         prefetch_ids=blocks["prefetch_ids"], row_gather=blocks["row_gather"],
-        int8_qk=blocks["int8_qk"] and quantized)
+        int8_qk=blocks["int8_qk"])
     whole = pl.BlockSpec()
     pools, pool_specs = pool_operands(k_pages, v_pages, k_scales, v_scales, blocks["row_gather"])
     in_specs = [whole, whole, whole] + pool_specs
