@@ -227,7 +227,7 @@ def main(argv=None):
                         "auto (per weight: nk unless K > N)")
     p.add_argument("--int4-layout", default="kn",
                    help="with --quant int4: kn (packed [K/2, N], default), nk (K-major [N, K/2], the one-row "
-                        "integer-dot kernel) or auto (nk for wide weights, O >= 2 K: gate_up)")
+                        "integer-dot kernel) or auto (nk for every weight)")
     p.add_argument("--keep-float", default="lm_head",
                    help="with --quant: comma-separated layer patterns kept in float ('' quantizes the LM head too)")
     p.add_argument("--also-quant", default="", help="comma-separated formats (int8, int4) timed beside the float run")

@@ -13,6 +13,9 @@ writes the digits before each launch (``digit_planes``). This times, at M=1 on G
   computes the digits once (CSE), as in ``bench_qmatmul``;
 * with ``--distinct-x`` every layer gets its own x, as in the model, where each matmul pays its digit prep
   (``*_dx`` rows; bf16 and kn rows too, for the same-run ratios);
+* ``dp4a_table_digits_*`` (``--digits kernel,xla``): the table's tile with its activation digits from one Pallas
+  launch (``digit_planes_pallas``) or from XLA's fusions (``digit_planes``); with ``--distinct-x`` each call pays
+  its prep, as in the model;
 * ``fused_*`` (``--fused``): a prototype that computes the digits inside the kernel (row absmax in a first pass
   over x, digits per step, amortized over the block_n rows a thread holds), so no XLA prep runs.
 
@@ -165,6 +168,8 @@ def main():
     ap.add_argument("--timing", choices=("wall", "trace"), default="wall",
                     help="trace: a call's GPU span in a profiler trace (bench_common.gpu_span_per_call; the int4 "
                          "GEMVs' wall time is host-bound)")
+    ap.add_argument("--digits", default="", help="also time the table's tile with each of these digit preps "
+                    "(int4_dp4a_gemv's digits: kernel, xla, auto), e.g. kernel,xla (use with --distinct-x)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every variant this many times, round after round (run-to-run spread)")
     args = ap.parse_args()
@@ -199,6 +204,16 @@ def main():
             f = lambda x, w, c=c: quantized_matmul(x, w, config=c, interpret=interpret)  # noqa: E731
             e = err(quantized_matmul(x, nk[0], config=c, out_dtype=jnp.float32, interpret=interpret))
             variants.append((f"dp4a_bn{bn}_bk{bk}_w{wp}_s{sp}", f, nk, nbytes, e))
+        for dg in filter(None, args.digits.split(",")):
+            from kernels_pallas import qmatmul_tiles
+            from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv
+            from kernels_pallas.quantized_matmul import fit_config
+            c = fit_config(qmatmul_tiles.lookup(qmatmul_tiles.device_key(jax.devices()[0].device_kind), nk[0].name, 1,
+                                                k, n), nk[0], 1)
+            f = lambda x, w, c=c, dg=dg: int4_dp4a_gemv(x, w, cfg=c, digits=dg, out_dtype=x.dtype,  # noqa: E731
+                                                          interpret=interpret)
+            e = err(int4_dp4a_gemv(x, nk[0], cfg=c, digits=dg, interpret=interpret))
+            variants.append((f"dp4a_table_digits_{dg}", f, nk, nbytes, e))
         if args.fused:
             for bn, bk, wp in FUSED:
                 f = lambda x, w, bn=bn, bk=bk, wp=wp: fused_gemv(x, w, bn=bn, bk=bk, warps=wp, interpret=interpret)  # noqa: E731

@@ -6,6 +6,7 @@ decode step (its collectives counted, the text saved), the wall time per decode 
 device, with collectives and gaps (device idle time inside the traced span) reported separately.
 
     python experiments/diag_tensor_parallel.py --tp 2 --batch 1 --out $OUT     # GPU, 2 devices
+    python experiments/diag_tensor_parallel.py --tp 1 --quant int4 --layout auto --out $OUT   # one GPU, int4 weights
 
 Writes ``diag_tensor_parallel_tp<t>_b<B>.json`` (+ the HLO text) under ``--out``.
 """
@@ -87,8 +88,18 @@ def main():
     ap.add_argument("--steps", type=int, default=16, help="decode steps traced")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--preset", default="glm-4-9b", help="model preset (tiny: a CPU smoke run)")
+    ap.add_argument("--quant", default="none", help="none, int8 or int4: weights quantized as bench_decode.py does "
+                    "(the LM head kept in bfloat16)")
+    ap.add_argument("--layout", default="auto", help="with --quant: kn, nk or auto (autoglm quantize's layouts)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    if args.quant != "none":
+        from autoglm_jax.quant.cli import layout_error
+        if args.quant not in ("int8", "int4") or layout_error(args.quant, args.layout):
+            ap.error(layout_error(args.quant, args.layout) if args.quant in ("int8", "int4")
+                     else f"--quant must be none, int8 or int4; got {args.quant!r}")
+        if args.tp != 1:
+            ap.error("--quant profiles one GPU (--tp 1) only")
 
     from autoglm_jax.config import GLMConfig
     from autoglm_jax.loading import random_model
@@ -96,6 +107,10 @@ def main():
 
     cfg = GLMConfig.from_preset(args.preset)
     model = random_model(cfg, dtype="bfloat16", seed=0)
+    if args.quant != "none":
+        from autoglm_jax.model.quantized_linear import quantize_model
+        from autoglm_jax.quant.cli import LAYOUTS
+        quantize_model(model, fmt=args.quant, k_major=LAYOUTS[args.layout], keep_float=("lm_head",))
     sm = model if args.tp == 1 else shard_model(model, make_mesh(tensor=args.tp))
     del model
     for b in args.batch:
@@ -138,7 +153,7 @@ def diagnose(sm, cfg, b: int, args) -> None:
     hlo = decode_hlo(sm, make_cache(), position=args.prompt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"diag_tensor_parallel_tp{args.tp}_b{b}"
+    stem = f"diag_tensor_parallel_tp{args.tp}_b{b}" + ("" if args.quant == "none" else f"_{args.quant}_{args.layout}")
     (out / f"{stem}.hlo.txt").write_text(hlo)
     ops = collections.Counter(m.group(1) for m in re.finditer(
         r"= \S+ (all-reduce-start|all-reduce|all-gather-start|all-gather|reduce-scatter|collective-permute-start|"
@@ -148,7 +163,8 @@ def diagnose(sm, cfg, b: int, args) -> None:
         traced = run(trace_dir=tmp)
         pb = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         activity = gpu_activity(pb[0], args.steps, args.top) if pb else {"error": "no xplane.pb written"}
-    doc = {"tp": args.tp, "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": b, "prompt": args.prompt, "steps": args.steps,
+    doc = {"tp": args.tp, "quant": args.quant, "layout": args.layout if args.quant != "none" else None,
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": b, "prompt": args.prompt, "steps": args.steps,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
            "wall_ms_per_step": [1e3 * w for w in wall], "traced_wall_ms_per_step": 1e3 * traced,

@@ -12,7 +12,7 @@ INT4 (g128, symmetric) and W8A8 (dynamic per-token activations) on one GPU.
 served by XLA's int8 dot or the Pallas K-major tiles), as the row ``int8_nk`` (worker file ``_seed_precision_int8_nk.json``), beside the
 default ``[K, N]`` row ``int8`` when both have run; ``--int8-layout auto`` picks per weight (nk unless K > N:
 down_proj stays kn, ``k_major="auto"``), as the row ``int8_auto``. ``--int4-layout nk`` / ``auto`` does the same for
-int4 (``Int4Weight.k_major``, the GPU's one-row integer-dot GEMV; ``auto``: K-major where N >= 2 K, gate_up), rows
+int4 (``Int4Weight.k_major``, the GPU's one-row integer-dot GEMV; ``auto``: K-major for every weight since session 14), rows
 ``int4_nk`` / ``int4_auto``; the int4 summary key takes the fastest int4 layout that ran (``int4_layout`` says which).
 
 Each variant runs ``experiments/bench_decode.py``'s JAX worker (``_jax_worker``: random weights in the float

@@ -2,7 +2,8 @@
 
 Decode: per (batch, context, page size, dtype) point, a coordinate search: (num_splits x tokens per block
 x row_gather; int8 pages: row gather x int8_qk) at 4 warps / 3 stages, then (num_warps x num_stages) around the
-best. Prefill: (block_q x tokens per block x row_gather), then warps/stages. Timed with the benchmark's harness
+best (2-8 warps, 1-4 stages, twice the keys a block at 1-2 stages). Prefill: (block_q x tokens per block x
+row_gather), then warps/stages. Timed with the benchmark's harness
 (distinct layers unrolled, L2 rotated; ``--timing trace``, the default: a call's GPU span in a profiler trace).
 
 Usage: python experiments/tune_paged_attention.py [--quick | --summary-points | --points B:CTX:L:Q ...]
@@ -58,8 +59,10 @@ def tune_decode(rng, batch, ctx, page_size, quantized, timing="trace"):
     if best is None:
         return None
     base = best[1]
-    stage_b = [dict(base, prefetch_ids=False), dict(base, num_warps=8), dict(base, num_stages=2),
-               dict(base, num_stages=4)]
+    ppb2 = base["pages_per_block"] * 2  # fewer stages of more keys: less shared memory a program, more programs an SM
+    stage_b = [dict(base, prefetch_ids=False), dict(base, num_warps=8), dict(base, num_warps=2),
+               dict(base, num_stages=1), dict(base, num_stages=2), dict(base, num_stages=4),
+               dict(base, num_stages=1, pages_per_block=ppb2), dict(base, num_stages=2, pages_per_block=ppb2)]
     b2 = time_decode(rng, batch, ctx, page_size, quantized, stage_b, timing)
     return min(best, b2, key=lambda r: r[0]) if b2 else best
 

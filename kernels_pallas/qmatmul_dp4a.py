@@ -25,7 +25,12 @@ them (XLA fuses that sum into the consumer's cast). With one split the kernel wr
 no convert kernel follows (1.2-1.7 us a call on the H100). A split gives a K-long, N-short weight (down_proj: 1024
 programs of 27 KB each without one) the program count of a wide one, but its partials cost a kernel too: the H100
 table now runs down_proj unsplit (bn2 bk2048, one warp: 13.5 us against 15.5 with split 4, GPU time in a profiler
-trace). The digit planes, group sums and step are computed by XLA before the launch (one small fusion).
+trace). The digit planes, group sums and step come from one Pallas launch before the GEMV (``digit_planes_pallas``,
+one program) for K <= ``DIGITS_KERNEL_MAX_K``, else from XLA's fusions (``digit_planes``): XLA wrote them in several
+small kernels a GEMV (an all-K-major int4 decode step ran ~1.4 ms of small XLA fusions against bf16's ~0.6,
+``qmatmul_diag/decode_step_profiles_h100.json``); one
+launch took 2.1-2.2 us off each qkv / o / gate_up call but 1.1 us onto down's (K = 13696 in one program,
+``qmatmul_diag/dp4a_digits_kernel_h100.json``), and all-K-major int4 decode went from 3.91 to 3.43-3.53 ms/token.
 Measured on the H100 (``experiments/results/qmatmul_h100.md`` run 13, GPU time in a profiler trace): gate_up
 4096 -> 27392 at 0.93 of copy bandwidth, down 13696 -> 4096 at 0.75, against about 0.5 for the ``[K, N]`` int4
 kernels.
@@ -44,9 +49,11 @@ from jax.experimental.pallas import triton as pltriton
 
 from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, QuantFormatError
-from .quantized_matmul import split_digits
+from .quantized_matmul import SPLIT_STEPS, split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
+DIGITS_KERNEL_MAX_K = 8192  # int4_dp4a_gemv(digits="auto"): the one-launch digit prep up to this K (H100: faster
+# at K = 4096, slower than XLA's at 13696)
 MAX_ROWS_A_PASS = 4  # at most this many rows of N under one pass of the CTA's threads (tile_fits)
 
 
@@ -140,6 +147,54 @@ def digit_planes(x, group: int):
     return planes, jnp.sum(xs, axis=(1, 2)).astype(jnp.float32), step.reshape(1)
 
 
+def _round_half_even(v):
+    """jnp.round (half to even) from floor, which the Triton lowering has (it has no round)."""
+    r = jnp.floor(v + 0.5)
+    return jnp.where((r - v == 0.5) & (jnp.floor(r * 0.5) * 2.0 != r), r - 1.0, r)
+
+
+def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows):
+    # One program. x_ref [K/G, 2, G/2] (the group halves); planes_ref [4, K/G, G/2] int8; xg_ref [K/G] float32;
+    # step_ref [1] float32. The K/G groups are padded to ``rows`` (a power of two) and masked.
+    g2 = x_ref.shape[2]
+    gm = jnp.arange(rows) < n_groups
+    halves = [pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(h, 1), :], mask=gm[:, None, None], other=0.0)
+              .reshape(rows, g2).astype(jnp.float32) for h in range(2)]
+    amax = jnp.maximum(jnp.max(jnp.abs(halves[0])), jnp.max(jnp.abs(halves[1])))
+    step = jnp.maximum(amax, 1e-30) / SPLIT_STEPS
+    xg = jnp.zeros((rows,), jnp.float32)
+    for h, xf in enumerate(halves):
+        xs = jnp.clip(_round_half_even(xf / step), -SPLIT_STEPS, SPLIT_STEPS)
+        hi = _round_half_even(xs * (1.0 / 128.0))
+        lo = xs - 128.0 * hi
+        for j, d in enumerate((hi, lo)):
+            pltriton.store(planes_ref.at[pl.ds(2 * h + j, 1), pl.ds(0, rows), :],
+                           d.astype(jnp.int32).astype(jnp.int8).reshape(1, rows, g2), mask=gm[None, :, None])
+        xg = xg + jnp.sum(xs, axis=1)
+    pltriton.store(xg_ref.at[pl.ds(0, rows)], xg, mask=gm)
+    step_ref[...] = jnp.full((1,), step, jnp.float32)
+
+
+def digit_planes_pallas(x, group: int, *, num_warps: int = 8, interpret: bool = False):
+    """``digit_planes`` in one Pallas launch (one program): on the GPU the digits, group sums and step come from
+    one kernel instead of XLA's several small fusions around every GEMV (a decode step profile on the H100,
+    ``experiments/results/qmatmul_diag/decode_step_profiles_h100.json``). The digits equal ``digit_planes``' but
+    for float32 division rounding (a quotient within an ulp of a half step may round the other way)."""
+    k = x.shape[1]
+    kg, g2 = k // group, group // 2
+    rows = 1 << max(0, (kg - 1).bit_length())
+    kernel = functools.partial(_prep_kernel, n_groups=kg, rows=rows)
+    return pl.pallas_call(
+        kernel, grid=(1,), in_specs=[pl.BlockSpec((kg, 2, g2), lambda i: (0, 0, 0))],
+        out_specs=[pl.BlockSpec((4, kg, g2), lambda i: (0, 0, 0)), pl.BlockSpec((kg,), lambda i: (0,)),
+                   pl.BlockSpec((1,), lambda i: (0,))],
+        out_shape=[jax.ShapeDtypeStruct((4, kg, g2), jnp.int8), jax.ShapeDtypeStruct((kg,), jnp.float32),
+                   jax.ShapeDtypeStruct((1,), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
+        name="qmatmul_int4_dp4a_digits",
+    )(x.reshape(kg, 2, g2))
+
+
 def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
     """Raises ``QuantFormatError`` naming what is wrong, before any launch."""
     if not (isinstance(w, Int4Weight) and w.k_major):
@@ -160,19 +215,27 @@ def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
             f"{cfg.block_k}, num_warps={cfg.num_warps} (quantized_matmul.fit_config adapts a tuned tile to fit)")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "interpret"))
-def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp.float32, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "digits", "digit_warps", "interpret"))
+def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp.float32, digits: str = "auto",
+                   digit_warps: int = 8, interpret: bool = False):
     """x [1, K] float, w a K-major ``Int4Weight`` -> y [1, N]: in ``out_dtype`` written by the kernel with one
     split, else float32 (the splits' partials summed by XLA). ``cfg``: block_n rows of N a program, block_k / G
     groups a step, split_k runs of K's steps (the program grid's second axis), num_warps; out (tests): a NaN-filled
     buffer the kernel must overwrite, [split_k', N] float32 partials (split_k' = the number of non-empty splits,
-    ``dp4a_splits``), or [1, N] ``out_dtype`` with one split."""
+    ``dp4a_splits``), or [1, N] ``out_dtype`` with one split; digits: "kernel" (``digit_planes_pallas``, one launch
+    of ``digit_warps`` warps), "xla" (``digit_planes``, XLA's fusions) or "auto" (the kernel for K <=
+    ``DIGITS_KERNEL_MAX_K``, else XLA)."""
     check_dp4a_inputs(x, w, cfg)
+    if digits not in ("auto", "kernel", "xla"):
+        raise ValueError(f"digits must be 'auto', 'kernel' or 'xla'; got {digits!r}")
+    if digits == "auto":
+        digits = "kernel" if w.in_features <= DIGITS_KERNEL_MAX_K else "xla"
     n, k, group = w.out_features, w.in_features, w.group
     kg, g2, bn, ug = k // group, group // 2, cfg.block_n, cfg.block_k // group
     splits, sps = dp4a_splits(kg, ug, cfg.split_k)
     odt = jnp.dtype(out_dtype) if splits == 1 else jnp.dtype(jnp.float32)
-    planes, xg, step = digit_planes(x, group)
+    planes, xg, step = (digit_planes_pallas(x, group, num_warps=digit_warps, interpret=interpret) if digits == "kernel"
+                        else digit_planes(x, group))
     operands = [planes, xg, step, w.packed.reshape(n, kg, g2), w.scale] + ([w.zero] if w.zero is not None else [])
     specs = [pl.BlockSpec(planes.shape, lambda i, s: (0, 0, 0)), pl.BlockSpec((kg,), lambda i, s: (0,)),
              pl.BlockSpec((1,), lambda i, s: (0,)), pl.BlockSpec((bn, kg, g2), lambda i, s: (i, 0, 0))]

@@ -309,14 +309,13 @@ def check_k_major(fmt: str, k_major: bool | str) -> None:
 def resolve_k_major(k_major: bool | str, in_features: int, out_features: int, fmt: str = "int8") -> bool:
     """The storage of one ``[I, O]`` weight: True / False as given; ``"auto"``: int8 K-major (``[O, I]``) unless
     ``I > O`` (on the H100 XLA's int8 dot read the wide K-major weights -- qkv, o, gate_up -- and the tall
-    ``[I, O]`` down_proj, 13696 -> 4096, fastest at decode sizes); int4 K-major where ``O >= 2 I`` (gate_up:
-    with each layer's activation digits computed before the launch, the K-major integer-dot GEMV took 29.1 us
-    against 41.4 for the ``[I, O]`` kernel on the H100; on the square and tall shapes the gain did not survive end
-    to end -- all-K-major int4 decoded at 4.39 ms/token against 4.30 -- see
+    ``[I, O]`` down_proj, 13696 -> 4096, fastest at decode sizes); int4 K-major for every weight (the one-row
+    integer-dot GEMV, its activation digits from one launch: all-K-major int4 decoded at 3.53 ms/token on the H100
+    against 3.78 for the session-12 mix that kept only gate_up K-major, the same run's bf16 6.77; session 14,
     experiments/results/qmatmul_h100_notes.md)."""
     check_k_major_choice(k_major)
     if k_major == "auto":
-        return out_features >= 2 * in_features if fmt == "int4" else in_features <= out_features
+        return True if fmt == "int4" else in_features <= out_features
     return bool(k_major)
 
 

@@ -87,6 +87,36 @@ class Int4KMajorCases:
                                       np.asarray(y32.astype(jnp.bfloat16), np.float32))
 
 
+    @pytest.mark.parametrize("k,group", [(13696, 128), (4096, 128), (448, 64), (384, 128)])
+    def test_digit_kernel_writes_digit_planes(self, k, group):
+        """The one-launch digit prep against ``digit_planes`` (XLA's): poisoned outputs all written, the digits
+        equal or (a float32 quotient within an ulp of a half step) one apart, group sums and step alike; and the
+        digits recombine to x within half a step."""
+        from kernels_pallas.qmatmul_dp4a import digit_planes, digit_planes_pallas
+        x = (3.0 * jax.random.normal(jax.random.key(k + group), (1, k), jnp.float32)).astype(jnp.bfloat16)
+        planes, xg, step = digit_planes_pallas(x, group, interpret=self.interpret)
+        ref_planes, ref_xg, ref_step = digit_planes(x, group)
+        assert planes.shape == ref_planes.shape and planes.dtype == jnp.int8
+        np.testing.assert_allclose(np.asarray(step), np.asarray(ref_step), rtol=1e-6)
+        d = np.abs(np.asarray(planes, np.int32) - np.asarray(ref_planes, np.int32))
+        assert d.max() <= 1 and (d > 0).mean() < 1e-3, (d.max(), (d > 0).mean())
+        np.testing.assert_allclose(np.asarray(xg), np.asarray(ref_xg), atol=2.0 * group / 64)
+        p = np.asarray(planes, np.float32)  # [hi_lo, lo_lo, hi_hi, lo_hi] x [K/G, G/2]
+        xs = np.concatenate([128 * p[0] + p[1], 128 * p[2] + p[3]], axis=1).reshape(1, k)
+        assert np.all(np.abs(xs * float(step[0]) - np.asarray(x, np.float32)) <= float(step[0]) * 0.5 * 1.001)
+
+    def test_gemv_digits_kernel_and_xla_agree(self):
+        from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv
+        x, q = problem(11, 1, 6848, 40, 64, False)
+        cfg = fit_config(GEMV(8, 1024, 2, 1), q, 1)
+        ys = [int4_dp4a_gemv(x, q, cfg=cfg, digits=dg, interpret=self.interpret) for dg in ("kernel", "xla")]
+        ref = quantized_matmul_reference(x, q, out_dtype=jnp.float32)
+        for y in ys:
+            assert bool(jnp.all(jnp.abs(y - ref) <= split_bound(x, q)))
+        with pytest.raises(ValueError, match="digits must be"):
+            int4_dp4a_gemv(x, q, cfg=cfg, digits="numpy", interpret=self.interpret)
+
+
 class TestInt4KMajorInterpret(Int4KMajorCases):
     interpret = True
 
@@ -131,11 +161,12 @@ def test_format_is_the_kn_one_transposed_and_validates():
         Int4Weight(packed=nk.packed, scale=nk.scale, zero=nk.zero.T, group=64, k_major=True).validate()
     with pytest.raises(QuantFormatError, match=r"packed must be uint8 \[O, I/2\] \(k_major\)"):
         Int4Weight(packed=nk.packed.astype(jnp.int8), scale=nk.scale, zero=None, group=64, k_major=True).validate()
-    # auto: int4 K-major for wide weights (O >= 2 I, gate_up-like) only; int8 unless I > O
-    assert [resolve_k_major("auto", 256, o, "int4") for o in (48, 256, 511, 512)] == [False, False, False, True]
+    # auto: int4 K-major for every shape; int8 unless I > O
+    assert [resolve_k_major("auto", 256, o, "int4") for o in (48, 256, 511, 512)] == [True] * 4
     assert resolve_k_major("auto", 256, 256, "int8") and not resolve_k_major("auto", 256, 48, "int8")
     assert quantize(jnp.tile(w, (1, 12)), "int4", group=64, k_major="auto").k_major  # [256, 576]
-    assert not quantize(w, "int4", group=64, k_major="auto").k_major
+    assert quantize(w, "int4", group=64, k_major="auto").k_major
+    assert not quantize(w, "int4", group=64, k_major=False).k_major
     leaves, _ = jax.tree_util.tree_flatten(nk)
     assert len(leaves) == 3 and jax.jit(lambda q: q)(nk).k_major is True  # static metadata
 
@@ -209,10 +240,9 @@ def test_layer_model_and_ptq_in_k_major_int4():
     assert quantize_model(kn, "int4", group=64, keep_float=keep) == quantize_model(
         nk, "int4", group=64, keep_float=keep, k_major="auto")
     a, b = nk.layers[0], kn.layers[0]
-    assert a.mlp.gate_up_proj.k_major and not b.mlp.gate_up_proj.k_major  # 256 -> 1376: wide
-    for lin in (a.attn.qkv_proj, a.attn.o_proj, a.mlp.gate_up_proj):  # the rule, per weight
-        assert lin.k_major == (lin.out_features >= 2 * lin.in_features)
-    assert not a.attn.o_proj.k_major
+    for lin, kn_lin in zip((a.attn.qkv_proj, a.attn.o_proj, a.mlp.gate_up_proj),
+                           (b.attn.qkv_proj, b.attn.o_proj, b.mlp.gate_up_proj)):  # the rule: every weight
+        assert lin.k_major and not kn_lin.k_major
     np.testing.assert_allclose(np.asarray(run(nk)), np.asarray(run(kn)), rtol=1e-5, atol=1e-5)  # CPU: reference
     # PTQ: the K-major weight is the kn one transposed; the label and dict record the layout
     w = jax.random.normal(jax.random.key(2), (128, 24))

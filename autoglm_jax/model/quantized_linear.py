@@ -8,7 +8,7 @@ axes swapped). ``quantize_model`` swaps every
 ``Linear`` of a ``GLMForCausalLM`` (except those named in ``keep_float``, by default the LM head) so a
 quantized model runs end to end through the kernels. ``k_major=True`` (int8 and int4) stores the weights
 K-major, ``[O, I]`` (``Int8Weight.k_major``, ``Int4Weight.k_major``; see ``kernels_pallas.quantized_matmul``);
-``k_major="auto"`` picks per weight: int8 K-major unless I > O, int4 K-major where O >= 2 I
+``k_major="auto"`` picks per weight: int8 K-major unless I > O, int4 K-major always
 (``kernels_pallas.quant_formats.resolve_k_major``).
 
 W8A8 with static activations: ``act_scale`` (a ``[1]`` float32 param, e.g. from calibration in
@@ -123,7 +123,7 @@ def quantize_model(model: nnx.Module, fmt: str, *, group: int = 128, symmetric: 
     attribute name; matching layers stay float. For int4, a layer whose I is not a multiple of ``group``
     raises. static_activations (w8a8 only): each layer gets a static ``act_scale`` (1.0; set it from
     calibration, or restore it from a checkpoint). k_major (int8 and int4): weights stored K-major [O, I]
-    (True), [I, O] (False) or per weight (``"auto"``: int8 K-major unless I > O, int4 K-major where O >= 2 I, see
+    (True), [I, O] (False) or per weight (``"auto"``: int8 K-major unless I > O, int4 K-major always, see
     ``kernels_pallas.quant_formats.resolve_k_major``); a quantized checkpoint's ``quantization`` dict records
     it (absent = [I, O]). Returns the dotted paths of the swapped layers.
     """

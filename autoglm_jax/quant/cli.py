@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(per weight: nk unless K > N)")
     p.add_argument("--int4-layout", default="kn",
                    help="int4: kn (packed [K/2, N], default), nk (K-major [N, K/2], the GPU's one-row integer-dot "
-                        "kernel) or auto (nk for wide weights, O >= 2 K: gate_up)")
+                        "kernel) or auto (nk for every weight, the H100's fastest)")
     p.add_argument("--keep-float", default="lm_head",
                    help="comma-separated glob patterns of layers to keep float (path or name), e.g. "
                         "lm_head,layers.0.*,down_proj; '' for none")
