@@ -49,6 +49,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, QuantFormatError
+from .quantize_rows import round_half_even
 from .quantized_matmul import SPLIT_STEPS, split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
@@ -147,12 +148,6 @@ def digit_planes(x, group: int):
     return planes, jnp.sum(xs, axis=(1, 2)).astype(jnp.float32), step.reshape(1)
 
 
-def _round_half_even(v):
-    """jnp.round (half to even) from floor, which the Triton lowering has (it has no round)."""
-    r = jnp.floor(v + 0.5)
-    return jnp.where((r - v == 0.5) & (jnp.floor(r * 0.5) * 2.0 != r), r - 1.0, r)
-
-
 def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows):
     # One program. x_ref [K/G, 2, G/2] (the group halves); planes_ref [4, K/G, G/2] int8; xg_ref [K/G] float32;
     # step_ref [1] float32. The K/G groups are padded to ``rows`` (a power of two) and masked.
@@ -164,8 +159,8 @@ def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows):
     step = jnp.maximum(amax, 1e-30) / SPLIT_STEPS
     xg = jnp.zeros((rows,), jnp.float32)
     for h, xf in enumerate(halves):
-        xs = jnp.clip(_round_half_even(xf / step), -SPLIT_STEPS, SPLIT_STEPS)
-        hi = _round_half_even(xs * (1.0 / 128.0))
+        xs = jnp.clip(round_half_even(xf / step), -SPLIT_STEPS, SPLIT_STEPS)
+        hi = round_half_even(xs * (1.0 / 128.0))
         lo = xs - 128.0 * hi
         for j, d in enumerate((hi, lo)):
             pltriton.store(planes_ref.at[pl.ds(2 * h + j, 1), pl.ds(0, rows), :],

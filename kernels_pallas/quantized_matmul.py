@@ -28,7 +28,10 @@ precision; W8A8: the same per-token int8 activation quantization and an exact in
 
 W8A8 static activations: ``act_scale`` (a float32 scalar or ``[1]``, e.g. from calibration, see
 ``autoglm_jax.quant``) replaces the dynamic per-token scale: ``xq = clip(round(x / act_scale), -127, 127)``
-and every row gets ``sx[m] = act_scale``; the kernels take it as that per-row scale, unchanged.
+and every row gets ``sx[m] = act_scale``; the kernels take it as that per-row scale, unchanged. Dynamic
+per-token scales on the Pallas GPU path come from ``quantize_rows.py`` (one pass over x, same values as
+``quantize_activations``; on the H100 13.6 against XLA's 17.4 us at x[512, 13696],
+experiments/results/qmatmul_diag/diag_w8a8_act_quant_h100.json).
 """
 
 from __future__ import annotations
@@ -250,7 +253,10 @@ def fit_tpu_config(cfg: TileConfig, qweight) -> TileConfig | None:
 def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype, poison: bool,
             act_scale=None):
     m = x2.shape[0]
-    if isinstance(qweight, W8A8Weight):
+    if isinstance(qweight, W8A8Weight) and act_scale is None and platform == "gpu":
+        from .quantize_rows import quantize_rows  # one pass over x (XLA's form reads it twice)
+        xk, sx = quantize_rows(x2, interpret=interpret)
+    elif isinstance(qweight, W8A8Weight):
         xk, sx = quantize_x(x2, act_scale)
     else:
         xk, sx = x2, None
