@@ -28,9 +28,9 @@ table now runs down_proj unsplit (bn2 bk2048, one warp: 13.5 us against 15.5 wit
 trace). The digit planes, group sums and step come from one Pallas launch before the GEMV (``digit_planes_pallas``,
 one program) for K <= ``DIGITS_KERNEL_MAX_K``, else from XLA's fusions (``digit_planes``): XLA wrote them in several
 small kernels a GEMV (an all-K-major int4 decode step ran ~1.4 ms of small XLA fusions against bf16's ~0.6,
-``qmatmul_diag/decode_step_profiles_h100.json``); one
-launch took 2.1-2.2 us off each qkv / o / gate_up call but 1.1 us onto down's (K = 13696 in one program,
-``qmatmul_diag/dp4a_digits_kernel_h100.json``), and all-K-major int4 decode went from 3.91 to 3.43-3.53 ms/token.
+``qmatmul_diag/decode_step_profiles_h100.json``); one launch took 2.1-2.2 us off each qkv / o / gate_up call but
+1.1 us onto down's (K = 13696 in one program, ``qmatmul_diag/dp4a_digits_kernel_h100.json``), and all-K-major int4
+decode went from 3.91 to 3.43-3.53 ms/token.
 Measured on the H100 (``experiments/results/qmatmul_h100.md`` run 13, GPU time in a profiler trace): gate_up
 4096 -> 27392 at 0.93 of copy bandwidth, down 13696 -> 4096 at 0.75, against about 0.5 for the ``[K, N]`` int4
 kernels.
