@@ -38,16 +38,26 @@ def _hf_dtype(directory: Path, hf: dict, reader: SafetensorsReader) -> str:
 
 
 def abstract_model(cfg: GLMConfig, *, dtype, remat: str = "none", quantization: dict | None = None):
-    """The model's structure with ShapeDtypeStruct leaves: (graphdef, abstract pure-dict state)."""
+    """The model's structure with ShapeDtypeStruct leaves: (graphdef, abstract pure-dict state); quantization: a
+    checkpoint's recorded ``quantization`` dict (``stored_quantization``)."""
     def build():
         model = GLMForCausalLM(cfg, dtype=dtype, param_dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
         if quantization:
             from .model.quantized_linear import quantize_model  # quantized checkpoints (see autoglm quantize)
-            quantize_model(model, **quantization)  # in place
+            quantize_model(model, **stored_quantization(quantization))  # in place
         return model
 
     graphdef, state = nnx.split(nnx.eval_shape(build))
     return graphdef, state
+
+
+def stored_quantization(quant: dict | None) -> dict | None:
+    """A checkpoint's recorded ``quantization`` dict as ``quantize_model`` arguments that rebuild its layout: int4
+    checkpoints written before session 14 recorded ``k_major="auto"`` when "auto" meant K-major only where O >= 2 I
+    (``"wide"``; int4 "auto" now means every weight and is recorded as True)."""
+    if quant and quant.get("fmt") == "int4" and quant.get("k_major") == "auto":
+        return {**quant, "k_major": "wide"}
+    return quant
 
 
 def _place(path: tuple, array: np.ndarray, abstract, sharding_fn: ShardingFn | None):

@@ -244,8 +244,8 @@ def main(argv=None):
     from autoglm_jax.quant.cli import layout_error
 
     for fmt, layout in (("int8", args.int8_layout), ("int4", args.int4_layout)):
-        if layout_error(fmt, layout):
-            p.error(layout_error(fmt, layout))
+        if message := layout_error(fmt, layout):
+            p.error(message)
     also = [f for f in args.also_quant.split(",") if f]
     bad = [f for f in also if f not in ("int8", "int4")]
     if bad or (also and args.quant != "none"):

@@ -46,9 +46,11 @@ from jax.experimental.pallas import triton as pltriton  # noqa: E402
 import bench_common  # noqa: E402
 from bench_qmatmul import layers_for, random_weight  # noqa: E402
 from diag_int8_dot import time_variant, write_diag  # noqa: E402
-from kernels_pallas.qmatmul_dp4a import _dp4a  # noqa: E402
+from kernels_pallas import qmatmul_tiles  # noqa: E402
+from kernels_pallas.qmatmul_dp4a import _dp4a, int4_dp4a_gemv  # noqa: E402
 from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
-from kernels_pallas.quantized_matmul import SPLIT_STEPS, quantized_matmul, quantized_matmul_reference  # noqa: E402
+from kernels_pallas.quantized_matmul import (SPLIT_STEPS, fit_config, quantized_matmul,  # noqa: E402
+                                             quantized_matmul_reference)
 
 SHAPES = {"gate_up": (4096, 27392), "down": (13696, 4096), "qkv": (4096, 4608), "o": (4096, 4096)}
 # library GEMV tiles (bn, bk, warps, split_k): split_k runs of K's steps a program each (down: 7 steps of 16 groups)
@@ -204,12 +206,10 @@ def main():
             f = lambda x, w, c=c: quantized_matmul(x, w, config=c, interpret=interpret)  # noqa: E731
             e = err(quantized_matmul(x, nk[0], config=c, out_dtype=jnp.float32, interpret=interpret))
             variants.append((f"dp4a_bn{bn}_bk{bk}_w{wp}_s{sp}", f, nk, nbytes, e))
-        for dg in filter(None, args.digits.split(",")):
-            from kernels_pallas import qmatmul_tiles
-            from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv
-            from kernels_pallas.quantized_matmul import fit_config
+        if args.digits:  # the table's tile, as ours_int4_nk runs it
             c = fit_config(qmatmul_tiles.lookup(qmatmul_tiles.device_key(jax.devices()[0].device_kind), nk[0].name, 1,
                                                 k, n), nk[0], 1)
+        for dg in filter(None, args.digits.split(",")):
             f = lambda x, w, c=c, dg=dg: int4_dp4a_gemv(x, w, cfg=c, digits=dg, out_dtype=x.dtype,  # noqa: E731
                                                           interpret=interpret)
             e = err(int4_dp4a_gemv(x, nk[0], cfg=c, digits=dg, interpret=interpret))

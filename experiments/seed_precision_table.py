@@ -96,7 +96,7 @@ def main(argv=None):
                         "auto (per weight: nk unless K > N; row int8_auto)")
     p.add_argument("--int4-layout", default="kn",
                    help="the int4 variant's weights: kn ([K/2, N], default), nk (K-major [N, K/2], the one-row "
-                        "integer-dot kernel; row int4_nk) or auto (nk where N >= 2 K: gate_up; row int4_auto)")
+                        "integer-dot kernel; row int4_nk) or auto (nk for every weight; row int4_auto)")
     p.add_argument("--keep-float", default="lm_head",
                    help="quantized variants: layer patterns kept in float ('' quantizes the LM head too)")
     p.add_argument("--out", default=str(bench_common.RESULTS))
@@ -107,8 +107,8 @@ def main(argv=None):
     from autoglm_jax.quant.cli import layout_error
 
     for fmt, layout in (("int8", args.int8_layout), ("int4", args.int4_layout)):
-        if layout_error(fmt, layout):
-            p.error(layout_error(fmt, layout))
+        if message := layout_error(fmt, layout):
+            p.error(message)
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(_worker(args.worker, args)))
         return

@@ -286,13 +286,14 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True, k_major: bool 
     return Int4Weight(packed=packed, scale=scale, zero=zero, group=group).with_layout(k_major)
 
 
-K_MAJOR_CHOICES = (False, True, "auto")
+K_MAJOR_CHOICES = (False, True, "auto", "wide")
 
 
 def check_k_major_choice(k_major) -> None:
     """Raises ``QuantFormatError`` unless ``k_major`` is one of ``K_MAJOR_CHOICES`` (bools by identity)."""
     _check(any(k_major is c or (isinstance(c, str) and k_major == c) for c in K_MAJOR_CHOICES),
-           f"k_major={k_major!r}; allowed: False ([I, O]), True ([O, I]) or 'auto' (per weight by shape)")
+           f"k_major={k_major!r}; allowed: False ([I, O]), True ([O, I]), 'auto' (per weight by format and shape) or "
+           f"'wide' ([O, I] where O >= 2 I)")
 
 
 K_MAJOR_FORMATS = ("int8", "int4")
@@ -312,10 +313,14 @@ def resolve_k_major(k_major: bool | str, in_features: int, out_features: int, fm
     ``[I, O]`` down_proj, 13696 -> 4096, fastest at decode sizes); int4 K-major for every weight (the one-row
     integer-dot GEMV, its activation digits from one launch: all-K-major int4 decoded at 3.53 ms/token on the H100
     against 3.78 for the session-12 mix that kept only gate_up K-major, the same run's bf16 6.77; session 14,
-    experiments/results/qmatmul_h100_notes.md)."""
+    experiments/results/qmatmul_h100_notes.md); ``"wide"``: K-major where ``O >= 2 I`` (gate_up), what ``"auto"``
+    meant for int4 until session 14 -- int4 checkpoints that recorded ``"auto"`` then load with it
+    (``autoglm_jax.loading.stored_quantization``)."""
     check_k_major_choice(k_major)
+    if k_major == "wide":
+        return out_features >= 2 * in_features
     if k_major == "auto":
-        return True if fmt == "int4" else in_features <= out_features
+        return fmt == "int4" or in_features <= out_features
     return bool(k_major)
 
 

@@ -244,6 +244,17 @@ def test_layer_model_and_ptq_in_k_major_int4():
                            (b.attn.qkv_proj, b.attn.o_proj, b.mlp.gate_up_proj)):  # the rule: every weight
         assert lin.k_major and not kn_lin.k_major
     np.testing.assert_allclose(np.asarray(run(nk)), np.asarray(run(kn)), rtol=1e-5, atol=1e-5)  # CPU: reference
+    # the checkpoint record: int4 "auto" is written as True; a recorded int4 "auto" (written before session 14,
+    # when it meant K-major only where O >= 2 I) rebuilds that layout ("wide")
+    from autoglm_jax.loading import abstract_model
+    from autoglm_jax.quant.ptq import quantization_dict
+    assert quantization_dict(PTQConfig(method="int4", group=64, k_major="auto"), [])["k_major"] is True
+    assert resolve_k_major("wide", 256, 512, "int4") and not resolve_k_major("wide", 256, 511, "int4")
+    old = {"fmt": "int4", "group": 64, "symmetric": True, "keep_float": list(keep), "k_major": "auto"}
+    for record, o_proj in ((old, (128, 256)), ({**old, "k_major": True}, (256, 128))):
+        layer = abstract_model(cfg, dtype="float32", quantization=record)[1]["layers"][0]
+        assert layer["mlp"]["gate_up_proj"]["qweight"].shape == (1376, 128)  # 256 -> 1376: [O, I/2] either way
+        assert layer["attn"]["o_proj"]["qweight"].shape == o_proj  # 256 -> 256: [I/2, O] by the old rule, [O, I/2] now
     # PTQ: the K-major weight is the kn one transposed; the label and dict record the layout
     w = jax.random.normal(jax.random.key(2), (128, 24))
     s = jnp.full((2, 24), 0.1, jnp.float32)

@@ -5,8 +5,9 @@ Layout::
     OUT/autoglm.json       format marker, parameter dtype, quantization, group names (quantization: the
                            ``quantize_model`` keyword arguments; ``k_major: true`` = int8 / int4 stored
                            [N, K] (int4: packed [N, K/2]), ``k_major: "auto"`` = per weight (int8: [N, K]
-                           unless K > N; int4: [N, K/2] where N >= 2 K); absent = [K, N], as every
-                           checkpoint written before the option)
+                           unless K > N; int4, written before session 14: [N, K/2] where N >= 2 K; int4
+                           "auto" is recorded as true since); absent = [K, N], as every checkpoint written
+                           before the option)
     OUT/config.json        Hugging Face config (new layout)
     OUT/tokenizer*.json    copied from the source checkpoint when present
     OUT/params/<group>/    one Orbax PyTree checkpoint per group: "embed", "layers.<i>", "head"

@@ -11,8 +11,8 @@ dot or the Pallas K-major tiles, as the tuned table says; default ``kn``: ``[K, 
 GLM's down_proj stays kn). The checkpoint records it (``k_major`` in the ``quantization`` dict: true or
 "auto"; absent = kn), so it loads back in the same layouts. ``--int4-layout nk`` (method int4 only) stores int4
 weights K-major, ``packed[N, K/2]``: the layout of the GPU's one-row integer-dot kernel
-(``kernels_pallas/qmatmul_dp4a.py``); ``auto`` does so for wide weights only (N >= 2 K: gate_up); recorded the
-same way.
+(``kernels_pallas/qmatmul_dp4a.py``); ``auto`` does so for every weight since session 14 (it did so for wide
+weights only, N >= 2 K, before: such checkpoints recorded "auto" and load with that rule); recorded the same way.
 
 Calibration file (``--calib``): ``.jsonl`` (one JSON string or ``{"text": ...}`` per line, one sample each) or
 plain text (tokenized whole and cut into ``--calib-seq-len`` windows).
@@ -30,7 +30,7 @@ from typing import Sequence
 # --int8-layout / --int4-layout -> k_major: [K, N] (default), K-major [N, K], or per weight (resolve_k_major)
 LAYOUTS = {"kn": False, "nk": True, "auto": "auto"}
 _LAYOUT_WORDS = {"int8": ("qweight [K, N]", "[N, K]", "nk unless K > N"),
-                 "int4": ("packed [K/2, N]", "[N, K/2]", "nk where N >= 2 K")}
+                 "int4": ("packed [K/2, N]", "[N, K/2]", "nk for every weight")}
 
 
 def layout_error(fmt: str, layout: str) -> str | None:
@@ -162,8 +162,8 @@ def quantize_main(argv: Sequence[str]) -> int:
     if args.calib and args.method != "w8a8":
         p.error(f"--calib calibrates static w8a8 activation scales; method {args.method!r} quantizes weights only")
     for fmt, layout in (("int8", args.int8_layout), ("int4", args.int4_layout)):
-        if layout_error(fmt, layout):
-            p.error(layout_error(fmt, layout))
+        if message := layout_error(fmt, layout):
+            p.error(message)
         if layout != "kn" and args.method != fmt:
             p.error(f"--{fmt}-layout {layout} (an {fmt} weight layout) is for --method {fmt} only; "
                     f"got {args.method!r}")

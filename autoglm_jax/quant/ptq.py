@@ -75,11 +75,11 @@ class PTQConfig:
     def label(self) -> str:
         if self.method == "int4":
             base = f"int4_g{self.group}_{'sym' if self.symmetric else 'asym'}"
-            base += {False: "", True: "_kmajor", "auto": "_auto"}[self.k_major]
+            base += {False: "", True: "_kmajor", "auto": "_auto", "wide": "_wide"}[self.k_major]
         elif self.method == "w8a8":
             base = f"w8a8_{self.activations}" + (f"_{self.act_observer.name}" if self.activations == "static" else "")
         else:
-            base = {False: "int8", True: "int8_kmajor", "auto": "int8_auto"}[self.k_major]
+            base = {False: "int8", True: "int8_kmajor", "auto": "int8_auto", "wide": "int8_wide"}[self.k_major]
         return base + ("" if self.weight_observer.kind == "absmax" else f"_w-{self.weight_observer.name}")
 
 
@@ -174,12 +174,13 @@ def quantize(model: nnx.Module, cfg: PTQConfig, *, act_stats: dict[str, ActStats
 
 def quantization_dict(cfg: PTQConfig, kept_paths: list[str]) -> dict:
     """Keyword arguments of ``quantize_model`` that rebuild the quantized structure (JSON-serializable).
-    ``k_major`` (True or ``"auto"``) is recorded only when set, so an [I, O] dict (and checkpoint) reads as before;
-    absent = [I, O]."""
+    ``k_major`` is recorded only when set, so an [I, O] dict (and checkpoint) reads as before; absent = [I, O]. An
+    int4 ``"auto"`` is recorded as what it resolves to now, True (every weight K-major), since a recorded int4
+    ``"auto"`` means the earlier rule (``"wide"``, ``autoglm_jax.loading.stored_quantization``)."""
     keep = list(dict.fromkeys(list(cfg.keep_float) + kept_paths))
     out = {"fmt": cfg.method, "group": cfg.group, "symmetric": cfg.symmetric, "keep_float": keep}
     if cfg.k_major:
-        out["k_major"] = cfg.k_major
+        out["k_major"] = True if (cfg.method, cfg.k_major) == ("int4", "auto") else cfg.k_major
     if cfg.activations == "static":
         out["static_activations"] = True
     return out
