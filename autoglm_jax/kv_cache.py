@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.dense_decode_attention import dense_decode_attention
+from kernels_pallas.dense_decode_attention import dense_decode_attention, dense_decode_attention_rows
 from sharding.kernels import sharded_dense_decode_attention
 
 from .config import GLMConfig
@@ -36,7 +36,8 @@ class DenseKVCache:
     row_offset: jax.Array | int = 0
     # One-token decode steps over all rows: "auto" runs kernels_pallas.dense_decode_attention (the cache write
     # and the attention in one launch; per shard under a multi-device mesh) on a GPU with a 16-bit cache, XLA
-    # elsewhere; "pallas" always (interpret mode off GPU: tests); "xla" never.
+    # elsewhere; "pallas" always (interpret mode off GPU: tests); "xla" never. On one device the model hands the
+    # kernel whole projection rows and it applies RoPE too (``takes_qkv_rows``, ``attend_rows``).
     decode_kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     @classmethod
@@ -70,9 +71,25 @@ class DenseKVCache:
         """The fused kernel, per shard under a multi-device mesh (``sharding.kernels``)."""
         kw = dict(scale=scale, interpret=jax.default_backend() != "gpu")
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        if _one_device():
             return dense_decode_attention(q, k, v, cache_k, cache_v, positions, **kw)
         return sharded_dense_decode_attention(mesh, q, k, v, cache_k, cache_v, positions, **kw)
+
+    def takes_qkv_rows(self, qkv) -> bool:
+        """Whether ``attend_rows`` takes this step's projection qkv [B, T, (N + 2K) H]: a one-token step over all
+        rows through the fused kernel (``decode_kernel``), on one device (the per-shard kernel takes q, k, v)."""
+        one_step = qkv.shape[1] == 1 and qkv.shape[0] == self.k[0].shape[0]
+        return one_step and self._decode_kernel_on(qkv) and _one_device()
+
+    def attend_rows(self, layer: int, qkv, rope_cos, rope_sin, positions, *, scale: float):
+        """``attend``'s fused step from whole rows: qkv [B, N + 2K, H] (the q, k and v heads; bias added, RoPE not
+        applied), tables rope_cos / rope_sin [B, H] (``model.rope.rope_tables``), positions [B, 1]. The kernel
+        rotates q and k, writes k and v at ``positions`` and attends. -> (out [B, 1, N, H] in qkv's dtype, cache)."""
+        ck, cv = self.k[layer], self.v[layer]
+        out, k_all, v_all = dense_decode_attention_rows(qkv.astype(ck.dtype), ck, cv, positions[:, 0], rope_cos,
+                                                        rope_sin, scale=scale,
+                                                        interpret=jax.default_backend() != "gpu")
+        return out[:, None].astype(qkv.dtype), self._with_layer(layer, k_all, v_all)
 
     def attend(self, layer: int, q, k, v, positions, *, scale: float):
         """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache.
@@ -100,3 +117,9 @@ class DenseKVCache:
         """This cache with layer ``layer``'s K and V replaced."""
         return dataclasses.replace(self, k=self.k[:layer] + (k,) + self.k[layer + 1:],
                                    v=self.v[:layer] + (v,) + self.v[layer + 1:])
+
+
+def _one_device() -> bool:
+    """No multi-device mesh is in context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.shape.values()) == 1

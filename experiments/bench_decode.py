@@ -206,13 +206,21 @@ def _worker_argv(part: str, args) -> list[str]:
 
 
 def _spawn(part: str, args, out: Path) -> dict:
+    if part in args.reuse.split(","):  # an earlier call's worker file (--reuse)
+        if not out.exists():
+            raise SystemExit(f"--reuse {part}: {out} is missing; run that part first with the same --out")
+        print(f"reusing {out}", flush=True)
+        return json.loads(out.read_text())
     subprocess.run([sys.executable, __file__, *_worker_argv(part, args), "--worker-out", str(out)], check=True)
     return json.loads(out.read_text())
 
 
-def _spawn_memory(args) -> dict:
+def _spawn_memory(args, out: Path) -> dict:
+    if "memory" in args.reuse.split(","):
+        return _spawn("memory", args, out)
     res = bench_common.spawn_worker(__file__, _worker_argv("memory", args), warm_compile_cache=True, timeout_s=600)
     print("memory worker:", json.dumps(res), flush=True)
+    out.write_text(json.dumps(res))
     return res
 
 
@@ -238,6 +246,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--hf-budget-s", type=float, default=240.0)
     p.add_argument("--name", default=None, help="result file name (default decode_<gpu>)")
+    p.add_argument("--reuse", default="",
+                   help="comma-separated parts (jax, memory, hf) read from their worker files in --out, written by an "
+                        "earlier call on the same machine, instead of run again: a whole run split over two calls "
+                        "that each fit a time limit")
     p.add_argument("--worker", choices=["jax", "hf", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -279,7 +291,7 @@ def main(argv=None):
     if "memory" in parts and args.quant != "none":  # the memory worker fills float parameters only
         print(f"memory part skipped: it measures float weights, not --quant {args.quant}", flush=True)
         parts.remove("memory")
-    mem_res = _spawn_memory(args) if "memory" in parts else None
+    mem_res = _spawn_memory(args, out / "_decode_memory.json") if "memory" in parts else None
     hf_res = _spawn("hf", args, out / "_decode_hf.json") if "hf" in parts else None
     rows = ((jax_res["rows"] if jax_res else []) + [r for res in quant_res.values() for r in res["rows"]]
             + (hf_res["rows"] if hf_res else []))
@@ -338,6 +350,9 @@ def main(argv=None):
                                                           / summary["hf_static_b32_decode_tokens_per_s"])
         if summary.get("b1_ms_per_token") and summary.get("hf_static_b1_ms_per_token"):
             summary["b1_speedup_vs_hf_static"] = summary["hf_static_b1_ms_per_token"] / summary["b1_ms_per_token"]
+    if args.reuse:
+        summary["reused_parts"] = (f"{args.reuse}: read from worker files that an earlier call on the same machine "
+                                   f"wrote to --out (bench_decode.py --reuse)")
     name = args.name or f"decode_{bench_common.gpu_tag()}"
     bench_common.write_results(out, name, rows=rows, summary=summary,
                                columns=["impl", "batch", "prompt", "new_tokens", "prefill_s", "ms_per_token",

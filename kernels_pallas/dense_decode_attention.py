@@ -1,12 +1,18 @@
 """Decode attention over a dense KV cache that also writes the new token's key and value into it, in one launch.
 
-Public: ``dense_decode_attention`` (dispatch), ``dense_decode_attention_reference`` (plain jnp, the truth).
+Public: ``dense_decode_attention`` (dispatch), ``dense_decode_attention_reference`` (plain jnp, the truth); from
+whole projection rows, RoPE applied in the kernel: ``dense_decode_attention_rows`` (``..._rows_reference``).
 
 One query token per sequence: q [B, N, H] at positions [B] (the new token's slot); k_new, v_new [B, K, H] (RoPE
 applied, the cache's dtype); caches [B, K, S, H], slot ``s`` of row ``b`` holding position ``s``. Returns
 ``(out [B, N, H], cache_k, cache_v)`` with ``k_new``/``v_new`` written at slot ``positions[b]`` (positions are
 >= 0; the write is dropped when ``positions[b] >= S``, and the new token then not attended), the query attending
 to slots ``0..positions[b]``.
+
+Rows: qkv [B, N + 2K, H] (q heads, k heads, v heads; bias added, RoPE not applied; the cache's dtype) and tables
+rope_cos, rope_sin [B, H] (``autoglm_jax.model.rope.rope_tables``): q and k_new become ``rotate_pairs`` =
+``x * cos + swap(x) * sin`` (swap exchanges features 2i and 2i+1; the sign lives in sin) in float32, rounded once;
+so the model's projection ends in one XLA fusion (GEMM partials + bias) instead of three that rotate and split.
 
 GPU kernel (Pallas, Triton lowering; grid (B, K, splits)): program (b, k, s) loads the G query heads of kv head k
 once ([G, H], G padded to 16 rows for the tensor cores) and streams ``block_s`` cached keys/values at a time
@@ -16,7 +22,9 @@ program reads the slot being written. Every split writes the new row into the ca
 (the same bytes, so the order does not matter). With one split the kernel writes the normalized output; with
 several, each writes its normalized partial output and log-sum-exp and ``_combine`` merges them in XLA:
 ``out = sum_s e^(lse_s - M) o_s / sum_s e^(lse_s - M)``; an empty split carries lse = -1e30 and weighs nothing.
-Replaces, in a GLM decode step, XLA's two cache scatters, two batched GEMMs and a three-kernel softmax.
+Replaces, in a GLM decode step, XLA's two cache scatters, two batched GEMMs and a three-kernel softmax. The rows
+kernel loads its heads from row b of qkv (q: a masked 16-row tile when G < 16) and swaps pairs by a product
+with a 0/1 permutation matrix (exact: one nonzero term per output; no gathers).
 
 Block sizes (keyword-only, static): splits, block_s, num_warps, num_stages; when None they come from
 kernels_pallas/tuned/dense_decode_attention.json (written by experiments/tune_dense_decode_attention.py; nearest
@@ -80,18 +88,35 @@ def dense_decode_attention_reference(q, k_new, v_new, cache_k, cache_v, position
     return out.reshape(b, n, h).astype(q.dtype), ck, cv
 
 
-def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *refs, splits: int, block_s: int, max_len: int,
-            scale: float, poisoned: bool):
-    o_ref, lse_ref, kc_out, vc_out = refs[2:] if poisoned else refs  # poisoned: two input views of o, lse first
-    b, s = pl.program_id(0), pl.program_id(2)
-    p = pos_ref[b]
+def rotate_pairs(x, cos, sin):
+    """``x * cos + swap(x) * sin`` in float32, rounded once to x's dtype; ``swap`` exchanges features 2i and 2i+1
+    of the last axis; cos / sin broadcast against x."""
+    xf = x.astype(jnp.float32)
+    swapped = xf.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    return (xf * cos.astype(jnp.float32) + swapped * sin.astype(jnp.float32)).astype(x.dtype)
+
+
+def dense_decode_attention_rows_reference(qkv, cache_k, cache_v, positions, rope_cos, rope_sin, *, scale: float):
+    """Plain jnp: rotate the q and k heads of qkv [B, N + 2K, H] with the [B, H] tables (``rotate_pairs``), then
+    ``dense_decode_attention_reference``."""
+    kh = cache_k.shape[1]
+    n = qkv.shape[1] - 2 * kh
+    rot = rotate_pairs(qkv[:, :n + kh], rope_cos[:, None], rope_sin[:, None])
+    return dense_decode_attention_reference(rot[:, :n], rot[:, n:], qkv[:, n + kh:], cache_k, cache_v, positions,
+                                            scale=scale)
+
+
+def _attend(q, kn, vn, p, kc_ref, vc_ref, o_ref, lse_ref, kc_out, vc_out, *, splits: int, block_s: int,
+            max_len: int, scale: float):
+    """The body of both kernels: q [G16, H] (the program's query heads), kn / vn [1, H] (the new row, the cache's
+    dtype), p (the row's position)."""
+    s = pl.program_id(2)
     length = jnp.clip(p, 0, max_len)  # cached slots 0..length-1 are attended from the cache
     lands = (p >= 0) & (p < max_len)  # the new row's write lands in the cache (else it is dropped)
     chunk = pl.cdiv(pl.cdiv(length, splits), block_s) * block_s  # block-aligned: no load crosses the cache end
     start = s * chunk
     end = jnp.minimum(start + chunk, length)
     steps = pl.cdiv(jnp.maximum(end - start, 0), block_s)
-    q = q_ref[...]  # [G16, H]
     gp, h = q.shape
 
     def body(i, carry):
@@ -113,13 +138,11 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *refs, splits: int, 
             jnp.zeros((gp, h), jnp.float32))
     m, l, acc = lax.fori_loop(0, steps, body, init)
     # the new token, from registers: the last split only, and only when its write lands in the cache
-    kn = kn_ref[...].astype(jnp.float32)  # [H]
-    vn = vn_ref[...].astype(jnp.float32)
-    logit = jnp.sum(q.astype(jnp.float32) * kn[None, :], axis=1) * scale  # [G16]
+    logit = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32), axis=1) * scale  # [G16]
     logit = jnp.where((s == splits - 1) & lands, logit, MASK_VALUE)
     m_new = jnp.maximum(m, logit)
     alpha, pn = jnp.exp(m - m_new), jnp.exp(logit - m_new)
-    acc = acc * alpha[:, None] + pn[:, None] * vn.astype(vc_ref.dtype).astype(jnp.float32)[None, :]
+    acc = acc * alpha[:, None] + pn[:, None] * vn.astype(jnp.float32)
     l = l * alpha + pn
     safe = jnp.maximum(l, 1e-30)
     o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
@@ -127,8 +150,39 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *refs, splits: int, 
     # the new row, written by every split (the same bytes); dropped past the cache
     row = jnp.full((1, h), lands)
     at = jnp.clip(p, 0, max_len - 1)
-    pltriton.store(kc_out.at[pl.ds(at, 1), :], kn_ref[...][None, :].astype(kc_out.dtype), mask=row)
-    pltriton.store(vc_out.at[pl.ds(at, 1), :], vn_ref[...][None, :].astype(vc_out.dtype), mask=row)
+    pltriton.store(kc_out.at[pl.ds(at, 1), :], kn, mask=row)
+    pltriton.store(vc_out.at[pl.ds(at, 1), :], vn, mask=row)
+
+
+def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *refs, poisoned: bool, **kw):
+    outs = refs[2:] if poisoned else refs  # poisoned: two input views of o, lse first
+    _attend(q_ref[...], kn_ref[...][None, :], vn_ref[...][None, :], pos_ref[pl.program_id(0)], kc_ref, vc_ref,
+            *outs, **kw)
+
+
+def _swap_pairs(x):
+    """x [R, H] (R >= 16) -> float32 [R, H], features 2i and 2i+1 exchanged (exact; float32 without TF32)."""
+    h = x.shape[1]
+    rows, cols = lax.broadcasted_iota(jnp.int32, (h, h), 0), lax.broadcasted_iota(jnp.int32, (h, h), 1)
+    perm = (rows == (cols ^ 1)).astype(x.dtype)
+    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.dot(x, perm, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _rows_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, *refs, groups: int, padded: int,
+                 kv_heads: int, poisoned: bool, **kw):
+    outs = refs[2:] if poisoned else refs
+    k = pl.program_id(1)
+    n, h = groups * kv_heads, qkv_ref.shape[1]
+    cos, sin = cos_ref[...].astype(jnp.float32)[None, :], sin_ref[...].astype(jnp.float32)[None, :]
+    rotate = lambda x: x.astype(jnp.float32) * cos + _swap_pairs(x) * sin  # [R, H] float32, as rotate_pairs
+    heads = (jnp.arange(padded) < groups)[:, None]  # rows past the G heads load as zeros (outputs dropped)
+    q = pltriton.load(qkv_ref.at[pl.ds(k * groups, padded), :], mask=heads, other=0)
+    kn = qkv_ref[pl.ds(n + k, 1), :]  # [1, H]
+    vn = qkv_ref[pl.ds(n + kv_heads + k, 1), :]
+    kt = rotate(jnp.broadcast_to(kn, (16, h)))  # 16 equal rows: the product's smallest tile; any row is the answer
+    kn = jnp.max(kt, axis=0)[None, :].astype(qkv_ref.dtype)
+    _attend(rotate(q).astype(qkv_ref.dtype), kn, vn, pos_ref[pl.program_id(0)], kc_ref, vc_ref, *outs, **kw)
 
 
 def _combine(o, lse):
@@ -144,83 +198,99 @@ def default_splits(batch: int, kv_heads: int, max_len: int) -> int:
     return max(1, min(want, max_len // 64))
 
 
-def check_inputs(q, k_new, v_new, cache_k, cache_v, positions) -> None:
-    """Raise ValueError naming the mismatch, before any device work."""
-    if q.ndim != 3:
-        raise ValueError(f"q must be [B, N, H]; got shape {q.shape}")
-    b, n, h = q.shape
+def _check_caches(cache_k, cache_v, positions, b: int, h: int, given: str) -> None:
     if cache_k.ndim != 4 or cache_k.shape != cache_v.shape or cache_k.dtype != cache_v.dtype:
         raise ValueError(f"cache_k and cache_v must be equal [B, K, S, H] arrays; got {cache_k.dtype} "
                          f"{cache_k.shape} and {cache_v.dtype} {cache_v.shape}")
-    kb, kh, _, hh = cache_k.shape
-    if kb != b or hh != h:
-        raise ValueError(f"caches [B, K, S, H] = {cache_k.shape} do not match q [B, N, H] = {q.shape}")
-    if n % kh:
-        raise ValueError(f"query heads N={n} must be a multiple of the cache's KV heads K={kh}")
-    for name, x in (("k_new", k_new), ("v_new", v_new)):
-        if x.shape != (b, kh, h):
-            raise ValueError(f"{name} must be [B, K, H] = {(b, kh, h)}; got {x.shape}")
+    if cache_k.shape[0] != b or cache_k.shape[3] != h:
+        raise ValueError(f"caches [B, K, S, H] = {cache_k.shape} do not match {given}")
     if positions.shape != (b,) or not jnp.issubdtype(positions.dtype, jnp.integer):
         raise ValueError(f"positions must be an integer [B] = ({b},) array; got {positions.dtype} {positions.shape}")
     if h & (h - 1) or h < 16:
         raise ValueError(f"head_dim H={h} must be a power of two >= 16 for the GPU kernel")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "splits", "block_s", "num_warps", "num_stages",
-                                             "interpret", "poison"))
-def _triton(q, k_new, v_new, cache_k, cache_v, positions, *, scale, splits, block_s, num_warps, num_stages,
-            interpret, poison):
+def check_inputs(q, k_new, v_new, cache_k, cache_v, positions) -> None:
+    """Raise ValueError naming the mismatch, before any device work."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, N, H]; got shape {q.shape}")
     b, n, h = q.shape
-    _, kh, s_len, _ = cache_k.shape
-    g = n // kh
-    gp = max(16, 1 << (g - 1).bit_length())
-    qg = jnp.pad(q.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))  # [B, K, G16, H]
+    _check_caches(cache_k, cache_v, positions, b, h, f"q [B, N, H] = {q.shape}")
+    kh = cache_k.shape[1]
+    if n % kh:
+        raise ValueError(f"query heads N={n} must be a multiple of the cache's KV heads K={kh}")
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if x.shape != (b, kh, h):
+            raise ValueError(f"{name} must be [B, K, H] = {(b, kh, h)}; got {x.shape}")
+
+
+def check_rows_inputs(qkv, cache_k, cache_v, positions, rope_cos, rope_sin) -> None:
+    """Raise ValueError naming the mismatch, before any device work."""
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be [B, N + 2K, H]; got shape {qkv.shape}")
+    b, r, h = qkv.shape
+    _check_caches(cache_k, cache_v, positions, b, h, f"qkv [B, N + 2K, H] = {qkv.shape}")
+    kh = cache_k.shape[1]
+    if r % kh or r < 3 * kh:
+        raise ValueError(f"qkv must hold N + 2K heads with N = G * K query heads (G >= 1) for the cache's K={kh} "
+                         f"KV heads: a multiple of {kh}, at least {3 * kh}; got {r}")
+    if qkv.dtype != cache_k.dtype:
+        raise ValueError(f"qkv must be in the cache's dtype {cache_k.dtype}; got {qkv.dtype}")
+    for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if t.shape != (b, h) or not jnp.issubdtype(t.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a float [B, H] = {(b, h)} array; got {t.dtype} {t.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "groups", "scale", "splits", "block_s", "num_warps",
+                                             "num_stages", "interpret", "poison"))
+def _triton(heads, cache_k, cache_v, positions, *, rows, groups, scale, splits, block_s, num_warps, num_stages,
+            interpret, poison):
+    """heads: (q, k_new, v_new), or with ``rows`` (qkv, rope_cos, rope_sin)."""
+    b, kh, s_len, h = cache_k.shape
+    gp = max(16, 1 << (groups - 1).bit_length())  # query rows per program: the tensor cores' smallest tile
+    if rows:
+        kernel = functools.partial(_rows_kernel, groups=groups, padded=gp, kv_heads=kh)
+        table_spec = pl.BlockSpec((None, h), lambda i, k, s: (i, 0))
+        head_specs = [pl.BlockSpec((None, *heads[0].shape[1:]), lambda i, k, s: (i, 0, 0)), table_spec, table_spec]
+        dtype = heads[0].dtype
+    else:
+        q, k_new, v_new = heads
+        qg = jnp.pad(q.reshape(b, kh, groups, h), ((0, 0), (0, 0), (0, gp - groups), (0, 0)))  # [B, K, G16, H]
+        heads, kernel, dtype = (qg, k_new.astype(cache_k.dtype), v_new.astype(cache_v.dtype)), _kernel, q.dtype
+        new_spec = pl.BlockSpec((None, None, h), lambda i, k, s: (i, k, 0))
+        head_specs = [pl.BlockSpec((None, None, gp, h), lambda i, k, s: (i, k, 0, 0)), new_spec, new_spec]
     cache_spec = pl.BlockSpec((None, None, s_len, h), lambda i, k, s: (i, k, 0, 0))
-    in_specs = [pl.BlockSpec(),  # positions, whole
-                pl.BlockSpec((None, None, gp, h), lambda i, k, s: (i, k, 0, 0)),
-                pl.BlockSpec((None, None, h), lambda i, k, s: (i, k, 0)),
-                pl.BlockSpec((None, None, h), lambda i, k, s: (i, k, 0)), cache_spec, cache_spec]
+    in_specs = [pl.BlockSpec(), *head_specs, cache_spec, cache_spec]  # positions whole
     out_specs = [pl.BlockSpec((None, None, None, gp, h), lambda i, k, s: (i, k, s, 0, 0)),
                  pl.BlockSpec((None, None, None, gp), lambda i, k, s: (i, k, s, 0)), cache_spec, cache_spec]
-    out_shape = [jax.ShapeDtypeStruct((b, kh, splits, gp, h), q.dtype if splits == 1 else jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((b, kh, splits, gp, h), dtype if splits == 1 else jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32),
                  jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype), jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)]
-    args = [positions.astype(jnp.int32), qg, k_new.astype(cache_k.dtype), v_new.astype(cache_v.dtype), cache_k,
-            cache_v]
+    args = [positions.astype(jnp.int32), *heads, cache_k, cache_v]
     aliases = {4: 2, 5: 3}
     if poison:  # tests: NaN-filled output buffers that the kernel must overwrite everywhere
         args += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape[:2]]
         in_specs += out_specs[:2]
         aliases.update({6: 0, 7: 1})
-    kernel = functools.partial(_kernel, splits=splits, block_s=block_s, max_len=s_len, scale=scale, poisoned=poison)
+    kernel = functools.partial(kernel, splits=splits, block_s=block_s, max_len=s_len, scale=scale, poisoned=poison)
     o, lse, ck, cv = pl.pallas_call(
         kernel, grid=(b, kh, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="dense_decode_attention",
+        interpret=interpret, name="dense_decode_attention_rows" if rows else "dense_decode_attention",
     )(*args)
-    out = o[:, :, 0] if splits == 1 else _combine(o, lse).astype(q.dtype)  # [B, K, G16, H]
-    return out[:, :, :g].reshape(b, n, h), ck, cv
+    out = o[:, :, 0] if splits == 1 else _combine(o, lse).astype(dtype)  # [B, K, G16, H]
+    return out[:, :, :groups].reshape(b, kh * groups, h), ck, cv
 
 
-def dense_decode_attention(q, k_new, v_new, cache_k, cache_v, positions, *, scale: float | None = None,
-                           backend: str | None = None, splits: int | None = None, block_s: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False,
-                           _poison: bool = False):
-    """Decode attention over a dense [B, K, S, H] cache plus the write of the new token (module docstring).
-
-    backend: "triton" (default on GPU, or with ``interpret=True``) or "reference" (default elsewhere).
-    Donate the caches to the enclosing jit so the written caches reuse their buffers. _poison (tests): the
-    kernel writes its outputs into NaN-filled buffers, so unwritten elements show.
-    """
-    check_inputs(q, k_new, v_new, cache_k, cache_v, positions)
+def _blocks(cache_k, backend, splits, block_s, num_warps, num_stages, interpret: bool) -> dict | None:
+    """The launch's block sizes (those given, else tuned, else defaults; validated), or None for the reference."""
     if backend is None:
         backend = "triton" if (interpret or jax.default_backend() == "gpu") else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {BACKENDS}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "reference":
-        return dense_decode_attention_reference(q, k_new, v_new, cache_k, cache_v, positions, scale=scale)
+        return None
     b, kh, s_len, _ = cache_k.shape
     tuned = {} if interpret else tuned_blocks(b)
     splits = tuned.get("splits", default_splits(b, kh, s_len)) if splits is None else splits
@@ -234,5 +304,41 @@ def dense_decode_attention(q, k_new, v_new, cache_k, cache_v, positions, *, scal
         raise ValueError(f"the GPU kernel needs the cache length S={s_len} to be a multiple of 16")
     while s_len % block_s:  # block-aligned splits must tile the cache exactly
         block_s //= 2
-    return _triton(q, k_new, v_new, cache_k, cache_v, positions, scale=scale, splits=splits, block_s=block_s,
-                   num_warps=num_warps, num_stages=num_stages, interpret=interpret, poison=_poison)
+    return dict(splits=splits, block_s=block_s, num_warps=num_warps, num_stages=num_stages,
+                interpret=interpret)
+
+
+def dense_decode_attention(q, k_new, v_new, cache_k, cache_v, positions, *, scale: float | None = None,
+                           backend: str | None = None, splits: int | None = None, block_s: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False,
+                           _poison: bool = False):
+    """Decode attention over a dense [B, K, S, H] cache plus the write of the new token (module docstring).
+
+    backend: "triton" (default on GPU, or with ``interpret=True``) or "reference" (default elsewhere).
+    Donate the caches to the enclosing jit so the written caches reuse their buffers. _poison (tests): the
+    kernel writes its outputs into NaN-filled buffers, so unwritten elements show.
+    """
+    check_inputs(q, k_new, v_new, cache_k, cache_v, positions)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    blocks = _blocks(cache_k, backend, splits, block_s, num_warps, num_stages, interpret)
+    if blocks is None:
+        return dense_decode_attention_reference(q, k_new, v_new, cache_k, cache_v, positions, scale=scale)
+    return _triton((q, k_new, v_new), cache_k, cache_v, positions, rows=False, groups=q.shape[1] // cache_k.shape[1],
+                   scale=scale, poison=_poison, **blocks)
+
+
+def dense_decode_attention_rows(qkv, cache_k, cache_v, positions, rope_cos, rope_sin, *, scale: float | None = None,
+                                backend: str | None = None, splits: int | None = None, block_s: int | None = None,
+                                num_warps: int | None = None, num_stages: int | None = None,
+                                interpret: bool = False, _poison: bool = False):
+    """``dense_decode_attention`` from whole projection rows qkv [B, N + 2K, H], q and k_new rotated in the kernel
+    with the rope_cos / rope_sin [B, H] tables (module docstring); the rotated k_new is what the cache gets.
+    Returns ``(out [B, N, H] in qkv's dtype, cache_k, cache_v)``; the other arguments as there."""
+    check_rows_inputs(qkv, cache_k, cache_v, positions, rope_cos, rope_sin)
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    blocks = _blocks(cache_k, backend, splits, block_s, num_warps, num_stages, interpret)
+    if blocks is None:
+        return dense_decode_attention_rows_reference(qkv, cache_k, cache_v, positions, rope_cos, rope_sin,
+                                                     scale=scale)
+    return _triton((qkv, rope_cos, rope_sin), cache_k, cache_v, positions, rows=True,
+                   groups=qkv.shape[1] // cache_k.shape[1] - 2, scale=scale, poison=_poison, **blocks)

@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .kv_pages import _is_concrete, page_geometry, validate_page_table
-from .paged_attention import (LOG2E, MASK_VALUE, _drop_aliased_inputs, _pow2, _select_backend, gather_pages,
-                              pool_operands, pool_rows, tuned_blocks)
+from .paged_attention import (LOG2E, MASK_VALUE, _drop_aliased_inputs, _pow2, _select_backend, fast_exp2,
+                              gather_pages, pool_operands, pool_rows, tuned_blocks)
 from .paged_attention_tpu import tpu_finish, tpu_init, tpu_page_step, tpu_paged_call
 
 
@@ -84,7 +84,7 @@ def _block_map(query_start, num_seqs, t_total, block_q, n_blocks):
 
 
 def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad, block_q,
-                    page_size, pages_per_block, num_pages, max_pages, scale, quantized, row_gather):
+                    page_size, pages_per_block, num_pages, max_pages, scale, quantized, row_gather, interpret):
     # meta_ref [n_blocks, 4]; ctx_ref [B]; qs_ref [B+1]; pt_ref [B, max_pages]; q_ref, o_ref [T, N, H];
     # k_ref, v_ref [P, L, H] (head k), scales [P, L]; row_gather: [P * L, H] and [P * L] (pool_rows).
     if quantized:
@@ -109,6 +109,7 @@ def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *ref
     q = pltriton.load(q_at, mask=io_ok, other=0).reshape(rows, head_dim)
     cdt = q.dtype
     q_pos = ctx - q_end + t0 + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group_pad  # [rows, 1]
+    c = scale * LOG2E
 
     def body(i, carry, masked):
         acc, m, l = carry
@@ -129,13 +130,13 @@ def _prefill_kernel(meta_ref, ctx_ref, qs_ref, pt_ref, q_ref, k_ref, v_ref, *ref
         logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if quantized:
             logits = logits * ks_ref[ids].reshape(1, block)
-        logits = logits * (scale * LOG2E)
         if masked:
             key = pstart * page_size + lax.broadcasted_iota(jnp.int32, (1, block), 1)
             logits = jnp.where((key <= q_pos) & (key < kv_end), logits, MASK_VALUE)  # [rows, block]
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(logits - m_new[:, None])
+        # m is in log2 units: the scale is applied to the row max, then to each logit inside one multiply-add
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1) * c)
+        alpha = fast_exp2(m - m_new, interpret)
+        p = fast_exp2(logits * c - m_new[:, None], interpret)
         l = l * alpha + jnp.sum(p, axis=1)
         v = v.astype(cdt)
         if masked:
@@ -193,7 +194,7 @@ def _prefill_triton(q, k_pages, v_pages, page_table, context_lens, query_start, 
     kernel = functools.partial(
         _prefill_kernel, group=group, group_pad=group_pad, block_q=block_q, page_size=page_size,
         pages_per_block=ppb, num_pages=num_pages, max_pages=page_table.shape[1], scale=scale, quantized=quantized,
-        row_gather=blocks["row_gather"])
+        row_gather=blocks["row_gather"], interpret=interpret)
     whole = pl.BlockSpec()
     pools, pool_specs = pool_operands(k_pages, v_pages, k_scales, v_scales, blocks["row_gather"])
     in_specs = [whole] * 5 + pool_specs

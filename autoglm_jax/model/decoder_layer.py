@@ -26,11 +26,19 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, h: jax.Array, positions: jax.Array, *, layer: int, cache=None, attention_mask=None):
         """h: [B, T, D] -> ([B, T, D], cache)."""
-        a, cache = self.attn(self.input_norm(h), positions, layer=layer, cache=cache, attention_mask=attention_mask)
+        m, h, cache = self.step(h, None, positions, layer=layer, cache=cache, attention_mask=attention_mask)
+        return h + m, cache
+
+    def step(self, x: jax.Array, residual: jax.Array | None, positions: jax.Array, *, layer: int, cache=None,
+             attention_mask=None):
+        """The layer on a residual stream whose last add is pending: its input is ``x + residual`` (residual
+        None: x itself). Returns ``(m, h, cache)``: the output is ``h + m``, left to the next norm's fused add."""
+        x, h = self.input_norm.add_and_norm(x, residual)
+        a, cache = self.attn(x, positions, layer=layer, cache=cache, attention_mask=attention_mask)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
-        h = h + checkpoint_name(a, ATTENTION_OUT)
-        m = self.mlp(self.mlp_norm(h))
+        x, h = self.mlp_norm.add_and_norm(checkpoint_name(a, ATTENTION_OUT), h)
+        m = self.mlp(x)
         if self.post_mlp_norm is not None:
             m = self.post_mlp_norm(m)
-        return h + checkpoint_name(m, MLP_OUT), cache
+        return checkpoint_name(m, MLP_OUT), h, cache

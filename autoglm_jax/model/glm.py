@@ -61,16 +61,21 @@ class GLMForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
-        h = constrain(h, ("batch", "sequence", "activation_embed"))
-        for i, layer in enumerate(self.layers):
-            if self.remat != "none" and cache is None:
+        axes = ("batch", "sequence", "activation_embed")
+        h = constrain(h, axes)
+        if self.remat != "none" and cache is None:  # training: each layer's output whole, one remat unit a layer
+            for i, layer in enumerate(self.layers):
                 step = nnx.remat(lambda lyr, x, pos, m, i=i: lyr(x, pos, layer=i, attention_mask=m)[0],
                                  policy=remat_policy(self.remat))
-                h = step(layer, h, positions, attention_mask)
-            else:
-                h, cache = layer(h, positions, layer=i, cache=cache, attention_mask=attention_mask)
-            h = constrain(h, ("batch", "sequence", "activation_embed"))
-        return self.final_norm(h), cache
+                h = constrain(step(layer, h, positions, attention_mask), axes)
+            return self.final_norm(h), cache
+        # Each layer leaves its last residual add to the next norm (one fused add + norm launch on the GPU).
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual, cache = layer.step(h, residual, positions, layer=i, cache=cache,
+                                            attention_mask=attention_mask)
+            h, residual = constrain(h, axes), constrain(residual, axes)
+        return self.final_norm.add_and_norm(h, residual)[0], cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h: [..., D] -> float32 logits [..., V]."""
