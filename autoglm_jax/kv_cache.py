@@ -12,13 +12,13 @@ XLA transpose K and V of every layer before both products, every step: 160 trans
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 
 from kernels_pallas.dense_decode_attention import dense_decode_attention, dense_decode_attention_rows
 from sharding.kernels import sharded_dense_decode_attention
+from sharding.partition import on_one_device
 
 from .config import GLMConfig
 from .model.attention_ops import gqa_attention
@@ -70,16 +70,20 @@ class DenseKVCache:
     def _fused_decode(q, k, v, cache_k, cache_v, positions, scale):
         """The fused kernel, per shard under a multi-device mesh (``sharding.kernels``)."""
         kw = dict(scale=scale, interpret=jax.default_backend() != "gpu")
-        mesh = jax.sharding.get_abstract_mesh()
-        if _one_device():
+        if on_one_device():
             return dense_decode_attention(q, k, v, cache_k, cache_v, positions, **kw)
-        return sharded_dense_decode_attention(mesh, q, k, v, cache_k, cache_v, positions, **kw)
+        return sharded_dense_decode_attention(jax.sharding.get_abstract_mesh(), q, k, v, cache_k, cache_v, positions,
+                                              **kw)
+
+    def _fused_step_on(self, x) -> bool:
+        """x [B, T, ...] is a one-token step over all rows (rows 0..B-1) that the fused kernel takes
+        (``decode_kernel``)."""
+        return x.shape[1] == 1 and x.shape[0] == self.k[0].shape[0] and self._decode_kernel_on(x)
 
     def takes_qkv_rows(self, qkv) -> bool:
         """Whether ``attend_rows`` takes this step's projection qkv [B, T, (N + 2K) H]: a one-token step over all
         rows through the fused kernel (``decode_kernel``), on one device (the per-shard kernel takes q, k, v)."""
-        one_step = qkv.shape[1] == 1 and qkv.shape[0] == self.k[0].shape[0]
-        return one_step and self._decode_kernel_on(qkv) and _one_device()
+        return self._fused_step_on(qkv) and on_one_device()
 
     def attend_rows(self, layer: int, qkv, rope_cos, rope_sin, positions, *, scale: float):
         """``attend``'s fused step from whole rows: qkv [B, N + 2K, H] (the q, k and v heads; bias added, RoPE not
@@ -95,7 +99,7 @@ class DenseKVCache:
         """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache.
         A one-token step over all rows (rows 0..B-1) may run the fused decode kernel (``decode_kernel``)."""
         b = q.shape[0]
-        if q.shape[1] == 1 and b == self.k[layer].shape[0] and self._decode_kernel_on(q):
+        if self._fused_step_on(q):
             out, k_all, v_all = self._fused_decode(q[:, 0], k[:, 0], v[:, 0], self.k[layer], self.v[layer],
                                                    positions[:, 0], scale)
             return out[:, None], self._with_layer(layer, k_all, v_all)
@@ -117,9 +121,3 @@ class DenseKVCache:
         """This cache with layer ``layer``'s K and V replaced."""
         return dataclasses.replace(self, k=self.k[:layer] + (k,) + self.k[layer + 1:],
                                    v=self.v[:layer] + (v,) + self.v[layer + 1:])
-
-
-def _one_device() -> bool:
-    """No multi-device mesh is in context."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or math.prod(mesh.shape.values()) == 1

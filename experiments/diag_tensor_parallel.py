@@ -95,9 +95,10 @@ def main():
     args = ap.parse_args()
     if args.quant != "none":
         from autoglm_jax.quant.cli import layout_error
-        if args.quant not in ("int8", "int4") or layout_error(args.quant, args.layout):
-            ap.error(layout_error(args.quant, args.layout) if args.quant in ("int8", "int4")
-                     else f"--quant must be none, int8 or int4; got {args.quant!r}")
+        if args.quant not in ("int8", "int4"):
+            ap.error(f"--quant must be none, int8 or int4; got {args.quant!r}")
+        if message := layout_error(args.quant, args.layout):
+            ap.error(message)
         if args.tp != 1:
             ap.error("--quant profiles one GPU (--tp 1) only")
 

@@ -6,6 +6,7 @@ No import of ``autoglm_jax`` at module level: the model imports ``constrain`` fr
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import jax
@@ -35,6 +36,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 RULES_MESH_AXES = (DATA, FSDP, TENSOR)
+
+
+def on_one_device() -> bool:
+    """No multi-device mesh is in context (``use_mesh``): whole-array kernels may run as they are."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.shape.values()) == 1
 
 
 def use_mesh(mesh: Mesh | None):

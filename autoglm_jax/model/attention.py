@@ -27,12 +27,9 @@ class Attention(nnx.Module):
         # sharding/layout.py sets it to the tensor degree so each shard's columns are one group.
         self.qkv_groups = 1
 
-    def project_qkv(self, x: jax.Array, positions: jax.Array):
-        """x: [B, T, D], positions: [B, T] -> q [B, T, N, H], k and v [B, T, K, H] (RoPE applied to q, k)."""
-        return self.split_qkv(self.qkv_proj(x), positions)
-
     def split_qkv(self, qkv: jax.Array, positions: jax.Array):
-        """qkv: [B, T, (N + 2K) H] (the projection), positions: [B, T] -> q, k, v as ``project_qkv``."""
+        """qkv: [B, T, (N + 2K) H] (the projection), positions: [B, T] -> q [B, T, N, H], k and v [B, T, K, H]
+        (RoPE applied to q, k)."""
         cfg = self.cfg
         b, t, _ = qkv.shape
         g = self.qkv_groups

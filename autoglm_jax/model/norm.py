@@ -7,13 +7,12 @@ on a GPU, for 16-bit activations and no multi-device mesh, one Pallas launch
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from kernels_pallas.add_rms_norm import add_rms_norm
+from sharding.partition import on_one_device
 
 FUSED_KERNELS = ("auto", "pallas", "xla")
 
@@ -53,6 +52,4 @@ class RMSNorm(nnx.Module):
             raise ValueError(f"RMSNorm.fused_kernel={self.fused_kernel!r}; allowed: {FUSED_KERNELS}")
         if self.fused_kernel != "auto":
             return self.fused_kernel == "pallas"
-        mesh = jax.sharding.get_abstract_mesh()
-        one_device = mesh.empty or math.prod(mesh.shape.values()) == 1
-        return jax.default_backend() == "gpu" and jnp.dtype(self.dtype).itemsize == 2 and one_device
+        return jax.default_backend() == "gpu" and jnp.dtype(self.dtype).itemsize == 2 and on_one_device()
