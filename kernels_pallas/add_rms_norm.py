@@ -9,6 +9,10 @@ computes it). In a decode step XLA writes this as three kernels (the add, the ro
 multiply), each mostly launch latency for a few KB of data; 40 GLM-4-9B layers have two such sites each. Here
 each program loads ``block_r`` whole rows once (D padded to a power of two and masked) and writes both outputs.
 
+``x`` may also be float32 split-K partial sums [S, R, D] of the matmul that produced it (``splitk_matmul``): the
+kernel adds the S slices, rounds the sum to the residual's dtype (as a matmul writing that dtype would) and goes
+on as above, so the partial sums need no kernel of their own.
+
 Block sizes (keyword-only, static): ``block_r`` rows a program, ``num_warps``.
 """
 
@@ -25,19 +29,27 @@ from jax.experimental.pallas import triton as pltriton
 
 def add_rms_norm_reference(x, residual, scale, *, eps: float):
     """Plain jnp: (y, s) as in the module docstring."""
+    if x.ndim == residual.ndim + 1:  # split-K partial sums
+        x = jnp.sum(x, axis=0).astype(residual.dtype)
     s = (x + residual).astype(x.dtype)
     s32 = s.astype(jnp.float32)
     normed = (s32 * lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
     return scale.astype(x.dtype) * normed, s
 
 
-def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *, d, dp, rows, total_rows, eps):
-    # x_ref, r_ref, y_ref, s_ref [block_r, D]; w_ref [D]. Rows past R and columns past D are masked.
+def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *, d, dp, rows, total_rows, eps, splits):
+    # x_ref, r_ref, y_ref, s_ref [block_r, D] (x_ref [S, block_r, D] with splits = S); w_ref [D]. Rows past R and
+    # columns past D are masked.
     row_ok = pl.program_id(0) * rows + jnp.arange(rows) < total_rows
     col_ok = jnp.arange(dp) < d
     mask = row_ok[:, None] & col_ok[None, :]
     dtype = s_ref.dtype
-    x = pltriton.load(x_ref.at[:, pl.ds(0, dp)], mask=mask, other=0.0).astype(jnp.float32)
+    if splits:
+        x = sum(pltriton.load(x_ref.at[pl.ds(i, 1), :, pl.ds(0, dp)], mask=mask[None], other=0.0)[0]
+                for i in range(splits))
+        x = x.astype(dtype).astype(jnp.float32)
+    else:
+        x = pltriton.load(x_ref.at[:, pl.ds(0, dp)], mask=mask, other=0.0).astype(jnp.float32)
     r = pltriton.load(r_ref.at[:, pl.ds(0, dp)], mask=mask, other=0.0).astype(jnp.float32)
     s = (x + r).astype(dtype)
     pltriton.store(s_ref.at[:, pl.ds(0, dp)], s, mask=mask)
@@ -50,24 +62,28 @@ def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *, d, dp, rows, total_rows, eps):
 
 def check_inputs(x, residual, scale) -> None:
     """Raise ValueError naming what is wrong, before any launch."""
-    if x.ndim != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"x and residual must be [R, D] arrays of one shape and dtype; got {x.dtype} {x.shape} and "
-                         f"{residual.dtype} {residual.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be a float array; got {x.dtype}")
-    if scale.shape != (x.shape[1],) or scale.dtype != x.dtype:
-        raise ValueError(f"scale must be [D] = ({x.shape[1]},) in x's dtype {x.dtype}; got {scale.dtype} "
+    partials = x.ndim == 3 and x.dtype == jnp.float32 and x.shape[1:] == residual.shape
+    if residual.ndim != 2 or not (partials or (residual.shape == x.shape and residual.dtype == x.dtype)):
+        raise ValueError(f"x and residual must be [R, D] arrays of one shape and dtype, or x float32 partial sums "
+                         f"[S, R, D]; got {x.dtype} {x.shape} and {residual.dtype} {residual.shape}")
+    if not jnp.issubdtype(residual.dtype, jnp.floating):
+        raise ValueError(f"residual must be a float array; got {residual.dtype}")
+    d = residual.shape[1]
+    if scale.shape != (d,) or scale.dtype != residual.dtype:
+        raise ValueError(f"scale must be [D] = ({d},) in the residual's dtype {residual.dtype}; got {scale.dtype} "
                          f"{scale.shape}")
 
 
 def _launch(x, residual, scale, eps, block_r, num_warps, interpret):
-    r, d = x.shape
+    r, d = residual.shape
+    splits = x.shape[0] if x.ndim == 3 else 0
     dp = 1 << max(0, (d - 1).bit_length())
-    kernel = functools.partial(_kernel, d=d, dp=dp, rows=block_r, total_rows=r, eps=float(eps))
+    kernel = functools.partial(_kernel, d=d, dp=dp, rows=block_r, total_rows=r, eps=float(eps), splits=splits)
     row_spec = pl.BlockSpec((block_r, d), lambda i: (i, 0))
-    out = jax.ShapeDtypeStruct((r, d), x.dtype)
+    x_spec = pl.BlockSpec((splits, block_r, d), lambda i: (0, i, 0)) if splits else row_spec
+    out = jax.ShapeDtypeStruct((r, d), residual.dtype)
     return pl.pallas_call(
-        kernel, grid=(pl.cdiv(r, block_r),), in_specs=[row_spec, row_spec, pl.BlockSpec((d,), lambda i: (0,))],
+        kernel, grid=(pl.cdiv(r, block_r),), in_specs=[x_spec, row_spec, pl.BlockSpec((d,), lambda i: (0,))],
         out_specs=[row_spec, row_spec], out_shape=[out, out],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
         name="add_rms_norm",
@@ -93,7 +109,8 @@ _differentiable.defvjp(_fwd, _bwd)
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_r", "num_warps", "interpret"))
 def add_rms_norm(x, residual, scale, *, eps: float, block_r: int = 1, num_warps: int = 4, interpret: bool = False):
-    """x, residual [R, D], scale [D] (all one float dtype) -> (y, s) [R, D]; see the module docstring.
+    """x, residual [R, D], scale [D] (all one float dtype; or x float32 partial sums [S, R, D]) -> (y, s) [R, D];
+    see the module docstring.
     Differentiable: reverse mode takes the reference's VJP."""
     check_inputs(x, residual, scale)
     if block_r < 1 or block_r & (block_r - 1) or num_warps not in (1, 2, 4, 8, 16, 32):

@@ -44,10 +44,11 @@ class Attention(nnx.Module):
         return q, k, v
 
     def __call__(self, x: jax.Array, positions: jax.Array, *, layer: int, cache=None,
-                 attention_mask: jax.Array | None = None):
+                 attention_mask: jax.Array | None = None, partials: bool = False):
         """x: [B, T, D]; positions: [B, T]; attention_mask: [B, T] (1 = real token) for the cache-free path.
 
-        Returns ``(out [B, T, D], cache)``. Without a cache, attention is causal over the T tokens given;
+        Returns ``(out [B, T, D], cache)``; with ``partials`` out may be o_proj's split-K partial sums
+        [S, B, T, D] float32 (``Linear``). Without a cache, attention is causal over the T tokens given;
         with one, ``cache.attend`` writes k/v for this layer and attends over everything cached so far, or, for a
         dense cache's fused decode step, ``cache.attend_rows`` takes the projection rows whole and applies RoPE
         in the kernel (the projection then ends in one XLA fusion).
@@ -68,7 +69,7 @@ class Attention(nnx.Module):
             out = gqa_attention(q, k, v, mask, scale=scale)
         b, t = x.shape[:2]
         out = constrain(out, ("batch", "sequence", "heads", None))
-        return self.o_proj(out.reshape(b, t, -1)), cache
+        return self.o_proj(out.reshape(b, t, -1), partials=partials), cache
 
     def _takes_rows(self, cache, qkv) -> bool:
         """The cache's fused decode step takes this projection whole (HF column order: one group)."""

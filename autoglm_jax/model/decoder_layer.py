@@ -30,15 +30,18 @@ class DecoderLayer(nnx.Module):
         return h + m, cache
 
     def step(self, x: jax.Array, residual: jax.Array | None, positions: jax.Array, *, layer: int, cache=None,
-             attention_mask=None):
+             attention_mask=None, partials: bool = False):
         """The layer on a residual stream whose last add is pending: its input is ``x + residual`` (residual
-        None: x itself). Returns ``(m, h, cache)``: the output is ``h + m``, left to the next norm's fused add."""
+        None: x itself). Returns ``(m, h, cache)``: the output is ``h + m``, left to the next norm's fused add.
+        With ``partials``, x and m may be split-K partial sums [S, B, T, D] (``Linear``; not where a post-norm
+        needs the whole output first)."""
         x, h = self.input_norm.add_and_norm(x, residual)
-        a, cache = self.attn(x, positions, layer=layer, cache=cache, attention_mask=attention_mask)
+        a, cache = self.attn(x, positions, layer=layer, cache=cache, attention_mask=attention_mask,
+                             partials=partials and self.post_attn_norm is None)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
         x, h = self.mlp_norm.add_and_norm(checkpoint_name(a, ATTENTION_OUT), h)
-        m = self.mlp(x)
+        m = self.mlp(x, partials=partials and self.post_mlp_norm is None)
         if self.post_mlp_norm is not None:
             m = self.post_mlp_norm(m)
         return checkpoint_name(m, MLP_OUT), h, cache

@@ -69,12 +69,14 @@ class GLMForCausalLM(nnx.Module):
                                  policy=remat_policy(self.remat))
                 h = constrain(step(layer, h, positions, attention_mask), axes)
             return self.final_norm(h), cache
-        # Each layer leaves its last residual add to the next norm (one fused add + norm launch on the GPU).
+        # Each layer leaves its last residual add to the next norm (one fused add + norm launch on the GPU), which
+        # also sums the split-K partials that o_proj / down_proj may hand it (one device only: no constraint).
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual, cache = layer.step(h, residual, positions, layer=i, cache=cache,
-                                            attention_mask=attention_mask)
-            h, residual = constrain(h, axes), constrain(residual, axes)
+                                            attention_mask=attention_mask, partials=True)
+            h = constrain(h, axes) if h.ndim == residual.ndim else h
+            residual = constrain(residual, axes)
         return self.final_norm.add_and_norm(h, residual)[0], cache
 
     def logits(self, h: jax.Array) -> jax.Array:

@@ -1,13 +1,26 @@
-"""GLM's MLP: a fused gate/up projection and SwiGLU, then the down projection."""
+"""GLM's MLP: a fused gate/up projection and SwiGLU, then the down projection.
+
+In a decode step (``partials=True``) on a GPU, the projection and SwiGLU may run as one Pallas kernel
+(``kernels_pallas.glu_matmul``: SwiGLU in the matmul's epilogue) where that kernel is tuned faster than XLA's dot
+and SwiGLU fusion for this (M, D, 2F), and down_proj may return split-K partial sums (``Linear``).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import jax
 from flax import nnx
 
+from kernels_pallas.glu_matmul import GluBlocks, glu_matmul, tuned_blocks
+from kernels_pallas.paged_attention import device_kind
+from kernels_pallas.splitk_matmul import ROWS
 from sharding.partition import constrain
 
-from .linear import Linear
+from .linear import Linear, gpu_kernels_on
+
+GLU_KERNELS = ("auto", "xla")
 
 
 class MLP(nnx.Module):
@@ -19,12 +32,35 @@ class MLP(nnx.Module):
         # gate_up_proj columns come in this many groups [gate_g | up_g] (1 = the HF order [gate | up]);
         # sharding/layout.py sets it to the tensor degree so each shard's columns are one group.
         self.gate_up_groups = 1
+        # partials=True: "auto" takes the tuned glu_matmul kernel (GPU, 16-bit, one device), "xla" never, a
+        # GluBlocks wherever the kernel takes M (interpret mode off GPU: tests).
+        self.glu_kernel: str | GluBlocks = "auto"
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, T, D] -> [B, T, D]."""
+    def __call__(self, x: jax.Array, *, partials: bool = False) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D] (with ``partials``, maybe down_proj's split-K partial sums [S, B, T, D]
+        float32: ``Linear``)."""
+        blocks = self._glu_blocks(x) if partials else None
+        if blocks is not None:
+            lin = self.gate_up_proj
+            hidden = glu_matmul(x.reshape(-1, lin.in_features).astype(lin.dtype), lin.kernel[...].astype(lin.dtype),
+                                **dataclasses.asdict(blocks), interpret=jax.default_backend() != "gpu")
+            return self.down_proj(hidden.reshape(*x.shape[:-1], -1), partials=partials)
         g = self.gate_up_groups
         gate_up = self.gate_up_proj(x)  # [B, T, 2F]
         gate_up = gate_up.reshape(*gate_up.shape[:-1], g, gate_up.shape[-1] // g)  # [B, T, groups, 2F / groups]
         gate, up = (z.reshape(*x.shape[:-1], -1) for z in jax.numpy.split(gate_up, 2, axis=-1))  # [B, T, F]
         hidden = constrain(up * jax.nn.silu(gate), ("batch", "sequence", "mlp"))
-        return self.down_proj(hidden)
+        return self.down_proj(hidden, partials=partials)
+
+    def _glu_blocks(self, x) -> GluBlocks | None:
+        lin = self.gate_up_proj
+        if not isinstance(lin, Linear) or lin.bias is not None or self.gate_up_groups != 1:
+            return None  # quantized, biased or sharded-column projections take XLA's path
+        m = math.prod(x.shape[:-1])
+        if isinstance(self.glu_kernel, GluBlocks):
+            return self.glu_kernel if m in ROWS else None
+        if self.glu_kernel not in GLU_KERNELS:
+            raise ValueError(f"MLP.glu_kernel={self.glu_kernel!r}; allowed: {GLU_KERNELS} or a GluBlocks")
+        if self.glu_kernel == "xla" or not gpu_kernels_on(lin.dtype):
+            return None
+        return tuned_blocks(device_kind(), m, lin.in_features, lin.out_features)

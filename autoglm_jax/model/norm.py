@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels_pallas.add_rms_norm import add_rms_norm
-from sharding.partition import on_one_device
+
+from .linear import gpu_kernels_on
 
 FUSED_KERNELS = ("auto", "pallas", "xla")
 
@@ -33,7 +34,12 @@ class RMSNorm(nnx.Module):
 
     def add_and_norm(self, x: jax.Array, residual: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """x, residual: [..., D] (residual None: nothing to add) -> (norm(s), s) with s = x + residual in the
-        compute dtype: the normed input of the next block and the new residual stream."""
+        compute dtype: the normed input of the next block and the new residual stream. x may also be float32
+        split-K partial sums [S, ..., D] of the matmul that made it (``Linear(partials=True)``), summed here."""
+        if residual is not None and x.ndim == residual.ndim + 1:  # partial sums
+            if self._fused_on(residual):
+                return self._fused(x.reshape(x.shape[0], -1, x.shape[-1]), residual)
+            x = jnp.sum(x, axis=0)
         x = x.astype(self.dtype)
         if residual is None:
             return self(x), x
@@ -41,8 +47,13 @@ class RMSNorm(nnx.Module):
         if not self._fused_on(x):
             s = x + residual
             return self(s), s
-        shape = x.shape
-        y, s = add_rms_norm(x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]),
+        return self._fused(x.reshape(-1, x.shape[-1]), residual)
+
+    def _fused(self, x, residual):
+        """add_rms_norm on x [R, D] (or partials [S, R, D]) and residual [..., D] -> (y, s) shaped as residual."""
+        shape = residual.shape
+        residual = residual.astype(self.dtype)
+        y, s = add_rms_norm(x, residual.reshape(-1, shape[-1]),
                             self.scale[...].astype(self.dtype), eps=self.eps,
                             interpret=jax.default_backend() != "gpu")
         return y.reshape(shape), s.reshape(shape)
@@ -52,4 +63,4 @@ class RMSNorm(nnx.Module):
             raise ValueError(f"RMSNorm.fused_kernel={self.fused_kernel!r}; allowed: {FUSED_KERNELS}")
         if self.fused_kernel != "auto":
             return self.fused_kernel == "pallas"
-        return jax.default_backend() == "gpu" and jnp.dtype(self.dtype).itemsize == 2 and on_one_device()
+        return gpu_kernels_on(self.dtype)

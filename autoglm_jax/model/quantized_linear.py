@@ -94,8 +94,9 @@ class QuantizedLinear(nnx.Module):
             return W8A8Weight(qweight=self.qweight[...], scale=self.scale[...])
         return Int8Weight(qweight=self.qweight[...], scale=self.scale[...], k_major=self.k_major)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., I] -> [..., O] in the compute dtype."""
+    def __call__(self, x: jax.Array, *, partials: bool = False) -> jax.Array:
+        """x: [..., I] -> [..., O] in the compute dtype (``partials``, as ``Linear`` takes it: always y here)."""
+        del partials
         bias = None if self.bias is None else self.bias[...]
         act_scale = None if getattr(self, "act_scale", None) is None else self.act_scale[...]
         return quantized_matmul(x.astype(self.dtype), self.weight(), bias=bias, out_dtype=self.dtype,
