@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .splitk_matmul import ROWS, tuned_entry
+from .splitk_matmul import check_operands, tuned_entry
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned", "glu_matmul.json")
 
@@ -67,20 +67,8 @@ def _kernel(*refs, block_k: int, k_total: int, aliased: bool):
 
 def check_inputs(x, w, *, block_n: int, block_k: int, num_warps: int, num_stages: int) -> None:
     """Raise ValueError naming what is wrong, before any launch."""
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or w.shape[1] % 2:
-        raise ValueError(f"x must be [M, K] and w [K, 2F] with the same K; got x {x.shape} and w {w.shape}")
-    if x.shape[0] not in ROWS:
-        raise ValueError(f"x must have M in {ROWS} rows (the tensor-core dot's shapes); got M = {x.shape[0]}")
-    if x.dtype != w.dtype or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x and w must share one float dtype; got {x.dtype} and {w.dtype}")
-    for name, v in (("block_n", block_n), ("block_k", block_k)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two >= 16; got {v}")
-    k, f = w.shape[0], w.shape[1] // 2
-    if k % block_k or f % block_n:
-        raise ValueError(f"K = {k} must be a multiple of block_k = {block_k} and F = {f} of block_n = {block_n}")
-    if num_warps not in (1, 2, 4, 8, 16) or num_stages < 1:
-        raise ValueError(f"num_warps must be a power of two <= 16 and num_stages >= 1; got {num_warps}, {num_stages}")
+    check_operands(x, w, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages, cols="F",
+                   col_div=2)
 
 
 def _launch(x, w, out, block_n, block_k, num_warps, num_stages, interpret):

@@ -75,10 +75,13 @@ def _kernel(*refs, block_k: int, k_total: int, split_k: int, aliased: bool):
     o_ref[...] = acc
 
 
-def check_inputs(x, w, *, block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int) -> None:
-    """Raise ValueError naming what is wrong, before any launch."""
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"x must be [M, K] and w [K, N] with the same K; got x {x.shape} and w {w.shape}")
+def check_operands(x, w, *, block_n: int, block_k: int, num_warps: int, num_stages: int, cols: str = "N",
+                   col_div: int = 1) -> None:
+    """The checks this kernel and ``glu_matmul`` share: x [M, K] (M in ROWS), w [K, cols * col_div], one float dtype,
+    power-of-two blocks dividing K and cols. Raises ValueError naming what is wrong."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or w.shape[1] % col_div:
+        shape = "N" if col_div == 1 else f"{col_div}{cols}"
+        raise ValueError(f"x must be [M, K] and w [K, {shape}] with the same K; got x {x.shape} and w {w.shape}")
     if x.shape[0] not in ROWS:
         raise ValueError(f"x must have M in {ROWS} rows (the tensor-core dot's shapes); got M = {x.shape[0]}")
     if x.dtype != w.dtype or not jnp.issubdtype(x.dtype, jnp.floating):
@@ -86,13 +89,18 @@ def check_inputs(x, w, *, block_n: int, block_k: int, split_k: int, num_warps: i
     for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16; got {v}")
-    k, n = w.shape
+    k, n = w.shape[0], w.shape[1] // col_div
     if k % block_k or n % block_n:
-        raise ValueError(f"K = {k} must be a multiple of block_k = {block_k} and N = {n} of block_n = {block_n}")
-    if not 1 <= split_k <= k // block_k:
-        raise ValueError(f"split_k must be in [1, K / block_k = {k // block_k}]; got {split_k}")
+        raise ValueError(f"K = {k} must be a multiple of block_k = {block_k} and {cols} = {n} of block_n = {block_n}")
     if num_warps not in (1, 2, 4, 8, 16) or num_stages < 1:
         raise ValueError(f"num_warps must be a power of two <= 16 and num_stages >= 1; got {num_warps}, {num_stages}")
+
+
+def check_inputs(x, w, *, block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int) -> None:
+    """Raise ValueError naming what is wrong, before any launch."""
+    check_operands(x, w, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    if not 1 <= split_k <= w.shape[0] // block_k:
+        raise ValueError(f"split_k must be in [1, K / block_k = {w.shape[0] // block_k}]; got {split_k}")
 
 
 def _launch(x, w, out, block_n, block_k, split_k, num_warps, num_stages, interpret):
