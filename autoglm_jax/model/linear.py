@@ -22,12 +22,25 @@ from kernels_pallas.paged_attention import device_kind
 from kernels_pallas.splitk_matmul import ROWS, SplitKBlocks, splitk_matmul, tuned_blocks
 from sharding.partition import on_one_device
 
-SPLITK = ("auto", "xla")
+SETTINGS = ("auto", "xla")  # Linear.splitk and MLP.glu_kernel, besides their blocks
 
 
 def gpu_kernels_on(dtype) -> bool:
     """Where "auto" takes the decode-step Pallas kernels: a GPU, 16-bit compute, no multi-device mesh."""
     return jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 and on_one_device()
+
+
+def decode_blocks(setting, blocks_type: type, m: int, dtype, tuned, name: str):
+    """The block sizes a decode-site kernel runs with for M rows, or None for XLA's path. ``setting``: a
+    ``blocks_type`` (forced, wherever the kernel takes M; interpret mode off GPU: tests), "xla" (never) or "auto"
+    (``tuned(device_kind, m)`` where ``gpu_kernels_on(dtype)``); ``name`` (e.g. "Linear.splitk") for the error."""
+    if isinstance(setting, blocks_type):
+        return setting if m in ROWS else None
+    if setting not in SETTINGS:
+        raise ValueError(f"{name}={setting!r}; allowed: {SETTINGS} or a {blocks_type.__name__}")
+    if setting == "xla" or not gpu_kernels_on(dtype):
+        return None
+    return tuned(device_kind(), m)
 
 
 class Linear(nnx.Module):
@@ -60,11 +73,5 @@ class Linear(nnx.Module):
         return y
 
     def _splitk_blocks(self, x) -> SplitKBlocks | None:
-        m = math.prod(x.shape[:-1])
-        if isinstance(self.splitk, SplitKBlocks):
-            return self.splitk if m in ROWS else None
-        if self.splitk not in SPLITK:
-            raise ValueError(f"Linear.splitk={self.splitk!r}; allowed: {SPLITK} or a SplitKBlocks")
-        if self.splitk == "xla" or not gpu_kernels_on(self.dtype):
-            return None
-        return tuned_blocks(device_kind(), m, self.in_features, self.out_features)
+        return decode_blocks(self.splitk, SplitKBlocks, math.prod(x.shape[:-1]), self.dtype,
+                             lambda dev, m: tuned_blocks(dev, m, self.in_features, self.out_features), "Linear.splitk")

@@ -14,13 +14,9 @@ import jax
 from flax import nnx
 
 from kernels_pallas.glu_matmul import GluBlocks, glu_matmul, tuned_blocks
-from kernels_pallas.paged_attention import device_kind
-from kernels_pallas.splitk_matmul import ROWS
 from sharding.partition import constrain
 
-from .linear import Linear, gpu_kernels_on
-
-GLU_KERNELS = ("auto", "xla")
+from .linear import Linear, decode_blocks
 
 
 class MLP(nnx.Module):
@@ -56,11 +52,5 @@ class MLP(nnx.Module):
         lin = self.gate_up_proj
         if not isinstance(lin, Linear) or lin.bias is not None or self.gate_up_groups != 1:
             return None  # quantized, biased or sharded-column projections take XLA's path
-        m = math.prod(x.shape[:-1])
-        if isinstance(self.glu_kernel, GluBlocks):
-            return self.glu_kernel if m in ROWS else None
-        if self.glu_kernel not in GLU_KERNELS:
-            raise ValueError(f"MLP.glu_kernel={self.glu_kernel!r}; allowed: {GLU_KERNELS} or a GluBlocks")
-        if self.glu_kernel == "xla" or not gpu_kernels_on(lin.dtype):
-            return None
-        return tuned_blocks(device_kind(), m, lin.in_features, lin.out_features)
+        return decode_blocks(self.glu_kernel, GluBlocks, math.prod(x.shape[:-1]), lin.dtype,
+                             lambda dev, m: tuned_blocks(dev, m, lin.in_features, lin.out_features), "MLP.glu_kernel")

@@ -38,7 +38,7 @@ class RMSNorm(nnx.Module):
         split-K partial sums [S, ..., D] of the matmul that made it (``Linear(partials=True)``), summed here."""
         if residual is not None and x.ndim == residual.ndim + 1:  # partial sums
             if self._fused_on(residual):
-                return self._fused(x.reshape(x.shape[0], -1, x.shape[-1]), residual)
+                return self._fused(x, residual)
             x = jnp.sum(x, axis=0)
         x = x.astype(self.dtype)
         if residual is None:
@@ -47,13 +47,13 @@ class RMSNorm(nnx.Module):
         if not self._fused_on(x):
             s = x + residual
             return self(s), s
-        return self._fused(x.reshape(-1, x.shape[-1]), residual)
+        return self._fused(x, residual)
 
     def _fused(self, x, residual):
-        """add_rms_norm on x [R, D] (or partials [S, R, D]) and residual [..., D] -> (y, s) shaped as residual."""
+        """add_rms_norm on x [..., D] (or partials [S, ..., D]) and residual [..., D] -> (y, s) shaped as residual."""
         shape = residual.shape
-        residual = residual.astype(self.dtype)
-        y, s = add_rms_norm(x, residual.reshape(-1, shape[-1]),
+        rows = x.reshape(*x.shape[:x.ndim - residual.ndim], -1, shape[-1])  # [R, D] or [S, R, D]
+        y, s = add_rms_norm(rows, residual.astype(self.dtype).reshape(-1, shape[-1]),
                             self.scale[...].astype(self.dtype), eps=self.eps,
                             interpret=jax.default_backend() != "gpu")
         return y.reshape(shape), s.reshape(shape)
