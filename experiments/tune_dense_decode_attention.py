@@ -61,6 +61,10 @@ def main():
     # 4 layers a call timed the host's dispatch at batch 1 (13.5 us a layer for a 6.5 us kernel, session 10)
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--out", default=str(dda.TUNED_PATH.parent))
+    ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--block-s", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     args = ap.parse_args()
     dev = jax.devices()[0].device_kind
     bw = bench_common.measure_copy_bandwidth(2 << 30)
@@ -74,7 +78,7 @@ def main():
         pos = jnp.full((b,), args.position, jnp.int32)
         nbytes = 2 * b * K * (args.position + 1) * H * 2  # keys and values read (the cache as far as attended)
         cands = [dict(splits=s, block_s=bs, num_warps=w, num_stages=st)
-                 for s, bs, w, st in itertools.product((1, 2, 4, 8), (32, 64, 128), (4, 8), (2, 3))]
+                 for s, bs, w, st in itertools.product(args.splits, args.block_s, args.warps, args.stages)]
         paths = [("xla", None)] + [("kernel", c) for c in cands]
         def cache(j):  # [B, K, S, H], fresh per path: time_layers donates it
             return jax.random.normal(jax.random.fold_in(kc, j), (b, K, args.max_len, H)).astype(jnp.bfloat16)
