@@ -31,6 +31,10 @@ VARIANTS = {
     "cublaslt_gemm": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true",
     # a wider search over Triton GEMM tilings at compile time
     "exhaustive_tiling": "--xla_gpu_exhaustive_tiling_search=true",
+    # Programmatic Dependent Launch (Hopper+): XLA's own kernels may launch before their predecessor ends and wait
+    # in-kernel (griddepcontrol), hiding launch latency
+    "pdl_on": "--xla_gpu_enable_pdl=true",
+    "pdl_off": "--xla_gpu_enable_pdl=false",
 }
 
 

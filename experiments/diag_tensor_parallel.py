@@ -44,6 +44,8 @@ def gpu_activity(xplane: str, steps: int, top: int) -> dict:
         count = collections.Counter()
         by_kind = collections.Counter()  # op names without their numeric suffixes: one entry per kind of op
         kind_count = collections.Counter()
+        by_kernel = collections.Counter()  # the launched kernel's own name (a Pallas kernel's name= shows here)
+        kernel_count = collections.Counter()
         spans = []
         for line in plane.lines:
             if not line.name.lower().startswith("stream"):
@@ -56,6 +58,8 @@ def gpu_activity(xplane: str, steps: int, top: int) -> dict:
                 kind = re.sub(r"[._]\d+", "", name)
                 by_kind[kind] += ev.duration_ns
                 kind_count[kind] += 1
+                by_kernel[ev.name] += ev.duration_ns
+                kernel_count[ev.name] += 1
                 spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
         if not spans:
             continue
@@ -76,7 +80,9 @@ def gpu_activity(xplane: str, steps: int, top: int) -> dict:
             "top_ops": [{"name": k, "us_per_step": v / steps / 1e3, "calls_per_step": count[k] / steps}
                         for k, v in by_name.most_common(top)],
             "top_kinds": [{"name": k, "us_per_step": v / steps / 1e3, "calls_per_step": kind_count[k] / steps}
-                          for k, v in by_kind.most_common(top)]}
+                          for k, v in by_kind.most_common(top)],
+            "top_kernels": [{"name": k, "us_per_step": v / steps / 1e3, "calls_per_step": kernel_count[k] / steps}
+                            for k, v in by_kernel.most_common(top)]}
     return out
 
 

@@ -65,6 +65,8 @@ def main():
     ap.add_argument("--block-s", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--rows", action="store_true", help="time the rows entry the model runs (qkv rows, RoPE in the "
+                    "kernel) instead of the q / k / v one")
     args = ap.parse_args()
     dev = jax.devices()[0].device_kind
     bw = bench_common.measure_copy_bandwidth(2 << 30)
@@ -83,10 +85,19 @@ def main():
         def cache(j):  # [B, K, S, H], fresh per path: time_layers donates it
             return jax.random.normal(jax.random.fold_in(kc, j), (b, K, args.max_len, H)).astype(jnp.bfloat16)
 
+        qkv = jnp.concatenate([q, kn, vn], axis=1)  # [B, N + 2K, H]
+        angle = jax.random.uniform(kc, (b, H), jnp.float32, 0, 6.3)
+        cos, sin = jnp.cos(angle).astype(jnp.bfloat16), jnp.sin(angle).astype(jnp.bfloat16)
+
+        def entry(c):
+            kw = dict(backend="reference") if c is None else c
+            if args.rows:  # (q, kn, vn) are ignored: the rows are qkv's
+                return lambda q_, kn_, vn_, ck, cv, p: dda.dense_decode_attention_rows(qkv, ck, cv, p, cos, sin, **kw)
+            return lambda *a: dda.dense_decode_attention(*a, **kw)
+
         for name, c in paths:
             caches = [(cache(2 * i), cache(2 * i + 1)) for i in range(args.layers)]
-            fn = ((lambda *a: dda.dense_decode_attention(*a, backend="reference")) if c is None else
-                  (lambda *a, c=c: dda.dense_decode_attention(*a, **c)))
+            fn = entry(c)
             try:
                 t = time_layers(fn, q, kn, vn, caches, pos)
             except Exception as e:  # noqa: BLE001 - an illegal tile is reported and skipped
@@ -108,7 +119,8 @@ def main():
                  "per batch; lookup takes the nearest batch.", "entries": table}, indent=1))
     (out / "dense_decode_attention_sweep.json").write_text(json.dumps(
         dict(device=dev, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=bench_common.versions(),
-             copy_bw_tbs=bw / 1e12, max_len=args.max_len, position=args.position, rows=rows), indent=1))
+             copy_bw_tbs=bw / 1e12, max_len=args.max_len, position=args.position,
+             entry="rows" if args.rows else "q/k/v", rows=rows), indent=1))
     for b, (t, c) in sorted(best.items()):
         x = next((r["us"] for r in rows if r["batch"] == b and r["path"] == "xla"), float("nan"))
         print(f"batch {b}: best {c} {t * 1e6:.1f} us; XLA path {x:.1f} us ({x / (t * 1e6):.2f}x)")

@@ -23,8 +23,9 @@ program reads the slot being written. Every split writes the new row into the ca
 several, each writes its normalized partial output and log-sum-exp and ``_combine`` merges them in XLA:
 ``out = sum_s e^(lse_s - M) o_s / sum_s e^(lse_s - M)``; an empty split carries lse = -1e30 and weighs nothing.
 Replaces, in a GLM decode step, XLA's two cache scatters, two batched GEMMs and a three-kernel softmax. The rows
-kernel loads its heads from row b of qkv (q: a masked 16-row tile when G < 16) and swaps pairs by a product
-with a 0/1 permutation matrix (exact: one nonzero term per output; no gathers).
+kernel loads its heads from row b of qkv (q: a masked 16-row tile when G < 16) and the pair-swapped copy of q and k
+by a second load of the same bytes with column index ``c ^ 1`` (an L1 hit; building a 0/1 permutation matrix for a
+product, as before, was a quarter of a batch-32 program's instructions).
 
 Block sizes (keyword-only, static): splits, block_s, num_warps, num_stages; when None they come from
 kernels_pallas/tuned/dense_decode_attention.json (written by experiments/tune_dense_decode_attention.py; nearest
@@ -160,29 +161,27 @@ def _kernel(pos_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, *refs, poisoned: boo
             *outs, **kw)
 
 
-def _swap_pairs(x):
-    """x [R, H] (R >= 16) -> float32 [R, H], features 2i and 2i+1 exchanged (exact; float32 without TF32)."""
-    h = x.shape[1]
-    rows, cols = lax.broadcasted_iota(jnp.int32, (h, h), 0), lax.broadcasted_iota(jnp.int32, (h, h), 1)
-    perm = (rows == (cols ^ 1)).astype(x.dtype)
-    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    return jnp.dot(x, perm, precision=precision, preferred_element_type=jnp.float32)
-
-
 def _rows_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, *refs, groups: int, padded: int,
                  kv_heads: int, poisoned: bool, **kw):
     outs = refs[2:] if poisoned else refs
     k = pl.program_id(1)
     n, h = groups * kv_heads, qkv_ref.shape[1]
     cos, sin = cos_ref[...].astype(jnp.float32)[None, :], sin_ref[...].astype(jnp.float32)[None, :]
-    rotate = lambda x: x.astype(jnp.float32) * cos + _swap_pairs(x) * sin  # [R, H] float32, as rotate_pairs
-    heads = (jnp.arange(padded) < groups)[:, None]  # rows past the G heads load as zeros (outputs dropped)
-    q = pltriton.load(qkv_ref.at[pl.ds(k * groups, padded), :], mask=heads, other=0)
-    kn = qkv_ref[pl.ds(n + k, 1), :]  # [1, H]
+
+    def rotated(first, rows, mask=None):
+        """Rows first .. first + rows - 1 of qkv, RoPE applied (``rotate_pairs``): the pair-swapped copy is a second
+        load of the same bytes with column index c ^ 1 (an L1 hit)."""
+        at = jnp.broadcast_to(first + jnp.arange(rows)[:, None], (rows, h))
+        swap = jnp.broadcast_to(jnp.arange(h)[None, :] ^ 1, (rows, h))
+        other = None if mask is None else 0
+        x = pltriton.load(qkv_ref.at[pl.ds(first, rows), :], mask=mask, other=other).astype(jnp.float32)
+        xs = pltriton.load(qkv_ref.at[at, swap], mask=mask, other=other).astype(jnp.float32)
+        return (x * cos + xs * sin).astype(qkv_ref.dtype)
+
+    q = rotated(k * groups, padded, (jnp.arange(padded) < groups)[:, None])  # rows past the G heads: zeros (dropped)
+    kn = rotated(n + k, 1)  # [1, H]
     vn = qkv_ref[pl.ds(n + kv_heads + k, 1), :]
-    kt = rotate(jnp.broadcast_to(kn, (16, h)))  # 16 equal rows: the product's smallest tile; any row is the answer
-    kn = jnp.max(kt, axis=0)[None, :].astype(qkv_ref.dtype)
-    _attend(rotate(q).astype(qkv_ref.dtype), kn, vn, pos_ref[pl.program_id(0)], kc_ref, vc_ref, *outs, **kw)
+    _attend(q, kn, vn, pos_ref[pl.program_id(0)], kc_ref, vc_ref, *outs, **kw)
 
 
 def _combine(o, lse):
