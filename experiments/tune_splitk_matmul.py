@@ -127,7 +127,8 @@ def main():
                 if err > 2e-2:
                     raise AssertionError(f"relative error {err:.3g}")
                 t = bench_common.gpu_span_per_call(site_fn(cfg, with_norm, shape=shape), x, ws, r, scale) / layers
-                tm = t if not with_norm else bench_common.gpu_span_per_call(site_fn(cfg, False), x, ws, r, scale) / layers
+                tm = (t if not with_norm else
+                      bench_common.gpu_span_per_call(site_fn(cfg, False), x, ws, r, scale) / layers)
             except Exception as e:  # noqa: BLE001 - an illegal tile is reported and skipped
                 print(f"skip m={m} {shape} {cfg}: {bench_common.error_text(e)}", flush=True)
                 continue
@@ -160,8 +161,8 @@ def main():
         table += [dict(device=dev, m=m, k=k, n=n, shape=shape, us=round(t * 1e6, 2), config=c if c else "xla")
                   for (m, k, n), (t, c, shape) in sorted(mine.items())]
         (out / Path(path).name).write_text(json.dumps(
-            {"_doc": f"Written by experiments/tune_splitk_matmul.py: per device kind and (M, K, N), the fastest {what}, "
-                     "or \"xla\" where XLA's path was faster.", "entries": table}, indent=1))
+            {"_doc": f"Written by experiments/tune_splitk_matmul.py: per device kind and (M, K, N), the fastest "
+                     f"{what}, or \"xla\" where XLA's path was faster.", "entries": table}, indent=1))
     summary = {}
     for (m, k, n), (t, c, shape) in sorted(best.items()):
         xla = next(r for r in rows if r["m"] == m and r["shape"] == shape and r["path"] == "xla")

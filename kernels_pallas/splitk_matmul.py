@@ -10,8 +10,9 @@ of its own (2-3 us a call at batch 32). Here the partials are the output: the ke
 (``add_rms_norm`` with ``x`` [S, R, D]) sums them while it loads them, and that fusion is gone.
 
 Grid ``(N / block_n, S)``: each program holds all M rows (M a power of two from 16 to 128: the tensor-core dot's
-shapes; other M take XLA's dot) and a ``[block_k, block_n]`` weight tile a step; ``num_stages`` asks Triton to keep that many tiles in flight. K must be a multiple of
-``block_k``; when the steps do not divide evenly over the splits the last split runs fewer.
+shapes; other M take XLA's dot) and a ``[block_k, block_n]`` weight tile a step; ``num_stages`` asks Triton to keep
+that many tiles in flight. K must be a multiple of ``block_k``; when the steps do not divide evenly over the splits
+the last split runs fewer.
 
 Block sizes (keyword-only, static): ``block_n``, ``block_k``, ``split_k``, ``num_warps``, ``num_stages``; tuned sizes
 sit in ``tuned/splitk_matmul.json`` (``experiments/tune_splitk_matmul.py``).
@@ -169,8 +170,9 @@ def tuned_entry(path: str, device_kind: str, m: int, k: int, n: int) -> dict | N
     tuner found XLA faster ("xla"), and for an M the kernels do not take."""
     if m not in ROWS:
         return None
-    fits = [e for e in _table(path).get("entries", []) if (e["device"], e["m"], e["k"], e["n"]) == (device_kind, m, k, n)
-            and e["config"] != "xla"]
+    key = (device_kind, m, k, n)
+    fits = [e for e in _table(path).get("entries", [])
+            if (e["device"], e["m"], e["k"], e["n"]) == key and e["config"] != "xla"]
     return dict(fits[0]["config"]) if fits else None
 
 

@@ -45,7 +45,8 @@ class GluCases:
         want = exact(x, w)
         # gate and up rounded to the dtype once, SwiGLU rounded once: within two roundings of the exact value,
         # as the reference (which rounds at every op) is
-        ulp = {jnp.bfloat16: 2.0 ** -8, jnp.float16: 2.0 ** -11, jnp.float32: 2.0 ** -16}[dtype]  # float32: the sum over K dominates
+        # float32: the sum over K dominates
+        ulp = {jnp.bfloat16: 2.0 ** -8, jnp.float16: 2.0 ** -11, jnp.float32: 2.0 ** -16}[dtype]
         bound = 4 * ulp * (np.abs(want) + np.abs(np.split(np.asarray(x, np.float64) @ np.asarray(w, np.float64), 2,
                                                             axis=-1)[1])) + 2 * ulp * np.abs(want).max()
         for name, y in (("kernel", got), ("reference", ref)):
