@@ -5,7 +5,8 @@ dequantize-then-dot as the candidate ``kernel="xla"``; for int8 also XLA's int8 
 two-digit activations, ``kernel="xla_split"``, at every M) with ``--layers`` distinct weights unrolled in one jit,
 and keep the fastest. Entries for the (device, format, M, K, N) problems tuned now are replaced; all other
 entries are kept.
-A candidate that fails to compile is reported and skipped. ``--budget_s`` bounds the sweep: a problem whose
+A candidate that fails to compile is reported and skipped, and so is one whose output (written into a NaN-poisoned
+buffer) is more than 5e-3 off the jnp reference: every candidate is checked before it is timed. ``--budget_s`` bounds the sweep: a problem whose
 candidate list it cuts keeps its table entry (untuned problems use ``default_config``).
 
     python experiments/tune_qmatmul.py --out $OUT/quantized_matmul.json
@@ -40,7 +41,7 @@ import bench_common  # noqa: E402
 from bench_qmatmul import SHAPES, config_label, gpu_name, layer_timer, layers_for, random_weight  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
 from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
-from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
+from kernels_pallas.quantized_matmul import quantized_matmul, quantized_matmul_reference  # noqa: E402
 
 
 def T(kernel, bm, bn, bk, split, warps, stages, fast=True, prefetch=False, asm=False, bs=False, unroll=0):
@@ -76,6 +77,17 @@ def _int4_asm_candidates(m: int, g: int) -> list[TileConfig]:
                     (128, 256, 2 * g, 1, 8, 3)]))
 
 
+CHECK_TOL = 5e-3  # XLA's path and scale_in_bf16 round each dequantized int4 weight to bfloat16 (~1e-3)
+
+
+def check_against_reference(x, w, cfg: TileConfig) -> float:
+    """Relative error of one layer's output (into a NaN-poisoned buffer) against the jnp reference: every
+    candidate is checked before it is timed."""
+    out = quantized_matmul(x, w, config=cfg, impl="pallas_gpu", out_dtype=jnp.float32, _poison=True)
+    ref = quantized_matmul_reference(x, w, out_dtype=jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
 XLA = TileConfig(kernel="xla")
 XLA_SPLIT = TileConfig(kernel="xla_split")  # Int8Weight only (quantized_matmul.int8_split_matmul)
 
@@ -85,9 +97,16 @@ def _int8_asm_candidates(fmt: str, m: int) -> list[TileConfig]:
     tiles of ``fmt``'s list with ``asm_dequant``, at M=1 too (padded to 16 rows)."""
     if fmt == "int8_kmajor":
         dots = [c for c in _kmajor_candidates(max(m, 8)) if c.kernel == "dot"]
-    else:
-        dots = [c for c in _float_candidates(fmt, max(m, 8)) if c.kernel == "dot"]
-    return [dataclasses.replace(c, asm_dequant=True) for c in dots]
+        return [dataclasses.replace(c, asm_dequant=True) for c in dots]
+    dots = [c for c in _float_candidates(fmt, max(m, 8)) if c.kernel == "dot"]
+    if m > 32:
+        return [dataclasses.replace(c, asm_dequant=True) for c in dots]
+    # narrow column blocks with long K steps: one split (no partial sums to add) and 128 programs on N = 4096
+    bm = 16 if m <= 16 else 32
+    narrow = [T("dot", bm, bn, bk, split, w, st) for bn, bk, split, w, st in (
+        (32, 512, 1, 4, 3), (32, 512, 1, 4, 4), (32, 256, 1, 4, 4), (64, 256, 1, 4, 3), (64, 256, 2, 4, 3),
+        (64, 128, 2, 4, 4), (64, 512, 1, 8, 3))]
+    return [dataclasses.replace(c, asm_dequant=True) for c in dots + narrow] + narrow
 
 
 def candidates(fmt: str, m: int) -> list[TileConfig]:
@@ -252,6 +271,10 @@ def main():
                     impl = "pallas_gpu"  # an XLA kind of config routes to its XLA path
                     fn = lambda x, w, cfg=cfg, impl=impl: quantized_matmul(x, w, config=cfg, impl=impl)
                     try:
+                        err = check_against_reference(x, ws[0], cfg)
+                        if not err < CHECK_TOL:
+                            print(f"WRONG {fmt} {shape} M={m} {cfg}: relative error {err:.2e}", flush=True)
+                            continue
                         cs, measure = layer_timer(fn, x, ws, min_sample_s=0.01, samples=5, timing=args.timing)
                         times = [measure()]
                     except Exception as e:
