@@ -6,8 +6,9 @@ two-digit activations, ``kernel="xla_split"``, at every M) with ``--layers`` dis
 and keep the fastest. Entries for the (device, format, M, K, N) problems tuned now are replaced; all other
 entries are kept.
 A candidate that fails to compile is reported and skipped, and so is one whose output (written into a NaN-poisoned
-buffer) is more than 5e-3 off the jnp reference: every candidate is checked before it is timed. ``--budget_s`` bounds the sweep: a problem whose
-candidate list it cuts keeps its table entry (untuned problems use ``default_config``).
+buffer) is more than 5e-3 off the jnp reference: every candidate is checked before it is timed. ``--budget_s``
+bounds the sweep: a problem whose candidate list it cuts keeps its table entry (untuned problems use
+``default_config``).
 
     python experiments/tune_qmatmul.py --out $OUT/quantized_matmul.json
 
@@ -25,7 +26,6 @@ Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``): the P
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -90,23 +90,6 @@ def check_against_reference(x, w, cfg: TileConfig) -> float:
 
 XLA = TileConfig(kernel="xla")
 XLA_SPLIT = TileConfig(kernel="xla_split")  # Int8Weight only (quantized_matmul.int8_split_matmul)
-
-
-def _int8_asm_candidates(fmt: str, m: int) -> list[TileConfig]:
-    """int8 weights converted to bfloat16 in PTX (``qmatmul_gpu._int8_bf16``) on the tensor-core dot: the dot
-    tiles of ``fmt``'s list with ``asm_dequant``, at M=1 too (padded to 16 rows)."""
-    if fmt == "int8_kmajor":
-        dots = [c for c in _kmajor_candidates(max(m, 8)) if c.kernel == "dot"]
-        return [dataclasses.replace(c, asm_dequant=True) for c in dots]
-    dots = [c for c in _float_candidates(fmt, max(m, 8)) if c.kernel == "dot"]
-    if m > 32:
-        return [dataclasses.replace(c, asm_dequant=True) for c in dots]
-    # narrow column blocks with long K steps: one split (no partial sums to add) and 128 programs on N = 4096
-    bm = 16 if m <= 16 else 32
-    narrow = [T("dot", bm, bn, bk, split, w, st) for bn, bk, split, w, st in (
-        (32, 512, 1, 4, 3), (32, 512, 1, 4, 4), (32, 256, 1, 4, 4), (64, 256, 1, 4, 3), (64, 256, 2, 4, 3),
-        (64, 128, 2, 4, 4), (64, 512, 1, 8, 3))]
-    return [dataclasses.replace(c, asm_dequant=True) for c in dots + narrow] + narrow
 
 
 def candidates(fmt: str, m: int) -> list[TileConfig]:
@@ -230,9 +213,6 @@ def main():
                     help="bench_qmatmul's: a call's GPU span in a profiler trace, or pipelined wall time")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every candidate of a problem this many times, round after round; keep the best median")
-    ap.add_argument("--int8_asm_vs_table", action="store_true",
-                    help="int8 formats only: time the PTX-dequantizing dot tiles against the table's current config "
-                         "for each problem (a short sweep of the new family instead of the whole list)")
     ap.add_argument("--from_bench", default=None,
                     help="add entries for the problems of this bench JSON that the table lacks, then exit")
     args = ap.parse_args()
@@ -257,14 +237,7 @@ def main():
                 ws = [random_weight(kk, fmt, k, n) for kk in keys]
                 x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
                 best, cut, compiled = None, False, []
-                if args.int8_asm_vs_table:
-                    if not fmt.startswith("int8"):
-                        raise SystemExit(f"--int8_asm_vs_table takes int8 formats only; got {fmt}")
-                    incumbent = qmatmul_tiles.lookup(dev, ws[0].name, m, k, n)
-                    cands = [incumbent] + [c for c in _int8_asm_candidates(fmt, m) if c != incumbent]
-                else:
-                    cands = candidates(fmt, m)
-                for cfg in cands:
+                for cfg in candidates(fmt, m):
                     if time.time() - start > args.budget_s:
                         cut = True  # a part of the list is no sweep: keep the table's entry for this problem
                         break

@@ -31,9 +31,6 @@ so the dots accumulate straight into the accumulator with no per-group rescale b
 PTX on the CPU) computes the same values with ``jnp``. An int4 ``block_k`` below the group walks each group in
 ``group / block_k`` steps (fewer live registers; measured no faster on the H100, kept where the tuner picks it).
 
-int8 on the dot with ``asm_dequant``: each byte becomes its exact bfloat16 value in PTX (``_int8_bf16``: per four
-bytes two ``prmt``, four ``lop3`` and two ``fma.bf16x2``, two instructions a weight) where x is bfloat16.
-
 This file knows nothing of dispatch; ``quantized_matmul.py`` validates inputs and picks the config.
 """
 
@@ -101,35 +98,6 @@ def _int4_planes(p, offset: int, interpret: bool):
     return tuple(pltriton.elementwise_inline_asm(asm.replace("SHIFT", _SHIFT[plane]), args=[p],
                                                  constraints="=r,=r,r", pack=4, result_shape_dtypes=[out])[0]
                  for plane in ("lo", "hi"))
-
-
-_ASM_INT8 = """{
-.reg .b32 t0, t1, m0, m1, n0, n1, zero, one;
-mov.b32 zero, 0;
-mov.b32 one, 0x3F803F80;
-prmt.b32 t0, $2, zero, 0x4140;
-prmt.b32 t1, $2, zero, 0x4342;
-lop3.b32 m0, t0, 0x007F007F, 0x43004300, 0xEA;
-lop3.b32 m1, t1, 0x007F007F, 0x43004300, 0xEA;
-lop3.b32 n0, t0, 0x00800080, 0xC300C300, 0xEA;
-lop3.b32 n1, t1, 0x00800080, 0xC300C300, 0xEA;
-fma.rn.bf16x2 $0, m0, one, n0;
-fma.rn.bf16x2 $1, m1, one, n1;
-}"""
-# Four int8 bytes ($2; byte i is element i) -> two bf16x2 registers ($0, $1) holding them exactly. prmt spreads
-# bytes (0, 1) and (2, 3) into 16-bit lanes; for v = u7 - 128 * sign (u7 its low 7 bits) the first lop3 makes the
-# bfloat16 128 + u7 (exact: the spacing of bf16 at 128 is 1), the second -128 (sign 0: 0xC300) or -256 (sign 1:
-# 0xC380, the sign bit landing on the exponent's lowest bit), and the fma adds them: exactly v. Two instructions
-# a weight, against about four for the float32 bit tricks plus the conversion to bfloat16.
-
-
-def _int8_bf16(q, interpret: bool):
-    """int8 tile -> bfloat16 tile of the same values (exact: |v| <= 128 fits bf16's 8 significant bits)."""
-    if interpret:
-        return q.astype(jnp.bfloat16)
-    out = jax.ShapeDtypeStruct(q.shape, jnp.bfloat16)
-    return pltriton.elementwise_inline_asm(_ASM_INT8, args=[q], constraints="=r,=r,r", pack=4,
-                                           result_shape_dtypes=[out])[0]
 
 
 _ASM_SCALE = {  # bf16x2 lanes: $0 = ($1 [+ $2]) * s, rounded once to bfloat16 (fma with -0.0 as the addend)
@@ -251,10 +219,7 @@ def _kernel(*refs, fmt: str, cfg: TileConfig, n_total: int, k_total: int, group:
         else:
             def step(i, acc, wt):
                 xt = x_ref[:, x_cols(i)]  # [BM, BK]
-                if cfg.asm_dequant and xt.dtype == jnp.bfloat16:
-                    wt = _int8_bf16(wt, interpret)
-                else:
-                    wt = _int8_to_f32(wt, fast).astype(xt.dtype)
+                wt = _int8_to_f32(wt, fast).astype(xt.dtype)
                 return acc + lax.dot_general(xt, wt, (((1,), (kdim,)), ((), ())), preferred_element_type=jnp.float32)
             acc = _k_loop(steps, step, load_w, jnp.zeros((cfg.block_m, bn), jnp.float32), False, cfg.unroll)
         acc = acc * load_row(s_ref, 0)
@@ -344,9 +309,8 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     ``cfg.block_m``; w: a validated format -> [Mp, N] in ``out_dtype`` (split_k == 1) or float32 partial
     sums [split_k, Mp, N]. An ``Int8Weight`` may be stored [K, N] or K-major [N, K]; an ``Int4Weight`` K-major on
     the dot only."""
-    if cfg.asm_dequant and not (isinstance(w, Int4Weight) or (isinstance(w, Int8Weight) and cfg.kernel == "dot")):
-        raise ValueError(f"TileConfig.asm_dequant is for Int4Weight, or Int8Weight on the dot; got "
-                         f"{type(w).__name__} on the {cfg.kernel}")
+    if cfg.asm_dequant and not isinstance(w, Int4Weight):
+        raise ValueError(f"TileConfig.asm_dequant is for Int4Weight only; got {type(w).__name__}")
     k_major = isinstance(w, (Int8Weight, Int4Weight)) and w.k_major
     if isinstance(w, Int4Weight) and k_major and cfg.kernel == "gemv":
         raise ValueError("a K-major Int4Weight at one row runs qmatmul_dp4a.int4_dp4a_gemv, not this kernel")

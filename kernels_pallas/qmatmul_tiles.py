@@ -36,8 +36,7 @@ class TileConfig:
     step (int4: a multiple of the group or a power-of-two part of one), split_k programs along K (partial sums
     reduced by XLA), num_warps / num_stages for the Triton compiler, fast_dequant: int -> float by exponent bit
     tricks instead of int-to-float converts, prefetch (gemv): load step i + 1 before the math of step i,
-    asm_dequant (int4; int8 on the dot): nibbles / bytes -> bfloat16 in PTX (``qmatmul_gpu._int4_planes``,
-    ``_int8_bf16``), scale_in_bf16
+    asm_dequant (int4 only): nibbles -> bfloat16 pairs in PTX (``qmatmul_gpu._int4_planes``), scale_in_bf16
     (with asm_dequant, dot): the weights scaled to bfloat16 before the dot (one rounding per weight, ~1e-3
     relative, as XLA's path) instead of rescaling the float32 accumulator per group, unroll (0: a K loop;
     u > 0: the loop written out in Python with u tiles loaded ahead, where every split has the same number of
