@@ -180,6 +180,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="summary points only (smoke run)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--budget_s", type=float, default=1e9, help="skip the remaining grid after this many seconds")
+    ap.add_argument("--prefill-backends", default="triton",
+                    help="comma-separated ragged prefill backends timed in this run: triton (the dispatch's "
+                         "choice, the summary's key), mosaic_gpu (the Hopper kernel, rows ours_prefill_mosaic_gpu)")
+    ap.add_argument("--prefill-only", action="store_true", help="skip the decode grid (prefill rows only)")
     ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
                     help="trace: a call's GPU span in a profiler trace (kernels only); wall: pipelined calls' wall "
                          "time, host-bound where launching a call's kernels outlasts them (small batches)")
@@ -212,6 +216,8 @@ def main():
         first = [(32, 2048), (8, 32768), (32, 8192), (1, 8192)]  # the summary points first
         grid = first + [(b, c) for b in (1, 8, 32, 128) for c in (512, 2048, 8192, 32768) if (b, c) not in first]
         page_sizes = (16, 64)
+    if args.prefill_only:
+        grid = []
     skipped = []
     for batch, ctx in grid:
         if time.perf_counter() - t_start > args.budget_s:
@@ -241,7 +247,7 @@ def main():
             except Exception as e:  # noqa: BLE001
                 print(f"dense failed b{batch} ctx{ctx}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             gc.collect()
-    for page_size in page_sizes:
+    for page_size in () if args.prefill_only else page_sizes:
         layers, q, lengths, rot = make_decode_inputs(rng, 32, 8192, page_size, quantized=True)
         record("ours", 32, 8192, page_size, run_layers(ours(), layers, q, lengths, rot, args.timing),
                quantized=True)
@@ -249,12 +255,17 @@ def main():
         gc.collect()
 
     prefill = []
-    for ctx in (512, 4096):
-        sec, flops = prefill_case(rng, seqs=4, chunk=512, ctx=ctx, timing=args.timing)
-        prefill.append(dict(impl="ours_prefill", seqs=4, chunk=512, ctx=ctx, us=sec * 1e6, tflops=flops / sec / 1e12,
-                            frac_matmul_peak=flops / sec / peak))
-        print(f"prefill chunk512 ctx{ctx}: {sec * 1e6:.1f} us {flops / sec / 1e12:.1f} TFLOP/s "
-              f"({flops / sec / peak:.3f} of matmul peak)", flush=True)
+    for backend in args.prefill_backends.split(","):
+        impl = "ours_prefill" if backend == "triton" else f"ours_prefill_{backend}"
+        for ctx in (512, 4096):
+            sec, flops = prefill_case(rng, seqs=4, chunk=512, ctx=ctx, timing=args.timing,
+                                      **({} if backend == "triton" else {"backend": backend}))
+            prefill.append(dict(impl=impl, seqs=4, chunk=512, ctx=ctx, us=sec * 1e6, tflops=flops / sec / 1e12,
+                                frac_matmul_peak=flops / sec / peak))
+            print(f"{impl} chunk512 ctx{ctx}: {sec * 1e6:.1f} us {flops / sec / 1e12:.1f} TFLOP/s "
+                  f"({flops / sec / peak:.3f} of matmul peak)", flush=True)
+    others = [r for r in prefill if r["impl"] != "ours_prefill"]
+    prefill = [r for r in prefill if r["impl"] == "ours_prefill"] + others
 
     def pick(impl, batch, ctx, dtype="bf16", page_size=None):
         c = [r for r in rows if r["impl"] == impl and r["batch"] == batch and r["ctx"] == ctx and r["dtype"] == dtype
@@ -272,8 +283,13 @@ def main():
     summary["speedup_vs_jax_b32_ctx2048"] = ours16 and jax16 and jax16["us"] / ours16["us"]
     i8, bf = pick("ours", 32, 8192, "int8", 16), pick("ours", 32, 8192, "bf16", 16)
     summary["int8_speedup_b32_ctx8192"] = i8 and bf and bf["us"] / i8["us"]
-    summary["prefill_frac_matmul_peak_chunk512"] = prefill[-1]["frac_matmul_peak"]
-    summary["prefill_frac_matmul_peak_chunk512_first_chunk"] = prefill[0]["frac_matmul_peak"]
+    ours_prefill = [r for r in prefill if r["impl"] == "ours_prefill"]
+    if ours_prefill:
+        summary["prefill_frac_matmul_peak_chunk512"] = ours_prefill[-1]["frac_matmul_peak"]
+        summary["prefill_frac_matmul_peak_chunk512_first_chunk"] = ours_prefill[0]["frac_matmul_peak"]
+    for r in others:
+        if r["ctx"] == 4096:
+            summary[f"prefill_frac_matmul_peak_chunk512_{r['impl'][len('ours_prefill_'):]}"] = r["frac_matmul_peak"]
     floors = {"frac_bw_b32_ctx2048": 0.8, "frac_bw_b8_ctx32768": 0.8, "frac_bw_b32_ctx8192": 0.8,
               "frac_bw_b1_ctx8192": 0.5, "speedup_vs_jax_b32_ctx2048": 1.6, "int8_speedup_b32_ctx8192": 1.6,
               "prefill_frac_matmul_peak_chunk512": 0.4}

@@ -16,6 +16,9 @@ page past the last key) a masked one. Grid rows past the real blocks cover the p
 zeros; int8 pages are dequantized in the kernel as in the decode kernel. Block sizes: block_q, pages_per_block,
 num_warps, num_stages and row_gather (K/V as 2-D pool-row gathers, as in the decode kernel; the H100 table keeps
 page tiles here).
+
+Hopper, opt-in: ``backend="mosaic_gpu"`` runs ``ragged_paged_attention_mgpu.py`` (TMA page copies, wgmma, a loader
+warpgroup). It has been checked in Mosaic GPU interpret mode only and is not picked by default.
 """
 
 from __future__ import annotations
@@ -276,6 +279,50 @@ def _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num
     return jnp.where(real[:, None, None], out, jnp.zeros((), q.dtype))
 
 
+# ----------------------------------------------------------------------------------------- Mosaic GPU glue
+def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, *, scale, pages_per_block,
+                  stages, interpret):
+    """The packed tokens as aligned [blocks, BQ, N, H] query blocks, each block's metadata and page row, the
+    Mosaic GPU kernel (``ragged_paged_attention_mgpu``), and the real tokens gathered back to [T, N, H]. Key blocks
+    of ``pages_per_block`` pages (default: 64 keys, at least one page), ``stages`` of them in flight (default 2)."""
+    from . import ragged_paged_attention_mgpu as mgpu
+    t_total = q.shape[0]
+    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
+    n_blocks = -(-t_total // mgpu.BQ) + page_table.shape[0]
+    seq, t0, t1, pad = _block_map(query_start, num_seqs, t_total, mgpu.BQ, n_blocks).T
+    q_end, ctx = query_start[seq + 1], context_lens[seq]
+    kv_end = jnp.where(pad == 1, 0, jnp.minimum(ctx - q_end + t1, ctx))  # keys the block's last token sees
+    words = jnp.zeros((n_blocks, mgpu.META), jnp.int32).at[:, 0].set(ctx - q_end + t0).at[:, 1].set(kv_end)
+    ppb = pages_per_block or max(1, 64 // page_size)
+    block_kv = ppb * page_size
+    if block_kv % 64 or block_kv > 256 or stages is not None and stages < 2:
+        raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
+                         f"pages_per_block={ppb} x L={page_size} = {block_kv} keys, num_stages={stages}")
+    width = -(-page_table.shape[1] // ppb) * ppb  # whole key blocks, then whole 128-byte rows
+    width = -(-width // mgpu.META) * mgpu.META
+    pages = jnp.zeros((n_blocks, width), jnp.int32).at[:, :page_table.shape[1]].set(
+        jnp.clip(page_table[seq], 0, num_pages - 1))
+    tok = t0[:, None] + jnp.arange(mgpu.BQ, dtype=jnp.int32)[None, :]  # [blocks, BQ]
+    out = mgpu.ragged_paged_attention_mgpu(q[jnp.clip(tok, 0, t_total - 1)], k_pages, v_pages, words, pages,
+                                           scale=scale, block_kv=block_kv, stages=stages or 2, interpret=interpret)
+    dest = jnp.where((tok < t1[:, None]) & (pad[:, None] == 0), tok, t_total)  # rows of no token are dropped
+    return jnp.zeros_like(q).at[dest.reshape(-1)].set(out.reshape((-1,) + q.shape[1:]), mode="drop")
+
+
+def check_mgpu_inputs(q, k_pages, k_scales) -> None:
+    """What the Mosaic GPU prefill kernel takes (ValueError naming what is not)."""
+    page_size, head_dim = k_pages.shape[2], k_pages.shape[3]
+    if k_scales is not None:
+        raise ValueError("backend='mosaic_gpu' takes bfloat16 / float16 pages only; int8 pages run on 'triton'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"backend='mosaic_gpu' takes bfloat16 or float16 q and pages; got {q.dtype}")
+    if head_dim % 64 or not 8 <= page_size <= 256:
+        raise ValueError(f"backend='mosaic_gpu' needs head_dim a multiple of 64 and a page size in 8..256; got "
+                         f"H={head_dim}, L={page_size}")
+    if k_pages.dtype != q.dtype:
+        raise ValueError(f"backend='mosaic_gpu' needs q and pages in one dtype; got {q.dtype} and {k_pages.dtype}")
+
+
 # ----------------------------------------------------------------------------------------- dispatch
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "pages_per_block", "num_warps", "num_stages",
                                              "row_gather", "backend", "interpret", "poison"))
@@ -289,6 +336,9 @@ def _ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query
         return ragged_paged_attention_reference(q, k_pages, v_pages, page_table, context_lens, query_start,
                                                 num_seqs, k_scales=k_scales, v_scales=v_scales, scale=scale)
     kv_heads, _, page_size, _ = k_pages.shape
+    if backend == "mosaic_gpu":
+        return _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, scale=scale,
+                             pages_per_block=pages_per_block, stages=num_stages, interpret=interpret)
     if backend == "mosaic_tpu":
         group = q.shape[1] // kv_heads
         bq = block_q or max(1, 128 // group)
@@ -351,13 +401,19 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_
     q[query_start[b]:query_start[b+1]], the last tokens of its context, causal within the chunk);
     num_seqs: scalar or [1] int32, rows of B in use. int8 pages take k_scales, v_scales [K, P, L].
     Returns [T, N, H]; rows past query_start[num_seqs] are zeros. backend/block sizes as in
-    ``paged_attention``.
+    ``paged_attention``, plus ``backend="mosaic_gpu"``: the Hopper kernel of ``ragged_paged_attention_mgpu``
+    (bfloat16 / float16 pages, head_dim a multiple of 64, finite values in unowned page slots; pages_per_block
+    and num_stages set its key blocks; checked in interpret mode only, never picked by default).
     """
     check_ragged_inputs(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales)
     if _is_concrete(page_table, context_lens, query_start, num_seqs):
         validate_ragged(q, page_table, context_lens, query_start, num_seqs, num_pages=k_pages.shape[1],
                         page_size=k_pages.shape[2])
+    if backend == "mosaic_gpu":
+        check_mgpu_inputs(q, k_pages, k_scales)
+    else:
+        backend = _select_backend(backend, interpret)
     return _ragged_paged_attention(
         q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales, scale=scale,
         block_q=block_q, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
-        row_gather=row_gather, backend=_select_backend(backend, interpret), interpret=interpret, poison=_poison)
+        row_gather=row_gather, backend=backend, interpret=interpret, poison=_poison)

@@ -126,3 +126,59 @@ def test_mosaic_tpu_kernel_interpret():
     n = int(starts[-1])
     assert bool(np.isfinite(np.asarray(out, np.float32)).all()) and not np.any(np.asarray(out[n:], np.float32))
     assert rel_err(out[:n], ragged_paged_attention_reference(*args)[:n]) < 1e-2
+
+
+def finite_unowned(args, value=30.0):
+    """The pool with its unowned slots (NaN in ``make_pool``) set to a large finite value. The Mosaic GPU kernel
+    needs finite values there: a masked key's zero weight still multiplies its V row. An unmasked unowned key
+    would show as a large error."""
+    q, kp, vp, *rest = args
+    return (q, jnp.nan_to_num(kp, nan=value), jnp.nan_to_num(vp, nan=value), *rest)
+
+
+class MosaicGpuCases:
+    """The Mosaic GPU (Hopper) prefill kernel: 128-token blocks, 64-key blocks of 16-token pages (4 TMA copies a
+    block) or 128-key pages (one), a chunk over two blocks, one that starts mid-page, a one-token chunk, padding
+    rows and an unused page-table row. In interpret mode, unwritten outputs are NaN (the interpreter fills new
+    buffers with NaN)."""
+    interpret = False
+    cases = [(1, 16, [200, 40, 17], [150, 23, 1])]
+
+    def check(self, group, page_size, contexts, chunks):
+        rng = np.random.default_rng([group, page_size, len(contexts)])
+        args, _, _, starts = make_batch(rng, group=group, page_size=page_size, contexts=contexts, chunks=chunks)
+        args = finite_unowned(args)
+        out = ragged_paged_attention(*args, backend="mosaic_gpu", interpret=self.interpret)
+        n = int(starts[-1])
+        assert out.shape == args[0].shape
+        assert bool(np.isfinite(np.asarray(out, np.float32)).all()), "unwritten rows"
+        assert not np.any(np.asarray(out[n:], np.float32)), "padding rows must be zero"
+        assert rel_err(out[:n], ragged_paged_attention_reference(*args)[:n]) < 1e-2
+
+    def test_matches_reference(self):
+        for case in self.cases:
+            self.check(*case)
+
+
+class TestMosaicGpuInterpret(MosaicGpuCases):
+    interpret = True
+
+
+@pytest.mark.gpu
+class TestMosaicGpuGPU(MosaicGpuCases):
+    cases = MosaicGpuCases.cases + [(16, 16, [600, 300, 129, 64], [512, 300, 129, 1]),
+                                    (2, 128, [1000, 257], [257, 257]), (8, 64, [4096], [512])]
+
+
+def test_mosaic_gpu_rejects_what_it_does_not_take():
+    args, scales, _, _ = make_batch(np.random.default_rng(3), group=2, page_size=16, contexts=[20], chunks=[4],
+                                    quantized=True)
+    with pytest.raises(ValueError, match="int8 pages run on 'triton'"):
+        ragged_paged_attention(*args, **scales, backend="mosaic_gpu", interpret=True)
+    args, _, _, _ = make_batch(np.random.default_rng(3), group=2, page_size=16, contexts=[20], chunks=[4],
+                               dtype=jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        ragged_paged_attention(*args, backend="mosaic_gpu", interpret=True)
+    args, _, _, _ = make_batch(np.random.default_rng(3), group=2, page_size=16, contexts=[20], chunks=[4])
+    with pytest.raises(ValueError, match="key blocks of 64, 128 or 256 keys"):
+        ragged_paged_attention(*args, backend="mosaic_gpu", pages_per_block=2, interpret=True)
