@@ -295,9 +295,6 @@ def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, nu
     words = jnp.zeros((n_blocks, mgpu.META), jnp.int32).at[:, 0].set(ctx - q_end + t0).at[:, 1].set(kv_end)
     ppb = pages_per_block or max(1, 64 // page_size)
     block_kv = ppb * page_size
-    if block_kv % 64 or block_kv > 256 or stages is not None and stages < 2:
-        raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
-                         f"pages_per_block={ppb} x L={page_size} = {block_kv} keys, num_stages={stages}")
     width = -(-page_table.shape[1] // ppb) * ppb  # whole key blocks, then whole 128-byte rows
     width = -(-width // mgpu.META) * mgpu.META
     pages = jnp.zeros((n_blocks, width), jnp.int32).at[:, :page_table.shape[1]].set(
@@ -309,9 +306,13 @@ def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, nu
     return jnp.zeros_like(q).at[dest.reshape(-1)].set(out.reshape((-1,) + q.shape[1:]), mode="drop")
 
 
-def check_mgpu_inputs(q, k_pages, k_scales) -> None:
+def check_mgpu_inputs(q, k_pages, k_scales, pages_per_block, num_stages) -> None:
     """What the Mosaic GPU prefill kernel takes (ValueError naming what is not)."""
     page_size, head_dim = k_pages.shape[2], k_pages.shape[3]
+    ppb = pages_per_block or max(1, 64 // page_size)
+    if ppb * page_size % 64 or ppb * page_size > 256 or num_stages is not None and num_stages < 2:
+        raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
+                         f"pages_per_block={ppb} x L={page_size} = {ppb * page_size} keys, num_stages={num_stages}")
     if k_scales is not None:
         raise ValueError("backend='mosaic_gpu' takes bfloat16 / float16 pages only; int8 pages run on 'triton'")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -410,7 +411,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_
         validate_ragged(q, page_table, context_lens, query_start, num_seqs, num_pages=k_pages.shape[1],
                         page_size=k_pages.shape[2])
     if backend == "mosaic_gpu":
-        check_mgpu_inputs(q, k_pages, k_scales)
+        check_mgpu_inputs(q, k_pages, k_scales, pages_per_block, num_stages)
     else:
         backend = _select_backend(backend, interpret)
     return _ragged_paged_attention(
