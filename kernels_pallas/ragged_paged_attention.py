@@ -280,16 +280,18 @@ def _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num
 
 
 # ----------------------------------------------------------------------------------------- Mosaic GPU glue
-def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, *, scale, pages_per_block,
-                  stages, interpret):
-    """The packed tokens as aligned [blocks, BQ, N, H] query blocks, each block's metadata and page row, the
-    Mosaic GPU kernel (``ragged_paged_attention_mgpu``), and the real tokens gathered back to [T, N, H]. Key blocks
-    of ``pages_per_block`` pages (default: 64 keys, at least one page), ``stages`` of them in flight (default 2)."""
+def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, *, scale, block_q,
+                  pages_per_block, stages, interpret):
+    """The packed tokens as aligned [blocks, BQ, N, H] query blocks (BQ = ``block_q``, default 128), each block's
+    metadata and page row, the Mosaic GPU kernel (``ragged_paged_attention_mgpu``), and the real tokens gathered back
+    to [T, N, H]. Key blocks of ``pages_per_block`` pages (default: 64 keys, at least one page), ``stages`` of them
+    in flight (default 2)."""
     from . import ragged_paged_attention_mgpu as mgpu
     t_total = q.shape[0]
     num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
-    n_blocks = -(-t_total // mgpu.BQ) + page_table.shape[0]
-    seq, t0, t1, pad = _block_map(query_start, num_seqs, t_total, mgpu.BQ, n_blocks).T
+    bq = block_q or mgpu.BLOCK_Q[0]
+    n_blocks = -(-t_total // bq) + page_table.shape[0]
+    seq, t0, t1, pad = _block_map(query_start, num_seqs, t_total, bq, n_blocks).T
     q_end, ctx = query_start[seq + 1], context_lens[seq]
     kv_end = jnp.where(pad == 1, 0, jnp.minimum(ctx - q_end + t1, ctx))  # keys the block's last token sees
     words = jnp.zeros((n_blocks, mgpu.META), jnp.int32).at[:, 0].set(ctx - q_end + t0).at[:, 1].set(kv_end)
@@ -299,16 +301,20 @@ def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, nu
     width = -(-width // mgpu.META) * mgpu.META
     pages = jnp.zeros((n_blocks, width), jnp.int32).at[:, :page_table.shape[1]].set(
         jnp.clip(page_table[seq], 0, num_pages - 1))
-    tok = t0[:, None] + jnp.arange(mgpu.BQ, dtype=jnp.int32)[None, :]  # [blocks, BQ]
+    tok = t0[:, None] + jnp.arange(bq, dtype=jnp.int32)[None, :]  # [blocks, BQ]
     out = mgpu.ragged_paged_attention_mgpu(q[jnp.clip(tok, 0, t_total - 1)], k_pages, v_pages, words, pages,
                                            scale=scale, block_kv=block_kv, stages=stages or 2, interpret=interpret)
     dest = jnp.where((tok < t1[:, None]) & (pad[:, None] == 0), tok, t_total)  # rows of no token are dropped
     return jnp.zeros_like(q).at[dest.reshape(-1)].set(out.reshape((-1,) + q.shape[1:]), mode="drop")
 
 
-def check_mgpu_inputs(q, k_pages, k_scales, pages_per_block, num_stages) -> None:
+def check_mgpu_inputs(q, k_pages, k_scales, block_q, pages_per_block, num_stages) -> None:
     """What the Mosaic GPU prefill kernel takes (ValueError naming what is not)."""
+    from .ragged_paged_attention_mgpu import BLOCK_Q
     page_size, head_dim = k_pages.shape[2], k_pages.shape[3]
+    if block_q is not None and block_q not in BLOCK_Q:
+        raise ValueError(f"backend='mosaic_gpu' takes block_q in {BLOCK_Q} (two warpgroups of 64 or 128 rows); got "
+                         f"{block_q}")
     ppb = pages_per_block or max(1, 64 // page_size)
     if ppb * page_size % 64 or ppb * page_size > 256 or num_stages is not None and num_stages < 2:
         raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
@@ -339,7 +345,7 @@ def _ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query
     kv_heads, _, page_size, _ = k_pages.shape
     if backend == "mosaic_gpu":
         return _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, scale=scale,
-                             pages_per_block=pages_per_block, stages=num_stages, interpret=interpret)
+                             block_q=block_q, pages_per_block=pages_per_block, stages=num_stages, interpret=interpret)
     if backend == "mosaic_tpu":
         group = q.shape[1] // kv_heads
         bq = block_q or max(1, 128 // group)
@@ -403,15 +409,16 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_
     num_seqs: scalar or [1] int32, rows of B in use. int8 pages take k_scales, v_scales [K, P, L].
     Returns [T, N, H]; rows past query_start[num_seqs] are zeros. backend/block sizes as in
     ``paged_attention``, plus ``backend="mosaic_gpu"``: the Hopper kernel of ``ragged_paged_attention_mgpu``
-    (bfloat16 / float16 pages, head_dim a multiple of 64, finite values in unowned page slots; pages_per_block
-    and num_stages set its key blocks; checked in interpret mode only, never picked by default).
+    (bfloat16 / float16 pages, head_dim a multiple of 64, finite values in unowned page slots; block_q 128 or 256
+    tokens a program, pages_per_block and num_stages its key blocks; checked in interpret mode only, never picked
+    by default).
     """
     check_ragged_inputs(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales)
     if _is_concrete(page_table, context_lens, query_start, num_seqs):
         validate_ragged(q, page_table, context_lens, query_start, num_seqs, num_pages=k_pages.shape[1],
                         page_size=k_pages.shape[2])
     if backend == "mosaic_gpu":
-        check_mgpu_inputs(q, k_pages, k_scales, pages_per_block, num_stages)
+        check_mgpu_inputs(q, k_pages, k_scales, block_q, pages_per_block, num_stages)
     else:
         backend = _select_backend(backend, interpret)
     return _ragged_paged_attention(

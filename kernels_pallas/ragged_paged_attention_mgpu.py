@@ -15,7 +15,7 @@ the block bookkeeping, the page copies, the barriers between warpgroups, the cau
 Layout (shape letters as in the package: T query tokens, N query heads, K kv heads, G = N / K, H head_dim,
 P pages, L page size):
 
-* XLA cuts the packed tokens into blocks of ``BQ = 128`` tokens that never straddle two sequences
+* XLA cuts the packed tokens into blocks of ``BQ`` tokens (128 or 256) that never straddle two sequences
   (``ragged_paged_attention._block_map``).
 * It gathers them into an aligned ``[blocks, BQ, N, H]`` array.
 * It writes per block a metadata row (position of the block's first token, number of keys its last token sees)
@@ -47,8 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .paged_attention import MASK_VALUE
 
-BQ = 128  # query tokens a program: two compute warpgroups of 64 rows (wgmma's M)
-WG_ROWS = 64
+BLOCK_Q = (128, 256)  # query tokens a program: two compute warpgroups of 64 or 128 rows (wgmma's M: 64 a step)
 META = 32  # int32 words a metadata / page-table row is padded to (TMA copies move multiples of 128 bytes)
 
 
@@ -60,6 +59,7 @@ def _interpret_params():
 
 def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, page_size, block_kv, stages, scale,
             interpret):
+    wg_rows = q_ref.shape[1] // 2  # rows of each compute warpgroup
     # q_ref, o_ref [blocks, BQ, N, H]; kp_ref, vp_ref [K, P, L, H]; meta_ref [blocks, META] (first token's
     # position, keys seen by the last token); pt_ref [blocks, max_pages_padded] page ids.
     (qo_smem, k_smem, v_smem, meta_smem, pt_smem), (meta_bar, q_bar, k_bar, v_bar), consumed = scoped
@@ -79,7 +79,7 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
         limit = jnp.clip(limit, 0, kv_end)
         return lax.div(limit + (block_kv - 1), jnp.array(block_kv, jnp.int32))
 
-    total_steps = steps_to(pos0 + BQ)  # what the last row of the block needs: the loader's count
+    total_steps = steps_to(pos0 + 2 * wg_rows)  # what the last row of the block needs: the loader's count
 
     def layout(x, reduced=False):
         if interpret:
@@ -91,10 +91,10 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
         if not interpret:
             plgpu.set_max_registers(232, action="increase")
         rows = qo_smem.at[wg]
-        row0 = pos0 + wg * WG_ROWS  # position of this warpgroup's first row
-        steps = steps_to(row0 + WG_ROWS)
+        row0 = pos0 + wg * wg_rows  # position of this warpgroup's first row
+        steps = steps_to(row0 + wg_rows)
         full = jnp.minimum(lax.div(row0 + 1, jnp.array(block_kv, jnp.int32)), steps)  # blocks with no masked key
-        plgpu.copy_gmem_to_smem(q_ref.at[blk, pl.ds(wg * WG_ROWS, WG_ROWS), head], rows, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[blk, pl.ds(wg * wg_rows, wg_rows), head], rows, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
         c = scale * math.log2(math.e)
 
@@ -109,10 +109,10 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, rows, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     return acc_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, block_kv), jnp.float32))
+                s = pl.run_scoped(qk, plgpu.ACC((wg_rows, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_consumed.at[slot])
             if masked:
-                shape = (WG_ROWS, block_kv)
+                shape = (wg_rows, block_kv)
                 iota = (functools.partial(lax.broadcasted_iota, jnp.int32, shape) if interpret else
                         functools.partial(plgpu.broadcasted_iota, jnp.int32, shape, layout=plgpu.Layout.WGMMA))
                 s = jnp.where(step * block_kv + iota(1) <= row0 + iota(0), s, MASK_VALUE)
@@ -133,9 +133,9 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_new, l
 
-        init = (layout(jnp.zeros((WG_ROWS, head_dim), jnp.float32)),
-                layout(jnp.full((WG_ROWS,), MASK_VALUE, jnp.float32), True),
-                layout(jnp.zeros((WG_ROWS,), jnp.float32), True))
+        init = (layout(jnp.zeros((wg_rows, head_dim), jnp.float32)),
+                layout(jnp.full((wg_rows,), MASK_VALUE, jnp.float32), True),
+                layout(jnp.zeros((wg_rows,), jnp.float32), True))
         carry = lax.fori_loop(0, full, functools.partial(body, masked=False), init)
         acc, _, l = lax.fori_loop(full, steps, functools.partial(body, masked=True), carry)
 
@@ -150,7 +150,7 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
         out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), acc.shape, [0])
         rows[...] = out.astype(o_ref.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(rows, o_ref.at[blk, pl.ds(wg * WG_ROWS, WG_ROWS), head])
+        plgpu.copy_smem_to_gmem(rows, o_ref.at[blk, pl.ds(wg * wg_rows, wg_rows), head])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -197,7 +197,7 @@ def ragged_paged_attention_mgpu(q_blocks, k_pages, v_pages, meta, pages, *, scal
     dt = q_blocks.dtype
 
     def ragged_paged_prefill_mgpu(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref):  # the name in profiles
-        smem = (plgpu.SMEM((2, WG_ROWS, head_dim), dt, transforms=(tiling, swizzle)),
+        smem = (plgpu.SMEM((2, bq // 2, head_dim), dt, transforms=(tiling, swizzle)),
                 plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
                 plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
                 plgpu.SMEM((3, META), jnp.int32), plgpu.SMEM((3, pages.shape[1]), jnp.int32))

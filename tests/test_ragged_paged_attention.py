@@ -142,13 +142,13 @@ class MosaicGpuCases:
     rows and an unused page-table row. In interpret mode, unwritten outputs are NaN (the interpreter fills new
     buffers with NaN)."""
     interpret = False
-    cases = [(1, 16, [200, 40, 17], [150, 23, 1])]
+    cases = [(1, 16, [200, 40, 17], [150, 23, 1], {})]
 
-    def check(self, group, page_size, contexts, chunks):
+    def check(self, group, page_size, contexts, chunks, blocks):
         rng = np.random.default_rng([group, page_size, len(contexts)])
         args, _, _, starts = make_batch(rng, group=group, page_size=page_size, contexts=contexts, chunks=chunks)
         args = finite_unowned(args)
-        out = ragged_paged_attention(*args, backend="mosaic_gpu", interpret=self.interpret)
+        out = ragged_paged_attention(*args, backend="mosaic_gpu", interpret=self.interpret, **blocks)
         n = int(starts[-1])
         assert out.shape == args[0].shape
         assert bool(np.isfinite(np.asarray(out, np.float32)).all()), "unwritten rows"
@@ -166,8 +166,10 @@ class TestMosaicGpuInterpret(MosaicGpuCases):
 
 @pytest.mark.gpu
 class TestMosaicGpuGPU(MosaicGpuCases):
-    cases = MosaicGpuCases.cases + [(16, 16, [600, 300, 129, 64], [512, 300, 129, 1]),
-                                    (2, 128, [1000, 257], [257, 257]), (8, 64, [4096], [512])]
+    cases = MosaicGpuCases.cases + [
+        (16, 16, [600, 300, 129, 64], [512, 300, 129, 1], {}), (2, 128, [1000, 257], [257, 257], {}),
+        (8, 64, [4096], [512], {}), (16, 16, [600, 300, 129, 64], [512, 300, 129, 1], dict(block_q=256)),
+        (16, 16, [1000, 70], [700, 70], dict(pages_per_block=8, num_stages=3))]
 
 
 def test_mosaic_gpu_rejects_what_it_does_not_take():
@@ -182,3 +184,5 @@ def test_mosaic_gpu_rejects_what_it_does_not_take():
     args, _, _, _ = make_batch(np.random.default_rng(3), group=2, page_size=16, contexts=[20], chunks=[4])
     with pytest.raises(ValueError, match="key blocks of 64, 128 or 256 keys"):
         ragged_paged_attention(*args, backend="mosaic_gpu", pages_per_block=2, interpret=True)
+    with pytest.raises(ValueError, match=r"block_q in \(128, 256\)"):
+        ragged_paged_attention(*args, backend="mosaic_gpu", block_q=64, interpret=True)
