@@ -24,14 +24,16 @@ P pages, L page size):
 
 Grid ``(N, blocks)``, three warpgroups a program (as in jax's FlashAttention-3 kernel, ``attention_mgpu``):
 
-* Warpgroups 0 and 1 each own 64 query rows of one head: ``wgmma`` of Q with K^T, online softmax in float32
+* Warpgroups 0 and 1 each own BQ / 2 query rows of one head: ``wgmma`` of Q with K^T, online softmax in float32
   (log2 units), ``wgmma`` of P with V. The causal mask applies only on the key blocks that reach past the
   warpgroup's first row.
 * Warpgroup 2 streams the blocks of ``block_kv`` keys: one TMA copy per page of K and of V into a ring of
   ``stages`` shared-memory slots. It waits until both compute warpgroups release a slot before it refills it.
 
-Pages past a sequence's last page are clipped to page 0 by XLA; their keys lie past every row's position and are
-masked. int8 pages are not supported here (the Triton kernel takes them).
+Page-table entries past a sequence's last page are clipped into the pool by XLA; their keys lie past every row's
+position and are masked. A masked key's weight is exactly zero, but it still multiplies its V row, so unowned page
+slots must hold finite values; the engine's pool starts as zeros and only ever holds the model's K / V. The Triton
+kernel zeroes those rows itself. int8 pages are not supported here; the Triton kernel takes them.
 """
 
 from __future__ import annotations
