@@ -80,11 +80,10 @@ def _int4_asm_candidates(m: int, g: int) -> list[TileConfig]:
 CHECK_TOL = 5e-3  # XLA's path and scale_in_bf16 round each dequantized int4 weight to bfloat16 (~1e-3)
 
 
-def check_against_reference(x, w, cfg: TileConfig) -> float:
-    """Relative error of one layer's output (into a NaN-poisoned buffer) against the jnp reference: every
-    candidate is checked before it is timed."""
+def check_against_reference(x, w, cfg: TileConfig, ref) -> float:
+    """Relative error of one layer's output (into a NaN-poisoned buffer) against ``ref``, the jnp reference's
+    float32 output for (x, w): every candidate is checked before it is timed."""
     out = quantized_matmul(x, w, config=cfg, impl="pallas_gpu", out_dtype=jnp.float32, _poison=True)
-    ref = quantized_matmul_reference(x, w, out_dtype=jnp.float32)
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
@@ -237,6 +236,7 @@ def main():
                 ws = [random_weight(kk, fmt, k, n) for kk in keys]
                 x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
                 best, cut, compiled = None, False, []
+                ref = quantized_matmul_reference(x, ws[0], out_dtype=jnp.float32)  # what every candidate must give
                 for cfg in candidates(fmt, m):
                     if time.time() - start > args.budget_s:
                         cut = True  # a part of the list is no sweep: keep the table's entry for this problem
@@ -244,7 +244,7 @@ def main():
                     impl = "pallas_gpu"  # an XLA kind of config routes to its XLA path
                     fn = lambda x, w, cfg=cfg, impl=impl: quantized_matmul(x, w, config=cfg, impl=impl)
                     try:
-                        err = check_against_reference(x, ws[0], cfg)
+                        err = check_against_reference(x, ws[0], cfg, ref)
                         if not err < CHECK_TOL:
                             print(f"WRONG {fmt} {shape} M={m} {cfg}: relative error {err:.2e}", flush=True)
                             continue

@@ -284,8 +284,8 @@ def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, nu
                   pages_per_block, stages, interpret):
     """The packed tokens as aligned [blocks, BQ, N, H] query blocks (BQ = ``block_q``, default 128), each block's
     metadata and page row, the Mosaic GPU kernel (``ragged_paged_attention_mgpu``), and the real tokens gathered back
-    to [T, N, H]. Key blocks of ``pages_per_block`` pages (default: 64 keys, at least one page), ``stages`` of them
-    in flight (default 2)."""
+    to [T, N, H]. Key blocks of ``pages_per_block`` pages (``pages_per_key_block``), ``stages`` of them in flight
+    (default 2)."""
     from . import ragged_paged_attention_mgpu as mgpu
     t_total = q.shape[0]
     num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
@@ -295,7 +295,7 @@ def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, nu
     q_end, ctx = query_start[seq + 1], context_lens[seq]
     kv_end = jnp.where(pad == 1, 0, jnp.minimum(ctx - q_end + t1, ctx))  # keys the block's last token sees
     words = jnp.zeros((n_blocks, mgpu.META), jnp.int32).at[:, 0].set(ctx - q_end + t0).at[:, 1].set(kv_end)
-    ppb = pages_per_block or max(1, 64 // page_size)
+    ppb = mgpu.pages_per_key_block(page_size, pages_per_block)
     block_kv = ppb * page_size
     width = -(-page_table.shape[1] // ppb) * ppb  # whole key blocks, then whole 128-byte rows
     width = -(-width // mgpu.META) * mgpu.META
@@ -310,12 +310,12 @@ def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, nu
 
 def check_mgpu_inputs(q, k_pages, k_scales, block_q, pages_per_block, num_stages) -> None:
     """What the Mosaic GPU prefill kernel takes (ValueError naming what is not)."""
-    from .ragged_paged_attention_mgpu import BLOCK_Q
+    from .ragged_paged_attention_mgpu import BLOCK_Q, pages_per_key_block
     page_size, head_dim = k_pages.shape[2], k_pages.shape[3]
     if block_q is not None and block_q not in BLOCK_Q:
         raise ValueError(f"backend='mosaic_gpu' takes block_q in {BLOCK_Q} (two warpgroups of 64 or 128 rows); got "
                          f"{block_q}")
-    ppb = pages_per_block or max(1, 64 // page_size)
+    ppb = pages_per_key_block(page_size, pages_per_block)
     if ppb * page_size % 64 or ppb * page_size > 256 or num_stages is not None and num_stages < 2:
         raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
                          f"pages_per_block={ppb} x L={page_size} = {ppb * page_size} keys, num_stages={num_stages}")

@@ -53,6 +53,11 @@ BLOCK_Q = (128, 256)  # query tokens a program: two compute warpgroups of 64 or 
 META = 32  # int32 words a metadata / page-table row is padded to (TMA copies move multiples of 128 bytes)
 
 
+def pages_per_key_block(page_size: int, pages_per_block: int | None) -> int:
+    """Pages a key block holds: the given number, else 64 keys' worth (at least one page)."""
+    return pages_per_block or max(1, 64 // page_size)
+
+
 def _interpret_params():
     # Mosaic GPU interpret mode (simulated warpgroups, shared memory and barriers on the CPU); private in jax 0.10.
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
