@@ -152,6 +152,13 @@ def matmul_peak(timing="wall") -> float:
 
 def prefill_case(rng, *, seqs, chunk, ctx, page_size=16, timing="wall", **blocks):
     """`seqs` sequences each with a `chunk`-token chunk ending at position ctx; returns (seconds, flops)."""
+    f, args, flops = prefill_call(rng, seqs=seqs, chunk=chunk, ctx=ctx, page_size=page_size, **blocks)
+    return call_seconds(f, *args, timing=timing) / LAYERS, flops
+
+
+def prefill_call(rng, *, seqs, chunk, ctx, page_size=16, **blocks):
+    """The jitted call of ``prefill_case`` (LAYERS layers, each its own pool), its arguments, and one layer's
+    flops."""
     pages_per_seq = ctx // page_size
     num_pages = seqs * pages_per_seq + 1
     layers = []
@@ -170,9 +177,8 @@ def prefill_case(rng, *, seqs, chunk, ctx, page_size=16, timing="wall", **blocks
     def f(layers, q):
         return [ragged_paged_attention(q[layer], kp, vp, table, ctx_lens, qs, ns, **blocks)
                 for layer, (kp, vp, table) in enumerate(layers)]
-    sec = call_seconds(f, layers, q, timing=timing) / LAYERS
     keys = sum(ctx - chunk + i + 1 for i in range(chunk))
-    return sec, 4 * N * H * keys * seqs
+    return f, (layers, q), 4 * N * H * keys * seqs
 
 
 def main():

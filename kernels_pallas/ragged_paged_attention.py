@@ -297,8 +297,7 @@ def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, nu
     words = jnp.zeros((n_blocks, mgpu.META), jnp.int32).at[:, 0].set(ctx - q_end + t0).at[:, 1].set(kv_end)
     ppb = mgpu.pages_per_key_block(page_size, pages_per_block)
     block_kv = ppb * page_size
-    width = -(-page_table.shape[1] // ppb) * ppb  # whole key blocks, then whole 128-byte rows
-    width = -(-width // mgpu.META) * mgpu.META
+    width = mgpu.page_row_width(page_table.shape[1], ppb)
     pages = jnp.zeros((n_blocks, width), jnp.int32).at[:, :page_table.shape[1]].set(
         jnp.clip(page_table[seq], 0, num_pages - 1))
     tok = t0[:, None] + jnp.arange(bq, dtype=jnp.int32)[None, :]  # [blocks, BQ]
@@ -308,9 +307,9 @@ def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, nu
     return jnp.zeros_like(q).at[dest.reshape(-1)].set(out.reshape((-1,) + q.shape[1:]), mode="drop")
 
 
-def check_mgpu_inputs(q, k_pages, k_scales, block_q, pages_per_block, num_stages) -> None:
+def check_mgpu_inputs(q, k_pages, page_table, k_scales, block_q, pages_per_block, num_stages) -> None:
     """What the Mosaic GPU prefill kernel takes (ValueError naming what is not)."""
-    from .ragged_paged_attention_mgpu import BLOCK_Q, pages_per_key_block
+    from .ragged_paged_attention_mgpu import BLOCK_Q, MAX_PAGE_ROW, SMEM_BYTES, page_row_width, pages_per_key_block, smem_bytes
     page_size, head_dim = k_pages.shape[2], k_pages.shape[3]
     if block_q is not None and block_q not in BLOCK_Q:
         raise ValueError(f"backend='mosaic_gpu' takes block_q in {BLOCK_Q} (two warpgroups of 64 or 128 rows); got "
@@ -328,6 +327,16 @@ def check_mgpu_inputs(q, k_pages, k_scales, block_q, pages_per_block, num_stages
                          f"H={head_dim}, L={page_size}")
     if k_pages.dtype != q.dtype:
         raise ValueError(f"backend='mosaic_gpu' needs q and pages in one dtype; got {q.dtype} and {k_pages.dtype}")
+    if page_row_width(page_table.shape[1], ppb) > MAX_PAGE_ROW:
+        raise ValueError(f"backend='mosaic_gpu' takes at most {MAX_PAGE_ROW} pages a sequence (the page table's "
+                         f"width); got {page_table.shape[1]}: use a larger page size or backend='triton'")
+    need = smem_bytes(block_q=block_q or BLOCK_Q[0], block_kv=ppb * page_size, stages=num_stages or 2,
+                      head_dim=head_dim, itemsize=q.dtype.itemsize, width=page_row_width(page_table.shape[1], ppb))
+    if need > SMEM_BYTES:
+        raise ValueError(f"backend='mosaic_gpu' with block_q={block_q or BLOCK_Q[0]}, {ppb * page_size}-key blocks, "
+                         f"num_stages={num_stages or 2} and {page_table.shape[1]} pages a sequence needs {need} bytes "
+                         f"of shared memory; a Hopper block has {SMEM_BYTES}: lower num_stages, pages_per_block or "
+                         f"block_q")
 
 
 # ----------------------------------------------------------------------------------------- dispatch
@@ -418,7 +427,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_
         validate_ragged(q, page_table, context_lens, query_start, num_seqs, num_pages=k_pages.shape[1],
                         page_size=k_pages.shape[2])
     if backend == "mosaic_gpu":
-        check_mgpu_inputs(q, k_pages, k_scales, block_q, pages_per_block, num_stages)
+        check_mgpu_inputs(q, k_pages, page_table, k_scales, block_q, pages_per_block, num_stages)
     else:
         backend = _select_backend(backend, interpret)
     return _ragged_paged_attention(

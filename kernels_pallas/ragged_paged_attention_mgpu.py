@@ -51,11 +51,27 @@ from .paged_attention import MASK_VALUE
 
 BLOCK_Q = (128, 256)  # query tokens a program: two compute warpgroups of 64 or 128 rows (wgmma's M: 64 a step)
 META = 32  # int32 words a metadata / page-table row is padded to (TMA copies move multiples of 128 bytes)
+MAX_PAGE_ROW = 256 * META  # page ids a block's page row holds: 256 rows of META (a TMA copy's limit)
+
+
+SMEM_BYTES = 232448  # shared memory a Hopper (H100 / H200) block may take: 227 KiB
+SMEM_SLACK = 4096  # barriers, metadata rows and buffer alignment on top of the tiles
 
 
 def pages_per_key_block(page_size: int, pages_per_block: int | None) -> int:
     """Pages a key block holds: the given number, else 64 keys' worth (at least one page)."""
     return pages_per_block or max(1, 64 // page_size)
+
+
+def page_row_width(max_pages: int, ppb: int) -> int:
+    """int32 words of a block's page row: whole key blocks, then whole 128-byte rows."""
+    width = -(-max_pages // ppb) * ppb
+    return -(-width // META) * META
+
+
+def smem_bytes(*, block_q: int, block_kv: int, stages: int, head_dim: int, itemsize: int, width: int) -> int:
+    """Shared memory the kernel asks for: Q / O rows, ``stages`` K and V tiles, the loader's page row."""
+    return (block_q + 2 * stages * block_kv) * head_dim * itemsize + 4 * width + SMEM_SLACK
 
 
 def _interpret_params():
@@ -69,16 +85,15 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
     wg_rows = q_ref.shape[1] // 2  # rows of each compute warpgroup
     # q_ref, o_ref [blocks, BQ, N, H]; kp_ref, vp_ref [K, P, L, H]; meta_ref [blocks, META] (first token's
     # position, keys seen by the last token); pt_ref [blocks, max_pages_padded] page ids.
-    (qo_smem, k_smem, v_smem, meta_smem, pt_smem), (meta_bar, q_bar, k_bar, v_bar), consumed = scoped
+    (qo_smem, k_smem, v_smem, meta_smem, pt_smem), (meta_bar, pt_bar, q_bar, k_bar, v_bar), consumed = scoped
     k_consumed, v_consumed = consumed
     head, blk, wg = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("wg")
     kv_head = lax.div(head, jnp.array(group, head.dtype))
     ppb = block_kv // page_size
     head_dim = q_ref.shape[-1]
 
-    # every warpgroup copies the block's metadata and page row for itself (no cross-warpgroup wait)
+    # every warpgroup copies the block's metadata for itself (no cross-warpgroup wait); the loader the page row too
     plgpu.copy_gmem_to_smem(meta_ref.at[blk], meta_smem.at[wg], meta_bar.at[wg])
-    plgpu.copy_gmem_to_smem(pt_ref.at[blk], pt_smem.at[wg], meta_bar.at[wg])
     plgpu.barrier_wait(meta_bar.at[wg])
     pos0, kv_end = meta_smem[wg, 0], meta_smem[wg, 1]
 
@@ -164,11 +179,14 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
     def _load():
         if not interpret:
             plgpu.set_max_registers(40, action="decrease")
+        plgpu.copy_gmem_to_smem(pt_ref.at[blk], pt_smem, pt_bar)
+        plgpu.barrier_wait(pt_bar)
 
         def issue(step):
             slot = lax.rem(step, jnp.array(stages, step.dtype))
             for i in range(ppb):
-                page = pt_smem[2, step * ppb + i]
+                idx = step * ppb + i
+                page = pt_smem[lax.div(idx, jnp.int32(META)), lax.rem(idx, jnp.int32(META))]
                 dst = pl.ds(i * page_size, page_size)
                 plgpu.copy_gmem_to_smem(kp_ref.at[kv_head, page], k_smem.at[slot, dst], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(vp_ref.at[kv_head, page], v_smem.at[slot, dst], v_bar.at[slot])
@@ -200,6 +218,7 @@ def ragged_paged_attention_mgpu(q_blocks, k_pages, v_pages, meta, pages, *, scal
     n_blocks, bq, n, head_dim = q_blocks.shape
     kv_heads, _, page_size, _ = k_pages.shape
     ppb = block_kv // page_size
+    rows = pages.shape[1] // META  # the page row as [rows, META]: a TMA copy moves at most 256 along a dimension
     tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
     dt = q_blocks.dtype
 
@@ -207,8 +226,8 @@ def ragged_paged_attention_mgpu(q_blocks, k_pages, v_pages, meta, pages, *, scal
         smem = (plgpu.SMEM((2, bq // 2, head_dim), dt, transforms=(tiling, swizzle)),
                 plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
                 plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
-                plgpu.SMEM((3, META), jnp.int32), plgpu.SMEM((3, pages.shape[1]), jnp.int32))
-        bars = (plgpu.Barrier(num_arrivals=2, num_barriers=3), plgpu.Barrier(num_barriers=2),
+                plgpu.SMEM((3, META), jnp.int32), plgpu.SMEM((rows, META), jnp.int32))
+        bars = (plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2),
                 plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=ppb, num_barriers=stages))
         consumed = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
@@ -222,4 +241,4 @@ def ragged_paged_attention_mgpu(q_blocks, k_pages, v_pages, meta, pages, *, scal
         grid_names=("heads", "blocks"), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params() if interpret else None,
-    )(q_blocks, k_pages, v_pages, meta, pages)
+    )(q_blocks, k_pages, v_pages, meta, pages.reshape(n_blocks, rows, META))

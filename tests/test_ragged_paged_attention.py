@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import jax
 import jax.numpy as jnp
 
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
@@ -169,7 +170,20 @@ class TestMosaicGpuGPU(MosaicGpuCases):
     cases = MosaicGpuCases.cases + [
         (16, 16, [600, 300, 129, 64], [512, 300, 129, 1], {}), (2, 128, [1000, 257], [257, 257], {}),
         (8, 64, [4096], [512], {}), (16, 16, [600, 300, 129, 64], [512, 300, 129, 1], dict(block_q=256)),
-        (16, 16, [1000, 70], [700, 70], dict(pages_per_block=8, num_stages=3))]
+        (16, 16, [1000, 70], [700, 70], dict(pages_per_block=8)), (16, 16, [1000, 70], [700, 70], dict(num_stages=3)),
+        (16, 16, [1000, 70], [700, 70], dict(block_q=256, num_stages=4)), (16, 64, [9000], [300], {})]
+
+
+@pytest.mark.parametrize("case", TestMosaicGpuGPU.cases, ids=str)
+def test_mosaic_gpu_lowers_for_cuda(case):
+    """Each GPU case lowered for CUDA on this machine (jax.export): Pallas -> Mosaic GPU, wgmma and register
+    layouts included, which interpret mode skips. PTX, ptxas and the numbers still need a GPU."""
+    group, page_size, contexts, chunks, blocks = case
+    args, _, _, _ = make_batch(np.random.default_rng(0), group=group, page_size=page_size, contexts=contexts,
+                               chunks=chunks)
+    f = jax.jit(lambda *a: ragged_paged_attention(*a, backend="mosaic_gpu", **blocks))
+    module = jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in module and "wgmma.mma_async" in module
 
 
 def test_mosaic_gpu_rejects_what_it_does_not_take():
@@ -186,3 +200,8 @@ def test_mosaic_gpu_rejects_what_it_does_not_take():
         ragged_paged_attention(*args, backend="mosaic_gpu", pages_per_block=2, interpret=True)
     with pytest.raises(ValueError, match=r"block_q in \(128, 256\)"):
         ragged_paged_attention(*args, backend="mosaic_gpu", block_q=64, interpret=True)
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        ragged_paged_attention(*args, backend="mosaic_gpu", pages_per_block=8, num_stages=3, interpret=True)
+    args, _, _, _ = make_batch(np.random.default_rng(3), group=2, page_size=8, contexts=[66000], chunks=[4])
+    with pytest.raises(ValueError, match="at most 8192 pages a sequence"):
+        ragged_paged_attention(*args, backend="mosaic_gpu", interpret=True)
