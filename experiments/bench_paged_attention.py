@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.bench_common import gpu_span_per_call, gpu_tag, measure_copy_bandwidth, write_results  # noqa: E402
 from kernels_pallas.kv_pages import quantize_kv  # noqa: E402
 from kernels_pallas.paged_attention import paged_attention  # noqa: E402
-from kernels_pallas.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from kernels_pallas.ragged_paged_attention import on_hopper, ragged_paged_attention  # noqa: E402
 
 N, K, H = 32, 2, 128
 LAYERS = 4
@@ -186,9 +186,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="summary points only (smoke run)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--budget_s", type=float, default=1e9, help="skip the remaining grid after this many seconds")
-    ap.add_argument("--prefill-backends", default="triton",
-                    help="comma-separated ragged prefill backends timed in this run: triton (the dispatch's "
-                         "choice, the summary's key), mosaic_gpu (the Hopper kernel, rows ours_prefill_mosaic_gpu)")
+    ap.add_argument("--prefill-backends", default="triton,mosaic_gpu",
+                    help="comma-separated ragged prefill backends timed in this run (rows ours_prefill_<backend>): "
+                         "triton, mosaic_gpu (Hopper only); the one the dispatch picks on this device gives the "
+                         "summary's key, the others keys of their own")
     ap.add_argument("--prefill-only", action="store_true", help="skip the decode grid (prefill rows only)")
     ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
                     help="trace: a call's GPU span in a profiler trace (kernels only); wall: pipelined calls' wall "
@@ -261,8 +262,11 @@ def main():
         gc.collect()
 
     prefill = []
+    dispatch = "mosaic_gpu" if on_hopper() else "triton"  # what ragged_paged_attention runs here by default
     for backend in args.prefill_backends.split(","):
-        impl = "ours_prefill" if backend == "triton" else f"ours_prefill_{backend}"
+        if backend == "mosaic_gpu" and not on_hopper():
+            continue
+        impl = f"ours_prefill_{backend}"
         for ctx in (512, 4096):
             sec, flops = prefill_case(rng, seqs=4, chunk=512, ctx=ctx, timing=args.timing, backend=backend)
             prefill.append(dict(impl=impl, backend=backend, seqs=4, chunk=512, ctx=ctx, us=sec * 1e6,
@@ -286,8 +290,9 @@ def main():
     summary["speedup_vs_jax_b32_ctx2048"] = ours16 and jax16 and jax16["us"] / ours16["us"]
     i8, bf = pick("ours", 32, 8192, "int8", 16), pick("ours", 32, 8192, "bf16", 16)
     summary["int8_speedup_b32_ctx8192"] = i8 and bf and bf["us"] / i8["us"]
-    for r in prefill:  # the dispatch's kernel (triton) gives the floor's key; another backend its own
-        key = "prefill_frac_matmul_peak_chunk512" + ("" if r["backend"] == "triton" else f"_{r['backend']}")
+    summary["prefill_backend"] = dispatch
+    for r in prefill:  # the dispatch's kernel gives the floor's key; another backend its own
+        key = "prefill_frac_matmul_peak_chunk512" + ("" if r["backend"] == dispatch else f"_{r['backend']}")
         summary[key + ("_first_chunk" if r["ctx"] == 512 else "")] = r["frac_matmul_peak"]
     floors = {"frac_bw_b32_ctx2048": 0.8, "frac_bw_b8_ctx32768": 0.8, "frac_bw_b32_ctx8192": 0.8,
               "frac_bw_b1_ctx8192": 0.5, "speedup_vs_jax_b32_ctx2048": 1.6, "int8_speedup_b32_ctx8192": 1.6,

@@ -28,7 +28,7 @@ from kernels_pallas.ragged_paged_attention import (ragged_paged_attention,  # no
 
 PAGE = 16
 # (block_q, pages_per_block, num_stages): every one that fits a Hopper block's shared memory at page 16
-CONFIGS = [(128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 2), (256, 4, 2), (256, 4, 3), (256, 4, 4), (256, 8, 2)]
+CONFIGS = [(128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 2), (256, 4, 2)]
 
 
 def check(rng, **blocks) -> float:

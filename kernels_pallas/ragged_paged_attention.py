@@ -17,8 +17,11 @@ zeros; int8 pages are dequantized in the kernel as in the decode kernel. Block s
 num_warps, num_stages and row_gather (K/V as 2-D pool-row gathers, as in the decode kernel; the H100 table keeps
 page tiles here).
 
-Hopper, opt-in: ``backend="mosaic_gpu"`` runs ``ragged_paged_attention_mgpu.py`` (TMA page copies, wgmma, a loader
-warpgroup). It has been checked in Mosaic GPU interpret mode only and is not picked by default.
+Hopper: ``backend="mosaic_gpu"`` runs ``ragged_paged_attention_mgpu.py`` (TMA page copies, wgmma, a loader
+warpgroup). It is the default on a Hopper GPU wherever the inputs fit it (bfloat16 / float16 pages, no Triton-only
+block options, shared memory), 1.37x the Triton kernel at 512-token chunks, context 4096
+(``experiments/results/paged_variants/s19/prefill_mgpu_h100.json``); it needs finite values in unowned page slots
+(the engine's pool starts as zeros and only holds the model's K / V).
 """
 
 from __future__ import annotations
@@ -282,39 +285,58 @@ def _prefill_tpu(q, k_pages, v_pages, page_table, context_lens, query_start, num
 # ----------------------------------------------------------------------------------------- Mosaic GPU glue
 def _prefill_mgpu(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, *, scale, block_q,
                   pages_per_block, stages, interpret):
-    """The packed tokens as aligned [blocks, BQ, N, H] query blocks (BQ = ``block_q``, default 128), each block's
-    metadata and page row, the Mosaic GPU kernel (``ragged_paged_attention_mgpu``), and the real tokens gathered back
-    to [T, N, H]. Key blocks of ``pages_per_block`` pages (``pages_per_key_block``), ``stages`` of them in flight
-    (default 2)."""
+    """Each block's metadata and page row for the Mosaic GPU kernel (``ragged_paged_attention_mgpu``), which reads
+    and writes the packed [T, N, H] tokens itself. Blocks of ``block_q`` tokens (default 128), key blocks of
+    ``pages_per_block`` pages (``mgpu_pages_per_block``), ``stages`` of them in flight (default 2)."""
     from . import ragged_paged_attention_mgpu as mgpu
     t_total = q.shape[0]
     num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
     bq = block_q or mgpu.BLOCK_Q[0]
-    n_blocks = -(-t_total // bq) + page_table.shape[0]
-    seq, t0, t1, pad = _block_map(query_start, num_seqs, t_total, bq, n_blocks).T
+    span = bq - mgpu.ALIGN  # tokens a block: its window of bq rows starts up to ALIGN - 1 rows before them
+    n_blocks = -(-t_total // span) + page_table.shape[0]
+    seq, t0, t1, pad = _block_map(query_start, num_seqs, t_total, span, n_blocks).T
     q_end, ctx = query_start[seq + 1], context_lens[seq]
     kv_end = jnp.where(pad == 1, 0, jnp.minimum(ctx - q_end + t1, ctx))  # keys the block's last token sees
-    words = jnp.zeros((n_blocks, mgpu.META), jnp.int32).at[:, 0].set(ctx - q_end + t0).at[:, 1].set(kv_end)
-    ppb = mgpu.pages_per_key_block(page_size, pages_per_block)
-    block_kv = ppb * page_size
+    t0 = jnp.minimum(t0, t_total)
+    off = t0 % mgpu.ALIGN
+    words = jnp.zeros((n_blocks, mgpu.META), jnp.int32).at[:, :5].set(jnp.stack(  # padding blocks store zeros
+        [ctx - q_end + t0 - off, kv_end, t0 // mgpu.ALIGN, off, jnp.maximum(t1 - t0, 0)], axis=1))
+    ppb = pages_per_block
     width = mgpu.page_row_width(page_table.shape[1], ppb)
     pages = jnp.zeros((n_blocks, width), jnp.int32).at[:, :page_table.shape[1]].set(
         jnp.clip(page_table[seq], 0, num_pages - 1))
-    tok = t0[:, None] + jnp.arange(bq, dtype=jnp.int32)[None, :]  # [blocks, BQ]
-    out = mgpu.ragged_paged_attention_mgpu(q[jnp.clip(tok, 0, t_total - 1)], k_pages, v_pages, words, pages,
-                                           scale=scale, block_kv=block_kv, stages=stages or 2, interpret=interpret)
-    dest = jnp.where((tok < t1[:, None]) & (pad[:, None] == 0), tok, t_total)  # rows of no token are dropped
-    return jnp.zeros_like(q).at[dest.reshape(-1)].set(out.reshape((-1,) + q.shape[1:]), mode="drop")
+    # the kernel's copies tile the token axis by 8 rows (no copy of q when T is a multiple of 8); the interpreter
+    # rejects a copy that runs past T, where the GPU's TMA fills zeros: give it a block of rows more
+    extra = bq if interpret else -t_total % mgpu.ALIGN
+    if extra:
+        q = jnp.concatenate([q, jnp.zeros((extra,) + q.shape[1:], q.dtype)])
+    out = mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, words, pages, block_q=bq, scale=scale,
+                                           block_kv=ppb * page_size, stages=stages or 2, interpret=interpret)
+    return out[:t_total]
 
 
-def check_mgpu_inputs(q, k_pages, page_table, k_scales, block_q, pages_per_block, num_stages) -> None:
-    """What the Mosaic GPU prefill kernel takes (ValueError naming what is not)."""
-    from .ragged_paged_attention_mgpu import BLOCK_Q, MAX_PAGE_ROW, SMEM_BYTES, page_row_width, pages_per_key_block, smem_bytes
+def mgpu_pages_per_block(q, k_pages, page_table, k_scales, block_q, pages_per_block, num_stages) -> int:
+    """Pages a key block of the Mosaic GPU prefill kernel holds: the given number, else the first of
+    ``KEY_BLOCKS``' worth whose kernel fits; the inputs checked (ValueError naming what the kernel does not take)."""
+    from .ragged_paged_attention_mgpu import key_block_options
+    options = key_block_options(k_pages.shape[2], pages_per_block)
+    for i, ppb in enumerate(options):
+        try:
+            check_mgpu_inputs(q, k_pages, page_table, k_scales, block_q, ppb, num_stages)
+            return ppb
+        except ValueError:
+            if i == len(options) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def check_mgpu_inputs(q, k_pages, page_table, k_scales, block_q, ppb, num_stages) -> None:
+    """What the Mosaic GPU prefill kernel takes, with key blocks of ``ppb`` pages (ValueError naming what not)."""
+    from .ragged_paged_attention_mgpu import BLOCK_Q, MAX_PAGE_ROW, SMEM_BYTES, page_row_width, smem_bytes
     page_size, head_dim = k_pages.shape[2], k_pages.shape[3]
     if block_q is not None and block_q not in BLOCK_Q:
         raise ValueError(f"backend='mosaic_gpu' takes block_q in {BLOCK_Q} (two warpgroups of 64 or 128 rows); got "
                          f"{block_q}")
-    ppb = pages_per_key_block(page_size, pages_per_block)
     if ppb * page_size % 64 or ppb * page_size > 256 or num_stages is not None and num_stages < 2:
         raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
                          f"pages_per_block={ppb} x L={page_size} = {ppb * page_size} keys, num_stages={num_stages}")
@@ -340,6 +362,12 @@ def check_mgpu_inputs(q, k_pages, page_table, k_scales, block_q, pages_per_block
 
 
 # ----------------------------------------------------------------------------------------- dispatch
+def on_hopper() -> bool:
+    """Whether jax's default device is a Hopper GPU (compute capability 9.x), where the Mosaic GPU kernel runs."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "pages_per_block", "num_warps", "num_stages",
                                              "row_gather", "backend", "interpret", "poison"))
 def _ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales,
@@ -419,16 +447,23 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, context_lens, query_
     Returns [T, N, H]; rows past query_start[num_seqs] are zeros. backend/block sizes as in
     ``paged_attention``, plus ``backend="mosaic_gpu"``: the Hopper kernel of ``ragged_paged_attention_mgpu``
     (bfloat16 / float16 pages, head_dim a multiple of 64, finite values in unowned page slots; block_q 128 or 256
-    tokens a program, pages_per_block and num_stages its key blocks; checked in interpret mode only, never picked
-    by default).
+    tokens a program, pages_per_block and num_stages its key blocks), the default on a Hopper GPU where the inputs
+    fit it and no Triton-only option (num_warps, row_gather, another block_q) is given.
     """
     check_ragged_inputs(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales)
     if _is_concrete(page_table, context_lens, query_start, num_seqs):
         validate_ragged(q, page_table, context_lens, query_start, num_seqs, num_pages=k_pages.shape[1],
                         page_size=k_pages.shape[2])
-    if backend == "mosaic_gpu":
-        check_mgpu_inputs(q, k_pages, page_table, k_scales, block_q, pages_per_block, num_stages)
-    else:
+    if backend == "mosaic_gpu" or (backend is None and not interpret and num_warps is None and row_gather is None
+                                   and on_hopper()):
+        try:  # Hopper's default where the inputs fit it (prefill_mgpu_h100.json: 1.37x the Triton kernel)
+            pages_per_block = mgpu_pages_per_block(q, k_pages, page_table, k_scales, block_q, pages_per_block,
+                                                   num_stages)
+            backend = "mosaic_gpu"
+        except ValueError:
+            if backend == "mosaic_gpu":
+                raise
+    if backend != "mosaic_gpu":
         backend = _select_backend(backend, interpret)
     return _ragged_paged_attention(
         q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, k_scales, v_scales, scale=scale,

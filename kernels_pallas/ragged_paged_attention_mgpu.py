@@ -4,8 +4,10 @@ specialization.
 Public: ``ragged_paged_attention_mgpu`` (called by ``ragged_paged_attention(..., backend="mosaic_gpu")``); the truth
 is ``ragged_paged_attention_reference`` in ``ragged_paged_attention.py``.
 
-Status: written and checked only in Mosaic GPU interpret mode on the CPU (jax 0.10.2). It has not run on a GPU, and
-the dispatch never picks it unless ``backend="mosaic_gpu"`` is passed.
+Status: checked on an H100 (jax 0.11.2, ``pytest -m gpu``), in Mosaic GPU interpret mode on the CPU, and lowered for
+CUDA on the CPU (``jax.export``). The dispatch picks it on Hopper where the inputs fit it: 0.53 of the bf16 matmul
+peak at 512-token chunks, context 4096, against the Triton kernel's 0.39 in the same run
+(``experiments/results/paged_variants/s19/prefill_mgpu_h100.json``).
 
 In interpret mode, four hardware idioms are replaced by their ``jnp`` values, because the interpreter lacks them:
 ``layout_cast``, ``transpose_ref``, register operands of ``wgmma``, and ``set_max_registers``. So the two matmuls
@@ -15,12 +17,14 @@ the block bookkeeping, the page copies, the barriers between warpgroups, the cau
 Layout (shape letters as in the package: T query tokens, N query heads, K kv heads, G = N / K, H head_dim,
 P pages, L page size):
 
-* XLA cuts the packed tokens into blocks of ``BQ`` tokens (128 or 256) that never straddle two sequences
-  (``ragged_paged_attention._block_map``).
-* It gathers them into an aligned ``[blocks, BQ, N, H]`` array.
-* It writes per block a metadata row (position of the block's first token, number of keys its last token sees)
-  and the sequence's page-table row, both padded to 32 int32 words (a TMA copy moves a multiple of 128 bytes).
-* The kernel's output comes back in the same aligned layout, and XLA gathers the real tokens from it.
+* XLA cuts the packed tokens into blocks of at most ``BQ - 8`` tokens (BQ = 128 or 256) that never straddle two
+  sequences (``ragged_paged_attention._block_map``), and writes per block a metadata row (position of the block's
+  window, keys its last token sees, window start / 8, offset of the first token in the window, tokens) and the
+  sequence's page-table row, both padded to 32 int32 words (a TMA copy moves a multiple of 128 bytes).
+* The kernel reads each block's window, ``BQ`` rows of the packed ``[T, N, H]`` queries starting on a multiple of
+  8 rows (a copy into tiled shared memory starts on a tile row; T itself is padded to a multiple of 8), and
+  writes only the block's own tokens back into ``[T, N, H]``, from untiled shared memory, as a ladder of copies
+  of 2^i rows (a copy's size is static). No gather or scatter runs outside the kernel.
 
 Grid ``(N, blocks)``, three warpgroups a program (as in jax's FlashAttention-3 kernel, ``attention_mgpu``):
 
@@ -51,6 +55,7 @@ from .paged_attention import MASK_VALUE
 
 BLOCK_Q = (128, 256)  # query tokens a program: two compute warpgroups of 64 or 128 rows (wgmma's M: 64 a step)
 META = 32  # int32 words a metadata / page-table row is padded to (TMA copies move multiples of 128 bytes)
+ALIGN = 8  # a block's window of q rows starts on a multiple of this (the tiling of its shared-memory rows)
 MAX_PAGE_ROW = 256 * META  # page ids a block's page row holds: 256 rows of META (a TMA copy's limit)
 
 
@@ -58,9 +63,14 @@ SMEM_BYTES = 232448  # shared memory a Hopper (H100 / H200) block may take: 227 
 SMEM_SLACK = 4096  # barriers, metadata rows and buffer alignment on top of the tiles
 
 
-def pages_per_key_block(page_size: int, pages_per_block: int | None) -> int:
-    """Pages a key block holds: the given number, else 64 keys' worth (at least one page)."""
-    return pages_per_block or max(1, 64 // page_size)
+# key-block sizes the dispatch tries, in order, when none is given: the first whose kernel fits shared memory.
+# prefill_mgpu_h100.json (session 19, H100): 128 keys 0.53 of the bf16 matmul peak at context 4096, 64 keys 0.45-0.46
+KEY_BLOCKS = (128, 64)
+
+
+def key_block_options(page_size: int, pages_per_block: int | None) -> list[int]:
+    """Pages a key block may hold, best first: the given number, else ``KEY_BLOCKS``' worth (at least one page)."""
+    return [pages_per_block] if pages_per_block else [max(1, keys // page_size) for keys in KEY_BLOCKS]
 
 
 def page_row_width(max_pages: int, ppb: int) -> int:
@@ -70,8 +80,8 @@ def page_row_width(max_pages: int, ppb: int) -> int:
 
 
 def smem_bytes(*, block_q: int, block_kv: int, stages: int, head_dim: int, itemsize: int, width: int) -> int:
-    """Shared memory the kernel asks for: Q / O rows, ``stages`` K and V tiles, the loader's page row."""
-    return (block_q + 2 * stages * block_kv) * head_dim * itemsize + 4 * width + SMEM_SLACK
+    """Shared memory the kernel asks for: Q rows, O rows, ``stages`` K and V tiles, the loader's page row."""
+    return (2 * block_q + 2 * stages * block_kv) * head_dim * itemsize + 4 * width + SMEM_SLACK
 
 
 def _interpret_params():
@@ -82,10 +92,11 @@ def _interpret_params():
 
 def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, page_size, block_kv, stages, scale,
             interpret):
-    wg_rows = q_ref.shape[1] // 2  # rows of each compute warpgroup
-    # q_ref, o_ref [blocks, BQ, N, H]; kp_ref, vp_ref [K, P, L, H]; meta_ref [blocks, META] (first token's
-    # position, keys seen by the last token); pt_ref [blocks, max_pages_padded] page ids.
-    (qo_smem, k_smem, v_smem, meta_smem, pt_smem), (meta_bar, pt_bar, q_bar, k_bar, v_bar), consumed = scoped
+    wg_rows = scoped[0][0].shape[1]  # rows of each compute warpgroup (BQ / 2)
+    # q_ref, o_ref [T, N, H] packed tokens; kp_ref, vp_ref [K, P, L, H]; meta_ref [blocks, META] (first token's
+    # position, keys seen by the last token, first token's row in q, tokens in the block); pt_ref [blocks, rows,
+    # META] page ids.
+    (q_smem, o_smem, k_smem, v_smem, meta_smem, pt_smem), (meta_bar, pt_bar, q_bar, k_bar, v_bar), consumed = scoped
     k_consumed, v_consumed = consumed
     head, blk, wg = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("wg")
     kv_head = lax.div(head, jnp.array(group, head.dtype))
@@ -95,7 +106,10 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
     # every warpgroup copies the block's metadata for itself (no cross-warpgroup wait); the loader the page row too
     plgpu.copy_gmem_to_smem(meta_ref.at[blk], meta_smem.at[wg], meta_bar.at[wg])
     plgpu.barrier_wait(meta_bar.at[wg])
-    pos0, kv_end = meta_smem[wg, 0], meta_smem[wg, 1]
+    # the block's window: BQ rows of q from row 8 * t8 (a copy into tiled shared memory starts on a tile row); its
+    # tokens are window rows [off, off + n_rows); pos0 is the position of window row 0
+    pos0, kv_end, t8, off, n_rows = (meta_smem[wg, i] for i in range(5))
+    w0 = t8 * ALIGN
 
     def steps_to(limit):  # key blocks needed to cover keys [0, limit)
         limit = jnp.clip(limit, 0, kv_end)
@@ -112,11 +126,14 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
     def _compute():
         if not interpret:
             plgpu.set_max_registers(232, action="increase")
-        rows = qo_smem.at[wg]
+        rows = q_smem.at[wg]
         row0 = pos0 + wg * wg_rows  # position of this warpgroup's first row
         steps = steps_to(row0 + wg_rows)
         full = jnp.minimum(lax.div(row0 + 1, jnp.array(block_kv, jnp.int32)), steps)  # blocks with no masked key
-        plgpu.copy_gmem_to_smem(q_ref.at[blk, pl.ds(wg * wg_rows, wg_rows), head], rows, q_bar.at[wg])
+        # window rows outside the block's tokens belong to other blocks (or lie past T: the copy fills zeros); they
+        # are computed and never stored
+        q_at = q_ref.at[pl.ds(pl.multiple_of(w0 + wg * wg_rows, ALIGN), wg_rows), head]
+        plgpu.copy_gmem_to_smem(q_at, rows, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
         c = scale * math.log2(math.e)
 
@@ -170,9 +187,21 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
             plgpu.barrier_arrive(v_consumed.at[slot])
 
         out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), acc.shape, [0])
-        rows[...] = out.astype(o_ref.dtype)
+        o_rows = o_smem.at[wg]
+        o_rows[...] = out.astype(o_ref.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(rows, o_ref.at[blk, pl.ds(wg * wg_rows, wg_rows), head])
+        # store exactly this warpgroup's tokens: a ladder of copies of 2^i rows (a TMA copy's size is static)
+        lo = jnp.maximum(off, wg * wg_rows)  # this warpgroup's window rows that are the block's tokens: [lo, hi)
+        count = jnp.maximum(jnp.minimum(off + n_rows, (wg + 1) * wg_rows) - lo, 0)
+        start = 0
+        size = wg_rows
+        while size >= 1:
+            @pl.when(count & size != 0)
+            def _store(start=start, size=size):
+                plgpu.copy_smem_to_gmem(o_rows.at[pl.ds(lo - wg * wg_rows + start, size)],
+                                        o_ref.at[pl.ds(w0 + lo + start, size), head])
+            start = start + (count & size)
+            size //= 2
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -209,21 +238,22 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
             plgpu.barrier_wait(v_consumed.at[slot])
 
 
-def ragged_paged_attention_mgpu(q_blocks, k_pages, v_pages, meta, pages, *, scale: float, block_kv: int = 64,
+def ragged_paged_attention_mgpu(q, k_pages, v_pages, meta, pages, *, block_q: int, scale: float, block_kv: int = 64,
                                 stages: int = 2, interpret: bool = False):
     """q_blocks [blocks, BQ, N, H] (aligned query blocks), k_pages / v_pages [K, P, L, H], meta [blocks, META]
     int32 (position of each block's first token, keys its last token sees), pages [blocks, W] int32 page ids
     (W a multiple of META, covering every key block) -> [blocks, BQ, N, H]. The dispatch builds these from the
     packed tokens; shapes are checked there."""
-    n_blocks, bq, n, head_dim = q_blocks.shape
+    (n_blocks, _), (_, n, head_dim), bq = meta.shape, q.shape, block_q
     kv_heads, _, page_size, _ = k_pages.shape
     ppb = block_kv // page_size
     rows = pages.shape[1] // META  # the page row as [rows, META]: a TMA copy moves at most 256 along a dimension
     tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
-    dt = q_blocks.dtype
+    dt = q.dtype
 
     def ragged_paged_prefill_mgpu(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref):  # the name in profiles
         smem = (plgpu.SMEM((2, bq // 2, head_dim), dt, transforms=(tiling, swizzle)),
+                plgpu.SMEM((2, bq // 2, head_dim), dt),  # output rows, untiled: stored from any row
                 plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
                 plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
                 plgpu.SMEM((3, META), jnp.int32), plgpu.SMEM((rows, META), jnp.int32))
@@ -237,8 +267,8 @@ def ragged_paged_attention_mgpu(q_blocks, k_pages, v_pages, meta, pages, *, scal
                       collective_axes="wg")
 
     return plgpu.kernel(
-        ragged_paged_prefill_mgpu, out_type=jax.ShapeDtypeStruct(q_blocks.shape, dt), grid=(n, n_blocks),
+        ragged_paged_prefill_mgpu, out_type=jax.ShapeDtypeStruct(q.shape, dt), grid=(n, n_blocks),
         grid_names=("heads", "blocks"), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params() if interpret else None,
-    )(q_blocks, k_pages, v_pages, meta, pages.reshape(n_blocks, rows, META))
+    )(q, k_pages, v_pages, meta, pages.reshape(n_blocks, rows, META))

@@ -242,3 +242,21 @@ def test_text_prompts_and_output_text_with_a_tokenizer(model):
     assert c.token_ids == dense(model, [list(c.prompt_token_ids)], 5)[0]
     streamed = list(llm.stream("hello world", greedy(5)))
     assert streamed == c.token_ids
+
+
+@pytest.mark.gpu
+def test_default_prefill_kernel_in_the_engine_matches_triton():
+    """A bfloat16 model's engine on the GPU: the dispatch's prefill kernel (Mosaic GPU on Hopper, head_dim 64) gives
+    the Triton kernel's greedy tokens, over chunked prefills that start mid-page and cross query blocks."""
+    from autoglm_jax.loading import random_model
+
+    model = random_model(CFG, dtype="bfloat16", seed=0)
+    prompts = random_prompts((5, 19, 45, 70, 300), seed=3)
+    tokens = []
+    for backend in (None, "triton"):
+        llm = LLM(model, num_pages=160, attention_backend=backend,
+                  **{**ENGINE, "page_size": 16, "max_num_batched_tokens": 136, "max_model_len": 512})
+        ids = [llm.add_request(p, greedy(8)) for p in prompts]
+        run_all(llm)
+        tokens.append([llm.completions[i].token_ids for i in ids])
+    assert tokens[0] == tokens[1]

@@ -74,7 +74,7 @@ class TestRaggedGPU(RaggedCases):
         rng = np.random.default_rng(9)
         args, scales, _, starts = make_batch(rng, group=16, page_size=16, contexts=[1024, 600, 512],
                                              chunks=[512, 512, 512], padding=0)
-        out = ragged_paged_attention(*args, _poison=True)
+        out = ragged_paged_attention(*args, backend="triton", _poison=True)
         assert bool(np.isfinite(np.asarray(out, np.float32)).all())
         assert rel_err(out, ragged_paged_attention_reference(*args)) < 1e-2
 
@@ -171,7 +171,7 @@ class TestMosaicGpuGPU(MosaicGpuCases):
         (16, 16, [600, 300, 129, 64], [512, 300, 129, 1], {}), (2, 128, [1000, 257], [257, 257], {}),
         (8, 64, [4096], [512], {}), (16, 16, [600, 300, 129, 64], [512, 300, 129, 1], dict(block_q=256)),
         (16, 16, [1000, 70], [700, 70], dict(pages_per_block=8)), (16, 16, [1000, 70], [700, 70], dict(num_stages=3)),
-        (16, 16, [1000, 70], [700, 70], dict(block_q=256, num_stages=4)), (16, 64, [9000], [300], {})]
+        (16, 16, [1000, 70], [700, 70], dict(num_stages=4)), (16, 64, [9000], [300], {})]
 
 
 @pytest.mark.parametrize("case", TestMosaicGpuGPU.cases, ids=str)
@@ -205,3 +205,24 @@ def test_mosaic_gpu_rejects_what_it_does_not_take():
     args, _, _, _ = make_batch(np.random.default_rng(3), group=2, page_size=8, contexts=[66000], chunks=[4])
     with pytest.raises(ValueError, match="at most 8192 pages a sequence"):
         ragged_paged_attention(*args, backend="mosaic_gpu", interpret=True)
+
+
+def test_hopper_default_picks_mosaic_gpu_where_it_fits(monkeypatch):
+    """On a Hopper GPU (faked here) the dispatch runs the Mosaic GPU kernel with the first key block that fits
+    shared memory (128 keys, then 64), and the Triton kernel for what the Mosaic GPU kernel does not take."""
+    import kernels_pallas.ragged_paged_attention as rpa
+    picked = []
+    monkeypatch.setattr(rpa, "on_hopper", lambda: True)
+    monkeypatch.setattr(rpa, "_ragged_paged_attention", lambda *a, **kw: picked.append(
+        (kw["backend"], kw["pages_per_block"])))
+    args, scales, _, _ = make_batch(np.random.default_rng(4), group=2, page_size=16, contexts=[40], chunks=[8])
+    ragged_paged_attention(*args)
+    ragged_paged_attention(*args, block_q=8)  # a Triton block size
+    ragged_paged_attention(*args, row_gather=True)
+    qargs, qscales, _, _ = make_batch(np.random.default_rng(4), group=2, page_size=16, contexts=[40], chunks=[8],
+                                      quantized=True)
+    ragged_paged_attention(*qargs, **qscales)
+    q, kp, vp, table, *rest = args  # a page table of 8000 pages a sequence: 128-key blocks no longer fit
+    ragged_paged_attention(q, kp, vp, jnp.zeros((table.shape[0], 8000), jnp.int32), *rest)
+    fallback = ("triton" if jax.default_backend() == "gpu" else "reference", None)
+    assert picked == [("mosaic_gpu", 8), fallback, fallback, fallback, ("mosaic_gpu", 4)]

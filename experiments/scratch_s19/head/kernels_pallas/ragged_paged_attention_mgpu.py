@@ -1,0 +1,244 @@
+"""Ragged (chunked-prefill) paged attention as a Mosaic GPU kernel for Hopper: TMA page copies, wgmma, warp
+specialization.
+
+Public: ``ragged_paged_attention_mgpu`` (called by ``ragged_paged_attention(..., backend="mosaic_gpu")``); the truth
+is ``ragged_paged_attention_reference`` in ``ragged_paged_attention.py``.
+
+Status: written and checked only in Mosaic GPU interpret mode on the CPU (jax 0.10.2). It has not run on a GPU, and
+the dispatch never picks it unless ``backend="mosaic_gpu"`` is passed.
+
+In interpret mode, four hardware idioms are replaced by their ``jnp`` values, because the interpreter lacks them:
+``layout_cast``, ``transpose_ref``, register operands of ``wgmma``, and ``set_max_registers``. So the two matmuls
+and the register layouts are checked only on the GPU (``pytest -m gpu``). Everything else is checked on the CPU:
+the block bookkeeping, the page copies, the barriers between warpgroups, the causal mask and the online softmax.
+
+Layout (shape letters as in the package: T query tokens, N query heads, K kv heads, G = N / K, H head_dim,
+P pages, L page size):
+
+* XLA cuts the packed tokens into blocks of ``BQ`` tokens (128 or 256) that never straddle two sequences
+  (``ragged_paged_attention._block_map``).
+* It gathers them into an aligned ``[blocks, BQ, N, H]`` array.
+* It writes per block a metadata row (position of the block's first token, number of keys its last token sees)
+  and the sequence's page-table row, both padded to 32 int32 words (a TMA copy moves a multiple of 128 bytes).
+* The kernel's output comes back in the same aligned layout, and XLA gathers the real tokens from it.
+
+Grid ``(N, blocks)``, three warpgroups a program (as in jax's FlashAttention-3 kernel, ``attention_mgpu``):
+
+* Warpgroups 0 and 1 each own BQ / 2 query rows of one head: ``wgmma`` of Q with K^T, online softmax in float32
+  (log2 units), ``wgmma`` of P with V. The causal mask applies only on the key blocks that reach past the
+  warpgroup's first row.
+* Warpgroup 2 streams the blocks of ``block_kv`` keys: one TMA copy per page of K and of V into a ring of
+  ``stages`` shared-memory slots. It waits until both compute warpgroups release a slot before it refills it.
+
+Page-table entries past a sequence's last page are clipped into the pool by XLA; their keys lie past every row's
+position and are masked. A masked key's weight is exactly zero, but it still multiplies its V row, so unowned page
+slots must hold finite values; the engine's pool starts as zeros and only ever holds the model's K / V. The Triton
+kernel zeroes those rows itself. int8 pages are not supported here; the Triton kernel takes them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .paged_attention import MASK_VALUE
+
+BLOCK_Q = (128, 256)  # query tokens a program: two compute warpgroups of 64 or 128 rows (wgmma's M: 64 a step)
+META = 32  # int32 words a metadata / page-table row is padded to (TMA copies move multiples of 128 bytes)
+MAX_PAGE_ROW = 256 * META  # page ids a block's page row holds: 256 rows of META (a TMA copy's limit)
+
+
+SMEM_BYTES = 232448  # shared memory a Hopper (H100 / H200) block may take: 227 KiB
+SMEM_SLACK = 4096  # barriers, metadata rows and buffer alignment on top of the tiles
+
+
+def pages_per_key_block(page_size: int, pages_per_block: int | None) -> int:
+    """Pages a key block holds: the given number, else 64 keys' worth (at least one page)."""
+    return pages_per_block or max(1, 64 // page_size)
+
+
+def page_row_width(max_pages: int, ppb: int) -> int:
+    """int32 words of a block's page row: whole key blocks, then whole 128-byte rows."""
+    width = -(-max_pages // ppb) * ppb
+    return -(-width // META) * META
+
+
+def smem_bytes(*, block_q: int, block_kv: int, stages: int, head_dim: int, itemsize: int, width: int) -> int:
+    """Shared memory the kernel asks for: Q / O rows, ``stages`` K and V tiles, the loader's page row."""
+    return (block_q + 2 * stages * block_kv) * head_dim * itemsize + 4 * width + SMEM_SLACK
+
+
+def _interpret_params():
+    # Mosaic GPU interpret mode (simulated warpgroups, shared memory and barriers on the CPU); private in jax 0.10.
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+
+
+def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, page_size, block_kv, stages, scale,
+            interpret):
+    wg_rows = q_ref.shape[1] // 2  # rows of each compute warpgroup
+    # q_ref, o_ref [blocks, BQ, N, H]; kp_ref, vp_ref [K, P, L, H]; meta_ref [blocks, META] (first token's
+    # position, keys seen by the last token); pt_ref [blocks, max_pages_padded] page ids.
+    (qo_smem, k_smem, v_smem, meta_smem, pt_smem), (meta_bar, pt_bar, q_bar, k_bar, v_bar), consumed = scoped
+    k_consumed, v_consumed = consumed
+    head, blk, wg = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("wg")
+    kv_head = lax.div(head, jnp.array(group, head.dtype))
+    ppb = block_kv // page_size
+    head_dim = q_ref.shape[-1]
+
+    # every warpgroup copies the block's metadata for itself (no cross-warpgroup wait); the loader the page row too
+    plgpu.copy_gmem_to_smem(meta_ref.at[blk], meta_smem.at[wg], meta_bar.at[wg])
+    plgpu.barrier_wait(meta_bar.at[wg])
+    pos0, kv_end = meta_smem[wg, 0], meta_smem[wg, 1]
+
+    def steps_to(limit):  # key blocks needed to cover keys [0, limit)
+        limit = jnp.clip(limit, 0, kv_end)
+        return lax.div(limit + (block_kv - 1), jnp.array(block_kv, jnp.int32))
+
+    total_steps = steps_to(pos0 + 2 * wg_rows)  # what the last row of the block needs: the loader's count
+
+    def layout(x, reduced=False):
+        if interpret:
+            return x
+        return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1) if reduced else plgpu.Layout.WGMMA)
+
+    @pl.when(wg < 2)
+    def _compute():
+        if not interpret:
+            plgpu.set_max_registers(232, action="increase")
+        rows = qo_smem.at[wg]
+        row0 = pos0 + wg * wg_rows  # position of this warpgroup's first row
+        steps = steps_to(row0 + wg_rows)
+        full = jnp.minimum(lax.div(row0 + 1, jnp.array(block_kv, jnp.int32)), steps)  # blocks with no masked key
+        plgpu.copy_gmem_to_smem(q_ref.at[blk, pl.ds(wg * wg_rows, wg_rows), head], rows, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        c = scale * math.log2(math.e)
+
+        def body(step, carry, masked):
+            acc, m, l = carry
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            plgpu.barrier_wait(k_bar.at[slot])
+            if interpret:
+                s = lax.dot_general(rows[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+            else:
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, rows, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    return acc_ref[...]
+                s = pl.run_scoped(qk, plgpu.ACC((wg_rows, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if masked:
+                shape = (wg_rows, block_kv)
+                iota = (functools.partial(lax.broadcasted_iota, jnp.int32, shape) if interpret else
+                        functools.partial(plgpu.broadcasted_iota, jnp.int32, shape, layout=plgpu.Layout.WGMMA))
+                s = jnp.where(step * block_kv + iota(1) <= row0 + iota(0), s, MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1) * c)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p = p.astype(q_ref.dtype)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if interpret:
+                acc = acc + lax.dot_general(p, v_smem[slot], (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+            else:
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l
+
+        init = (layout(jnp.zeros((wg_rows, head_dim), jnp.float32)),
+                layout(jnp.full((wg_rows,), MASK_VALUE, jnp.float32), True),
+                layout(jnp.zeros((wg_rows,), jnp.float32), True))
+        carry = lax.fori_loop(0, full, functools.partial(body, masked=False), init)
+        acc, _, l = lax.fori_loop(full, steps, functools.partial(body, masked=True), carry)
+
+        @pl.loop(steps, total_steps)  # release the slots the other warpgroup still needs, in step order: waiting
+        def _release(step):             # for each load keeps two releases of one slot from completing its phase
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            plgpu.barrier_arrive(v_consumed.at[slot])
+
+        out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), acc.shape, [0])
+        rows[...] = out.astype(o_ref.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(rows, o_ref.at[blk, pl.ds(wg * wg_rows, wg_rows), head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _load():
+        if not interpret:
+            plgpu.set_max_registers(40, action="decrease")
+        plgpu.copy_gmem_to_smem(pt_ref.at[blk], pt_smem, pt_bar)
+        plgpu.barrier_wait(pt_bar)
+
+        def issue(step):
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            for i in range(ppb):
+                idx = step * ppb + i
+                page = pt_smem[lax.div(idx, jnp.int32(META)), lax.rem(idx, jnp.int32(META))]
+                dst = pl.ds(i * page_size, page_size)
+                plgpu.copy_gmem_to_smem(kp_ref.at[kv_head, page], k_smem.at[slot, dst], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(vp_ref.at[kv_head, page], v_smem.at[slot, dst], v_bar.at[slot])
+
+        @pl.loop(0, jnp.minimum(total_steps, stages))
+        def _fill(step):
+            issue(step)
+
+        @pl.loop(stages, jnp.maximum(total_steps, stages))
+        def _refill(step):
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            plgpu.barrier_wait(k_consumed.at[slot])  # both compute warpgroups are done with the slot's K and V
+            plgpu.barrier_wait(v_consumed.at[slot])
+            issue(step)
+
+        @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
+        def _drain(step):  # the last releases: every phase of the slot barriers is observed before they are freed
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def ragged_paged_attention_mgpu(q_blocks, k_pages, v_pages, meta, pages, *, scale: float, block_kv: int = 64,
+                                stages: int = 2, interpret: bool = False):
+    """q_blocks [blocks, BQ, N, H] (aligned query blocks), k_pages / v_pages [K, P, L, H], meta [blocks, META]
+    int32 (position of each block's first token, keys its last token sees), pages [blocks, W] int32 page ids
+    (W a multiple of META, covering every key block) -> [blocks, BQ, N, H]. The dispatch builds these from the
+    packed tokens; shapes are checked there."""
+    n_blocks, bq, n, head_dim = q_blocks.shape
+    kv_heads, _, page_size, _ = k_pages.shape
+    ppb = block_kv // page_size
+    rows = pages.shape[1] // META  # the page row as [rows, META]: a TMA copy moves at most 256 along a dimension
+    tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
+    dt = q_blocks.dtype
+
+    def ragged_paged_prefill_mgpu(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref):  # the name in profiles
+        smem = (plgpu.SMEM((2, bq // 2, head_dim), dt, transforms=(tiling, swizzle)),
+                plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
+                plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
+                plgpu.SMEM((3, META), jnp.int32), plgpu.SMEM((rows, META), jnp.int32))
+        bars = (plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2),
+                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages))
+        consumed = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
+        kernel = functools.partial(_kernel, group=n // kv_heads, page_size=page_size, block_kv=block_kv,
+                                   stages=stages, scale=scale, interpret=interpret)
+        pl.run_scoped(lambda *s: kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, s), smem, bars, consumed,
+                      collective_axes="wg")
+
+    return plgpu.kernel(
+        ragged_paged_prefill_mgpu, out_type=jax.ShapeDtypeStruct(q_blocks.shape, dt), grid=(n, n_blocks),
+        grid_names=("heads", "blocks"), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(q_blocks, k_pages, v_pages, meta, pages.reshape(n_blocks, rows, META))
