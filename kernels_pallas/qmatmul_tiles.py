@@ -21,7 +21,7 @@ import json
 import os
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned", "quantized_matmul.json")
-KERNELS = ("gemv", "dot", "xla", "xla_split")
+KERNELS = ("gemv", "dot", "xla", "xla_split", "mgpu")
 XLA_KERNELS = ("xla", "xla_split")  # not Pallas: the tile fields are unused
 
 
@@ -30,7 +30,9 @@ class TileConfig:
     """kernel: "gemv" (one row of x, FMA on CUDA cores, split-K; for a K-major ``Int4Weight`` the integer-dot
     GEMV of ``qmatmul_dp4a.py``: block_n rows a program, block_k / group groups a step, split_k runs of K's steps),
     "dot" (tensor-core tiles), "xla"
-    (XLA's dequantize-then-dot) or "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations).
+    (XLA's dequantize-then-dot), "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations) or
+    "mgpu" (W8A8 on Hopper: ``qmatmul_w8a8_mgpu``'s wgmma kernel; block_m / block_n each compute warpgroup's tile,
+    num_stages its slots in flight; elsewhere it falls back to "dot").
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
     step (int4: a multiple of the group or a power-of-two part of one), split_k programs along K (partial sums

@@ -211,6 +211,11 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
         while k % bk and bk > group:
             bk //= 2
     kernel, bm = cfg.kernel, cfg.block_m
+    if kernel == "mgpu":  # W8A8 x Hopper x tiles that divide N and K, else the dot tiles
+        from .qmatmul_w8a8_mgpu import fits
+        if isinstance(qweight, W8A8Weight) and fits(qweight.out_features, k, cfg.block_m, cfg.block_n):
+            return dataclasses.replace(cfg, block_k=128, split_k=1, unroll=0)
+        kernel, bm = "dot", 64
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
     if kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major:  # qmatmul_dp4a: whole group steps
@@ -253,6 +258,8 @@ def fit_tpu_config(cfg: TileConfig, qweight) -> TileConfig | None:
 def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype, poison: bool,
             act_scale=None):
     m = x2.shape[0]
+    if cfg.kernel == "mgpu" and (interpret or platform != "gpu"):  # wgmma has no interpreter: the dot tiles
+        cfg = dataclasses.replace(cfg, kernel="dot", block_m=64)
     if isinstance(qweight, W8A8Weight) and act_scale is None and platform == "gpu":
         from .quantize_rows import quantize_rows  # one pass over x (XLA's form reads it twice)
         xk, sx = quantize_rows(x2, interpret=interpret)
@@ -265,7 +272,12 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         xk = jnp.pad(xk, ((0, mp - m), (0, 0)))
         sx = None if sx is None else jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
     n = qweight.out_features
-    if platform == "tpu":
+    if cfg.kernel == "mgpu":
+        from .qmatmul_w8a8_mgpu import W8A8Tiles, w8a8_matmul_mgpu
+        tiles = W8A8Tiles(tile_m=cfg.block_m, tile_n=cfg.block_n, stages=cfg.num_stages)
+        y = w8a8_matmul_mgpu(xk, sx[:, 0], qweight.qweight, qweight.scale.astype(jnp.float32), tiles=tiles,
+                             out_dtype=out_dtype)
+    elif platform == "tpu":
         from .qmatmul_tpu import tpu_qmatmul
         out = jnp.full((mp, n), jnp.nan, out_dtype) if poison else None
         y = tpu_qmatmul(xk, sx, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)

@@ -1,0 +1,93 @@
+"""W8A8 on Hopper: the Mosaic GPU wgmma kernel (``qmatmul_w8a8_mgpu``) against the tile table's current W8A8 path and
+XLA's bf16 dot, on GLM-4-9B's four linear shapes, in one run.
+
+Each Mosaic GPU tile configuration is first checked against ``quantized_matmul_reference`` (fresh random weights and
+activations); one that fails the check or does not compile is recorded and not timed. Timing as in
+``bench_qmatmul.py``: distinct layers unrolled in one jit, a call's GPU span in a profiler trace, per layer. Every
+W8A8 time includes the activation quantization (``quantize_rows``), as ``quantized_matmul`` runs it.
+
+Writes <out>/w8a8_mgpu_<gpu>.json/.md.  Usage: python experiments/tune_w8a8_mgpu.py [--ms 512,128] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from experiments.bench_common import error_text, gpu_tag, write_results  # noqa: E402
+from experiments.bench_qmatmul import SHAPES, layers_for, random_weight, time_layers  # noqa: E402
+from kernels_pallas import TileConfig, quantized_matmul  # noqa: E402
+from kernels_pallas.qmatmul_w8a8_mgpu import fits  # noqa: E402
+from kernels_pallas.quantized_matmul import quantized_matmul_reference  # noqa: E402
+
+# (block_m, block_n, num_stages): each compute warpgroup's tile and the slots in flight
+CONFIGS = [(128, 128, 3), (128, 128, 4), (64, 128, 4), (128, 64, 4), (64, 64, 6)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="512")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--out", default="experiments/results")
+    args = ap.parse_args()
+    rows = []
+    for m in [int(v) for v in args.ms.split(",")]:
+        for shape in args.shapes.split(","):
+            k, n = SHAPES[shape]
+            layers = layers_for(k, n, 4, 256)
+            keys = jax.random.split(jax.random.key(7), layers)
+            x = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
+            base = dict(shape=shape, m=m, k=k, n=n, layers=layers)
+            ws = [random_weight(key, "bf16", k, n) for key in keys]
+            bf16_s, _ = time_layers(lambda x, w: x @ w, x, ws, timing="trace")
+            rows.append(dict(base, method="xla_bf16", us=bf16_s * 1e6))
+            del ws
+            ws = [random_weight(key, "w8a8", k, n) for key in keys]
+            cur_s, _ = time_layers(lambda x, w: quantized_matmul(x, w), x, ws, timing="trace")
+            rows.append(dict(base, method="w8a8_table", us=cur_s * 1e6, speedup_vs_bf16=bf16_s / cur_s))
+            ref = np.asarray(quantized_matmul_reference(x, ws[0]), np.float32)
+            for bm, bn, st in CONFIGS:
+                if not fits(n, k, bm, bn):
+                    continue
+                cfg = TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st)
+                row = dict(base, method="w8a8_mgpu", config=f"bm{bm} bn{bn} st{st}")
+                try:
+                    y = np.asarray(quantized_matmul(x, ws[0], config=cfg), np.float32)
+                    row["max_err_rel"] = float(np.abs(y - ref).max() / np.abs(ref).max())
+                    if not row["max_err_rel"] < 2e-2:
+                        raise AssertionError(f"wrong: max error {row['max_err_rel']:.3g} of max |ref|")
+                    sec, _ = time_layers(lambda x, w, cfg=cfg: quantized_matmul(x, w, config=cfg), x, ws,
+                                         timing="trace")
+                    row.update(us=sec * 1e6, speedup_vs_bf16=bf16_s / sec, speedup_vs_table=cur_s / sec)
+                except Exception as e:  # a failed configuration is a result too
+                    row["error"] = error_text(e)
+                print(row, flush=True)
+                rows.append(row)
+            del ws
+    summary = {}
+    for m in sorted({r["m"] for r in rows}):
+        best = {}
+        for r in rows:
+            if r["m"] == m and r["method"] == "w8a8_mgpu" and "us" in r:
+                if r["shape"] not in best or r["us"] < best[r["shape"]]["us"]:
+                    best[r["shape"]] = r
+        table = {r["shape"]: r for r in rows if r["m"] == m and r["method"] == "w8a8_table"}
+        summary[f"w8a8_speedup_vs_bf16_m{m}_table"] = min(r["speedup_vs_bf16"] for r in table.values())
+        if len(best) == len(table):
+            summary[f"w8a8_speedup_vs_bf16_m{m}_mgpu"] = min(r["speedup_vs_bf16"] for r in best.values())
+            summary[f"best_mgpu_m{m}"] = {s: r["config"] for s, r in best.items()}
+    path = write_results(args.out, f"w8a8_mgpu_{gpu_tag()}", rows=rows, summary=summary,
+                         columns=["shape", "m", "method", "config", "us", "speedup_vs_bf16", "speedup_vs_table",
+                                  "max_err_rel", "error"], notes=__doc__.strip().splitlines()[0])
+    print("SUMMARY", summary)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

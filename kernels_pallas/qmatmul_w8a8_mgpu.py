@@ -1,0 +1,166 @@
+"""W8A8 matmul as a Mosaic GPU kernel for Hopper: int8 x int8 wgmma into int32, both scales in the epilogue.
+
+Public: ``w8a8_matmul_mgpu`` (run by ``quantized_matmul`` where the tile table says ``kernel="mgpu"``) and
+``w8a8_matmul_reference`` (plain ``jnp``, the truth).
+
+``y[M, N] = (xq[M, K] @ wq[N, K]^T) * sx[M, 1] * sw[N]``: per-token activation scales ``sx``, per-channel weight
+scales ``sw``; the weight is stored K-major (``W8A8Weight``), as int8 tensor-core instructions want B.
+
+Structure (learned from jax's ``hopper_matmul_mgpu``): a persistent grid of one program per SM walks the output
+tiles in a planar snake; in each, a memory warpgroup streams ``[cta_tile_m, tile_k]`` tiles of xq and
+``[cta_tile_n, tile_k]`` tiles of wq through ``stages`` shared-memory slots (TMA), and two compute warpgroups each
+accumulate a ``[tile_m, tile_n]`` int32 half of the CTA tile with wgmma (split along N). The epilogue converts to
+float32, multiplies by the tile's ``sx`` rows and ``sw`` columns (loaded straight into the accumulator's row / column
+layouts), and stores ``out_dtype`` through shared memory in 64 x 64 pieces.
+
+Shape letters as in the package: M rows (tokens), K contraction (in features), N out features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class W8A8Tiles:
+    """Static tile sizes: each compute warpgroup's ``tile_m x tile_n``, the K step, the slots in flight, and the
+    planar snake's width (output tiles walked along N before stepping M)."""
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 3
+    snake_width: int = 8
+
+
+EPI = 64  # the epilogue's square pieces
+
+
+def w8a8_matmul_reference(xq, sx, wq, sw, *, out_dtype=jnp.bfloat16):
+    """xq [M, K] int8, sx [M] float32, wq [N, K] int8, sw [N] float32 -> [M, N] out_dtype (exact int32 product)."""
+    acc = lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * sx[:, None] * sw[None, :]).astype(out_dtype)
+
+
+def fits(n: int, k: int, tile_m: int, tile_n: int) -> bool:
+    """Whether the kernel takes N out features and K in features with these tiles (M is padded by the caller)."""
+    return tile_m % 64 == 0 and tile_n % EPI == 0 and tile_n <= 256 and n % (2 * tile_n) == 0 and k % 128 == 0
+
+
+def check_inputs(xq, sx, wq, sw, tiles: W8A8Tiles) -> None:
+    """ValueError naming what the kernel does not take."""
+    if xq.dtype != jnp.int8 or wq.dtype != jnp.int8 or xq.ndim != 2 or wq.ndim != 2:
+        raise ValueError(f"w8a8_matmul_mgpu takes xq [M, K] and wq [N, K] int8; got {xq.dtype} {xq.shape} and "
+                         f"{wq.dtype} {wq.shape}")
+    (m, k), (n, k2) = xq.shape, wq.shape
+    if k != k2:
+        raise ValueError(f"w8a8_matmul_mgpu: xq has K={k} columns, wq K={k2}")
+    if sx.shape != (m,) or sw.shape != (n,) or sx.dtype != jnp.float32 or sw.dtype != jnp.float32:
+        raise ValueError(f"w8a8_matmul_mgpu takes sx [M={m}] and sw [N={n}] float32; got {sx.dtype} {sx.shape} and "
+                         f"{sw.dtype} {sw.shape}")
+    t = tiles
+    if t.tile_m % 64 or t.tile_n % EPI or t.tile_n > 256 or t.tile_k != 128 or t.stages < 2:
+        raise ValueError(f"w8a8_matmul_mgpu tiles: tile_m a multiple of 64, tile_n of {EPI} up to 256, tile_k 128 "
+                         f"(one 128-byte swizzle of int8), stages >= 2; got {t}")
+    if m % t.tile_m or n % (2 * t.tile_n) or k % t.tile_k:
+        raise ValueError(f"w8a8_matmul_mgpu needs M % {t.tile_m}, N % {2 * t.tile_n} and K % {t.tile_k} == 0; got "
+                         f"M={m}, N={n}, K={k} (pad M; pick tiles that divide N)")
+
+
+def _kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: W8A8Tiles, out_dtype):
+    tile_m, tile_n, tile_k = tiles.tile_m, tiles.tile_n, tiles.tile_k
+    (m, k), n = x_gmem.shape, w_gmem.shape[0]
+    cta_n = 2 * tile_n  # the two compute warpgroups split the CTA tile along N
+    m_iters, n_iters, k_iters = m // tile_m, n // cta_n, k // tile_k
+    swizzle = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))  # 128 int8 = one 128-byte row
+    out_swizzle = (plgpu.TilingTransform((8, EPI)), plgpu.SwizzleTransform(EPI * jnp.dtype(out_dtype).itemsize))
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k_iters,), memory_registers=40, max_concurrent_steps=tiles.stages,
+            in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), transforms=swizzle,
+                                      memory_space=plgpu.SMEM),
+                      plgpu.BlockSpec((cta_n, tile_k), lambda ki: (0, ki), transforms=swizzle,
+                                      memory_space=plgpu.SMEM)],
+            wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+                       out_smem=plgpu.SMEM((2, 2, EPI, EPI), out_dtype, transforms=out_swizzle),
+                       collective_axes="wg")
+    def _scope(allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile(loop):
+            (lin,) = loop.index
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, tiles.snake_width)
+            m_slice = pl.ds(mi * tile_m, tile_m)
+            n_slice = pl.ds(ni * cta_n, cta_n)
+            wg_n0 = ni * cta_n + wg * tile_n  # this warpgroup's first output column
+
+            def compute_context(run):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.int32))
+                def _acc(acc_ref):
+                    run(acc_ref)
+                    acc = acc_ref[...]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for em in range(tile_m // EPI):
+                        sx = plgpu.load(sx_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI)], (),
+                                        layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                        for en in range(tile_n // EPI):
+                            sw = plgpu.load(sw_gmem.at[pl.ds(wg_n0 + en * EPI, EPI)], (),
+                                            layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                            part = acc[em * EPI:(em + 1) * EPI, en * EPI:(en + 1) * EPI].astype(jnp.float32)
+                            part = (part * lax.broadcast_in_dim(sx, part.shape, [0])
+                                    * lax.broadcast_in_dim(sw, part.shape, [1]))
+                            slot = (em * (tile_n // EPI) + en) % 2
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            out_smem[wg, slot] = part.astype(out_dtype)
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot],
+                                out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)])
+
+            def mma(idxs, x_smem, w_smem, acc_ref):
+                plgpu.wgmma(acc_ref, x_smem, w_smem.at[pl.ds(wg * tile_n, tile_n)].T)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            pipeline(mma, compute_context)(x_gmem.at[m_slice, :], w_gmem.at[n_slice, :], allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "num_sms"))
+def _w8a8_matmul_mgpu(xq, sx, wq, sw, *, tiles: W8A8Tiles, out_dtype, num_sms: int):
+    kernel = functools.partial(_kernel, tiles=tiles, out_dtype=out_dtype)
+
+    def w8a8_matmul_mgpu_kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem):  # the name in profiles
+        kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem)
+
+    return plgpu.kernel(
+        w8a8_matmul_mgpu_kernel, out_type=jax.ShapeDtypeStruct((xq.shape[0], wq.shape[0]), out_dtype),
+        grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )(xq, sx, wq, sw)
+
+
+def w8a8_matmul_mgpu(xq, sx, wq, sw, *, tiles: W8A8Tiles = W8A8Tiles(), out_dtype=jnp.bfloat16,
+                     num_sms: int | None = None):
+    """xq [M, K] int8, sx [M] float32, wq [N, K] int8, sw [N] float32 -> [M, N] out_dtype on a Hopper GPU; M, N
+    and K multiples of the tiles (``check_inputs``). ``num_sms``: programs of the persistent grid (default: the
+    GPU's SM count)."""
+    check_inputs(xq, sx, wq, sw, tiles)
+    if num_sms is None:
+        num_sms = getattr(jax.devices()[0], "core_count", None) or 132
+    tiles_total = (xq.shape[0] // tiles.tile_m) * (wq.shape[0] // (2 * tiles.tile_n))
+    return _w8a8_matmul_mgpu(xq, sx, wq, sw, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
+                             num_sms=min(num_sms, tiles_total))
