@@ -34,13 +34,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="512")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--min-layers", type=int, default=4, help="distinct layers a timed call, at least")
+    ap.add_argument("--configs", default="", help="block_m:block_n:num_stages,... (default: CONFIGS)")
     ap.add_argument("--out", default="experiments/results")
     args = ap.parse_args()
     rows = []
     for m in [int(v) for v in args.ms.split(",")]:
         for shape in args.shapes.split(","):
             k, n = SHAPES[shape]
-            layers = layers_for(k, n, 4, 256)
+            layers = layers_for(k, n, args.min_layers, 256)
             keys = jax.random.split(jax.random.key(7), layers)
             x = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
             base = dict(shape=shape, m=m, k=k, n=n, layers=layers)
@@ -52,7 +54,9 @@ def main():
             cur_s, _ = time_layers(lambda x, w: quantized_matmul(x, w), x, ws, timing="trace")
             rows.append(dict(base, method="w8a8_table", us=cur_s * 1e6, speedup_vs_bf16=bf16_s / cur_s))
             ref = np.asarray(quantized_matmul_reference(x, ws[0]), np.float32)
-            for bm, bn, st in CONFIGS:
+            configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
+                       else CONFIGS)
+            for bm, bn, st in configs:
                 if not fits(n, k, bm, bn):
                     continue
                 cfg = TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st)
