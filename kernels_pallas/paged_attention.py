@@ -3,6 +3,10 @@
 Public: ``paged_attention`` (dispatch), ``paged_attention_reference`` (plain jnp, the truth). The Mosaic TPU
 kernel lives in ``paged_attention_tpu.py``; this module holds the GPU kernel, the checks and the dispatch.
 
+Hopper, opt-in: ``backend="mosaic_gpu"`` runs ``paged_attention_mgpu.py`` (TMA page copies, wgmma over the G query
+heads of a KV head, a loader warpgroup; bfloat16 / float16 pages, G a multiple of 8), lowered and interpret-checked
+on the CPU and not yet run on a GPU (``experiments/tune_decode_mgpu.py`` times it against this kernel).
+
 GPU kernel (Pallas, Triton lowering; grid (B, K, S)): program (b, k, s) owns sequence b, kv head k and
 the s-th split of b's pages. It loads the G query heads of kv head k once ([G, H], G padded to 16 rows
 for the tensor cores), then streams ``pages_per_block`` pages at a time: the page ids are gathered
@@ -49,7 +53,7 @@ from .quantized_matmul import SPLIT_STEPS
 
 MASK_VALUE = -1e30  # finite: fully masked rows stay NaN-free
 LOG2E = 1.4426950408889634
-BACKENDS = ("triton", "mosaic_tpu", "reference")
+BACKENDS = ("triton", "mosaic_tpu", "mosaic_gpu", "reference")
 _TUNED_PATH = Path(__file__).with_name("tuned") / "paged_attention.json"
 
 
@@ -396,6 +400,11 @@ def _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scale
     if backend == "reference":
         return paged_attention_reference(q, k_pages, v_pages, lengths, page_table, k_scales=k_scales,
                                          v_scales=v_scales, scale=scale)
+    if backend == "mosaic_gpu":
+        from .paged_attention_mgpu import paged_decode_mgpu
+        return paged_decode_mgpu(q, k_pages, v_pages, lengths, page_table, scale=scale,
+                                 pages_per_block=pages_per_block, num_splits=num_splits, stages=num_stages or 2,
+                                 interpret=interpret)
     if backend == "mosaic_tpu":
         from .paged_attention_tpu import decode_tpu
         return decode_tpu(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
@@ -419,7 +428,9 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
     A sequence of length 0 gets zeros. ``scale`` defaults to H**-0.5.
 
     backend: None picks the Pallas GPU kernel on GPU (and under ``interpret=True`` on CPU), the Mosaic
-    TPU kernel on TPU, and the jnp reference elsewhere; "triton", "mosaic_tpu" or "reference" force one.
+    TPU kernel on TPU, and the jnp reference elsewhere; "triton", "mosaic_tpu" or "reference" force one;
+    "mosaic_gpu" runs the Hopper kernel of ``paged_attention_mgpu`` (opt-in; ``paged_attention_mgpu.check_inputs`` says what it
+    takes; num_stages its key blocks in flight, finite values needed in unowned page slots).
     Block sizes (pages_per_block, num_splits, num_warps, num_stages, prefetch_ids: load the next block's
     page ids one iteration ahead; row_gather: load K/V as one 2-D [pages_per_block * L, H] gather of pool rows
     instead of [pages_per_block, L, H] pages reshaped; int8_qk, int8 pages only: q.K^T as int8 tensor-core dots
@@ -430,6 +441,9 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
     check_decode_inputs(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
     if _is_concrete(lengths, page_table):
         validate_page_table(page_table, lengths, num_pages=k_pages.shape[1], page_size=k_pages.shape[2])
+    if backend == "mosaic_gpu":
+        from .paged_attention_mgpu import check_inputs
+        pages_per_block = check_inputs(q, k_pages, page_table, k_scales, pages_per_block, num_splits, num_stages)
     return _paged_attention(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales, scale=scale,
                             pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
                             num_stages=num_stages, prefetch_ids=prefetch_ids, row_gather=row_gather,

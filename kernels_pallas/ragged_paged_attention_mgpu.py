@@ -1,8 +1,10 @@
 """Ragged (chunked-prefill) paged attention as a Mosaic GPU kernel for Hopper: TMA page copies, wgmma, warp
 specialization.
 
-Public: ``ragged_paged_attention_mgpu`` (called by ``ragged_paged_attention(..., backend="mosaic_gpu")``); the truth
-is ``ragged_paged_attention_reference`` in ``ragged_paged_attention.py``.
+Public: ``ragged_paged_attention_mgpu`` (the kernel) and the dispatch's glue: ``prefill`` (block metadata, the call),
+``pages_per_block_for`` and ``check_inputs`` (what the kernel takes), run by ``ragged_paged_attention`` with
+``backend="mosaic_gpu"`` or on Hopper by default; the truth is ``ragged_paged_attention_reference`` in
+``ragged_paged_attention.py``.
 
 Status: checked on an H100 (jax 0.11.2, ``pytest -m gpu``), in Mosaic GPU interpret mode on the CPU, and lowered for
 CUDA on the CPU (``jax.export``). The dispatch picks it on Hopper where the inputs fit it: 0.53 of the bf16 matmul
@@ -51,6 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from . import ragged_paged_attention as ragged
 from .paged_attention import MASK_VALUE
 
 BLOCK_Q = (128, 256)  # query tokens a program: two compute warpgroups of 64 or 128 rows (wgmma's M: 64 a step)
@@ -272,3 +275,79 @@ def ragged_paged_attention_mgpu(q, k_pages, v_pages, meta, pages, *, block_q: in
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params() if interpret else None,
     )(q, k_pages, v_pages, meta, pages.reshape(n_blocks, rows, META))
+
+
+# ----------------------------------------------------------------------------------------- the dispatch's glue
+def prefill(q, k_pages, v_pages, page_table, context_lens, query_start, num_seqs, *, scale, block_q,
+            pages_per_block, stages, interpret):
+    """Each block's metadata and page row for the Mosaic GPU kernel (``ragged_paged_attention_mgpu``), which reads
+    and writes the packed [T, N, H] tokens itself. Blocks of ``block_q`` tokens (default 128), key blocks of
+    ``pages_per_block`` pages (``pages_per_block_for``), ``stages`` of them in flight (default 2)."""
+    t_total = q.shape[0]
+    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
+    bq = block_q or BLOCK_Q[0]
+    span = bq - ALIGN  # tokens a block: its window of bq rows starts up to ALIGN - 1 rows before them
+    n_blocks = -(-t_total // span) + page_table.shape[0]
+    seq, t0, t1, pad = ragged._block_map(query_start, num_seqs, t_total, span, n_blocks).T
+    q_end, ctx = query_start[seq + 1], context_lens[seq]
+    kv_end = jnp.where(pad == 1, 0, jnp.minimum(ctx - q_end + t1, ctx))  # keys the block's last token sees
+    t0 = jnp.minimum(t0, t_total)
+    off = t0 % ALIGN
+    words = jnp.zeros((n_blocks, META), jnp.int32).at[:, :5].set(jnp.stack(  # padding blocks store zeros
+        [ctx - q_end + t0 - off, kv_end, t0 // ALIGN, off, jnp.maximum(t1 - t0, 0)], axis=1))
+    ppb = pages_per_block
+    width = page_row_width(page_table.shape[1], ppb)
+    pages = jnp.zeros((n_blocks, width), jnp.int32).at[:, :page_table.shape[1]].set(
+        jnp.clip(page_table[seq], 0, num_pages - 1))
+    # the kernel's copies tile the token axis by 8 rows (no copy of q when T is a multiple of 8); the interpreter
+    # rejects a copy that runs past T, where the GPU's TMA fills zeros: give it a block of rows more
+    extra = bq if interpret else -t_total % ALIGN
+    if extra:
+        q = jnp.concatenate([q, jnp.zeros((extra,) + q.shape[1:], q.dtype)])
+    out = ragged_paged_attention_mgpu(q, k_pages, v_pages, words, pages, block_q=bq, scale=scale,
+                                      block_kv=ppb * page_size, stages=stages or 2, interpret=interpret)
+    return out[:t_total]
+
+
+def pages_per_block_for(q, k_pages, page_table, k_scales, block_q, pages_per_block, num_stages) -> int:
+    """Pages a key block of the Mosaic GPU prefill kernel holds: the given number, else the first of
+    ``KEY_BLOCKS``' worth whose kernel fits; the inputs checked (ValueError naming what the kernel does not take)."""
+    options = key_block_options(k_pages.shape[2], pages_per_block)
+    for i, ppb in enumerate(options):
+        try:
+            check_inputs(q, k_pages, page_table, k_scales, block_q, ppb, num_stages)
+            return ppb
+        except ValueError:
+            if i == len(options) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def check_inputs(q, k_pages, page_table, k_scales, block_q, ppb, num_stages) -> None:
+    """What the Mosaic GPU prefill kernel takes, with key blocks of ``ppb`` pages (ValueError naming what not)."""
+    page_size, head_dim = k_pages.shape[2], k_pages.shape[3]
+    if block_q is not None and block_q not in BLOCK_Q:
+        raise ValueError(f"backend='mosaic_gpu' takes block_q in {BLOCK_Q} (two warpgroups of 64 or 128 rows); got "
+                         f"{block_q}")
+    if ppb * page_size % 64 or ppb * page_size > 256 or num_stages is not None and num_stages < 2:
+        raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
+                         f"pages_per_block={ppb} x L={page_size} = {ppb * page_size} keys, num_stages={num_stages}")
+    if k_scales is not None:
+        raise ValueError("backend='mosaic_gpu' takes bfloat16 / float16 pages only; int8 pages run on 'triton'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"backend='mosaic_gpu' takes bfloat16 or float16 q and pages; got {q.dtype}")
+    if head_dim % 64 or not 8 <= page_size <= 256:
+        raise ValueError(f"backend='mosaic_gpu' needs head_dim a multiple of 64 and a page size in 8..256; got "
+                         f"H={head_dim}, L={page_size}")
+    if k_pages.dtype != q.dtype:
+        raise ValueError(f"backend='mosaic_gpu' needs q and pages in one dtype; got {q.dtype} and {k_pages.dtype}")
+    if page_row_width(page_table.shape[1], ppb) > MAX_PAGE_ROW:
+        raise ValueError(f"backend='mosaic_gpu' takes at most {MAX_PAGE_ROW} pages a sequence (the page table's "
+                         f"width); got {page_table.shape[1]}: use a larger page size or backend='triton'")
+    need = smem_bytes(block_q=block_q or BLOCK_Q[0], block_kv=ppb * page_size, stages=num_stages or 2,
+                      head_dim=head_dim, itemsize=q.dtype.itemsize, width=page_row_width(page_table.shape[1], ppb))
+    if need > SMEM_BYTES:
+        raise ValueError(f"backend='mosaic_gpu' with block_q={block_q or BLOCK_Q[0]}, {ppb * page_size}-key blocks, "
+                         f"num_stages={num_stages or 2} and {page_table.shape[1]} pages a sequence needs {need} bytes "
+                         f"of shared memory; a Hopper block has {SMEM_BYTES}: lower num_stages, pages_per_block or "
+                         f"block_q")

@@ -284,3 +284,65 @@ def test_tuned_table_lookup_carries_programs_and_tokens(monkeypatch):
     # int8_qk is for int8 pages only: asked for on bf16 pages it stays off
     assert pa.decode_blocks(1, 2, 16, 3, 16, True, int8_qk=True)["int8_qk"]
     assert not pa.decode_blocks(1, 2, 16, 3, 16, False, int8_qk=True)["int8_qk"]
+
+
+class MosaicGpuDecodeCases:
+    """The Mosaic GPU (Hopper) decode kernel (``paged_attention_mgpu.py``): G = 8 or 16 query heads a KV head
+    packed into one wgmma tile, one split writing the output or several merged by XLA, a sequence of one token,
+    one that ends mid-page, 64- and 128-key blocks. Unowned page slots hold a large finite value (the kernel needs
+    finite values there); an unmasked one would show as a large error."""
+    interpret = False
+    cases = [(16, 16, [37, 1, 130], dict(num_splits=1)), (16, 16, [37, 1, 130], dict(num_splits=3)),
+             (8, 64, [200, 65], dict(num_splits=2))]
+
+    def check(self, group, page_size, lengths, blocks):
+        rng = np.random.default_rng([group, page_size, len(lengths)])
+        pool = make_pool(rng, kv_heads=2, page_size=page_size, lengths=lengths)
+        q = jnp.asarray(rng.standard_normal((len(lengths), 2 * group, H)), jnp.bfloat16)
+        kp, vp = (jnp.nan_to_num(pool[k], nan=30.0) for k in ("k_pages", "v_pages"))
+        args = (q, kp, vp, pool["lengths"], pool["page_table"])
+        out = paged_attention(*args, backend="mosaic_gpu", interpret=self.interpret, **blocks)
+        assert out.shape == q.shape and bool(np.isfinite(np.asarray(out, np.float32)).all())
+        assert rel_err(out, paged_attention_reference(*args)) < 1e-2
+
+    def test_matches_reference(self):
+        for case in self.cases:
+            self.check(*case)
+
+
+class TestMosaicGpuDecodeInterpret(MosaicGpuDecodeCases):
+    interpret = True
+
+
+@pytest.mark.gpu
+class TestMosaicGpuDecodeGPU(MosaicGpuDecodeCases):
+    cases = MosaicGpuDecodeCases.cases + [
+        (16, 16, [4096, 2000, 17, 1], {}), (16, 16, [4096, 2000, 17, 1], dict(pages_per_block=8, num_stages=3)),
+        (16, 64, [8192], {}), (16, 16, [2048] * 32, {})]
+
+
+@pytest.mark.parametrize("case", MosaicGpuDecodeCases.cases + TestMosaicGpuDecodeGPU.cases[3:4], ids=str)
+def test_mosaic_gpu_decode_lowers_for_cuda(case):
+    """Lowered for CUDA on this machine (jax.export): the wgmma and layout code that interpret mode skips."""
+    group, page_size, lengths, blocks = case
+    pool = make_pool(np.random.default_rng(0), kv_heads=2, page_size=page_size, lengths=lengths)
+    q = jnp.zeros((len(lengths), 2 * group, H), jnp.bfloat16)
+    args = (q, pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"])
+    f = jax.jit(lambda *a: paged_attention(*a, backend="mosaic_gpu", **blocks))
+    module = jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in module and "wgmma.mma_async" in module
+
+
+def test_mosaic_gpu_decode_rejects_what_it_does_not_take():
+    rng = np.random.default_rng(1)
+    pool = make_pool(rng, kv_heads=2, page_size=16, lengths=[20], quantized=True)
+    q = jnp.zeros((1, 32, H), jnp.bfloat16)
+    with pytest.raises(ValueError, match="int8 pages run on 'triton'"):
+        paged_attention(q, pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"],
+                        k_scales=pool["k_scales"], v_scales=pool["v_scales"], backend="mosaic_gpu")
+    pool = make_pool(rng, kv_heads=2, page_size=16, lengths=[20])
+    args = (pool["k_pages"], pool["v_pages"], pool["lengths"], pool["page_table"])
+    with pytest.raises(ValueError, match="G = N / K a multiple of 8"):
+        paged_attention(jnp.zeros((1, 8, H), jnp.bfloat16), *args, backend="mosaic_gpu")
+    with pytest.raises(ValueError, match="key blocks of 64, 128 or 256 keys"):
+        paged_attention(q, *args, pages_per_block=2, backend="mosaic_gpu")

@@ -1,0 +1,262 @@
+"""Paged decode attention as a Mosaic GPU kernel for Hopper: TMA page copies, wgmma, a loader warpgroup.
+
+Public: ``paged_decode_mgpu`` (run by ``paged_attention(..., backend="mosaic_gpu")``); the truth is
+``paged_attention_reference`` in ``paged_attention.py``.
+
+Status: lowered for CUDA on the CPU (``jax.export``) and checked in Mosaic GPU interpret mode; **not yet run on a
+GPU**, and the dispatch runs it only when ``backend="mosaic_gpu"`` is passed. In interpret mode the two matmuls and
+the register layouts are replaced by their ``jnp`` values (the interpreter lacks wgmma), as in
+``ragged_paged_attention_mgpu.py``; ``pytest -m gpu`` checks them on the GPU.
+
+Shape letters as in the package: B batch, N query heads, K kv heads, G = N / K, H head_dim, P pages, L page size.
+
+Grid ``(K, B, splits)``, two warpgroups a program (flash-decoding with GQA packing):
+
+* Warpgroup 0 computes: the G query heads of kv head k for sequence b are the rows of one wgmma tile (G padded to
+  wgmma's 64 rows; the padding rows are never stored), ``wgmma`` of Q with K^T over a block of ``block_kv`` keys,
+  online softmax in float32 (log2 units), ``wgmma`` of P with V. Only the split's last block is masked (keys past
+  the sequence's length).
+* Warpgroup 1 streams the split's key blocks: one TMA copy per page of K and of V into a ring of ``stages``
+  shared-memory slots, refilled once the compute warpgroup releases a slot.
+
+One split writes the output itself; several write normalized partials [B, K, S, G, H] and their log-sum-exp
+(base 2) [B, K, S, G], merged by XLA (``combine``). As in the prefill kernel, a masked key's weight is exactly zero
+but still multiplies its V row, so unowned page slots must hold finite values (the engine's pool starts as zeros).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .paged_attention import MASK_VALUE
+from .ragged_paged_attention_mgpu import META, SMEM_BYTES, SMEM_SLACK, _interpret_params
+
+ROWS = 64  # wgmma's M: a program's G query heads are padded to this many rows
+
+
+def smem_bytes(*, block_kv: int, stages: int, head_dim: int, itemsize: int, width: int, direct: bool) -> int:
+    """Shared memory the kernel asks for: Q rows, the output rows, ``stages`` K and V tiles, the page row."""
+    out = ROWS * head_dim * (itemsize if direct else 4) + (0 if direct else 4 * ROWS)
+    return ROWS * head_dim * itemsize + out + 2 * stages * block_kv * head_dim * itemsize + 4 * width + SMEM_SLACK
+
+
+def split_plan(batch: int, kv_heads: int, max_pages: int, ppb: int, num_splits: int | None) -> tuple[int, int]:
+    """(splits, pages a split): about two programs an SM (132 SMs) unless ``num_splits`` is given; each split
+    whole key blocks."""
+    want = num_splits or max(1, round(264 / (batch * kv_heads)))
+    blocks = -(-max_pages // ppb)
+    per = -(-blocks // max(1, min(want, blocks))) * ppb
+    return -(-max_pages // per), per
+
+
+def check_inputs(q, k_pages, page_table, k_scales, pages_per_block, num_splits, num_stages) -> int:
+    """What the Mosaic GPU decode kernel takes (ValueError naming what not); returns its pages a key block
+    (given, else 64 keys' worth)."""
+    kv_heads, _, page_size, head_dim = k_pages.shape
+    group = q.shape[1] // kv_heads
+    ppb = pages_per_block or max(1, 64 // page_size)
+    stages = num_stages or 2
+    if k_scales is not None:
+        raise ValueError("backend='mosaic_gpu' takes bfloat16 / float16 pages only; int8 pages run on 'triton'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k_pages.dtype != q.dtype:
+        raise ValueError(f"backend='mosaic_gpu' takes bfloat16 or float16 q and pages in one dtype; got {q.dtype} "
+                         f"and {k_pages.dtype}")
+    if group % 8 or group > 64 or head_dim % 64 or not 8 <= page_size <= 256:
+        raise ValueError(f"backend='mosaic_gpu' needs G = N / K a multiple of 8 up to 64, head_dim a multiple of 64 "
+                         f"and a page size in 8..256; got G={group}, H={head_dim}, L={page_size}")
+    if ppb * page_size % 64 or ppb * page_size > 256 or stages < 2:
+        raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
+                         f"pages_per_block={ppb} x L={page_size}, num_stages={stages}")
+    splits, pps = split_plan(q.shape[0], kv_heads, page_table.shape[1], ppb, num_splits)
+    need = smem_bytes(block_kv=ppb * page_size, stages=stages, head_dim=head_dim, itemsize=q.dtype.itemsize,
+                      width=-(-pps // 32) * 32, direct=splits == 1)
+    if -(-pps // 32) > 256 or need > SMEM_BYTES:
+        raise ValueError(f"backend='mosaic_gpu': {ppb * page_size}-key blocks, num_stages={stages} and {pps} pages a "
+                         f"split need {need} bytes of shared memory (a Hopper block has {SMEM_BYTES}) or more than "
+                         f"8192 pages a split: lower num_stages or pages_per_block, or raise num_splits")
+    return ppb
+
+
+def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, *refs, group, page_size, block_kv, stages, chunk, scale,
+            direct, interpret):
+    # q_ref [B, N, H]; kp_ref, vp_ref [K, P, L, H]; meta_ref [B, META] (length in word 0); pt_ref [B, S, rows,
+    # META] the split's page ids; outputs: direct o_ref [B, N, H], else o_ref [B, K, S, G, H] f32, lse_ref
+    # [B, K, S, G] f32.
+    if direct:
+        (o_ref,), scoped = refs[:1], refs[1]
+        lse_ref = None
+    else:
+        (o_ref, lse_ref), scoped = refs[:2], refs[2]
+    (q_smem, o_smem, l_smem, k_smem, v_smem, meta_smem, pt_smem), bars, (k_consumed, v_consumed) = scoped
+    meta_bar, pt_bar, q_bar, k_bar, v_bar = bars
+    kh, b, split, wg = (lax.axis_index(a) for a in ("kv", "b", "split", "wg"))
+    ppb = block_kv // page_size
+    head_dim = q_ref.shape[-1]
+
+    plgpu.copy_gmem_to_smem(meta_ref.at[b], meta_smem.at[wg], meta_bar.at[wg])
+    plgpu.barrier_wait(meta_bar.at[wg])
+    start = split * chunk
+    end = jnp.minimum(meta_smem[wg, 0], start + chunk)  # keys [start, end) are this split's
+    n_keys = jnp.maximum(end - start, 0)
+    steps = lax.div(n_keys + (block_kv - 1), jnp.int32(block_kv))
+    full = lax.div(n_keys, jnp.int32(block_kv))  # blocks with no masked key
+
+    @pl.when(wg == 0)
+    def _compute():
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(kh * group, group)], q_smem.at[pl.ds(0, group)], q_bar)
+        plgpu.barrier_wait(q_bar)
+        c = scale * math.log2(math.e)
+
+        def body(step, carry, masked):
+            acc, m, l = carry
+            slot = lax.rem(step, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+            if interpret:
+                s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+            else:
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    return acc_ref[...]
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if masked:
+                shape = (ROWS, block_kv)
+                iota = (lax.broadcasted_iota(jnp.int32, shape, 1) if interpret else
+                        plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA))
+                s = jnp.where(start + step * block_kv + iota < end, s, MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1) * c)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p = p.astype(q_ref.dtype)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if interpret:
+                acc = acc + lax.dot_general(p, v_smem[slot], (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+            else:
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_new, l
+
+        def layout(x, reduced=False):
+            if interpret:
+                return x
+            return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1) if reduced else plgpu.Layout.WGMMA)
+
+        init = (layout(jnp.zeros((ROWS, head_dim), jnp.float32)),
+                layout(jnp.full((ROWS,), MASK_VALUE, jnp.float32), True),
+                layout(jnp.zeros((ROWS,), jnp.float32), True))
+        carry = lax.fori_loop(0, full, functools.partial(body, masked=False), init)
+        acc, m, l = lax.fori_loop(full, steps, functools.partial(body, masked=True), carry)
+        out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), acc.shape, [0])
+        o_smem[...] = out.astype(o_smem.dtype)
+        if not direct:  # an empty split weighs nothing in the combine
+            l_smem[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)) * (1 / math.log(2)), MASK_VALUE)
+        plgpu.commit_smem()
+        if direct:
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[b, pl.ds(kh * group, group)])
+        else:
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[b, kh, split])
+            plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, group)], lse_ref.at[b, kh, split])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _load():
+        plgpu.copy_gmem_to_smem(pt_ref.at[b, split], pt_smem, pt_bar)
+        plgpu.barrier_wait(pt_bar)
+
+        def issue(step):
+            slot = lax.rem(step, jnp.int32(stages))
+            for i in range(ppb):
+                idx = step * ppb + i
+                page = pt_smem[lax.div(idx, jnp.int32(META)), lax.rem(idx, jnp.int32(META))]
+                dst = pl.ds(i * page_size, page_size)
+                plgpu.copy_gmem_to_smem(kp_ref.at[kh, page], k_smem.at[slot, dst], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(vp_ref.at[kh, page], v_smem.at[slot, dst], v_bar.at[slot])
+
+        @pl.loop(0, jnp.minimum(steps, stages))
+        def _fill(step):
+            issue(step)
+
+        @pl.loop(stages, jnp.maximum(steps, stages))
+        def _refill(step):
+            slot = lax.rem(step, jnp.int32(stages))
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+            issue(step)
+
+        @pl.loop(jnp.maximum(steps - stages, 0), steps)
+        def _drain(step):  # every phase of the slot barriers is observed before they are freed
+            slot = lax.rem(step, jnp.int32(stages))
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def combine(o_part, lse, out_shape, dtype):
+    """Normalized split partials [B, K, S, G, H] and their log-sum-exp (base 2) [B, K, S, G] -> [B, N, H]."""
+    mx = lse.max(axis=2, keepdims=True)
+    w = jnp.exp2(lse - mx)  # an empty split: lse = MASK_VALUE, weight 0
+    out = (o_part * w[..., None]).sum(axis=2) / w.sum(axis=2)[..., None]
+    return out.reshape(out_shape).astype(dtype)
+
+
+def paged_decode_mgpu(q, k_pages, v_pages, lengths, page_table, *, scale: float, pages_per_block: int,
+                      num_splits: int | None = None, stages: int = 2, interpret: bool = False):
+    """q [B, N, H] -> [B, N, H]: G = N / K a multiple of 8 up to 64, bfloat16 / float16 pages, key blocks of
+    ``pages_per_block`` pages (64-256 keys), ``stages`` of them in flight; checked by the dispatch
+    (``check_inputs``)."""
+    batch, n, head_dim = q.shape
+    kv_heads, num_pages, page_size, _ = k_pages.shape
+    group = n // kv_heads
+    ppb = pages_per_block
+    splits, pps = split_plan(batch, kv_heads, page_table.shape[1], ppb, num_splits)
+    rows = -(-pps // META)
+    pt = jnp.clip(page_table, 0, num_pages - 1)
+    pt = jnp.pad(pt, ((0, 0), (0, splits * pps - pt.shape[1]))).reshape(batch, splits, pps)
+    pt = jnp.pad(pt, ((0, 0), (0, 0), (0, rows * META - pps))).reshape(batch, splits, rows, META)
+    meta = jnp.zeros((batch, META), jnp.int32).at[:, 0].set(lengths.astype(jnp.int32))
+    direct = splits == 1
+    dt = q.dtype
+    tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
+    block_kv = ppb * page_size
+    if direct:
+        out_type = jax.ShapeDtypeStruct(q.shape, dt)
+    else:
+        out_type = (jax.ShapeDtypeStruct((batch, kv_heads, splits, group, head_dim), jnp.float32),
+                    jax.ShapeDtypeStruct((batch, kv_heads, splits, group), jnp.float32))
+    kernel = functools.partial(_kernel, group=group, page_size=page_size, block_kv=block_kv, stages=stages,
+                               chunk=pps * page_size, scale=scale, direct=direct, interpret=interpret)
+
+    def paged_decode_mgpu_kernel(*refs):  # the name in profiles
+        smem = (plgpu.SMEM((ROWS, head_dim), dt, transforms=(tiling, swizzle)),
+                plgpu.SMEM((ROWS, head_dim), dt if direct else jnp.float32),  # output rows, untiled
+                plgpu.SMEM((ROWS,), jnp.float32),
+                plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
+                plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
+                plgpu.SMEM((2, META), jnp.int32), plgpu.SMEM((rows, META), jnp.int32))
+        bars = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1),
+                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages))
+        consumed = (plgpu.Barrier(num_barriers=stages),) * 2
+        pl.run_scoped(lambda *s: kernel(*refs, s), smem, bars, consumed, collective_axes="wg")
+
+    outs = plgpu.kernel(
+        paged_decode_mgpu_kernel, out_type=out_type, grid=(kv_heads, batch, splits),
+        grid_names=("kv", "b", "split"), num_threads=2, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(q, k_pages, v_pages, meta, pt)
+    if direct:
+        return outs
+    return combine(*outs, q.shape, dt)
