@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -88,10 +89,22 @@ def gpu_span_per_call(fn, *args, calls: int = 30, warmup: int = 5) -> float:
     host's time between calls does not). ``time_fn``'s wall time is host-bound wherever dispatching a call takes
     longer than its kernels run (the H100's int4 GEMVs: 15 us of kernels a layer, 16-26 us of wall time). Needs a
     GPU; each call must launch the same kernels."""
+    from jax.profiler import ProfileData
+
+    with traced(fn, *args, calls=calls, warmup=warmup) as xplane:
+        events = sorted((e.start_ns, e.start_ns + e.duration_ns)
+                        for plane in ProfileData.from_file(xplane).planes if "GPU" in plane.name
+                        for line in plane.lines if line.name.lower().startswith("stream") for e in line.events)
+    return statistics.median(call_spans(events, calls)) / 1e9
+
+
+@contextlib.contextmanager
+def traced(fn, *args, calls: int = 30, warmup: int = 5):
+    """A ``jax.profiler`` trace of ``calls`` calls of ``fn`` (after ``warmup`` untraced ones): yields the path of its
+    .xplane.pb file, which lives until the context ends."""
     import glob
 
     import jax
-    from jax.profiler import ProfileData
 
     for _ in range(warmup):
         out = fn(*args)
@@ -103,10 +116,7 @@ def gpu_span_per_call(fn, *args, calls: int = 30, warmup: int = 5) -> float:
         jax.block_until_ready(out)
         jax.profiler.stop_trace()
         (xplane,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-        events = sorted((e.start_ns, e.start_ns + e.duration_ns)
-                        for plane in ProfileData.from_file(xplane).planes if "GPU" in plane.name
-                        for line in plane.lines if line.name.lower().startswith("stream") for e in line.events)
-    return statistics.median(call_spans(events, calls)) / 1e9
+        yield xplane
 
 
 def call_spans(events: list[tuple[int, int]], calls: int) -> list[int]:

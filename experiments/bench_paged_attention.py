@@ -64,6 +64,22 @@ def kv_bytes(batch, ctx, quantized=False) -> float:
     return batch * ctx * per_token
 
 
+def random_pages(rng, lengths, page_size, spare=5):
+    """Fresh random bf16 K / V pools [K, P, L, H] (every slot finite) and a shuffled page table [B, max pages]
+    holding sequences of the given lengths: the correctness check the tune scripts run before timing."""
+    pages = [-(-n // page_size) for n in lengths]
+    num_pages = sum(pages) + spare
+    kp = jnp.asarray(rng.standard_normal((K, num_pages, page_size, H)), jnp.bfloat16)
+    vp = jnp.asarray(rng.standard_normal((K, num_pages, page_size, H)), jnp.bfloat16)
+    perm = rng.permutation(num_pages)
+    table = np.zeros((len(lengths), max(pages)), np.int32)
+    at = 0
+    for b, p in enumerate(pages):
+        table[b, :p] = perm[at:at + p]
+        at += p
+    return kp, vp, jnp.asarray(table)
+
+
 def make_decode_inputs(rng, batch, ctx, page_size, quantized=False):
     """LAYERS pools, each holding `rot` disjoint sets of B sequences of length ctx (shuffled pages)."""
     pages_per_seq = ctx // page_size

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.bench_common import error_text, gpu_tag, measure_copy_bandwidth, write_results  # noqa: E402
-from experiments.bench_paged_attention import H, K, N, kv_bytes, make_decode_inputs, ours, run_layers  # noqa: E402
+from experiments.bench_paged_attention import (H, K, N, kv_bytes, make_decode_inputs, ours,  # noqa: E402
+                                               random_pages, run_layers)
 from kernels_pallas.paged_attention import paged_attention, paged_attention_reference  # noqa: E402
 
 POINTS = [(32, 2048), (8, 32768), (32, 8192), (1, 8192)]
@@ -32,18 +33,9 @@ CONFIGS = [(64, 2, 1), (64, 3, 1), (64, 4, 1), (128, 2, 1), (64, 3, 2), (128, 2,
 
 def check(rng, page_size, **blocks) -> float:
     lengths = [700, 1, 333, 64]
-    pages = [-(-n // page_size) for n in lengths]
-    num_pages = sum(pages) + 5
-    kp = jnp.asarray(rng.standard_normal((K, num_pages, page_size, H)), jnp.bfloat16)
-    vp = jnp.asarray(rng.standard_normal((K, num_pages, page_size, H)), jnp.bfloat16)
-    perm = rng.permutation(num_pages)
-    table = np.zeros((len(lengths), max(pages)), np.int32)
-    at = 0
-    for b, p in enumerate(pages):
-        table[b, :p] = perm[at:at + p]
-        at += p
+    kp, vp, table = random_pages(rng, lengths, page_size)
     q = jnp.asarray(rng.standard_normal((len(lengths), N, H)), jnp.bfloat16)
-    args = (q, kp, vp, jnp.asarray(lengths, jnp.int32), jnp.asarray(table))
+    args = (q, kp, vp, jnp.asarray(lengths, jnp.int32), table)
     out = np.asarray(paged_attention(*args, **blocks), np.float32)
     ref = np.asarray(paged_attention_reference(*args), np.float32)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.isfinite(out).all() else float("inf")

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from experiments.bench_common import error_text, gpu_tag, write_results  # noqa: E402
-from experiments.bench_paged_attention import H, K, LAYERS, N, matmul_peak, prefill_call, prefill_case  # noqa: E402
+from experiments.bench_common import error_text, gpu_tag, traced, write_results  # noqa: E402
+from experiments.bench_paged_attention import H, LAYERS, N, matmul_peak, prefill_call, prefill_case, random_pages  # noqa: E402,E501
 from kernels_pallas.ragged_paged_attention import (ragged_paged_attention,  # noqa: E402
                                                    ragged_paged_attention_reference)
 
@@ -34,19 +33,10 @@ CONFIGS = [(128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 2), (256, 4, 2)]
 def check(rng, **blocks) -> float:
     """Relative error of one call against the reference on fresh random pages and queries."""
     contexts, chunks = [4096, 1000, 600], [512, 300, 1]
-    pages = [-(-c // PAGE) for c in contexts]
-    num_pages = sum(pages) + 7
-    kp = jnp.asarray(rng.standard_normal((K, num_pages, PAGE, H)), jnp.bfloat16)
-    vp = jnp.asarray(rng.standard_normal((K, num_pages, PAGE, H)), jnp.bfloat16)
-    perm = rng.permutation(num_pages)
-    table = np.zeros((len(contexts), max(pages)), np.int32)
-    at = 0
-    for b, p in enumerate(pages):
-        table[b, :p] = perm[at:at + p]
-        at += p
+    kp, vp, table = random_pages(rng, contexts, PAGE, spare=7)
     starts = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int32)
     q = jnp.asarray(rng.standard_normal((int(starts[-1]) + 3, N, H)), jnp.bfloat16)
-    args = (q, kp, vp, jnp.asarray(table), jnp.asarray(contexts, jnp.int32), jnp.asarray(starts),
+    args = (q, kp, vp, table, jnp.asarray(contexts, jnp.int32), jnp.asarray(starts),
             jnp.asarray([len(contexts)], jnp.int32))
     n = int(starts[-1])
     out = np.asarray(ragged_paged_attention(*args, **blocks), np.float32)[:n]
@@ -59,19 +49,9 @@ def check(rng, **blocks) -> float:
 def profile(rng, *, ctx, calls=10, **blocks) -> dict:
     """Per layer of one ``prefill_case`` call: GPU span, idle time inside it, and each kernel's time (a profiler
     trace of ``calls`` calls, ``diag_tensor_parallel.gpu_activity``)."""
-    import glob
-    import tempfile
-
     from experiments.diag_tensor_parallel import gpu_activity
     f, args, _ = prefill_call(rng, seqs=4, chunk=512, ctx=ctx, **blocks)
-    jax.block_until_ready(f(*args))
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        for _ in range(calls):
-            out = f(*args)
-        jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        (xplane,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    with traced(f, *args, calls=calls, warmup=1) as xplane:
         (act,) = gpu_activity(xplane, steps=calls * LAYERS, top=8).values()
     return {"span_us": act["span_us_per_step"], "idle_us": act["idle_us_per_step"],
             "kernels": [(k["name"][:80], round(k["us_per_step"], 2), k["calls_per_step"]) for k in act["top_kernels"]]}

@@ -10,7 +10,8 @@ the register layouts are replaced by their ``jnp`` values (the interpreter lacks
 
 Shape letters as in the package: B batch, N query heads, K kv heads, G = N / K, H head_dim, P pages, L page size.
 
-Grid ``(K, B, splits)``, two warpgroups a program (flash-decoding with GQA packing):
+Grid ``(K, B, splits)``, two warpgroups a program (flash-decoding with GQA packing; the ring, the loader and the
+softmax step are ``mgpu_flash``'s, shared with the prefill kernel):
 
 * Warpgroup 0 computes: the G query heads of kv head k for sequence b are the rows of one wgmma tile (G padded to
   wgmma's 64 rows; the padding rows are never stored), ``wgmma`` of Q with K^T over a block of ``block_kv`` keys,
@@ -35,8 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .mgpu_flash import META, Ring, flash_step, init_state, normalized, stream_pages
 from .paged_attention import MASK_VALUE
-from .ragged_paged_attention_mgpu import META, SMEM_BYTES, SMEM_SLACK, _interpret_params
+from .ragged_paged_attention_mgpu import SMEM_BYTES, SMEM_SLACK, _interpret_params
 
 ROWS = 64  # wgmma's M: a program's G query heads are padded to this many rows
 
@@ -94,10 +96,10 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, *refs, group, page_size, bl
         lse_ref = None
     else:
         (o_ref, lse_ref), scoped = refs[:2], refs[2]
-    (q_smem, o_smem, l_smem, k_smem, v_smem, meta_smem, pt_smem), bars, (k_consumed, v_consumed) = scoped
+    (q_smem, o_smem, l_smem, k_smem, v_smem, meta_smem, pt_smem), bars, consumed = scoped
     meta_bar, pt_bar, q_bar, k_bar, v_bar = bars
+    ring = Ring(k_smem, v_smem, k_bar, v_bar, *consumed, stages)
     kh, b, split, wg = (lax.axis_index(a) for a in ("kv", "b", "split", "wg"))
-    ppb = block_kv // page_size
     head_dim = q_ref.shape[-1]
 
     plgpu.copy_gmem_to_smem(meta_ref.at[b], meta_smem.at[wg], meta_bar.at[wg])
@@ -114,54 +116,16 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, *refs, group, page_size, bl
         plgpu.barrier_wait(q_bar)
         c = scale * math.log2(math.e)
 
-        def body(step, carry, masked):
-            acc, m, l = carry
-            slot = lax.rem(step, jnp.int32(stages))
-            plgpu.barrier_wait(k_bar.at[slot])
-            if interpret:
-                s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-            else:
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                    return acc_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            if masked:
-                shape = (ROWS, block_kv)
-                iota = (lax.broadcasted_iota(jnp.int32, shape, 1) if interpret else
-                        plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA))
-                s = jnp.where(start + step * block_kv + iota < end, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1) * c)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(q_ref.dtype)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if interpret:
-                acc = acc + lax.dot_general(p, v_smem[slot], (((1,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
-            else:
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            return acc, m_new, l
+        def body(step, state, masked):
+            in_length = (lambda iota: start + step * block_kv + iota(1) < end) if masked else None
+            return flash_step(ring, step, state, q_smem, c=c, keep=in_length, interpret=interpret)
 
-        def layout(x, reduced=False):
-            if interpret:
-                return x
-            return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1) if reduced else plgpu.Layout.WGMMA)
-
-        init = (layout(jnp.zeros((ROWS, head_dim), jnp.float32)),
-                layout(jnp.full((ROWS,), MASK_VALUE, jnp.float32), True),
-                layout(jnp.zeros((ROWS,), jnp.float32), True))
-        carry = lax.fori_loop(0, full, functools.partial(body, masked=False), init)
-        acc, m, l = lax.fori_loop(full, steps, functools.partial(body, masked=True), carry)
-        out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), acc.shape, [0])
-        o_smem[...] = out.astype(o_smem.dtype)
+        state = lax.fori_loop(0, full, functools.partial(body, masked=False),
+                              init_state(ROWS, head_dim, interpret=interpret))
+        state = lax.fori_loop(full, steps, functools.partial(body, masked=True), state)
+        o_smem[...] = normalized(state).astype(o_smem.dtype)
         if not direct:  # an empty split weighs nothing in the combine
+            _, m, l = state
             l_smem[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)) * (1 / math.log(2)), MASK_VALUE)
         plgpu.commit_smem()
         if direct:
@@ -175,32 +139,7 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, *refs, group, page_size, bl
     def _load():
         plgpu.copy_gmem_to_smem(pt_ref.at[b, split], pt_smem, pt_bar)
         plgpu.barrier_wait(pt_bar)
-
-        def issue(step):
-            slot = lax.rem(step, jnp.int32(stages))
-            for i in range(ppb):
-                idx = step * ppb + i
-                page = pt_smem[lax.div(idx, jnp.int32(META)), lax.rem(idx, jnp.int32(META))]
-                dst = pl.ds(i * page_size, page_size)
-                plgpu.copy_gmem_to_smem(kp_ref.at[kh, page], k_smem.at[slot, dst], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(vp_ref.at[kh, page], v_smem.at[slot, dst], v_bar.at[slot])
-
-        @pl.loop(0, jnp.minimum(steps, stages))
-        def _fill(step):
-            issue(step)
-
-        @pl.loop(stages, jnp.maximum(steps, stages))
-        def _refill(step):
-            slot = lax.rem(step, jnp.int32(stages))
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
-            issue(step)
-
-        @pl.loop(jnp.maximum(steps - stages, 0), steps)
-        def _drain(step):  # every phase of the slot barriers is observed before they are freed
-            slot = lax.rem(step, jnp.int32(stages))
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
+        stream_pages(ring, pt_smem, kp_ref, vp_ref, kv_head=kh, steps=steps, page_size=page_size)
 
 
 def combine(o_part, lse, out_shape, dtype):

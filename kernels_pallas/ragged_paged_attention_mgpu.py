@@ -28,7 +28,8 @@ P pages, L page size):
   writes only the block's own tokens back into ``[T, N, H]``, from untiled shared memory, as a ladder of copies
   of 2^i rows (a copy's size is static). No gather or scatter runs outside the kernel.
 
-Grid ``(N, blocks)``, three warpgroups a program (as in jax's FlashAttention-3 kernel, ``attention_mgpu``):
+Grid ``(N, blocks)``, three warpgroups a program (as in jax's FlashAttention-3 kernel, ``attention_mgpu``; the K/V
+ring, the loader and the softmax step are ``mgpu_flash``'s, shared with the decode kernel):
 
 * Warpgroups 0 and 1 each own BQ / 2 query rows of one head: ``wgmma`` of Q with K^T, online softmax in float32
   (log2 units), ``wgmma`` of P with V. The causal mask applies only on the key blocks that reach past the
@@ -54,10 +55,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import ragged_paged_attention as ragged
-from .paged_attention import MASK_VALUE
+from .mgpu_flash import META, Ring, flash_step, init_state, normalized, stream_pages
 
 BLOCK_Q = (128, 256)  # query tokens a program: two compute warpgroups of 64 or 128 rows (wgmma's M: 64 a step)
-META = 32  # int32 words a metadata / page-table row is padded to (TMA copies move multiples of 128 bytes)
 ALIGN = 8  # a block's window of q rows starts on a multiple of this (the tiling of its shared-memory rows)
 MAX_PAGE_ROW = 256 * META  # page ids a block's page row holds: 256 rows of META (a TMA copy's limit)
 
@@ -100,10 +100,9 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
     # position, keys seen by the last token, first token's row in q, tokens in the block); pt_ref [blocks, rows,
     # META] page ids.
     (q_smem, o_smem, k_smem, v_smem, meta_smem, pt_smem), (meta_bar, pt_bar, q_bar, k_bar, v_bar), consumed = scoped
-    k_consumed, v_consumed = consumed
+    ring = Ring(k_smem, v_smem, k_bar, v_bar, *consumed, stages)
     head, blk, wg = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("wg")
     kv_head = lax.div(head, jnp.array(group, head.dtype))
-    ppb = block_kv // page_size
     head_dim = q_ref.shape[-1]
 
     # every warpgroup copies the block's metadata for itself (no cross-warpgroup wait); the loader the page row too
@@ -120,11 +119,6 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
 
     total_steps = steps_to(pos0 + 2 * wg_rows)  # what the last row of the block needs: the loader's count
 
-    def layout(x, reduced=False):
-        if interpret:
-            return x
-        return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1) if reduced else plgpu.Layout.WGMMA)
-
     @pl.when(wg < 2)
     def _compute():
         if not interpret:
@@ -140,56 +134,23 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
         plgpu.barrier_wait(q_bar.at[wg])
         c = scale * math.log2(math.e)
 
-        def body(step, carry, masked):
-            acc, m, l = carry
-            slot = lax.rem(step, jnp.array(stages, step.dtype))
-            plgpu.barrier_wait(k_bar.at[slot])
-            if interpret:
-                s = lax.dot_general(rows[...], k_smem[slot], (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-            else:
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, rows, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    return acc_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((wg_rows, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            if masked:
-                shape = (wg_rows, block_kv)
-                iota = (functools.partial(lax.broadcasted_iota, jnp.int32, shape) if interpret else
-                        functools.partial(plgpu.broadcasted_iota, jnp.int32, shape, layout=plgpu.Layout.WGMMA))
-                s = jnp.where(step * block_kv + iota(1) <= row0 + iota(0), s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1) * c)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(q_ref.dtype)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if interpret:
-                acc = acc + lax.dot_general(p, v_smem[slot], (((1,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
-            else:
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            return acc, m_new, l
+        def body(step, state, masked):
+            causal = (lambda iota: step * block_kv + iota(1) <= row0 + iota(0)) if masked else None
+            return flash_step(ring, step, state, rows, c=c, keep=causal, interpret=interpret)
 
-        init = (layout(jnp.zeros((wg_rows, head_dim), jnp.float32)),
-                layout(jnp.full((wg_rows,), MASK_VALUE, jnp.float32), True),
-                layout(jnp.zeros((wg_rows,), jnp.float32), True))
-        carry = lax.fori_loop(0, full, functools.partial(body, masked=False), init)
-        acc, _, l = lax.fori_loop(full, steps, functools.partial(body, masked=True), carry)
+        state = lax.fori_loop(0, full, functools.partial(body, masked=False),
+                              init_state(wg_rows, head_dim, interpret=interpret))
+        state = lax.fori_loop(full, steps, functools.partial(body, masked=True), state)
 
         @pl.loop(steps, total_steps)  # release the slots the other warpgroup still needs, in step order: waiting
         def _release(step):             # for each load keeps two releases of one slot from completing its phase
-            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            slot = ring.slot(step)
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            plgpu.barrier_arrive(v_consumed.at[slot])
+            plgpu.barrier_arrive(ring.k_free.at[slot])
+            plgpu.barrier_arrive(ring.v_free.at[slot])
 
-        out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), acc.shape, [0])
+        out = normalized(state)
         o_rows = o_smem.at[wg]
         o_rows[...] = out.astype(o_ref.dtype)
         plgpu.commit_smem()
@@ -213,32 +174,7 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
             plgpu.set_max_registers(40, action="decrease")
         plgpu.copy_gmem_to_smem(pt_ref.at[blk], pt_smem, pt_bar)
         plgpu.barrier_wait(pt_bar)
-
-        def issue(step):
-            slot = lax.rem(step, jnp.array(stages, step.dtype))
-            for i in range(ppb):
-                idx = step * ppb + i
-                page = pt_smem[lax.div(idx, jnp.int32(META)), lax.rem(idx, jnp.int32(META))]
-                dst = pl.ds(i * page_size, page_size)
-                plgpu.copy_gmem_to_smem(kp_ref.at[kv_head, page], k_smem.at[slot, dst], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(vp_ref.at[kv_head, page], v_smem.at[slot, dst], v_bar.at[slot])
-
-        @pl.loop(0, jnp.minimum(total_steps, stages))
-        def _fill(step):
-            issue(step)
-
-        @pl.loop(stages, jnp.maximum(total_steps, stages))
-        def _refill(step):
-            slot = lax.rem(step, jnp.array(stages, step.dtype))
-            plgpu.barrier_wait(k_consumed.at[slot])  # both compute warpgroups are done with the slot's K and V
-            plgpu.barrier_wait(v_consumed.at[slot])
-            issue(step)
-
-        @pl.loop(jnp.maximum(total_steps - stages, 0), total_steps)
-        def _drain(step):  # the last releases: every phase of the slot barriers is observed before they are freed
-            slot = lax.rem(step, jnp.array(stages, step.dtype))
-            plgpu.barrier_wait(k_consumed.at[slot])
-            plgpu.barrier_wait(v_consumed.at[slot])
+        stream_pages(ring, pt_smem, kp_ref, vp_ref, kv_head=kv_head, steps=total_steps, page_size=page_size)
 
 
 def ragged_paged_attention_mgpu(q, k_pages, v_pages, meta, pages, *, block_q: int, scale: float, block_kv: int = 64,

@@ -317,7 +317,8 @@ class TestMosaicGpuDecodeInterpret(MosaicGpuDecodeCases):
 @pytest.mark.gpu
 class TestMosaicGpuDecodeGPU(MosaicGpuDecodeCases):
     cases = MosaicGpuDecodeCases.cases + [
-        (16, 16, [4096, 2000, 17, 1], {}), (16, 16, [4096, 2000, 17, 1], dict(pages_per_block=8, num_stages=3)),
+        (16, 16, [4096, 2000, 17, 1], {}), (16, 16, [4096, 2000, 17, 1], dict(pages_per_block=8)),
+        (16, 16, [4096, 2000, 17, 1], dict(num_stages=4)),
         (16, 64, [8192], {}), (16, 16, [2048] * 32, {})]
 
 
