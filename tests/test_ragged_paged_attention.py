@@ -226,3 +226,21 @@ def test_hopper_default_picks_mosaic_gpu_where_it_fits(monkeypatch):
     ragged_paged_attention(q, kp, vp, jnp.zeros((table.shape[0], 8000), jnp.int32), *rest)
     fallback = ("triton" if jax.default_backend() == "gpu" else "reference", None)
     assert picked == [("mosaic_gpu", 8), fallback, fallback, fallback, ("mosaic_gpu", 4)]
+
+
+def test_mosaic_gpu_kernels_lower_per_shard_for_cuda():
+    """Tensor-parallel prefill and decode (shard_map over query / KV heads, a 2-device CPU mesh) with the Mosaic GPU
+    kernels lower for CUDA: each shard runs the kernel on its 16 query heads and one KV head."""
+    from sharding import make_mesh
+    from sharding.kernels import sharded_paged_attention, sharded_ragged_paged_attention
+
+    args, _, pool, _ = make_batch(np.random.default_rng(0), group=16, page_size=16, contexts=[600, 300],
+                                  chunks=[512, 300])
+    mesh = make_mesh(tensor=2)
+    q1 = jnp.zeros((3, 32, H), jnp.bfloat16)
+    calls = [(lambda *a: sharded_ragged_paged_attention(mesh, *a, backend="mosaic_gpu"), args),
+             (lambda q, kp, vp, n, pt: sharded_paged_attention(mesh, q, kp, vp, n, pt, backend="mosaic_gpu"),
+              (q1, args[1], args[2], pool["lengths"], pool["page_table"]))]
+    for f, a in calls:
+        module = jax.export.export(jax.jit(f), platforms=["cuda"])(*a).mlir_module()
+        assert "wgmma.mma_async" in module and module.count("mosaic_gpu_v2") == 1
