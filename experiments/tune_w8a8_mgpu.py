@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.bench_common import error_text, gpu_tag, write_results  # noqa: E402
 from experiments.bench_qmatmul import SHAPES, layers_for, random_weight, time_layers  # noqa: E402
 from kernels_pallas import TileConfig, quantized_matmul  # noqa: E402
-from kernels_pallas.qmatmul_w8a8_mgpu import fits  # noqa: E402
+from kernels_pallas.qmatmul_w8a8_mgpu import fits, tiles_of  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul_reference  # noqa: E402
 
 # (block_m, block_n, num_stages): each compute warpgroup's tile and the slots in flight
@@ -57,9 +57,9 @@ def main():
             configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
                        else CONFIGS)
             for bm, bn, st in configs:
-                if not fits(n, k, bm, bn):
-                    continue
                 cfg = TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st)
+                if not fits(n, k, tiles_of(cfg)):
+                    continue
                 row = dict(base, method="w8a8_mgpu", config=f"bm{bm} bn{bn} st{st}")
                 try:
                     y = np.asarray(quantized_matmul(x, ws[0], config=cfg), np.float32)

@@ -48,9 +48,19 @@ def w8a8_matmul_reference(xq, sx, wq, sw, *, out_dtype=jnp.bfloat16):
     return (acc.astype(jnp.float32) * sx[:, None] * sw[None, :]).astype(out_dtype)
 
 
-def fits(n: int, k: int, tile_m: int, tile_n: int) -> bool:
+def tiles_of(cfg) -> W8A8Tiles:
+    """The tiles a ``TileConfig(kernel="mgpu")`` names: block_m / block_n each compute warpgroup's tile,
+    num_stages the slots in flight."""
+    return W8A8Tiles(tile_m=cfg.block_m, tile_n=cfg.block_n, stages=cfg.num_stages)
+
+
+def _tiles_ok(t: W8A8Tiles) -> bool:
+    return t.tile_m % 64 == 0 and t.tile_n % EPI == 0 and t.tile_n <= 256 and t.tile_k == 128 and t.stages >= 2
+
+
+def fits(n: int, k: int, tiles: W8A8Tiles) -> bool:
     """Whether the kernel takes N out features and K in features with these tiles (M is padded by the caller)."""
-    return tile_m % 64 == 0 and tile_n % EPI == 0 and tile_n <= 256 and n % (2 * tile_n) == 0 and k % 128 == 0
+    return _tiles_ok(tiles) and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0
 
 
 def check_inputs(xq, sx, wq, sw, tiles: W8A8Tiles) -> None:
@@ -65,10 +75,10 @@ def check_inputs(xq, sx, wq, sw, tiles: W8A8Tiles) -> None:
         raise ValueError(f"w8a8_matmul_mgpu takes sx [M={m}] and sw [N={n}] float32; got {sx.dtype} {sx.shape} and "
                          f"{sw.dtype} {sw.shape}")
     t = tiles
-    if t.tile_m % 64 or t.tile_n % EPI or t.tile_n > 256 or t.tile_k != 128 or t.stages < 2:
+    if not _tiles_ok(t):
         raise ValueError(f"w8a8_matmul_mgpu tiles: tile_m a multiple of 64, tile_n of {EPI} up to 256, tile_k 128 "
                          f"(one 128-byte swizzle of int8), stages >= 2; got {t}")
-    if m % t.tile_m or n % (2 * t.tile_n) or k % t.tile_k:
+    if m % t.tile_m or not fits(n, k, t):
         raise ValueError(f"w8a8_matmul_mgpu needs M % {t.tile_m}, N % {2 * t.tile_n} and K % {t.tile_k} == 0; got "
                          f"M={m}, N={n}, K={k} (pad M; pick tiles that divide N)")
 

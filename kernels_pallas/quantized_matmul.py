@@ -196,7 +196,7 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
     return jnp.sum(y, axis=0) * scale
 
 
-def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
+def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True) -> TileConfig:
     """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group, or a
     power-of-two part of one down to 32), split_k at most the number of K steps, block_m not far above M, W8A8
     never on the gemv kernel; the K-major int4 GEMV (``qmatmul_dp4a``): whole groups a step, at most K's groups
@@ -211,11 +211,11 @@ def fit_config(cfg: TileConfig, qweight, m: int) -> TileConfig:
         while k % bk and bk > group:
             bk //= 2
     kernel, bm = cfg.kernel, cfg.block_m
-    if kernel == "mgpu":  # W8A8 x Hopper x tiles that divide N and K, else the dot tiles
-        from .qmatmul_w8a8_mgpu import fits
-        if isinstance(qweight, W8A8Weight) and fits(qweight.out_features, k, cfg.block_m, cfg.block_n):
+    if kernel == "mgpu":  # W8A8, wgmma (not interpret mode: it has no wgmma) and tiles that divide N and K
+        from .qmatmul_w8a8_mgpu import fits, tiles_of
+        if wgmma and isinstance(qweight, W8A8Weight) and fits(qweight.out_features, k, tiles_of(cfg)):
             return dataclasses.replace(cfg, block_k=128, split_k=1, unroll=0)
-        kernel, bm = "dot", 64
+        kernel, bm = "dot", 64  # else the dot tiles
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
     if kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major:  # qmatmul_dp4a: whole group steps
@@ -258,8 +258,6 @@ def fit_tpu_config(cfg: TileConfig, qweight) -> TileConfig | None:
 def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype, poison: bool,
             act_scale=None):
     m = x2.shape[0]
-    if cfg.kernel == "mgpu" and (interpret or platform != "gpu"):  # wgmma has no interpreter: the dot tiles
-        cfg = dataclasses.replace(cfg, kernel="dot", block_m=64)
     if isinstance(qweight, W8A8Weight) and act_scale is None and platform == "gpu":
         from .quantize_rows import quantize_rows  # one pass over x (XLA's form reads it twice)
         xk, sx = quantize_rows(x2, interpret=interpret)
@@ -273,9 +271,8 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         sx = None if sx is None else jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
     n = qweight.out_features
     if cfg.kernel == "mgpu":
-        from .qmatmul_w8a8_mgpu import W8A8Tiles, w8a8_matmul_mgpu
-        tiles = W8A8Tiles(tile_m=cfg.block_m, tile_n=cfg.block_n, stages=cfg.num_stages)
-        y = w8a8_matmul_mgpu(xk, sx[:, 0], qweight.qweight, qweight.scale.astype(jnp.float32), tiles=tiles,
+        from .qmatmul_w8a8_mgpu import tiles_of, w8a8_matmul_mgpu
+        y = w8a8_matmul_mgpu(xk, sx[:, 0], qweight.qweight, qweight.scale.astype(jnp.float32), tiles=tiles_of(cfg),
                              out_dtype=out_dtype)
     elif platform == "tpu":
         from .qmatmul_tpu import tpu_qmatmul
@@ -353,7 +350,7 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     elif impl == "xla_split":
         y = int8_split_matmul(x2, qweight, k_blocks=k_blocks)
     else:
-        cfg = fit_config(config, qweight, m) if impl == "pallas_gpu" else config
+        cfg = fit_config(config, qweight, m, wgmma=not interpret) if impl == "pallas_gpu" else config
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,
                     jnp.float32 if bias is not None else out_dtype, _poison, act_scale)
     return _finish(y, bias, out_dtype, x.shape[:-1])
