@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.bench_common import error_text, gpu_tag, traced, write_results  # noqa: E402
-from experiments.bench_paged_attention import H, LAYERS, N, matmul_peak, prefill_call, prefill_case, random_pages  # noqa: E402,E501
+from experiments.bench_paged_attention import (H, LAYERS, N, matmul_peak, prefill_call, prefill_case,  # noqa: E402
+                                               random_pages)
 from kernels_pallas.ragged_paged_attention import (ragged_paged_attention,  # noqa: E402
                                                    ragged_paged_attention_reference)
 
@@ -115,7 +116,8 @@ def main():
             for ctx in (512, 4096):
                 profiles[f"{b}_ctx{ctx}"] = profile(rng, ctx=ctx, backend=b, **blocks)
                 print(b, ctx, profiles[f"{b}_ctx{ctx}"], flush=True)
-    path = write_results(args.out, f"prefill_mgpu_{gpu_tag()}", rows=rows, summary=summary, extra={"profiles": profiles},
+    path = write_results(args.out, f"prefill_mgpu_{gpu_tag()}", rows=rows, summary=summary,
+                         extra={"profiles": profiles},
                          columns=["backend", "block_q", "block_kv", "stages", "rel_err", "us_ctx512",
                                   "frac_peak_ctx512", "us_ctx4096", "frac_peak_ctx4096", "error"],
                          notes=__doc__.strip().splitlines()[0])

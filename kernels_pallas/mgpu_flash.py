@@ -1,6 +1,7 @@
 """The flash-attention pieces shared by the Mosaic GPU (Hopper) attention kernels: a ring of K / V shared-memory
-slots with its barriers, the loader warpgroup that fills it one TMA copy per page, and one online-softmax step of a
-compute warpgroup (wgmma Q.K^T, mask, softmax in log2 units, wgmma P.V).
+slots with its barriers, the loader warpgroup that fills it one TMA copy per page, one online-softmax step of a
+compute warpgroup (wgmma Q.K^T, mask, softmax in log2 units, wgmma P.V), the page rows the loader reads, and the
+input checks and shared-memory limits both kernels apply.
 
 Used by ``ragged_paged_attention_mgpu.py`` (prefill: rows are query tokens of one head) and
 ``paged_attention_mgpu.py`` (decode: rows are the query heads of one KV head). In interpret mode (the Mosaic GPU
@@ -22,6 +23,53 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from .paged_attention import MASK_VALUE
 
 META = 32  # int32 words a metadata / page-table row is padded to (TMA copies move multiples of 128 bytes)
+MAX_PAGE_ROW = 256 * META  # page ids a page row holds: 256 rows of META (a TMA copy's limit along a dimension)
+SMEM_BYTES = 232448  # shared memory a Hopper (H100 / H200) block may take: 227 KiB
+SMEM_SLACK = 4096  # barriers, metadata rows and buffer alignment on top of the tiles
+
+
+def page_row_width(max_pages: int, ppb: int) -> int:
+    """int32 words of a page row: whole key blocks of ``ppb`` pages, then whole 128-byte rows."""
+    width = -(-max_pages // ppb) * ppb
+    return -(-width // META) * META
+
+
+def interpret_params():
+    # Mosaic GPU interpret mode (simulated warpgroups, shared memory and barriers on the CPU); private in jax 0.10.
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+
+
+def swizzled(shape, dtype):
+    """Shared memory that wgmma reads: (8, 64) tiles, 128-byte swizzle."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def ring_scratch(*, stages: int, block_kv: int, head_dim: int, dtype, ppb: int, consumers: int):
+    """The ring's shared memory (k, v), its full barriers (one arrival a page copy) and its free barriers (one
+    arrival a compute warpgroup), in the order ``Ring`` takes them."""
+    tiles = (swizzled((stages, block_kv, head_dim), dtype),) * 2
+    full = (plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),) * 2
+    free = (plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),) * 2
+    return tiles, full, free
+
+
+def check_pages(q, k_pages, k_scales, ppb: int, num_stages: int | None) -> None:
+    """What both Mosaic GPU attention kernels take (ValueError naming what not): key blocks of ``ppb`` pages
+    holding 64, 128 or 256 keys, bfloat16 / float16 q and pages in one dtype, head_dim a multiple of 64."""
+    page_size, head_dim = k_pages.shape[2], k_pages.shape[3]
+    if ppb * page_size % 64 or ppb * page_size > 256 or num_stages is not None and num_stages < 2:
+        raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
+                         f"pages_per_block={ppb} x L={page_size} = {ppb * page_size} keys, num_stages={num_stages}")
+    if k_scales is not None:
+        raise ValueError("backend='mosaic_gpu' takes bfloat16 / float16 pages only; int8 pages run on 'triton'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"backend='mosaic_gpu' takes bfloat16 or float16 q and pages; got {q.dtype}")
+    if head_dim % 64 or not 8 <= page_size <= 256:
+        raise ValueError(f"backend='mosaic_gpu' needs head_dim a multiple of 64 and a page size in 8..256; got "
+                         f"H={head_dim}, L={page_size}")
+    if k_pages.dtype != q.dtype:
+        raise ValueError(f"backend='mosaic_gpu' needs q and pages in one dtype; got {q.dtype} and {k_pages.dtype}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -429,7 +429,7 @@ def paged_attention(q, k_pages, v_pages, lengths, page_table, *, k_scales=None, 
 
     backend: None picks the Pallas GPU kernel on GPU (and under ``interpret=True`` on CPU), the Mosaic
     TPU kernel on TPU, and the jnp reference elsewhere; "triton", "mosaic_tpu" or "reference" force one;
-    "mosaic_gpu" runs the Hopper kernel of ``paged_attention_mgpu`` (opt-in; ``paged_attention_mgpu.check_inputs`` says what it
+    "mosaic_gpu" runs the Hopper kernel of ``paged_attention_mgpu`` (opt-in; its ``check_inputs`` says what it
     takes; num_stages its key blocks in flight, finite values needed in unowned page slots).
     Block sizes (pages_per_block, num_splits, num_warps, num_stages, prefetch_ids: load the next block's
     page ids one iteration ahead; row_gather: load K/V as one 2-D [pages_per_block * L, H] gather of pool rows

@@ -36,9 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .mgpu_flash import META, Ring, flash_step, init_state, normalized, stream_pages
+from .mgpu_flash import (MAX_PAGE_ROW, META, SMEM_BYTES, SMEM_SLACK, Ring, check_pages, flash_step, init_state,
+                         interpret_params, normalized, page_row_width, ring_scratch, stream_pages, swizzled)
 from .paged_attention import MASK_VALUE
-from .ragged_paged_attention_mgpu import SMEM_BYTES, SMEM_SLACK, _interpret_params
 
 ROWS = 64  # wgmma's M: a program's G query heads are padded to this many rows
 
@@ -65,21 +65,14 @@ def check_inputs(q, k_pages, page_table, k_scales, pages_per_block, num_splits, 
     group = q.shape[1] // kv_heads
     ppb = pages_per_block or max(1, 64 // page_size)
     stages = num_stages or 2
-    if k_scales is not None:
-        raise ValueError("backend='mosaic_gpu' takes bfloat16 / float16 pages only; int8 pages run on 'triton'")
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k_pages.dtype != q.dtype:
-        raise ValueError(f"backend='mosaic_gpu' takes bfloat16 or float16 q and pages in one dtype; got {q.dtype} "
-                         f"and {k_pages.dtype}")
-    if group % 8 or group > 64 or head_dim % 64 or not 8 <= page_size <= 256:
-        raise ValueError(f"backend='mosaic_gpu' needs G = N / K a multiple of 8 up to 64, head_dim a multiple of 64 "
-                         f"and a page size in 8..256; got G={group}, H={head_dim}, L={page_size}")
-    if ppb * page_size % 64 or ppb * page_size > 256 or stages < 2:
-        raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
-                         f"pages_per_block={ppb} x L={page_size}, num_stages={stages}")
+    check_pages(q, k_pages, k_scales, ppb, stages)
+    if group % 8 or group > 64:
+        raise ValueError(f"backend='mosaic_gpu' needs G = N / K a multiple of 8 up to 64; got G={group}")
     splits, pps = split_plan(q.shape[0], kv_heads, page_table.shape[1], ppb, num_splits)
+    width = page_row_width(pps, ppb)
     need = smem_bytes(block_kv=ppb * page_size, stages=stages, head_dim=head_dim, itemsize=q.dtype.itemsize,
-                      width=-(-pps // 32) * 32, direct=splits == 1)
-    if -(-pps // 32) > 256 or need > SMEM_BYTES:
+                      width=width, direct=splits == 1)
+    if width > MAX_PAGE_ROW or need > SMEM_BYTES:
         raise ValueError(f"backend='mosaic_gpu': {ppb * page_size}-key blocks, num_stages={stages} and {pps} pages a "
                          f"split need {need} bytes of shared memory (a Hopper block has {SMEM_BYTES}) or more than "
                          f"8192 pages a split: lower num_stages or pages_per_block, or raise num_splits")
@@ -160,14 +153,13 @@ def paged_decode_mgpu(q, k_pages, v_pages, lengths, page_table, *, scale: float,
     group = n // kv_heads
     ppb = pages_per_block
     splits, pps = split_plan(batch, kv_heads, page_table.shape[1], ppb, num_splits)
-    rows = -(-pps // META)
+    rows = page_row_width(pps, ppb) // META
     pt = jnp.clip(page_table, 0, num_pages - 1)
     pt = jnp.pad(pt, ((0, 0), (0, splits * pps - pt.shape[1]))).reshape(batch, splits, pps)
     pt = jnp.pad(pt, ((0, 0), (0, 0), (0, rows * META - pps))).reshape(batch, splits, rows, META)
     meta = jnp.zeros((batch, META), jnp.int32).at[:, 0].set(lengths.astype(jnp.int32))
     direct = splits == 1
     dt = q.dtype
-    tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
     block_kv = ppb * page_size
     if direct:
         out_type = jax.ShapeDtypeStruct(q.shape, dt)
@@ -178,23 +170,20 @@ def paged_decode_mgpu(q, k_pages, v_pages, lengths, page_table, *, scale: float,
                                chunk=pps * page_size, scale=scale, direct=direct, interpret=interpret)
 
     def paged_decode_mgpu_kernel(*refs):  # the name in profiles
-        smem = (plgpu.SMEM((ROWS, head_dim), dt, transforms=(tiling, swizzle)),
+        tiles, full, consumed = ring_scratch(stages=stages, block_kv=block_kv, head_dim=head_dim, dtype=dt, ppb=ppb,
+                                             consumers=1)
+        smem = (swizzled((ROWS, head_dim), dt),
                 plgpu.SMEM((ROWS, head_dim), dt if direct else jnp.float32),  # output rows, untiled
-                plgpu.SMEM((ROWS,), jnp.float32),
-                plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
-                plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
+                plgpu.SMEM((ROWS,), jnp.float32), *tiles,
                 plgpu.SMEM((2, META), jnp.int32), plgpu.SMEM((rows, META), jnp.int32))
-        bars = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1),
-                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages))
-        consumed = (plgpu.Barrier(num_barriers=stages),) * 2
+        bars = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1), *full)
         pl.run_scoped(lambda *s: kernel(*refs, s), smem, bars, consumed, collective_axes="wg")
 
     outs = plgpu.kernel(
         paged_decode_mgpu_kernel, out_type=out_type, grid=(kv_heads, batch, splits),
         grid_names=("kv", "b", "split"), num_threads=2, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
+        interpret=interpret_params() if interpret else None,
     )(q, k_pages, v_pages, meta, pt)
     if direct:
         return outs

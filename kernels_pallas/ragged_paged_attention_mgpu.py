@@ -55,15 +55,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import ragged_paged_attention as ragged
-from .mgpu_flash import META, Ring, flash_step, init_state, normalized, stream_pages
+from .mgpu_flash import (MAX_PAGE_ROW, META, SMEM_BYTES, SMEM_SLACK, Ring, check_pages, flash_step, init_state,
+                         interpret_params, normalized, page_row_width, ring_scratch, stream_pages, swizzled)
 
 BLOCK_Q = (128, 256)  # query tokens a program: two compute warpgroups of 64 or 128 rows (wgmma's M: 64 a step)
 ALIGN = 8  # a block's window of q rows starts on a multiple of this (the tiling of its shared-memory rows)
-MAX_PAGE_ROW = 256 * META  # page ids a block's page row holds: 256 rows of META (a TMA copy's limit)
-
-
-SMEM_BYTES = 232448  # shared memory a Hopper (H100 / H200) block may take: 227 KiB
-SMEM_SLACK = 4096  # barriers, metadata rows and buffer alignment on top of the tiles
 
 
 # key-block sizes the dispatch tries, in order, when none is given: the first whose kernel fits shared memory.
@@ -76,21 +72,9 @@ def key_block_options(page_size: int, pages_per_block: int | None) -> list[int]:
     return [pages_per_block] if pages_per_block else [max(1, keys // page_size) for keys in KEY_BLOCKS]
 
 
-def page_row_width(max_pages: int, ppb: int) -> int:
-    """int32 words of a block's page row: whole key blocks, then whole 128-byte rows."""
-    width = -(-max_pages // ppb) * ppb
-    return -(-width // META) * META
-
-
 def smem_bytes(*, block_q: int, block_kv: int, stages: int, head_dim: int, itemsize: int, width: int) -> int:
     """Shared memory the kernel asks for: Q rows, O rows, ``stages`` K and V tiles, the loader's page row."""
     return (2 * block_q + 2 * stages * block_kv) * head_dim * itemsize + 4 * width + SMEM_SLACK
-
-
-def _interpret_params():
-    # Mosaic GPU interpret mode (simulated warpgroups, shared memory and barriers on the CPU); private in jax 0.10.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
 
 
 def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, page_size, block_kv, stages, scale,
@@ -179,27 +163,23 @@ def _kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, scoped, *, group, pa
 
 def ragged_paged_attention_mgpu(q, k_pages, v_pages, meta, pages, *, block_q: int, scale: float, block_kv: int = 64,
                                 stages: int = 2, interpret: bool = False):
-    """q_blocks [blocks, BQ, N, H] (aligned query blocks), k_pages / v_pages [K, P, L, H], meta [blocks, META]
-    int32 (position of each block's first token, keys its last token sees), pages [blocks, W] int32 page ids
-    (W a multiple of META, covering every key block) -> [blocks, BQ, N, H]. The dispatch builds these from the
-    packed tokens; shapes are checked there."""
+    """q [T, N, H] packed tokens (T a multiple of 8), k_pages / v_pages [K, P, L, H], meta [blocks, META] int32
+    (per block: position of its window's first row, keys its last token sees, window start / 8, first token's row
+    in the window, tokens), pages [blocks, W] int32 page ids (W a multiple of META, covering every key block) ->
+    [T, N, H], each block's tokens written (``prefill`` builds the metadata; shapes are checked there)."""
     (n_blocks, _), (_, n, head_dim), bq = meta.shape, q.shape, block_q
     kv_heads, _, page_size, _ = k_pages.shape
     ppb = block_kv // page_size
     rows = pages.shape[1] // META  # the page row as [rows, META]: a TMA copy moves at most 256 along a dimension
-    tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
     dt = q.dtype
 
     def ragged_paged_prefill_mgpu(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref):  # the name in profiles
-        smem = (plgpu.SMEM((2, bq // 2, head_dim), dt, transforms=(tiling, swizzle)),
+        tiles, full, consumed = ring_scratch(stages=stages, block_kv=block_kv, head_dim=head_dim, dtype=dt, ppb=ppb,
+                                             consumers=2)
+        smem = (swizzled((2, bq // 2, head_dim), dt),
                 plgpu.SMEM((2, bq // 2, head_dim), dt),  # output rows, untiled: stored from any row
-                plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
-                plgpu.SMEM((stages, block_kv, head_dim), dt, transforms=(tiling, swizzle)),
-                plgpu.SMEM((3, META), jnp.int32), plgpu.SMEM((rows, META), jnp.int32))
-        bars = (plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2),
-                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),
-                plgpu.Barrier(num_arrivals=ppb, num_barriers=stages))
-        consumed = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
+                *tiles, plgpu.SMEM((3, META), jnp.int32), plgpu.SMEM((rows, META), jnp.int32))
+        bars = (plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2), *full)
         kernel = functools.partial(_kernel, group=n // kv_heads, page_size=page_size, block_kv=block_kv,
                                    stages=stages, scale=scale, interpret=interpret)
         pl.run_scoped(lambda *s: kernel(q_ref, kp_ref, vp_ref, meta_ref, pt_ref, o_ref, s), smem, bars, consumed,
@@ -209,7 +189,7 @@ def ragged_paged_attention_mgpu(q, k_pages, v_pages, meta, pages, *, block_q: in
         ragged_paged_prefill_mgpu, out_type=jax.ShapeDtypeStruct(q.shape, dt), grid=(n, n_blocks),
         grid_names=("heads", "blocks"), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
+        interpret=interpret_params() if interpret else None,
     )(q, k_pages, v_pages, meta, pages.reshape(n_blocks, rows, META))
 
 
@@ -265,18 +245,7 @@ def check_inputs(q, k_pages, page_table, k_scales, block_q, ppb, num_stages) -> 
     if block_q is not None and block_q not in BLOCK_Q:
         raise ValueError(f"backend='mosaic_gpu' takes block_q in {BLOCK_Q} (two warpgroups of 64 or 128 rows); got "
                          f"{block_q}")
-    if ppb * page_size % 64 or ppb * page_size > 256 or num_stages is not None and num_stages < 2:
-        raise ValueError(f"backend='mosaic_gpu' takes key blocks of 64, 128 or 256 keys and num_stages >= 2; got "
-                         f"pages_per_block={ppb} x L={page_size} = {ppb * page_size} keys, num_stages={num_stages}")
-    if k_scales is not None:
-        raise ValueError("backend='mosaic_gpu' takes bfloat16 / float16 pages only; int8 pages run on 'triton'")
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"backend='mosaic_gpu' takes bfloat16 or float16 q and pages; got {q.dtype}")
-    if head_dim % 64 or not 8 <= page_size <= 256:
-        raise ValueError(f"backend='mosaic_gpu' needs head_dim a multiple of 64 and a page size in 8..256; got "
-                         f"H={head_dim}, L={page_size}")
-    if k_pages.dtype != q.dtype:
-        raise ValueError(f"backend='mosaic_gpu' needs q and pages in one dtype; got {q.dtype} and {k_pages.dtype}")
+    check_pages(q, k_pages, k_scales, ppb, num_stages)
     if page_row_width(page_table.shape[1], ppb) > MAX_PAGE_ROW:
         raise ValueError(f"backend='mosaic_gpu' takes at most {MAX_PAGE_ROW} pages a sequence (the page table's "
                          f"width); got {page_table.shape[1]}: use a larger page size or backend='triton'")
