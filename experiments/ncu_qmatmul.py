@@ -3,7 +3,7 @@
 GPU only; ``ncu`` is on the device image (``/usr/local/cuda/bin/ncu``) and reads hardware counters there. The
 script re-runs itself under ``ncu`` as a worker that builds one GLM-4-9B-shaped problem (random weights of the
 format, as ``bench_qmatmul.py`` draws them), calls ``quantized_matmul`` three times (compile, warm) and lets ``ncu``
-capture the second launch of the Pallas kernel (``--kernel-name regex:qmatmul``).
+capture the second launch of the Pallas kernel (``--kernel-name regex:qmatmul|matmul_mgpu``).
 
     python experiments/ncu_qmatmul.py --format int4_g128_sym --shape gate_up --m 1 --out $OUT
     python experiments/ncu_qmatmul.py --format int8 --shape down --m 32 --full --out $OUT    # --set full + source
@@ -41,7 +41,7 @@ def find_ncu() -> str:
 
 
 def ncu_command(ncu: str, args, worker_argv: list[str]) -> list[str]:
-    cmd = [ncu, "--kernel-name", "regex:qmatmul", "--launch-skip", "1", "--launch-count", "1"]
+    cmd = [ncu, "--kernel-name", "regex:qmatmul|matmul_mgpu", "--launch-skip", "1", "--launch-count", "1"]
     if args.full:
         cmd += ["--set", "full", "--import-source", "yes", "--print-details", "all"]
     else:

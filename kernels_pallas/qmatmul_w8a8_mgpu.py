@@ -27,6 +27,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from . import mgpu_matmul
+from .mgpu_matmul import EPI, SLACK
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class W8A8Tiles:
@@ -37,9 +40,6 @@ class W8A8Tiles:
     tile_k: int = 128
     stages: int = 3
     snake_width: int = 8
-
-
-EPI = 64  # the epilogue's square pieces
 
 
 def w8a8_matmul_reference(xq, sx, wq, sw, *, out_dtype=jnp.bfloat16):
@@ -54,6 +54,17 @@ def tiles_of(cfg) -> W8A8Tiles:
     return W8A8Tiles(tile_m=cfg.block_m, tile_n=cfg.block_n, stages=cfg.num_stages)
 
 
+def smem_bytes(t: W8A8Tiles, out_dtype=jnp.bfloat16) -> int:
+    """Shared memory the kernel takes: the slots in flight (xq and both warpgroups' wq), the epilogue's pieces
+    and the pipeline's barriers."""
+    return t.stages * (t.tile_m + 2 * t.tile_n) * t.tile_k + mgpu_matmul.out_smem_bytes(out_dtype) + SLACK
+
+
+def fit_stages(t: W8A8Tiles, out_dtype=jnp.bfloat16) -> W8A8Tiles:
+    """The tiles with as many of the requested stages (at least 2) as fit in shared memory with this output."""
+    return mgpu_matmul.fit_stages(t, smem_bytes, out_dtype)
+
+
 def _tiles_ok(t: W8A8Tiles) -> bool:
     return t.tile_m % 64 == 0 and t.tile_n % EPI == 0 and t.tile_n <= 256 and t.tile_k == 128 and t.stages >= 2
 
@@ -63,7 +74,7 @@ def fits(n: int, k: int, tiles: W8A8Tiles) -> bool:
     return _tiles_ok(tiles) and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0
 
 
-def check_inputs(xq, sx, wq, sw, tiles: W8A8Tiles) -> None:
+def check_inputs(xq, sx, wq, sw, tiles: W8A8Tiles, out_dtype=jnp.bfloat16) -> None:
     """ValueError naming what the kernel does not take."""
     if xq.dtype != jnp.int8 or wq.dtype != jnp.int8 or xq.ndim != 2 or wq.ndim != 2:
         raise ValueError(f"w8a8_matmul_mgpu takes xq [M, K] and wq [N, K] int8; got {xq.dtype} {xq.shape} and "
@@ -78,6 +89,7 @@ def check_inputs(xq, sx, wq, sw, tiles: W8A8Tiles) -> None:
     if not _tiles_ok(t):
         raise ValueError(f"w8a8_matmul_mgpu tiles: tile_m a multiple of 64, tile_n of {EPI} up to 256, tile_k 128 "
                          f"(one 128-byte swizzle of int8), stages >= 2; got {t}")
+    mgpu_matmul.check_smem("w8a8_matmul_mgpu", t, smem_bytes, out_dtype)
     if m % t.tile_m or not fits(n, k, t):
         raise ValueError(f"w8a8_matmul_mgpu needs M % {t.tile_m}, N % {2 * t.tile_n} and K % {t.tile_k} == 0; got "
                          f"M={m}, N={n}, K={k} (pad M; pick tiles that divide N)")
@@ -88,8 +100,7 @@ def _kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: W8A8Tiles, out
     (m, k), n = x_gmem.shape, w_gmem.shape[0]
     cta_n = 2 * tile_n  # the two compute warpgroups split the CTA tile along N
     m_iters, n_iters, k_iters = m // tile_m, n // cta_n, k // tile_k
-    swizzle = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))  # 128 int8 = one 128-byte row
-    out_swizzle = (plgpu.TilingTransform((8, EPI)), plgpu.SwizzleTransform(EPI * jnp.dtype(out_dtype).itemsize))
+    swizzle = mgpu_matmul.swizzle(tile_k, 1)  # 128 int8 = one 128-byte row
 
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -103,15 +114,11 @@ def _kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: W8A8Tiles, out
     ignore = lambda *_, **__: None
 
     @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-                       out_smem=plgpu.SMEM((2, 2, EPI, EPI), out_dtype, transforms=out_swizzle),
-                       collective_axes="wg")
+                       out_smem=mgpu_matmul.out_smem(out_dtype), collective_axes="wg")
     def _scope(allocs, out_smem):
         wg = lax.axis_index("wg")
 
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-        def _tile(loop):
-            (lin,) = loop.index
-            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, tiles.snake_width)
+        def tile(mi, ni):
             m_slice = pl.ds(mi * tile_m, tile_m)
             n_slice = pl.ds(ni * cta_n, cta_n)
             wg_n0 = ni * cta_n + wg * tile_n  # this warpgroup's first output column
@@ -131,12 +138,8 @@ def _kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: W8A8Tiles, out
                             part = acc[em * EPI:(em + 1) * EPI, en * EPI:(en + 1) * EPI].astype(jnp.float32)
                             part = (part * lax.broadcast_in_dim(sx, part.shape, [0])
                                     * lax.broadcast_in_dim(sw, part.shape, [1]))
-                            slot = (em * (tile_n // EPI) + en) % 2
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, slot] = part.astype(out_dtype)
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot],
+                            mgpu_matmul.store_piece(
+                                part, out_smem, wg, (em * (tile_n // EPI) + en) % 2,
                                 out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)])
 
             def mma(idxs, x_smem, w_smem, acc_ref):
@@ -145,6 +148,8 @@ def _kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: W8A8Tiles, out
                 return acc_ref
 
             pipeline(mma, compute_context)(x_gmem.at[m_slice, :], w_gmem.at[n_slice, :], allocations=allocs)
+
+        mgpu_matmul.walk_tiles(m_iters, n_iters, tiles.snake_width, tile)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -156,11 +161,8 @@ def _w8a8_matmul_mgpu(xq, sx, wq, sw, *, tiles: W8A8Tiles, out_dtype, num_sms: i
     def w8a8_matmul_mgpu_kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem):  # the name in profiles
         kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem)
 
-    return plgpu.kernel(
-        w8a8_matmul_mgpu_kernel, out_type=jax.ShapeDtypeStruct((xq.shape[0], wq.shape[0]), out_dtype),
-        grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(xq, sx, wq, sw)
+    return mgpu_matmul.launch(w8a8_matmul_mgpu_kernel, (xq.shape[0], wq.shape[0]), out_dtype, num_sms,
+                              xq, sx, wq, sw)
 
 
 def w8a8_matmul_mgpu(xq, sx, wq, sw, *, tiles: W8A8Tiles = W8A8Tiles(), out_dtype=jnp.bfloat16,
@@ -168,9 +170,7 @@ def w8a8_matmul_mgpu(xq, sx, wq, sw, *, tiles: W8A8Tiles = W8A8Tiles(), out_dtyp
     """xq [M, K] int8, sx [M] float32, wq [N, K] int8, sw [N] float32 -> [M, N] out_dtype on a Hopper GPU; M, N
     and K multiples of the tiles (``check_inputs``). ``num_sms``: programs of the persistent grid (default: the
     GPU's SM count)."""
-    check_inputs(xq, sx, wq, sw, tiles)
-    if num_sms is None:
-        num_sms = getattr(jax.devices()[0], "core_count", None) or 132
+    check_inputs(xq, sx, wq, sw, tiles, out_dtype)
     tiles_total = (xq.shape[0] // tiles.tile_m) * (wq.shape[0] // (2 * tiles.tile_n))
     return _w8a8_matmul_mgpu(xq, sx, wq, sw, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
-                             num_sms=min(num_sms, tiles_total))
+                             num_sms=mgpu_matmul.num_programs(num_sms, tiles_total))

@@ -7,10 +7,13 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
   dequantize-then-dot was faster for that shape, that path (``kernel="xla"``); for ``Int8Weight`` where it
   says XLA's int8 x int8 dot of two-digit activations was faster (``kernel="xla_split"``,
   ``int8_split_matmul``), that path (the H100 table of 2026-11-26 picks it for most K-major int8 problems at
-  M <= 32, the Pallas K-major gemv for qkv / o at M = 1, and the split path for some [K, N] shapes at M = 8-32). float32 activations take the XLA dequantize-then-dot path (also where the table
-  says ``xla_split``).
-  There is no Mosaic GPU kernel yet (the Triton lowering is deprecated since jax 0.11); measured speeds and
-  gaps: experiments/results/qmatmul_h100_notes.md.
+  M <= 32, the Pallas K-major gemv for qkv / o at M = 1, and the split path for some [K, N] shapes at M = 8-32).
+  float32 activations take the XLA dequantize-then-dot path (also where the table says ``xla_split``).
+  Where the table says ``kernel="mgpu"`` (Hopper, M > 128) the Mosaic GPU wgmma kernels serve W8A8
+  (``qmatmul_w8a8_mgpu.py``: int8 x int8 -> int32) and weight-only ``Int8Weight`` with bf16 activations
+  (``qmatmul_mixed_mgpu.py``: int8 widened to bf16 in shared memory, bf16 wgmma); int4 has none yet. The Triton
+  lowering (deprecated since jax 0.11) serves the rest. Measured speeds and gaps:
+  experiments/results/qmatmul_h100_notes.md.
 * TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
 * CPU: ``quantized_matmul_reference``; ``interpret=True`` runs a Pallas kernel in interpret mode instead.
 * K-major ``Int8Weight`` (``k_major=True``, ``qweight[N, K]``): on the GPU the table entry of format
@@ -196,7 +199,7 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
     return jnp.sum(y, axis=0) * scale
 
 
-def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True) -> TileConfig:
+def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=jnp.bfloat16) -> TileConfig:
     """Adapt a (tuned or default) config to this problem: block_k divides K (int4: a multiple of the group, or a
     power-of-two part of one down to 32), split_k at most the number of K steps, block_m not far above M, W8A8
     never on the gemv kernel; the K-major int4 GEMV (``qmatmul_dp4a``): whole groups a step, at most K's groups
@@ -211,10 +214,14 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True) -> TileC
         while k % bk and bk > group:
             bk //= 2
     kernel, bm = cfg.kernel, cfg.block_m
-    if kernel == "mgpu":  # W8A8, wgmma (not interpret mode: it has no wgmma) and tiles that divide N and K
-        from .qmatmul_w8a8_mgpu import fits, tiles_of
-        if wgmma and isinstance(qweight, W8A8Weight) and fits(qweight.out_features, k, tiles_of(cfg)):
-            return dataclasses.replace(cfg, block_k=128, split_k=1, unroll=0)
+    if kernel == "mgpu":  # wgmma (not interpret mode: it has no wgmma) and tiles that divide N and K
+        from . import qmatmul_mixed_mgpu, qmatmul_w8a8_mgpu
+        if wgmma and isinstance(qweight, W8A8Weight):
+            if qmatmul_w8a8_mgpu.fits(qweight.out_features, k, qmatmul_w8a8_mgpu.tiles_of(cfg)):
+                return dataclasses.replace(cfg, block_k=128, split_k=1, unroll=0)
+        elif wgmma and isinstance(qweight, Int8Weight) and x_dtype == jnp.bfloat16:
+            if qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg)):
+                return dataclasses.replace(cfg, block_k=64, split_k=1, unroll=0)
         kernel, bm = "dot", 64  # else the dot tiles
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
@@ -270,10 +277,14 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         xk = jnp.pad(xk, ((0, mp - m), (0, 0)))
         sx = None if sx is None else jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
     n = qweight.out_features
-    if cfg.kernel == "mgpu":
-        from .qmatmul_w8a8_mgpu import tiles_of, w8a8_matmul_mgpu
-        y = w8a8_matmul_mgpu(xk, sx[:, 0], qweight.qweight, qweight.scale.astype(jnp.float32), tiles=tiles_of(cfg),
-                             out_dtype=out_dtype)
+    if cfg.kernel == "mgpu" and isinstance(qweight, Int8Weight):  # stages that fit with this output dtype
+        from .qmatmul_mixed_mgpu import fit_stages, int8_matmul_mgpu, tiles_of
+        y = int8_matmul_mgpu(xk, qweight.qweight, qweight.scale.astype(jnp.float32), k_major=qweight.k_major,
+                             tiles=fit_stages(tiles_of(cfg), out_dtype), out_dtype=out_dtype)
+    elif cfg.kernel == "mgpu":
+        from .qmatmul_w8a8_mgpu import fit_stages, tiles_of, w8a8_matmul_mgpu
+        y = w8a8_matmul_mgpu(xk, sx[:, 0], qweight.qweight, qweight.scale.astype(jnp.float32),
+                             tiles=fit_stages(tiles_of(cfg), out_dtype), out_dtype=out_dtype)
     elif platform == "tpu":
         from .qmatmul_tpu import tpu_qmatmul
         out = jnp.full((mp, n), jnp.nan, out_dtype) if poison else None
@@ -350,7 +361,8 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     elif impl == "xla_split":
         y = int8_split_matmul(x2, qweight, k_blocks=k_blocks)
     else:
-        cfg = fit_config(config, qweight, m, wgmma=not interpret) if impl == "pallas_gpu" else config
+        cfg = (fit_config(config, qweight, m, wgmma=not interpret, x_dtype=x.dtype) if impl == "pallas_gpu"
+               else config)
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,
                     jnp.float32 if bias is not None else out_dtype, _poison, act_scale)
     return _finish(y, bias, out_dtype, x.shape[:-1])

@@ -24,7 +24,7 @@ def test_missing_ncu_is_a_clear_error(monkeypatch):
 def test_command_profiles_one_warm_launch_of_the_pallas_kernel():
     args = argparse.Namespace(full=False)
     cmd = ncu_qmatmul.ncu_command("/x/ncu", args, ["--m", "1"])
-    assert cmd[:7] == ["/x/ncu", "--kernel-name", "regex:qmatmul", "--launch-skip", "1", "--launch-count", "1"]
+    assert cmd[:7] == ["/x/ncu", "--kernel-name", "regex:qmatmul|matmul_mgpu", "--launch-skip", "1", "--launch-count", "1"]
     assert cmd.count("--section") == len(ncu_qmatmul.SECTIONS) and "--set" not in cmd
     assert cmd[-3:] == ["--worker", "--m", "1"]
     full = ncu_qmatmul.ncu_command("/x/ncu", argparse.Namespace(full=True), [])

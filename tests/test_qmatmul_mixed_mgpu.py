@@ -1,0 +1,165 @@
+"""The Mosaic GPU weight-only int8 matmul (Hopper: int8 widened to bfloat16 in shared memory, bf16 wgmma, the
+per-channel scale in the epilogue) against its reference, for both weight layouts.
+
+wgmma has no interpreter, so on the CPU the kernel is lowered for CUDA (``jax.export``: Pallas -> Mosaic GPU, the
+pipeline, the widening's layouts, the epilogue) and the dispatch's fallback is checked; the numbers are checked on
+the GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import Int8Weight, TileConfig, quantized_matmul
+from kernels_pallas.quantized_matmul import quantized_matmul_reference
+from kernels_pallas.mgpu_flash import SMEM_BYTES
+from kernels_pallas.qmatmul_mixed_mgpu import MixedTiles, int8_matmul_mgpu, int8_matmul_reference
+
+# (M, K, N, tiles, k_major): GLM-4-9B's qkv, o, gate_up and down at M = 512 or 128, and smaller tiles
+CASES = [(512, 4096, 4608, MixedTiles(), False), (128, 4096, 4096, MixedTiles(tile_n=64), True),
+         (256, 13696, 4096, MixedTiles(tile_m=64, tile_n=64, stages=6), True),
+         (512, 4096, 27392, MixedTiles(tile_n=128, stages=3), False)]
+
+
+def int8_weight(rng, k, n, k_major=False, scale=True):
+    """A random (never zero) Int8Weight [K, N] in the given layout; scale: random per-channel scales, else ones."""
+    q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    s = rng.uniform(1e-3, 1e-2, n) if scale else np.ones(n)
+    return Int8Weight(qweight=q, scale=jnp.asarray(s, jnp.float32)).with_layout(k_major)
+
+
+def operands(m, k, n, k_major, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k) if k_major else (k, n)), jnp.int8)
+    sw = jnp.asarray(rng.uniform(1e-3, 1e-2, n), jnp.float32)
+    return x, wq, sw
+
+
+@pytest.mark.parametrize("m,k,n,tiles,k_major", CASES, ids=str)
+def test_lowers_for_cuda(m, k, n, tiles, k_major):
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in (((m, k), jnp.bfloat16),
+                                                     ((n, k) if k_major else (k, n), jnp.int8), ((n,), jnp.float32))]
+    f = jax.jit(lambda *a: int8_matmul_mgpu(*a, k_major=k_major, tiles=tiles, num_sms=132))
+    module = jax.export.export(f, platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in module and "wgmma.mma_async" in module and ".f32.bf16.bf16" in module
+
+
+def test_rejects_what_it_does_not_take():
+    x, wq, sw = operands(128, 256, 256, False)
+    with pytest.raises(ValueError, match="bfloat16"):
+        int8_matmul_mgpu(x.astype(jnp.float32), wq, sw)
+    with pytest.raises(ValueError, match="K=256"):
+        int8_matmul_mgpu(x[:, :128], wq, sw)
+    with pytest.raises(ValueError, match="N % 256"):
+        int8_matmul_mgpu(x, wq[:, :192], sw[:192])
+    with pytest.raises(ValueError, match="float32"):
+        int8_matmul_mgpu(x, wq, sw.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="tile_k 64"):
+        int8_matmul_mgpu(x, wq, sw, tiles=MixedTiles(tile_k=128))
+    with pytest.raises(ValueError, match="M % 128"):
+        int8_matmul_mgpu(x[:100], wq, sw)
+
+
+@pytest.mark.parametrize("k_major", [False, True])
+def test_dispatch_falls_back_to_the_dot_tiles_where_wgmma_cannot_run(k_major):
+    """kernel="mgpu" in interpret mode (no wgmma interpreter) runs the Triton dot tiles: the same numbers."""
+    rng = np.random.default_rng(1)
+    qw = int8_weight(rng, 256, 512, k_major)
+    x = jnp.asarray(rng.standard_normal((100, 256)), jnp.bfloat16)
+    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4)
+    y = quantized_matmul(x, qw, config=cfg, interpret=True, _poison=True)
+    ref = quantized_matmul_reference(x, qw)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_reference_is_the_float_dot_of_the_scaled_weight():
+    x, wq, sw = operands(8, 64, 32, True, seed=3)
+    want = np.asarray(x, np.float64) @ (np.asarray(wq, np.float64).T * np.asarray(sw, np.float64)[None, :])
+    got = np.asarray(int8_matmul_reference(x, wq, sw, k_major=True, out_dtype=jnp.float32), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,tiles,k_major", CASES, ids=str)
+def test_matches_reference_on_gpu(m, k, n, tiles, k_major):
+    x, wq, sw = operands(m, k, n, k_major, seed=m + n)
+    y = np.asarray(int8_matmul_mgpu(x, wq, sw, k_major=k_major, tiles=tiles), np.float32)
+    ref = np.asarray(int8_matmul_reference(x, wq, sw, k_major=k_major), np.float32)
+    assert np.isfinite(y).all()
+    assert np.abs(y - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k_major", [False, True])
+def test_quantized_matmul_runs_it_where_the_config_says_mgpu(k_major):
+    """Through the dispatch: M padded to the tile, the scale, against the reference."""
+    rng = np.random.default_rng(4)
+    qw = int8_weight(rng, 4096, 4608, k_major)
+    x = jnp.asarray(rng.standard_normal((300, 4096)), jnp.bfloat16)
+    y = quantized_matmul(x, qw, config=TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4))
+    ref = quantized_matmul_reference(x, qw)
+    err = np.abs(np.asarray(y, np.float32) - np.asarray(ref, np.float32)).max()
+    assert err <= 1e-2 * np.abs(np.asarray(ref, np.float32)).max()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_kmajor", "w8a8"])
+def test_a_float32_output_takes_fewer_stages_and_still_lowers(fmt):
+    """quantized_matmul asks the kernel for float32 when a bias follows; 128 x 128 tiles with 4 stages would then
+    overflow shared memory, so the dispatch drops stages (fit_stages) and the kernel lowers for CUDA."""
+    from kernels_pallas import qmatmul_w8a8_mgpu
+    from kernels_pallas.quantized_matmul import _pallas
+    from experiments.bench_qmatmul import random_weight
+
+    mod = qmatmul_w8a8_mgpu if fmt == "w8a8" else __import__("kernels_pallas.qmatmul_mixed_mgpu", fromlist=["x"])
+    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4)
+    tiles = mod.tiles_of(cfg)
+    assert mod.smem_bytes(tiles, jnp.float32) > SMEM_BYTES >= mod.smem_bytes(tiles, jnp.bfloat16)
+    fitted = mod.fit_stages(tiles, jnp.float32)
+    assert 2 <= fitted.stages < tiles.stages and mod.smem_bytes(fitted, jnp.float32) <= SMEM_BYTES
+    qw = random_weight(jax.random.key(0), fmt, 4096, 4608)
+    x = jax.ShapeDtypeStruct((300, 4096), jnp.bfloat16)
+    f = jax.jit(lambda x, qw: _pallas(x, qw, cfg, "gpu", False, jnp.float32, False))
+    triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]  # W8A8's quantize_rows
+    module = jax.export.export(f, platforms=["cuda"], disabled_checks=triton)(x, qw).mlir_module()
+    assert "wgmma.mma_async" in module
+
+
+def test_tiles_that_cannot_fit_shared_memory_are_a_clear_error():
+    x, wq, sw = operands(128, 256, 256, False)
+    with pytest.raises(ValueError, match="shared memory"):
+        int8_matmul_mgpu(x, wq, sw, tiles=MixedTiles(stages=4), out_dtype=jnp.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int8_kmajor", "w8a8"])
+def test_bias_through_the_dispatch_on_gpu(fmt):
+    """With a bias the kernel writes float32 (fewer stages, fit_stages); the result against the reference."""
+    from experiments.bench_qmatmul import random_weight
+
+    qw = random_weight(jax.random.key(5), fmt, 4096, 4608)
+    x = jax.random.normal(jax.random.key(6), (300, 4096), jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(7), (4608,), jnp.float32)
+    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4)
+    y = np.asarray(quantized_matmul(x, qw, bias=bias, config=cfg), np.float32)
+    ref = np.asarray(quantized_matmul_reference(x, qw, bias=bias), np.float32)
+    assert np.isfinite(y).all()
+    assert np.abs(y - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
+def test_fit_config_takes_the_kernel_only_where_it_can_run():
+    """bf16 x, wgmma available and tiles that divide N: the kernel; float16 x, interpret mode (no wgmma) or an N the
+    CTA tile does not divide: the Triton dot tiles."""
+    from kernels_pallas.quantized_matmul import fit_config
+
+    rng = np.random.default_rng(2)
+    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4)
+
+    w, narrow = int8_weight(rng, 4096, 4608, scale=False), int8_weight(rng, 4096, 4480, scale=False)
+    assert fit_config(cfg, w, 512, x_dtype=jnp.bfloat16).kernel == "mgpu"
+    assert fit_config(cfg, w, 512, x_dtype=jnp.float16).kernel == "dot"
+    assert fit_config(cfg, w, 512, wgmma=False, x_dtype=jnp.bfloat16).kernel == "dot"
+    assert fit_config(cfg, narrow, 512, x_dtype=jnp.bfloat16).kernel == "dot"  # 4480 % 256 != 0
