@@ -1,7 +1,7 @@
 """The Mosaic GPU wgmma kernels of ``quantized_matmul`` (``kernel="mgpu"``) on Hopper, tile by tile, against the tile
 table's current path for the format and XLA's bf16 dot, on GLM-4-9B's four linear shapes, in one run. Formats:
-``w8a8`` (``qmatmul_w8a8_mgpu``: int8 x int8 wgmma), ``int8`` / ``int8_kmajor`` (``qmatmul_mixed_mgpu``: int8
-weights widened to bfloat16 in shared memory, bf16 wgmma).
+``w8a8`` (``qmatmul_w8a8_mgpu``: int8 x int8 wgmma), ``int8`` / ``int8_kmajor`` / ``int4_g128_{sym,asym}_kmajor``
+(``qmatmul_mixed_mgpu``: the weight widened to bfloat16 in shared memory, bf16 wgmma).
 
 Each tile configuration is first checked against ``quantized_matmul_reference`` (fresh random weights and
 activations); one that fails the check or does not compile is recorded and not timed. Timing as in
@@ -33,11 +33,13 @@ from kernels_pallas.quantized_matmul import quantized_matmul_reference  # noqa: 
 # (block_m, block_n, num_stages): each compute warpgroup's tile and the slots in flight
 WIN = 0.03  # a table entry changes only where the kernel was at least this much faster
 CONFIGS = [(128, 128, 3), (128, 128, 4), (64, 128, 4), (128, 64, 4), (64, 64, 6)]
+INT4_CONFIGS = [(128, 64, 3), (128, 64, 2), (64, 64, 4), (64, 128, 2)]  # one group of 128 a step: more bytes a slot
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--format", default="w8a8", choices=("w8a8", "int8", "int8_kmajor"))
+    ap.add_argument("--format", default="w8a8", choices=("w8a8", "int8", "int8_kmajor", "int4_g128_sym_kmajor",
+                                                            "int4_g128_asym_kmajor"))
     ap.add_argument("--ms", default="512")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--min-layers", type=int, default=4, help="distinct layers a timed call, at least")
@@ -45,7 +47,7 @@ def main():
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--write-table", action="store_true",
                     help=f"merge into the tile table each (shape, M) whose best kernel beat the table's path by "
-                         f">= {WIN:.0%} in this run")
+                         f">= {WIN * 100:.0f}%% in this run")
     ap.add_argument("--from-json", default="", help="no timing: merge the table from this earlier result file")
     args = ap.parse_args()
     if args.from_json:
@@ -55,7 +57,10 @@ def main():
         return
     fmt = args.format
     kernel = qmatmul_w8a8_mgpu if fmt == "w8a8" else qmatmul_mixed_mgpu
-    tol = 2e-2 if fmt == "w8a8" else 1e-2
+    tol = 1e-2 if fmt.startswith("int8") else 2e-2  # W8A8's activation / int4's scaled-weight rounding
+    kfmt = "int4" if fmt.startswith("int4") else "int8"
+    fits = ((lambda n, k, cfg: kernel.fits(n, k, kernel.tiles_of(cfg))) if fmt == "w8a8" else
+            (lambda n, k, cfg: kernel.fits(n, k, kernel.tiles_of(cfg, kfmt), kfmt)))
     rows = []
     for m in [int(v) for v in args.ms.split(",")]:
         for shape in args.shapes.split(","):
@@ -73,10 +78,10 @@ def main():
             rows.append(dict(base, method="table", format=fmt, us=cur_s * 1e6, speedup_vs_bf16=bf16_s / cur_s))
             ref = np.asarray(quantized_matmul_reference(x, ws[0]), np.float32)
             configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
-                       else CONFIGS)
+                       else INT4_CONFIGS if kfmt == "int4" else CONFIGS)
             for bm, bn, st in configs:
                 cfg = TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st)
-                if not kernel.fits(n, k, kernel.tiles_of(cfg)):
+                if not fits(n, k, cfg):
                     continue
                 row = dict(base, method="mgpu", format=fmt, config=f"bm{bm} bn{bn} st{st}")
                 try:

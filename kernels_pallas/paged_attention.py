@@ -4,8 +4,8 @@ Public: ``paged_attention`` (dispatch), ``paged_attention_reference`` (plain jnp
 kernel lives in ``paged_attention_tpu.py``; this module holds the GPU kernel, the checks and the dispatch.
 
 Hopper, opt-in: ``backend="mosaic_gpu"`` runs ``paged_attention_mgpu.py`` (TMA page copies, wgmma over the G query
-heads of a KV head, a loader warpgroup; bfloat16 / float16 pages, G a multiple of 8), lowered and interpret-checked
-on the CPU and not yet run on a GPU (``experiments/tune_decode_mgpu.py`` times it against this kernel).
+heads of a KV head, a loader warpgroup; bfloat16 / float16 pages, G a multiple of 8): correct on the H100 but slower
+than this kernel at every summary point in session 20 (``experiments/tune_decode_mgpu.py``), so not the default.
 
 GPU kernel (Pallas, Triton lowering; grid (B, K, S)): program (b, k, s) owns sequence b, kv head k and
 the s-th split of b's pages. It loads the G query heads of kv head k once ([G, H], G padded to 16 rows

@@ -3,8 +3,10 @@
 Public: ``paged_decode_mgpu`` (run by ``paged_attention(..., backend="mosaic_gpu")``); the truth is
 ``paged_attention_reference`` in ``paged_attention.py``.
 
-Status: lowered for CUDA on the CPU (``jax.export``) and checked in Mosaic GPU interpret mode; **not yet run on a
-GPU**, and the dispatch runs it only when ``backend="mosaic_gpu"`` is passed. In interpret mode the two matmuls and
+Status: correct on the H100 (session 20) but slower than the Triton kernel at each of issue 4's points
+(experiments/results/paged_variants/s20/), so the dispatch runs it only when ``backend="mosaic_gpu"`` is passed.
+CI lowers it for CUDA on the CPU (``jax.export``) and checks it in Mosaic GPU interpret mode. In interpret mode the
+two matmuls and
 the register layouts are replaced by their ``jnp`` values (the interpreter lacks wgmma), as in
 ``ragged_paged_attention_mgpu.py``; ``pytest -m gpu`` checks them on the GPU.
 

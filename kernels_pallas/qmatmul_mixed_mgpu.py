@@ -1,22 +1,28 @@
-"""Weight-only int8 matmul as a Mosaic GPU kernel for Hopper: int8 weights widened to bfloat16 in shared memory,
-bfloat16 x bfloat16 wgmma into float32, the per-channel scale in the epilogue.
+"""Weight-only int8 and int4 matmuls as one Mosaic GPU kernel for Hopper: the quantized weight widened to bfloat16
+in shared memory, bfloat16 x bfloat16 wgmma into float32.
 
-Public: ``int8_matmul_mgpu`` (run by ``quantized_matmul`` where the tile table says ``kernel="mgpu"`` for an
-``Int8Weight``) and ``int8_matmul_reference`` (plain ``jnp``, the truth).
+Public: ``int8_matmul_mgpu`` / ``int4_matmul_mgpu`` (run by ``quantized_matmul`` where the tile table, or a
+``config``, says ``kernel="mgpu"``) and ``int8_matmul_reference`` / ``int4_matmul_reference`` (plain ``jnp``).
 
-``y[M, N] = (x[M, K] @ wq[K, N]) * sw[N]`` with ``wq`` stored ``[K, N]`` or K-major ``[N, K]`` (``k_major``).
-int8 values are exact in bfloat16, so the product is the float dot of the quantized weight; only the float32
-accumulation order differs from the reference.
+* int8: ``y[M, N] = (x[M, K] @ wq[K, N]) * sw[N]`` with ``wq`` stored ``[K, N]`` or K-major ``[N, K]``; int8 values
+  are exact in bfloat16, so only the float32 accumulation order differs from the reference; the per-channel
+  scale is applied in the epilogue.
+* int4 (K-major ``Int4Weight``, group 128): one group a K step. Its packed ``[N, 64]`` bytes hold the group's first
+  64 rows along K in their low nibbles and the last 64 in their high nibbles (half-group packing,
+  ``quant_formats``), so the two nibble planes widen side by side into ``[N, 128]``, each weight as
+  ``u * scale + offset`` (``offset = -zero * scale``) rounded once to bfloat16 (as the Triton kernels'
+  ``scale_in_bf16``). **Not yet run on a GPU** (written after session 20's device budget ran out): lowered for CUDA
+  and its widening checked exactly in the Mosaic GPU interpreter in CI; no tile-table entry names it.
 
-Structure (the W8A8 kernel's, ``qmatmul_w8a8_mgpu.py``): a persistent grid of one program per SM walks the output
-tiles in a planar snake; a memory warpgroup streams ``[tile_m, tile_k]`` tiles of x and the int8 weight tile of
-both compute warpgroups through ``stages`` shared-memory slots (TMA). Each compute warpgroup owns a ``tile_n``
-slice of the CTA's columns: per K step it loads its int8 slice from shared memory (eight values a thread in the
-``WGMMA_UPCAST_2X`` layout), widens it to bfloat16 into one of its two shared-memory buffers, and issues one wgmma
-over it; the pipeline releases a step's slots one step late (``delay_release=1``), so widening step k overlaps
-step k - 1's wgmma. The weight is read from HBM once per ``tile_m`` rows of x, as half the bytes of a bfloat16
-weight. On the H100 at M = 512 (session 20): qkv 1.05x faster than XLA's bf16 dot, gate_up 1.34x and down 1.67x
-slower -- the widening's instruction issue bounds it (experiments/results/qmatmul_diag/s20_int8_mgpu/).
+Structure (the W8A8 kernel's, ``qmatmul_w8a8_mgpu.py``; shared pieces in ``mgpu_matmul.py``): a persistent grid of
+one program per SM walks the output tiles in a planar snake; a memory warpgroup streams ``[tile_m, tile_k]`` tiles
+of x and the packed weight tile of both compute warpgroups through ``stages`` shared-memory slots (TMA). Each
+compute warpgroup owns a ``tile_n`` slice of the CTA's columns: per K step it loads its packed slice from shared
+memory (eight bytes a thread in the ``WGMMA_UPCAST_2X`` layout), widens it to bfloat16 into one of its two
+shared-memory buffers, and issues one wgmma over it; the pipeline releases a step's slots one step late
+(``delay_release=1``), so widening step k overlaps step k - 1's wgmma. On the H100 at M = 512 (session 20, int8):
+qkv 1.05x faster than XLA's bf16 dot, gate_up 1.34x and down 1.67x slower -- the widening's instruction issue
+bounds it (experiments/results/qmatmul_diag/s20_int8_mgpu/).
 
 Shape letters as in the package: M rows (tokens), K contraction (in features), N out features.
 """
@@ -34,6 +40,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import mgpu_matmul
 from .mgpu_matmul import EPI, SLACK
+
+INT4_GROUP = 128  # the int4 kernel's group: one group a K step, its two half-group nibble planes side by side
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,32 +62,35 @@ def int8_matmul_reference(x, wq, sw, *, k_major: bool = False, out_dtype=jnp.bfl
     return (y * sw[None, :].astype(jnp.float32)).astype(out_dtype)
 
 
-def tiles_of(cfg) -> MixedTiles:
-    """The tiles a ``TileConfig(kernel="mgpu")`` names for a weight-only int8 weight: block_m / block_n each
-    compute warpgroup's tile, num_stages the slots in flight."""
-    return MixedTiles(tile_m=cfg.block_m, tile_n=cfg.block_n, stages=cfg.num_stages)
+def tiles_of(cfg, fmt: str = "int8") -> MixedTiles:
+    """The tiles a ``TileConfig(kernel="mgpu")`` names for a weight-only int8 / int4 weight: block_m / block_n each
+    compute warpgroup's tile, num_stages the slots in flight (int4: one group of 128 a K step)."""
+    return MixedTiles(tile_m=cfg.block_m, tile_n=cfg.block_n, tile_k=64 if fmt == "int8" else INT4_GROUP,
+                      stages=cfg.num_stages)
 
 
-def smem_bytes(t: MixedTiles, out_dtype=jnp.bfloat16) -> int:
-    """Shared memory the kernel takes: the slots in flight (x and both warpgroups' int8 weight), each warpgroup's
-    two bfloat16 weight buffers, the epilogue's pieces and the pipeline's barriers."""
-    slots = t.stages * (t.tile_m * t.tile_k * 2 + 2 * t.tile_n * t.tile_k)
+def smem_bytes(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> int:
+    """Shared memory the kernel takes: the slots in flight (x and both warpgroups' packed weight; int4 also a row
+    of scales and offsets), each warpgroup's two bfloat16 weight buffers, the epilogue's pieces and the
+    pipeline's barriers."""
+    weight = 2 * t.tile_n * t.tile_k * (1 if fmt == "int8" else 0.5) + (0 if fmt == "int8" else 2 * 2 * 2 * t.tile_n)
+    slots = t.stages * (t.tile_m * t.tile_k * 2 + int(weight))
     return slots + 2 * 2 * t.tile_n * t.tile_k * 2 + mgpu_matmul.out_smem_bytes(out_dtype) + SLACK
 
 
-def fit_stages(t: MixedTiles, out_dtype=jnp.bfloat16) -> MixedTiles:
+def fit_stages(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> MixedTiles:
     """The tiles with as many of the requested stages (at least 2) as fit in shared memory with this output."""
-    return mgpu_matmul.fit_stages(t, smem_bytes, out_dtype)
+    return mgpu_matmul.fit_stages(t, functools.partial(smem_bytes, fmt=fmt), out_dtype)
 
 
-def _tiles_ok(t: MixedTiles) -> bool:
-    return (t.tile_m % 64 == 0 and t.tile_m <= 256 and t.tile_n in (64, 128) and t.tile_k == 64
-            and t.stages >= 2)
+def _tiles_ok(t: MixedTiles, fmt: str = "int8") -> bool:
+    return (t.tile_m % 64 == 0 and t.tile_m <= 256 and t.tile_n in (64, 128)
+            and t.tile_k == (64 if fmt == "int8" else INT4_GROUP) and t.stages >= 2)
 
 
-def fits(n: int, k: int, tiles: MixedTiles) -> bool:
+def fits(n: int, k: int, tiles: MixedTiles, fmt: str = "int8") -> bool:
     """Whether the kernel takes N out features and K in features with these tiles (M is padded by the caller)."""
-    return _tiles_ok(tiles) and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0
+    return _tiles_ok(tiles, fmt) and n % (2 * tiles.tile_n) == 0 and k % tiles.tile_k == 0
 
 
 def check_inputs(x, wq, sw, tiles: MixedTiles, k_major: bool, out_dtype=jnp.bfloat16) -> None:
@@ -103,32 +114,69 @@ def check_inputs(x, wq, sw, tiles: MixedTiles, k_major: bool, out_dtype=jnp.bflo
                          f"M={m}, N={n}, K={k} (pad M; pick tiles that divide N)")
 
 
-def _kernel(x_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: MixedTiles, k_major: bool, out_dtype):
+def _weight_specs(fmt: str, k_major: bool, tiles: MixedTiles):
+    """-> (BlockSpecs of the weight inputs, the widened buffer's shape and transforms, a function slicing the CTA's
+    columns out of each weight input)."""
+    tile_n, tile_k, cta_n = tiles.tile_n, tiles.tile_k, 2 * tiles.tile_n
+    wb_shape = (tile_n, tile_k) if k_major else (tile_k, tile_n)
+    wb_swizzle = mgpu_matmul.swizzle(wb_shape[1] * 2, 2)
+    spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, delay_release=1)
+    if fmt == "int4":  # packed [N, K/2]: [cta_n, G/2] bytes a step; scale and offset rows [K/G, N]: [1, cta_n]
+        specs = [spec((cta_n, tile_k // 2), lambda ki: (0, ki), transforms=mgpu_matmul.swizzle(tile_k // 2, 1)),
+                 spec((1, cta_n), lambda ki: (ki, 0)), spec((1, cta_n), lambda ki: (ki, 0))]
+        return specs, wb_shape, wb_swizzle, lambda n_slice: lambda i, g: g.at[n_slice] if i == 0 else g.at[:, n_slice]
+    if k_major:  # [cta_n, tile_k] int8 tiles; each warpgroup widens its [tile_n, tile_k] rows
+        specs = [spec((cta_n, tile_k), lambda ki: (0, ki), transforms=mgpu_matmul.swizzle(tile_k, 1))]
+        return specs, wb_shape, wb_swizzle, lambda n_slice: lambda i, g: g.at[n_slice]
+    specs = [spec((tile_k, cta_n), lambda ki: (ki, 0), transforms=mgpu_matmul.swizzle(tile_n, 1))]
+    return specs, wb_shape, wb_swizzle, lambda n_slice: lambda i, g: g.at[:, n_slice]
+
+
+def _widen(fmt: str, k_major: bool, tile_n: int, wb, w_smems, wg, *, interpret: bool = False) -> None:
+    """This warpgroup's slice of the step's weight tile, as bfloat16, into ``wb``: eight bytes a thread in one
+    load (the ``WGMMA_UPCAST_2X`` layout), widened in registers, stored as 16-byte vectors. int4: each byte's low
+    and high nibbles are the group's two halves along K; ``w = u * scale + offset`` (offset = -zero * scale) in
+    bfloat16, one rounding of the scaled weight as the Triton kernels' ``scale_in_bf16``. interpret: plain loads
+    (the Mosaic GPU interpreter has no register layouts), for checking the arithmetic on the CPU."""
+    rows = pl.ds(wg * tile_n, tile_n)
+    layout = plgpu.Layout.WGMMA_UPCAST_2X
+
+    def load(ref, layout, optimized=True):
+        return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=optimized)
+
+    if fmt == "int8":
+        w_slice = w_smems[0].at[rows] if k_major else w_smems[0].at[:, rows]
+        wb[...] = load(w_slice, layout).astype(jnp.bfloat16)
+        return
+    packed_smem, scale_smem, offset_smem = w_smems
+    u = load(packed_smem.at[rows], layout)  # [tile_n, G/2] uint8
+    s, o = (lax.broadcast_in_dim(load(r.at[0, rows], layout.reduce(1), optimized=False), u.shape, [0])
+            for r in (scale_smem, offset_smem))
+    half = u.shape[1]
+    # Mosaic GPU has no 8-bit arithmetic but bitwise ops: the high nibble stays in place (16 h) and meets s / 16
+    wb.at[:, pl.ds(0, half)][...] = (u & 0x0F).astype(jnp.bfloat16) * s + o
+    wb.at[:, pl.ds(half, half)][...] = (u & 0xF0).astype(jnp.bfloat16) * (s * 0.0625) + o
+
+
+def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool, out_dtype):
+    *w_gmems, sw_gmem, out_gmem = refs if fmt == "int8" else (*refs[:-1], None, refs[-1])
     tile_m, tile_n, tile_k = tiles.tile_m, tiles.tile_n, tiles.tile_k
     m, k = x_gmem.shape
-    n = w_gmem.shape[0] if k_major else w_gmem.shape[1]
+    n = out_gmem.shape[1]
     cta_n = 2 * tile_n  # the two compute warpgroups split the CTA tile along N
     m_iters, n_iters, k_iters = m // tile_m, n // cta_n, k // tile_k
-    x_swizzle = mgpu_matmul.swizzle(tile_k * 2, 2)
-    if k_major:  # [cta_n, tile_k] int8 tiles; each warpgroup widens its [tile_n, tile_k] rows
-        w_block, w_index, w_swizzle = (cta_n, tile_k), (lambda ki: (0, ki)), mgpu_matmul.swizzle(tile_k, 1)
-        wb_shape, wb_swizzle = (tile_n, tile_k), mgpu_matmul.swizzle(tile_k * 2, 2)
-    else:  # [tile_k, cta_n] int8 tiles; each warpgroup widens its [tile_k, tile_n] columns
-        w_block, w_index, w_swizzle = (tile_k, cta_n), (lambda ki: (ki, 0)), mgpu_matmul.swizzle(tile_n, 1)
-        wb_shape, wb_swizzle = (tile_k, tile_n), mgpu_matmul.swizzle(tile_n * 2, 2)
+    w_specs, wb_shape, wb_swizzle, cta_columns = _weight_specs(fmt, k_major, tiles)
 
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=40, max_concurrent_steps=tiles.stages,
-            in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), transforms=x_swizzle,
-                                      memory_space=plgpu.SMEM, delay_release=1),
-                      plgpu.BlockSpec(w_block, w_index, transforms=w_swizzle, memory_space=plgpu.SMEM,
-                                      delay_release=1)],
+            in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), memory_space=plgpu.SMEM, delay_release=1,
+                                      transforms=mgpu_matmul.swizzle(tile_k * 2, 2)), *w_specs],
             wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
 
     ignore = lambda *_, **__: None
 
-    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(x_gmem, *w_gmems),
                        wb_smem=plgpu.SMEM((2, 2, *wb_shape), jnp.bfloat16, transforms=wb_swizzle),
                        out_smem=mgpu_matmul.out_smem(out_dtype), collective_axes="wg")
     def _scope(allocs, wb_smem, out_smem):
@@ -147,30 +195,31 @@ def _kernel(x_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: MixedTiles, k_major: bo
                     acc = acc_ref[...]
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     for en in range(tile_n // EPI):
-                        sw = plgpu.load(sw_gmem.at[pl.ds(wg_n0 + en * EPI, EPI)], (),
-                                        layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                        if sw_gmem is not None:  # int8: the per-channel scale
+                            sw = plgpu.load(sw_gmem.at[pl.ds(wg_n0 + en * EPI, EPI)], (),
+                                            layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
                         for em in range(tile_m // EPI):
                             part = acc[em * EPI:(em + 1) * EPI, en * EPI:(en + 1) * EPI]
-                            part = part * lax.broadcast_in_dim(sw, part.shape, [1])
+                            if sw_gmem is not None:
+                                part = part * lax.broadcast_in_dim(sw, part.shape, [1])
                             mgpu_matmul.store_piece(
                                 part, out_smem, wg, (en * (tile_m // EPI) + em) % 2,
                                 out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)])
 
-            def mma(idxs, x_smem, w_smem, acc_ref):
+            def mma(idxs, x_smem, *refs):
                 # Widen step ki's weight slice while step ki - 1's wgmma runs (it reads the other buffer); the
                 # pipeline releases a step's slots one step late (delay_release), after wgmma_wait(1) saw it done.
+                *w_smems, acc_ref = refs
                 (ki,) = idxs
                 wb = wb_smem.at[wg, lax.rem(ki, 2)]
-                w_slice = w_smem.at[pl.ds(wg * tile_n, tile_n)] if k_major else w_smem.at[:, pl.ds(wg * tile_n, tile_n)]
-                # eight int8 a thread in one 8-byte load, widened in registers, stored as one 16-byte vector
-                wb[...] = plgpu.load(w_slice, (), layout=plgpu.Layout.WGMMA_UPCAST_2X).astype(jnp.bfloat16)
+                _widen(fmt, k_major, tile_n, wb, w_smems, wg)
                 plgpu.commit_smem()
                 plgpu.wgmma(acc_ref, x_smem, wb.T if k_major else wb)
                 plgpu.wgmma_wait(1)
                 return acc_ref
 
-            pipeline(mma, compute_context)(x_gmem.at[m_slice, :],
-                                           w_gmem.at[n_slice, :] if k_major else w_gmem.at[:, n_slice],
+            columns = cta_columns(n_slice)
+            pipeline(mma, compute_context)(x_gmem.at[m_slice, :], *(columns(i, g) for i, g in enumerate(w_gmems)),
                                            allocations=allocs)
 
         mgpu_matmul.walk_tiles(m_iters, n_iters, tiles.snake_width, tile)
@@ -180,7 +229,7 @@ def _kernel(x_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: MixedTiles, k_major: bo
 
 @functools.partial(jax.jit, static_argnames=("tiles", "k_major", "out_dtype", "num_sms"))
 def _int8_matmul_mgpu(x, wq, sw, *, tiles: MixedTiles, k_major: bool, out_dtype, num_sms: int):
-    kernel = functools.partial(_kernel, tiles=tiles, k_major=k_major, out_dtype=out_dtype)
+    kernel = functools.partial(_kernel, tiles=tiles, fmt="int8", k_major=k_major, out_dtype=out_dtype)
     n = wq.shape[0] if k_major else wq.shape[1]
 
     def int8_matmul_mgpu_kernel(x_gmem, w_gmem, sw_gmem, out_gmem):  # the name in profiles
@@ -198,4 +247,60 @@ def int8_matmul_mgpu(x, wq, sw, *, k_major: bool = False, tiles: MixedTiles = Mi
     n = wq.shape[0] if k_major else wq.shape[1]
     tiles_total = (x.shape[0] // tiles.tile_m) * (n // (2 * tiles.tile_n))
     return _int8_matmul_mgpu(x, wq, sw, tiles=tiles, k_major=bool(k_major), out_dtype=jnp.dtype(out_dtype),
+                             num_sms=mgpu_matmul.num_programs(num_sms, tiles_total))
+
+
+def int4_matmul_reference(x, qweight, *, out_dtype=jnp.bfloat16):
+    """x [M, K] float times a K-major ``Int4Weight`` -> [M, N] out_dtype (the float32 dot of the dequantized
+    weight)."""
+    y = jnp.dot(x.astype(jnp.float32), qweight.dequantize(jnp.float32), precision=lax.Precision.HIGHEST)
+    return y.astype(out_dtype)
+
+
+def check_int4_inputs(x, qweight, tiles: MixedTiles, out_dtype=jnp.bfloat16) -> None:
+    """ValueError naming what the int4 kernel does not take."""
+    from .quant_formats import Int4Weight
+
+    if not (isinstance(qweight, Int4Weight) and qweight.k_major and qweight.group == INT4_GROUP):
+        raise ValueError(f"int4_matmul_mgpu takes a K-major Int4Weight with group {INT4_GROUP} (packed [N, K/2]); got "
+                         f"{type(qweight).__name__} {getattr(qweight, 'name', '')}")
+    if x.dtype != jnp.bfloat16 or x.ndim != 2 or x.shape[1] != qweight.in_features:
+        raise ValueError(f"int4_matmul_mgpu takes x [M, K={qweight.in_features}] bfloat16; got {x.dtype} {x.shape}")
+    t = tiles
+    if not _tiles_ok(t, "int4"):
+        raise ValueError(f"int4_matmul_mgpu tiles: tile_m a multiple of 64 up to 256, tile_n 64 or 128, tile_k "
+                         f"{INT4_GROUP} (one group a step), stages >= 2; got {t}")
+    mgpu_matmul.check_smem("int4_matmul_mgpu", t, functools.partial(smem_bytes, fmt="int4"), out_dtype)
+    m, (n, k) = x.shape[0], (qweight.out_features, qweight.in_features)
+    if m % t.tile_m or not fits(n, k, t, "int4"):
+        raise ValueError(f"int4_matmul_mgpu needs M % {t.tile_m}, N % {2 * t.tile_n} and K % {t.tile_k} == 0; got "
+                         f"M={m}, N={n}, K={k} (pad M; pick tiles that divide N)")
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "num_sms"))
+def _int4_matmul_mgpu(x, qweight, *, tiles: MixedTiles, out_dtype, num_sms: int):
+    kernel = functools.partial(_kernel, tiles=tiles, fmt="int4", k_major=True, out_dtype=out_dtype)
+    scale = qweight.scale.astype(jnp.float32)  # [N, K/G]
+    zero = 8.0 if qweight.zero is None else qweight.zero.astype(jnp.float32)
+    scale_t, offset_t = scale.T.astype(jnp.bfloat16), (-zero * scale).T.astype(jnp.bfloat16)  # [K/G, N] rows
+
+    def int4_matmul_mgpu_kernel(x_gmem, packed_gmem, scale_gmem, offset_gmem, out_gmem):  # the name in profiles
+        kernel(x_gmem, packed_gmem, scale_gmem, offset_gmem, out_gmem)
+
+    return mgpu_matmul.launch(int4_matmul_mgpu_kernel, (x.shape[0], qweight.out_features), out_dtype, num_sms,
+                              x, qweight.packed, scale_t, offset_t)
+
+
+INT4_TILES = MixedTiles(tile_n=64, tile_k=INT4_GROUP, stages=3)
+
+
+def int4_matmul_mgpu(x, qweight, *, tiles: MixedTiles = INT4_TILES, out_dtype=jnp.bfloat16,
+                     num_sms: int | None = None):
+    """x [M, K] bfloat16 times a K-major group-128 ``Int4Weight`` -> [M, N] out_dtype on a Hopper GPU: each K step
+    widens one group (its two half-group nibble planes, ``w = (u - zero) * scale`` rounded once to bfloat16) and
+    runs one bf16 wgmma. Not yet run on a GPU (written in session 20 after the device budget ran out): lowered for
+    CUDA in CI, opt-in through ``TileConfig(kernel="mgpu")``; no tile-table entry names it."""
+    check_int4_inputs(x, qweight, tiles, out_dtype)
+    tiles_total = (x.shape[0] // tiles.tile_m) * (qweight.out_features // (2 * tiles.tile_n))
+    return _int4_matmul_mgpu(x, qweight, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                              num_sms=mgpu_matmul.num_programs(num_sms, tiles_total))

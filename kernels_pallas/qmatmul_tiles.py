@@ -31,9 +31,9 @@ class TileConfig:
     GEMV of ``qmatmul_dp4a.py``: block_n rows a program, block_k / group groups a step, split_k runs of K's steps),
     "dot" (tensor-core tiles), "xla"
     (XLA's dequantize-then-dot), "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations) or
-    "mgpu" (Hopper wgmma: W8A8 through ``qmatmul_w8a8_mgpu``, weight-only int8 with bf16 x through
-    ``qmatmul_mixed_mgpu``; block_m / block_n each compute warpgroup's tile, num_stages its slots in flight, fewer
-    where a float32 output would overflow shared memory; elsewhere, and for int4, it falls back to "dot").
+    "mgpu" (Hopper wgmma: W8A8 through ``qmatmul_w8a8_mgpu``, weight-only int8 and K-major group-128 int4 with
+    bf16 x through ``qmatmul_mixed_mgpu``; block_m / block_n each compute warpgroup's tile, num_stages its slots in
+    flight, fewer where a float32 output would overflow shared memory; elsewhere it falls back to "dot").
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
     step (int4: a multiple of the group or a power-of-two part of one), split_k programs along K (partial sums

@@ -11,7 +11,8 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
   float32 activations take the XLA dequantize-then-dot path (also where the table says ``xla_split``).
   Where the table says ``kernel="mgpu"`` (Hopper, M > 128) the Mosaic GPU wgmma kernels serve W8A8
   (``qmatmul_w8a8_mgpu.py``: int8 x int8 -> int32) and weight-only ``Int8Weight`` with bf16 activations
-  (``qmatmul_mixed_mgpu.py``: int8 widened to bf16 in shared memory, bf16 wgmma); int4 has none yet. The Triton
+  (``qmatmul_mixed_mgpu.py``: int8 widened to bf16 in shared memory, bf16 wgmma). The same kernel takes K-major
+  group-128 int4 when a ``config`` asks for it (not yet run on a GPU; no table entry names it). The Triton
   lowering (deprecated since jax 0.11) serves the rest. Measured speeds and gaps:
   experiments/results/qmatmul_h100_notes.md.
 * TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
@@ -222,6 +223,10 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=
         elif wgmma and isinstance(qweight, Int8Weight) and x_dtype == jnp.bfloat16:
             if qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg)):
                 return dataclasses.replace(cfg, block_k=64, split_k=1, unroll=0)
+        elif (wgmma and isinstance(qweight, Int4Weight) and qweight.k_major and x_dtype == jnp.bfloat16
+              and qweight.group == qmatmul_mixed_mgpu.INT4_GROUP):
+            if qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg, "int4"), "int4"):
+                return dataclasses.replace(cfg, block_k=qweight.group, split_k=1, unroll=0)
         kernel, bm = "dot", 64  # else the dot tiles
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
@@ -281,6 +286,10 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         from .qmatmul_mixed_mgpu import fit_stages, int8_matmul_mgpu, tiles_of
         y = int8_matmul_mgpu(xk, qweight.qweight, qweight.scale.astype(jnp.float32), k_major=qweight.k_major,
                              tiles=fit_stages(tiles_of(cfg), out_dtype), out_dtype=out_dtype)
+    elif cfg.kernel == "mgpu" and isinstance(qweight, Int4Weight):
+        from .qmatmul_mixed_mgpu import fit_stages, int4_matmul_mgpu, tiles_of
+        y = int4_matmul_mgpu(xk, qweight, tiles=fit_stages(tiles_of(cfg, "int4"), out_dtype, "int4"),
+                             out_dtype=out_dtype)
     elif cfg.kernel == "mgpu":
         from .qmatmul_w8a8_mgpu import fit_stages, tiles_of, w8a8_matmul_mgpu
         y = w8a8_matmul_mgpu(xk, sx[:, 0], qweight.qweight, qweight.scale.astype(jnp.float32),

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
 from kernels_pallas import Int8Weight, TileConfig, quantized_matmul
 from kernels_pallas.quantized_matmul import quantized_matmul_reference
 from kernels_pallas.mgpu_flash import SMEM_BYTES
@@ -163,3 +165,114 @@ def test_fit_config_takes_the_kernel_only_where_it_can_run():
     assert fit_config(cfg, w, 512, x_dtype=jnp.float16).kernel == "dot"
     assert fit_config(cfg, w, 512, wgmma=False, x_dtype=jnp.bfloat16).kernel == "dot"
     assert fit_config(cfg, narrow, 512, x_dtype=jnp.bfloat16).kernel == "dot"  # 4480 % 256 != 0
+
+
+# ---- int4 (K-major, group 128): one group a K step, nibbles widened with the group's scale and offset ----------
+
+INT4_CASES = [(512, 4096, 27392, "int4_g128_sym_kmajor"), (256, 13696, 4096, "int4_g128_asym_kmajor"),
+              (128, 4096, 4608, "int4_g128_sym_kmajor")]
+
+
+def int4_weight(fmt, k, n, seed=0):
+    from experiments.bench_qmatmul import random_weight
+    return random_weight(jax.random.key(seed), fmt, k, n)
+
+
+@pytest.mark.parametrize("m,k,n,fmt", INT4_CASES, ids=str)
+def test_int4_lowers_for_cuda(m, k, n, fmt):
+    from kernels_pallas.qmatmul_mixed_mgpu import int4_matmul_mgpu
+
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    f = jax.jit(lambda x, q: int4_matmul_mgpu(x, q, num_sms=132))
+    module = jax.export.export(f, platforms=["cuda"])(x, int4_weight(fmt, k, n)).mlir_module()
+    assert "mosaic_gpu" in module and "wgmma.mma_async" in module and ".f32.bf16.bf16" in module
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_widening_arithmetic_in_interpret_mode(fmt):
+    """The widening step alone (Mosaic GPU interpreter, plain loads for the register layouts): warpgroup 1's slice
+    of a packed tile, exactly, with power-of-two scales and integer offsets (no rounding): int4's low nibbles are
+    the group's first half along K, the high nibbles its second half."""
+    from kernels_pallas.mgpu_flash import interpret_params
+    from kernels_pallas.qmatmul_mixed_mgpu import _widen
+
+    tile_n, rng = 64, np.random.default_rng(7)
+    if fmt == "int8":
+        ins = [jnp.asarray(rng.integers(-127, 128, (2 * tile_n, 64)), jnp.int8)]
+        wb_shape = (tile_n, 64)
+    else:
+        ins = [jnp.asarray(rng.integers(0, 256, (2 * tile_n, 64)), jnp.uint8),
+               jnp.asarray(2.0 ** rng.integers(-3, 3, (1, 2 * tile_n)), jnp.bfloat16),
+               jnp.asarray(rng.integers(-15, 1, (1, 2 * tile_n)), jnp.bfloat16)]
+        wb_shape = (tile_n, 128)
+
+    def body(*refs):
+        gmem, out, smem, wb = refs[:len(ins)], refs[len(ins)], refs[len(ins) + 1:-1], refs[-1]
+        for g, s in zip(gmem, smem):
+            s[...] = g[...]
+        _widen(fmt, True, tile_n, wb, smem, 1, interpret=True)
+        out[...] = wb[...]
+
+    f = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(wb_shape, jnp.bfloat16), interpret=interpret_params(),
+                     scratch_types=[*(plgpu.SMEM(a.shape, a.dtype) for a in ins), plgpu.SMEM(wb_shape, jnp.bfloat16)])
+    got = np.asarray(f(*ins), np.float64)
+    w = np.asarray(ins[0], np.int64)[tile_n:]
+    if fmt == "int8":
+        want = w
+    else:
+        s, o = (np.asarray(a, np.float64)[0, tile_n:, None] for a in ins[1:])
+        want = np.concatenate([(w & 15) * s + o, (w >> 4) * s + o], axis=1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_int4_rejects_what_it_does_not_take():
+    from kernels_pallas.qmatmul_mixed_mgpu import MixedTiles, int4_matmul_mgpu
+
+    x = jnp.zeros((128, 4096), jnp.bfloat16)
+    with pytest.raises(ValueError, match="K-major Int4Weight with group 128"):
+        int4_matmul_mgpu(x, int4_weight("int4_g128_sym", 4096, 256))  # [K/2, N]
+    with pytest.raises(ValueError, match="K-major Int4Weight with group 128"):
+        int4_matmul_mgpu(x, int4_weight("int4_g64_sym_kmajor", 4096, 256))
+    with pytest.raises(ValueError, match="shared memory"):
+        int4_matmul_mgpu(x, int4_weight("int4_g128_sym_kmajor", 4096, 256),
+                         tiles=MixedTiles(tile_n=128, tile_k=128, stages=2))
+    with pytest.raises(ValueError, match="bfloat16"):
+        int4_matmul_mgpu(x.astype(jnp.float16), int4_weight("int4_g128_sym_kmajor", 4096, 256))
+
+
+def test_int4_dispatch_lowers_with_a_float32_output():
+    """A bias makes the dispatch ask for float32: fewer stages (fit_stages), and the kernel still lowers."""
+    from kernels_pallas.quantized_matmul import _pallas, fit_config
+
+    qw = int4_weight("int4_g128_sym_kmajor", 4096, 4608)
+    cfg = fit_config(TileConfig(kernel="mgpu", block_m=128, block_n=64, num_stages=3), qw, 300)
+    assert cfg.kernel == "mgpu" and cfg.block_k == 128
+    assert fit_config(cfg, int4_weight("int4_g128_sym", 4096, 4608), 300).kernel == "dot"  # [K/2, N]: no kernel
+    f = jax.jit(lambda x, qw: _pallas(x, qw, cfg, "gpu", False, jnp.float32, False))
+    module = jax.export.export(f, platforms=["cuda"])(jax.ShapeDtypeStruct((300, 4096), jnp.bfloat16),
+                                                       qw).mlir_module()
+    assert "wgmma.mma_async" in module
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,fmt", INT4_CASES, ids=str)
+def test_int4_matches_reference_on_gpu(m, k, n, fmt):
+    from kernels_pallas.qmatmul_mixed_mgpu import int4_matmul_mgpu, int4_matmul_reference
+
+    qw = int4_weight(fmt, k, n, seed=m + n)
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    y = np.asarray(int4_matmul_mgpu(x, qw), np.float32)
+    ref = np.asarray(int4_matmul_reference(x, qw), np.float32)
+    assert np.isfinite(y).all()
+    assert np.linalg.norm(y - ref) <= 5e-3 * np.linalg.norm(ref)  # one bf16 rounding of each scaled weight
+
+
+@pytest.mark.gpu
+def test_int4_bias_through_the_dispatch_on_gpu():
+    qw = int4_weight("int4_g128_asym_kmajor", 4096, 4608, seed=3)
+    x = jax.random.normal(jax.random.key(4), (300, 4096), jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(5), (4608,), jnp.float32)
+    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=64, num_stages=3)
+    y = np.asarray(quantized_matmul(x, qw, bias=bias, config=cfg), np.float32)
+    ref = np.asarray(quantized_matmul_reference(x, qw, bias=bias), np.float32)
+    assert np.linalg.norm(y - ref) <= 5e-3 * np.linalg.norm(ref)
