@@ -150,12 +150,12 @@ def _widen(fmt: str, k_major: bool, tile_n: int, wb, w_smems, wg, *, interpret: 
         return
     packed_smem, scale_smem, offset_smem = w_smems
     u = load(packed_smem.at[rows], layout)  # [tile_n, G/2] uint8
-    s, o = (lax.broadcast_in_dim(load(r.at[0, rows], layout.reduce(1), optimized=False), u.shape, [0])
-            for r in (scale_smem, offset_smem))
-    half = u.shape[1]
+    s, o = (load(r.at[0, rows], layout.reduce(1), optimized=False) for r in (scale_smem, offset_smem))
     # Mosaic GPU has no 8-bit arithmetic but bitwise ops: the high nibble stays in place (16 h) and meets s / 16
-    wb.at[:, pl.ds(0, half)][...] = (u & 0x0F).astype(jnp.bfloat16) * s + o
-    wb.at[:, pl.ds(half, half)][...] = (u & 0xF0).astype(jnp.bfloat16) * (s * 0.0625) + o
+    s_lo, s_hi, o = (lax.broadcast_in_dim(v, u.shape, [0]) for v in (s, s * 0.0625, o))
+    half = u.shape[1]
+    wb.at[:, pl.ds(0, half)][...] = (u & 0x0F).astype(jnp.bfloat16) * s_lo + o
+    wb.at[:, pl.ds(half, half)][...] = (u & 0xF0).astype(jnp.bfloat16) * s_hi + o
 
 
 def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool, out_dtype):
