@@ -20,10 +20,15 @@ def model():
     return random_model(cfg, seed=3)
 
 
-def _greedy_no_cache(model, prompt, n):
+def _greedy_no_cache(model, prompt, n, width=16):
+    """Greedy tokens by re-running the whole sequence each step. The sequence sits right-padded in a fixed
+    ``width`` window (one compile for every length): the model is causal, so the pad after position i cannot
+    change the logits at i."""
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(jnp.argmax(model(jnp.array([seq]))[0, -1])))
+        assert len(seq) <= width
+        logits = model(jnp.array([seq + [0] * (width - len(seq))]))[0, len(seq) - 1]
+        seq.append(int(jnp.argmax(logits)))
     return seq[len(prompt):]
 
 
