@@ -25,6 +25,7 @@ from experiments.bench_common import error_text, gpu_tag, measure_copy_bandwidth
 from experiments.bench_paged_attention import (H, K, N, kv_bytes, make_decode_inputs, ours,  # noqa: E402
                                                random_pages, run_layers)
 from kernels_pallas.paged_attention import paged_attention, paged_attention_reference  # noqa: E402
+from kernels_pallas.paged_attention_mgpu import default_splits  # noqa: E402
 
 POINTS = [(32, 2048), (8, 32768), (32, 8192), (1, 8192)]
 # (keys a block, stages, splits factor: 1 = the kernel's default of about two programs an SM)
@@ -73,7 +74,7 @@ def main():
             for row, blocks in good:
                 splits = None
                 if row["split_factor"] != 1:
-                    splits = max(1, round(264 / (batch * K))) * row["split_factor"]
+                    splits = default_splits(batch, K) * row["split_factor"]
                 r = dict(row, batch=batch, ctx=ctx, impl="mosaic_gpu")
                 try:
                     sec = run_layers(ours(num_splits=splits, **blocks), layers, q, lengths, rot, "trace")

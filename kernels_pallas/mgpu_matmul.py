@@ -11,9 +11,12 @@ output doubles the epilogue's slots).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .mgpu_flash import SMEM_BYTES
@@ -55,6 +58,54 @@ def walk_tiles(m_iters: int, n_iters: int, snake_width: int, body) -> None:
     def _tile(loop):
         (lin,) = loop.index
         body(*plgpu.planar_snake(lin, (m_iters, n_iters), 1, snake_width))
+
+
+def persistent_matmul(x_gmem, w_gmems, out_gmem, *, tiles, in_specs, columns, acc_dtype, mma, epilogue,
+                      scratch: dict | None = None) -> None:
+    """The kernels' common body: the warp-specialized pipeline over K (``in_specs``: x's, then each weight input's),
+    run for each ``[tile_m, 2 * tile_n]`` output tile of this program (``walk_tiles``) into a ``[tile_m, tile_n]``
+    ``acc_dtype`` accumulator a compute warpgroup, then the epilogue.
+
+    columns(i, w_gmem, n_slice): weight input i's view for the CTA's output columns. mma(wg, scratch, idxs, x_smem,
+    *w_smems, acc_ref) -> acc_ref: one K step (``scratch``: the refs of the extra shared-memory ``scratch`` types).
+    epilogue(acc, wg, mi, wg_n0, out_smem): the finished accumulator of output rows ``mi * tile_m`` and columns
+    from ``wg_n0`` (``store_piece`` writes it out); every wgmma has completed when it runs."""
+    tile_m, tile_n, tile_k, cta_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, 2 * tiles.tile_n
+    (m, k), n = x_gmem.shape, out_gmem.shape[1]
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k // tile_k,), memory_registers=40, max_concurrent_steps=tiles.stages, in_specs=in_specs,
+            wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
+
+    ignore = lambda *_, **__: None
+    scratch = scratch or {}
+
+    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(x_gmem, *w_gmems),
+                       **scratch, out_smem=out_smem(out_gmem.dtype), collective_axes="wg")
+    def _scope(allocs, out_smem, **scratch_refs):
+        wg = lax.axis_index("wg")
+
+        def tile(mi, ni):
+            m_slice = pl.ds(mi * tile_m, tile_m)
+            n_slice = pl.ds(ni * cta_n, cta_n)
+            wg_n0 = ni * cta_n + wg * tile_n  # this warpgroup's first output column
+
+            def compute_context(run):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
+                def _acc(acc_ref):
+                    run(acc_ref)
+                    plgpu.wgmma_wait(0)  # a step may leave its wgmma in flight
+                    acc = acc_ref[...]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    epilogue(acc, wg, mi, wg_n0, out_smem)
+
+            pipeline(functools.partial(mma, wg, scratch_refs), compute_context)(
+                x_gmem.at[m_slice, :], *(columns(i, g, n_slice) for i, g in enumerate(w_gmems)), allocations=allocs)
+
+        walk_tiles(m // tile_m, n // cta_n, tiles.snake_width, tile)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def store_piece(part, out_ref, wg, slot, dst) -> None:

@@ -51,10 +51,14 @@ def smem_bytes(*, block_kv: int, stages: int, head_dim: int, itemsize: int, widt
     return ROWS * head_dim * itemsize + out + 2 * stages * block_kv * head_dim * itemsize + 4 * width + SMEM_SLACK
 
 
+def default_splits(batch: int, kv_heads: int) -> int:
+    """Splits a sequence's keys so that the grid has about two programs an SM (132 SMs)."""
+    return max(1, round(264 / (batch * kv_heads)))
+
+
 def split_plan(batch: int, kv_heads: int, max_pages: int, ppb: int, num_splits: int | None) -> tuple[int, int]:
-    """(splits, pages a split): about two programs an SM (132 SMs) unless ``num_splits`` is given; each split
-    whole key blocks."""
-    want = num_splits or max(1, round(264 / (batch * kv_heads)))
+    """(splits, pages a split): ``default_splits`` unless ``num_splits`` is given; each split whole key blocks."""
+    want = num_splits or default_splits(batch, kv_heads)
     blocks = -(-max_pages // ppb)
     per = -(-blocks // max(1, min(want, blocks))) * ppb
     return -(-max_pages // per), per

@@ -73,8 +73,9 @@ def smem_bytes(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> int:
     """Shared memory the kernel takes: the slots in flight (x and both warpgroups' packed weight; int4 also a row
     of scales and offsets), each warpgroup's two bfloat16 weight buffers, the epilogue's pieces and the
     pipeline's barriers."""
-    weight = 2 * t.tile_n * t.tile_k * (1 if fmt == "int8" else 0.5) + (0 if fmt == "int8" else 2 * 2 * 2 * t.tile_n)
-    slots = t.stages * (t.tile_m * t.tile_k * 2 + int(weight))
+    cta_n = 2 * t.tile_n
+    weight = cta_n * t.tile_k if fmt == "int8" else cta_n * t.tile_k // 2 + 2 * cta_n * 2  # int4: + 2 bf16 rows
+    slots = t.stages * (t.tile_m * t.tile_k * 2 + weight)
     return slots + 2 * 2 * t.tile_n * t.tile_k * 2 + mgpu_matmul.out_smem_bytes(out_dtype) + SLACK
 
 
@@ -104,32 +105,36 @@ def check_inputs(x, wq, sw, tiles: MixedTiles, k_major: bool, out_dtype=jnp.bflo
         raise ValueError(f"int8_matmul_mgpu: x has K={k} columns, wq K={k2} (k_major={k_major})")
     if sw.shape != (n,) or sw.dtype != jnp.float32:
         raise ValueError(f"int8_matmul_mgpu takes sw [N={n}] float32; got {sw.dtype} {sw.shape}")
-    t = tiles
-    if not _tiles_ok(t):
-        raise ValueError(f"int8_matmul_mgpu tiles: tile_m a multiple of 64 up to 256, tile_n 64 or 128, "
-                         f"tile_k 64 (one 128-byte swizzle of bfloat16), stages >= 2; got {t}")
-    mgpu_matmul.check_smem("int8_matmul_mgpu", t, smem_bytes, out_dtype)
-    if m % t.tile_m or not fits(n, k, t):
-        raise ValueError(f"int8_matmul_mgpu needs M % {t.tile_m}, N % {2 * t.tile_n} and K % {t.tile_k} == 0; got "
+    _check_tiles("int8", m, n, k, tiles, out_dtype)
+
+
+def _check_tiles(fmt: str, m: int, n: int, k: int, t: MixedTiles, out_dtype) -> None:
+    name = f"{fmt}_matmul_mgpu"
+    if not _tiles_ok(t, fmt):
+        step = "64 (one 128-byte swizzle of bfloat16)" if fmt == "int8" else f"{INT4_GROUP} (one group a step)"
+        raise ValueError(f"{name} tiles: tile_m a multiple of 64 up to 256, tile_n 64 or 128, tile_k {step}, "
+                         f"stages >= 2; got {t}")
+    mgpu_matmul.check_smem(name, t, functools.partial(smem_bytes, fmt=fmt), out_dtype)
+    if m % t.tile_m or not fits(n, k, t, fmt):
+        raise ValueError(f"{name} needs M % {t.tile_m}, N % {2 * t.tile_n} and K % {t.tile_k} == 0; got "
                          f"M={m}, N={n}, K={k} (pad M; pick tiles that divide N)")
 
 
 def _weight_specs(fmt: str, k_major: bool, tiles: MixedTiles):
-    """-> (BlockSpecs of the weight inputs, the widened buffer's shape and transforms, a function slicing the CTA's
-    columns out of each weight input)."""
+    """-> (BlockSpecs of the weight inputs, the axis of each along which the CTA's columns lie, the widened
+    buffer's shape)."""
     tile_n, tile_k, cta_n = tiles.tile_n, tiles.tile_k, 2 * tiles.tile_n
-    wb_shape = (tile_n, tile_k) if k_major else (tile_k, tile_n)
-    wb_swizzle = mgpu_matmul.swizzle(wb_shape[1] * 2, 2)
     spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, delay_release=1)
     if fmt == "int4":  # packed [N, K/2]: [cta_n, G/2] bytes a step; scale and offset rows [K/G, N]: [1, cta_n]
         specs = [spec((cta_n, tile_k // 2), lambda ki: (0, ki), transforms=mgpu_matmul.swizzle(tile_k // 2, 1)),
                  spec((1, cta_n), lambda ki: (ki, 0)), spec((1, cta_n), lambda ki: (ki, 0))]
-        return specs, wb_shape, wb_swizzle, lambda n_slice: lambda i, g: g.at[n_slice] if i == 0 else g.at[:, n_slice]
+        return specs, (0, 1, 1), (tile_n, tile_k)
     if k_major:  # [cta_n, tile_k] int8 tiles; each warpgroup widens its [tile_n, tile_k] rows
-        specs = [spec((cta_n, tile_k), lambda ki: (0, ki), transforms=mgpu_matmul.swizzle(tile_k, 1))]
-        return specs, wb_shape, wb_swizzle, lambda n_slice: lambda i, g: g.at[n_slice]
-    specs = [spec((tile_k, cta_n), lambda ki: (ki, 0), transforms=mgpu_matmul.swizzle(tile_n, 1))]
-    return specs, wb_shape, wb_swizzle, lambda n_slice: lambda i, g: g.at[:, n_slice]
+        return [spec((cta_n, tile_k), lambda ki: (0, ki), transforms=mgpu_matmul.swizzle(tile_k, 1))], (0,), \
+            (tile_n, tile_k)
+    # [tile_k, cta_n] int8 tiles; each warpgroup widens its [tile_k, tile_n] columns
+    return [spec((tile_k, cta_n), lambda ki: (ki, 0), transforms=mgpu_matmul.swizzle(tile_n, 1))], (1,), \
+        (tile_k, tile_n)
 
 
 def _widen(fmt: str, k_major: bool, tile_n: int, wb, w_smems, wg, *, interpret: bool = False) -> None:
@@ -158,78 +163,48 @@ def _widen(fmt: str, k_major: bool, tile_n: int, wb, w_smems, wg, *, interpret: 
     wb.at[:, pl.ds(half, half)][...] = (u & 0xF0).astype(jnp.bfloat16) * s_hi + o
 
 
-def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool, out_dtype):
+def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool):
     *w_gmems, sw_gmem, out_gmem = refs if fmt == "int8" else (*refs[:-1], None, refs[-1])
     tile_m, tile_n, tile_k = tiles.tile_m, tiles.tile_n, tiles.tile_k
-    m, k = x_gmem.shape
-    n = out_gmem.shape[1]
-    cta_n = 2 * tile_n  # the two compute warpgroups split the CTA tile along N
-    m_iters, n_iters, k_iters = m // tile_m, n // cta_n, k // tile_k
-    w_specs, wb_shape, wb_swizzle, cta_columns = _weight_specs(fmt, k_major, tiles)
+    w_specs, column_axes, wb_shape = _weight_specs(fmt, k_major, tiles)
+    x_spec = plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), memory_space=plgpu.SMEM, delay_release=1,
+                             transforms=mgpu_matmul.swizzle(tile_k * 2, 2))
+    wb_type = plgpu.SMEM((2, 2, *wb_shape), jnp.bfloat16, transforms=mgpu_matmul.swizzle(wb_shape[1] * 2, 2))
 
-    def pipeline(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_iters,), memory_registers=40, max_concurrent_steps=tiles.stages,
-            in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), memory_space=plgpu.SMEM, delay_release=1,
-                                      transforms=mgpu_matmul.swizzle(tile_k * 2, 2)), *w_specs],
-            wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
+    def mma(wg, scratch, idxs, x_smem, *refs):
+        # Widen step ki's weight slice while step ki - 1's wgmma runs (it reads the other buffer); the pipeline
+        # releases a step's slots one step late (delay_release), after wgmma_wait(1) saw it done.
+        *w_smems, acc_ref = refs
+        (ki,) = idxs
+        wb = scratch["wb_smem"].at[wg, lax.rem(ki, 2)]
+        _widen(fmt, k_major, tile_n, wb, w_smems, wg)
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, x_smem, wb.T if k_major else wb)
+        plgpu.wgmma_wait(1)
+        return acc_ref
 
-    ignore = lambda *_, **__: None
+    def epilogue(acc, wg, mi, wg_n0, out_smem):
+        for en in range(tile_n // EPI):
+            if sw_gmem is not None:  # int8: the per-channel scale
+                sw = plgpu.load(sw_gmem.at[pl.ds(wg_n0 + en * EPI, EPI)], (),
+                                layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+            for em in range(tile_m // EPI):
+                part = acc[em * EPI:(em + 1) * EPI, en * EPI:(en + 1) * EPI]
+                if sw_gmem is not None:
+                    part = part * lax.broadcast_in_dim(sw, part.shape, [1])
+                mgpu_matmul.store_piece(
+                    part, out_smem, wg, (en * (tile_m // EPI) + em) % 2,
+                    out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)])
 
-    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(x_gmem, *w_gmems),
-                       wb_smem=plgpu.SMEM((2, 2, *wb_shape), jnp.bfloat16, transforms=wb_swizzle),
-                       out_smem=mgpu_matmul.out_smem(out_dtype), collective_axes="wg")
-    def _scope(allocs, wb_smem, out_smem):
-        wg = lax.axis_index("wg")
-
-        def tile(mi, ni):
-            m_slice = pl.ds(mi * tile_m, tile_m)
-            n_slice = pl.ds(ni * cta_n, cta_n)
-            wg_n0 = ni * cta_n + wg * tile_n  # this warpgroup's first output column
-
-            def compute_context(run):
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
-                def _acc(acc_ref):
-                    run(acc_ref)
-                    plgpu.wgmma_wait(0)  # the last step's wgmma is still in flight
-                    acc = acc_ref[...]
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for en in range(tile_n // EPI):
-                        if sw_gmem is not None:  # int8: the per-channel scale
-                            sw = plgpu.load(sw_gmem.at[pl.ds(wg_n0 + en * EPI, EPI)], (),
-                                            layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-                        for em in range(tile_m // EPI):
-                            part = acc[em * EPI:(em + 1) * EPI, en * EPI:(en + 1) * EPI]
-                            if sw_gmem is not None:
-                                part = part * lax.broadcast_in_dim(sw, part.shape, [1])
-                            mgpu_matmul.store_piece(
-                                part, out_smem, wg, (en * (tile_m // EPI) + em) % 2,
-                                out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)])
-
-            def mma(idxs, x_smem, *refs):
-                # Widen step ki's weight slice while step ki - 1's wgmma runs (it reads the other buffer); the
-                # pipeline releases a step's slots one step late (delay_release), after wgmma_wait(1) saw it done.
-                *w_smems, acc_ref = refs
-                (ki,) = idxs
-                wb = wb_smem.at[wg, lax.rem(ki, 2)]
-                _widen(fmt, k_major, tile_n, wb, w_smems, wg)
-                plgpu.commit_smem()
-                plgpu.wgmma(acc_ref, x_smem, wb.T if k_major else wb)
-                plgpu.wgmma_wait(1)
-                return acc_ref
-
-            columns = cta_columns(n_slice)
-            pipeline(mma, compute_context)(x_gmem.at[m_slice, :], *(columns(i, g) for i, g in enumerate(w_gmems)),
-                                           allocations=allocs)
-
-        mgpu_matmul.walk_tiles(m_iters, n_iters, tiles.snake_width, tile)
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    mgpu_matmul.persistent_matmul(
+        x_gmem, w_gmems, out_gmem, tiles=tiles, in_specs=[x_spec, *w_specs], acc_dtype=jnp.float32, mma=mma,
+        columns=lambda i, g, n_slice: g.at[n_slice] if column_axes[i] == 0 else g.at[:, n_slice],
+        epilogue=epilogue, scratch=dict(wb_smem=wb_type))
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "k_major", "out_dtype", "num_sms"))
 def _int8_matmul_mgpu(x, wq, sw, *, tiles: MixedTiles, k_major: bool, out_dtype, num_sms: int):
-    kernel = functools.partial(_kernel, tiles=tiles, fmt="int8", k_major=k_major, out_dtype=out_dtype)
+    kernel = functools.partial(_kernel, tiles=tiles, fmt="int8", k_major=k_major)
     n = wq.shape[0] if k_major else wq.shape[1]
 
     def int8_matmul_mgpu_kernel(x_gmem, w_gmem, sw_gmem, out_gmem):  # the name in profiles
@@ -266,20 +241,12 @@ def check_int4_inputs(x, qweight, tiles: MixedTiles, out_dtype=jnp.bfloat16) -> 
                          f"{type(qweight).__name__} {getattr(qweight, 'name', '')}")
     if x.dtype != jnp.bfloat16 or x.ndim != 2 or x.shape[1] != qweight.in_features:
         raise ValueError(f"int4_matmul_mgpu takes x [M, K={qweight.in_features}] bfloat16; got {x.dtype} {x.shape}")
-    t = tiles
-    if not _tiles_ok(t, "int4"):
-        raise ValueError(f"int4_matmul_mgpu tiles: tile_m a multiple of 64 up to 256, tile_n 64 or 128, tile_k "
-                         f"{INT4_GROUP} (one group a step), stages >= 2; got {t}")
-    mgpu_matmul.check_smem("int4_matmul_mgpu", t, functools.partial(smem_bytes, fmt="int4"), out_dtype)
-    m, (n, k) = x.shape[0], (qweight.out_features, qweight.in_features)
-    if m % t.tile_m or not fits(n, k, t, "int4"):
-        raise ValueError(f"int4_matmul_mgpu needs M % {t.tile_m}, N % {2 * t.tile_n} and K % {t.tile_k} == 0; got "
-                         f"M={m}, N={n}, K={k} (pad M; pick tiles that divide N)")
+    _check_tiles("int4", x.shape[0], qweight.out_features, qweight.in_features, tiles, out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "num_sms"))
 def _int4_matmul_mgpu(x, qweight, *, tiles: MixedTiles, out_dtype, num_sms: int):
-    kernel = functools.partial(_kernel, tiles=tiles, fmt="int4", k_major=True, out_dtype=out_dtype)
+    kernel = functools.partial(_kernel, tiles=tiles, fmt="int4", k_major=True)
     scale = qweight.scale.astype(jnp.float32)  # [N, K/G]
     zero = 8.0 if qweight.zero is None else qweight.zero.astype(jnp.float32)
     scale_t, offset_t = scale.T.astype(jnp.bfloat16), (-zero * scale).T.astype(jnp.bfloat16)  # [K/G, N] rows

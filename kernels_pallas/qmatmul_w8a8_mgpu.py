@@ -95,68 +95,39 @@ def check_inputs(xq, sx, wq, sw, tiles: W8A8Tiles, out_dtype=jnp.bfloat16) -> No
                          f"M={m}, N={n}, K={k} (pad M; pick tiles that divide N)")
 
 
-def _kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: W8A8Tiles, out_dtype):
+def _kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem, *, tiles: W8A8Tiles):
     tile_m, tile_n, tile_k = tiles.tile_m, tiles.tile_n, tiles.tile_k
-    (m, k), n = x_gmem.shape, w_gmem.shape[0]
-    cta_n = 2 * tile_n  # the two compute warpgroups split the CTA tile along N
-    m_iters, n_iters, k_iters = m // tile_m, n // cta_n, k // tile_k
     swizzle = mgpu_matmul.swizzle(tile_k, 1)  # 128 int8 = one 128-byte row
+    in_specs = [plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), transforms=swizzle, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((2 * tile_n, tile_k), lambda ki: (0, ki), transforms=swizzle,
+                                memory_space=plgpu.SMEM)]
 
-    def pipeline(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_iters,), memory_registers=40, max_concurrent_steps=tiles.stages,
-            in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), transforms=swizzle,
-                                      memory_space=plgpu.SMEM),
-                      plgpu.BlockSpec((cta_n, tile_k), lambda ki: (0, ki), transforms=swizzle,
-                                      memory_space=plgpu.SMEM)],
-            wg_axis="wg", num_compute_wgs=2, compute_context=compute_context)
+    def mma(wg, scratch, idxs, x_smem, w_smem, acc_ref):
+        plgpu.wgmma(acc_ref, x_smem, w_smem.at[pl.ds(wg * tile_n, tile_n)].T)
+        plgpu.wgmma_wait(0)
+        return acc_ref
 
-    ignore = lambda *_, **__: None
+    def epilogue(acc, wg, mi, wg_n0, out_smem):
+        for em in range(tile_m // EPI):
+            sx = plgpu.load(sx_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI)], (),
+                            layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+            for en in range(tile_n // EPI):
+                sw = plgpu.load(sw_gmem.at[pl.ds(wg_n0 + en * EPI, EPI)], (),
+                                layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                part = acc[em * EPI:(em + 1) * EPI, en * EPI:(en + 1) * EPI].astype(jnp.float32)
+                part = part * lax.broadcast_in_dim(sx, part.shape, [0]) * lax.broadcast_in_dim(sw, part.shape, [1])
+                mgpu_matmul.store_piece(
+                    part, out_smem, wg, (em * (tile_n // EPI) + en) % 2,
+                    out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)])
 
-    @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-                       out_smem=mgpu_matmul.out_smem(out_dtype), collective_axes="wg")
-    def _scope(allocs, out_smem):
-        wg = lax.axis_index("wg")
-
-        def tile(mi, ni):
-            m_slice = pl.ds(mi * tile_m, tile_m)
-            n_slice = pl.ds(ni * cta_n, cta_n)
-            wg_n0 = ni * cta_n + wg * tile_n  # this warpgroup's first output column
-
-            def compute_context(run):
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.int32))
-                def _acc(acc_ref):
-                    run(acc_ref)
-                    acc = acc_ref[...]
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for em in range(tile_m // EPI):
-                        sx = plgpu.load(sx_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI)], (),
-                                        layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-                        for en in range(tile_n // EPI):
-                            sw = plgpu.load(sw_gmem.at[pl.ds(wg_n0 + en * EPI, EPI)], (),
-                                            layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-                            part = acc[em * EPI:(em + 1) * EPI, en * EPI:(en + 1) * EPI].astype(jnp.float32)
-                            part = (part * lax.broadcast_in_dim(sx, part.shape, [0])
-                                    * lax.broadcast_in_dim(sw, part.shape, [1]))
-                            mgpu_matmul.store_piece(
-                                part, out_smem, wg, (em * (tile_n // EPI) + en) % 2,
-                                out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)])
-
-            def mma(idxs, x_smem, w_smem, acc_ref):
-                plgpu.wgmma(acc_ref, x_smem, w_smem.at[pl.ds(wg * tile_n, tile_n)].T)
-                plgpu.wgmma_wait(0)
-                return acc_ref
-
-            pipeline(mma, compute_context)(x_gmem.at[m_slice, :], w_gmem.at[n_slice, :], allocations=allocs)
-
-        mgpu_matmul.walk_tiles(m_iters, n_iters, tiles.snake_width, tile)
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    mgpu_matmul.persistent_matmul(x_gmem, (w_gmem,), out_gmem, tiles=tiles, in_specs=in_specs,
+                                  columns=lambda i, g, n_slice: g.at[n_slice], acc_dtype=jnp.int32, mma=mma,
+                                  epilogue=epilogue)
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "num_sms"))
 def _w8a8_matmul_mgpu(xq, sx, wq, sw, *, tiles: W8A8Tiles, out_dtype, num_sms: int):
-    kernel = functools.partial(_kernel, tiles=tiles, out_dtype=out_dtype)
+    kernel = functools.partial(_kernel, tiles=tiles)
 
     def w8a8_matmul_mgpu_kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem):  # the name in profiles
         kernel(x_gmem, sx_gmem, w_gmem, sw_gmem, out_gmem)
