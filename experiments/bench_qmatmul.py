@@ -129,7 +129,8 @@ def config_label(c) -> str:
     return (f"{c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} s{c['split_k']} "
             f"w{c['num_warps']} st{c['num_stages']}{' fast' if c['fast_dequant'] else ''}"
             f"{' pf' if c.get('prefetch') else ''}{' asm' if c.get('asm_dequant') else ''}"
-            f"{' bf16scale' if c.get('scale_in_bf16') else ''}" + (f" u{c['unroll']}" if c.get("unroll") else ""))
+            f"{' bf16scale' if c.get('scale_in_bf16') else ''}{' regs' if c.get('weight_regs') else ''}"
+            + (f" u{c['unroll']}" if c.get("unroll") else ""))
 
 
 def gpu_name() -> str:

@@ -32,8 +32,26 @@ from kernels_pallas.quantized_matmul import quantized_matmul_reference  # noqa: 
 
 # (block_m, block_n, num_stages): each compute warpgroup's tile and the slots in flight
 WIN = 0.03  # a table entry changes only where the kernel was at least this much faster
-CONFIGS = [(128, 128, 3), (128, 128, 4), (64, 128, 4), (128, 64, 4), (64, 64, 6)]
-INT4_CONFIGS = [(128, 64, 3), (128, 64, 2), (64, 64, 4), (64, 128, 2)]  # one group of 128 a step: more bytes a slot
+# "r": the widened weight as wgmma's register operand (``weight_regs``; K-major weights only)
+CONFIGS = ["128:128:3", "128:128:4", "64:128:4", "128:64:4", "64:64:6", "128:128:5:r", "128:64:6:r", "256:64:4:r"]
+INT4_CONFIGS = ["128:64:3", "64:64:4", "128:64:4:r", "256:64:2:r", "128:128:3:r"]  # one group of 128 a step
+
+
+def parse_config(text: str) -> TileConfig:
+    """'block_m:block_n:num_stages[:r]' (r: weight_regs) or a result row's 'bm128 bn64 st4[ regs]' -> TileConfig."""
+    if " " in text or text.startswith("bm"):
+        parts = text.split()
+        bm, bn, st = (int(v[2:]) for v in parts[:3])
+        regs = parts[3:] == ["regs"]
+    else:
+        parts = text.split(":")
+        bm, bn, st = (int(v) for v in parts[:3])
+        regs = parts[3:] == ["r"]
+    return TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st, weight_regs=regs)
+
+
+def config_name(cfg: TileConfig) -> str:
+    return f"bm{cfg.block_m} bn{cfg.block_n} st{cfg.num_stages}" + (" regs" if cfg.weight_regs else "")
 
 
 def main():
@@ -43,7 +61,7 @@ def main():
     ap.add_argument("--ms", default="512")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--min-layers", type=int, default=4, help="distinct layers a timed call, at least")
-    ap.add_argument("--configs", default="", help="block_m:block_n:num_stages,... (default: CONFIGS)")
+    ap.add_argument("--configs", default="", help="block_m:block_n:num_stages[:r],... (r: weight_regs; default: CONFIGS)")
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--write-table", action="store_true",
                     help=f"merge into the tile table each (shape, M) whose best kernel beat the table's path by "
@@ -77,13 +95,12 @@ def main():
             cur_s, _ = time_layers(lambda x, w: quantized_matmul(x, w), x, ws, timing="trace")
             rows.append(dict(base, method="table", format=fmt, us=cur_s * 1e6, speedup_vs_bf16=bf16_s / cur_s))
             ref = np.asarray(quantized_matmul_reference(x, ws[0]), np.float32)
-            configs = ([tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")] if args.configs
+            configs = ([parse_config(c) for c in args.configs.split(",")] if args.configs
                        else INT4_CONFIGS if kfmt == "int4" else CONFIGS)
-            for bm, bn, st in configs:
-                cfg = TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st)
-                if not fits(n, k, cfg):
+            for cfg in configs:
+                if not fits(n, k, cfg) or (cfg.weight_regs and (fmt == "w8a8" or not ws[0].k_major)):
                     continue
-                row = dict(base, method="mgpu", format=fmt, config=f"bm{bm} bn{bn} st{st}")
+                row = dict(base, method="mgpu", format=fmt, config=config_name(cfg))
                 try:
                     y = np.asarray(quantized_matmul(x, ws[0], config=cfg), np.float32)
                     row["max_err_rel"] = float(np.abs(y - ref).max() / np.abs(ref).max())
@@ -97,6 +114,16 @@ def main():
                 print(row, flush=True)
                 rows.append(row)
             del ws
+            path = save(args.out, fmt, rows)  # after each shape: a run cut short still leaves its rows
+    print("SUMMARY", summarize(fmt, rows))
+    print("wrote", path)
+    if args.write_table:
+        print(merge_table(rows, jax.devices()[0].device_kind, path))
+
+
+def summarize(fmt: str, rows: list[dict]) -> dict:
+    """Per M: the worst (over shapes) speedup over bf16 of the table's path and of the best Mosaic GPU tile, and
+    the best tile of each shape."""
     summary = {}
     for m in sorted({r["m"] for r in rows}):
         best = {}
@@ -109,13 +136,13 @@ def main():
         if len(best) == len(table):
             summary[f"{fmt}_speedup_vs_bf16_m{m}_mgpu"] = min(r["speedup_vs_bf16"] for r in best.values())
             summary[f"best_mgpu_m{m}"] = {s: r["config"] for s, r in best.items()}
-    path = write_results(args.out, f"{fmt}_mgpu_{gpu_tag()}", rows=rows, summary=summary,
+    return summary
+
+
+def save(out: str, fmt: str, rows: list[dict]):
+    return write_results(out, f"{fmt}_mgpu_{gpu_tag()}", rows=rows, summary=summarize(fmt, rows),
                          columns=["shape", "m", "method", "config", "us", "speedup_vs_bf16", "speedup_vs_table",
                                   "max_err_rel", "error"], notes=__doc__.strip().splitlines()[0])
-    print("SUMMARY", summary)
-    print("wrote", path)
-    if args.write_table:
-        print(merge_table(rows, jax.devices()[0].device_kind, path))
 
 
 def merge_table(rows, device_kind: str, source: str, table_path: str = qmatmul_tiles.TABLE_PATH) -> list:
@@ -134,8 +161,7 @@ def merge_table(rows, device_kind: str, source: str, table_path: str = qmatmul_t
         if table_row["us"] / best["us"] < 1 + WIN:
             continue
         fmt = best.get("format", source.split("/")[-1].split("_mgpu")[0])
-        bm, bn, st = (int(v[2:]) for v in best["config"].split())
-        cfg = TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st)
+        cfg = parse_config(best["config"])
         key = dict(device=dev, format=fmt, m=best["m"], k=best["k"], n=best["n"])
         table["entries"] = [e for e in table["entries"] if any(e[k] != v for k, v in key.items())]
         table["entries"].append(dict(key, us=round(best["us"], 2), config=cfg.to_json(),

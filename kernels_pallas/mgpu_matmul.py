@@ -61,7 +61,7 @@ def walk_tiles(m_iters: int, n_iters: int, snake_width: int, body) -> None:
 
 
 def persistent_matmul(x_gmem, w_gmems, out_gmem, *, tiles, in_specs, columns, acc_dtype, mma, epilogue,
-                      scratch: dict | None = None) -> None:
+                      scratch: dict | None = None, acc_transposed: bool = False) -> None:
     """The kernels' common body: the warp-specialized pipeline over K (``in_specs``: x's, then each weight input's),
     run for each ``[tile_m, 2 * tile_n]`` output tile of this program (``walk_tiles``) into a ``[tile_m, tile_n]``
     ``acc_dtype`` accumulator a compute warpgroup, then the epilogue.
@@ -69,7 +69,8 @@ def persistent_matmul(x_gmem, w_gmems, out_gmem, *, tiles, in_specs, columns, ac
     columns(i, w_gmem, n_slice): weight input i's view for the CTA's output columns. mma(wg, scratch, idxs, x_smem,
     *w_smems, acc_ref) -> acc_ref: one K step (``scratch``: the refs of the extra shared-memory ``scratch`` types).
     epilogue(acc, wg, mi, wg_n0, out_smem): the finished accumulator of output rows ``mi * tile_m`` and columns
-    from ``wg_n0`` (``store_piece`` writes it out); every wgmma has completed when it runs."""
+    from ``wg_n0`` (``store_piece`` writes it out); every wgmma has completed when it runs. acc_transposed: the
+    accumulator holds the tile's transpose, ``[tile_n, tile_m]`` (the weight was wgmma's A operand)."""
     tile_m, tile_n, tile_k, cta_n = tiles.tile_m, tiles.tile_n, tiles.tile_k, 2 * tiles.tile_n
     (m, k), n = x_gmem.shape, out_gmem.shape[1]
 
@@ -92,7 +93,9 @@ def persistent_matmul(x_gmem, w_gmems, out_gmem, *, tiles, in_specs, columns, ac
             wg_n0 = ni * cta_n + wg * tile_n  # this warpgroup's first output column
 
             def compute_context(run):
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
+                acc_shape = (tile_n, tile_m) if acc_transposed else (tile_m, tile_n)
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, acc_dtype))
                 def _acc(acc_ref):
                     run(acc_ref)
                     plgpu.wgmma_wait(0)  # a step may leave its wgmma in flight
@@ -108,11 +111,15 @@ def persistent_matmul(x_gmem, w_gmems, out_gmem, *, tiles, in_specs, columns, ac
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def store_piece(part, out_ref, wg, slot, dst) -> None:
+def store_piece(part, out_ref, wg, slot, dst, *, transposed: bool = False) -> None:
     """One epilogue piece: wait until the slot's previous copy has read it, write ``part`` there in the output
-    dtype, copy it to the global-memory window ``dst``."""
+    dtype (transposed: ``part.T``, through the register layout that stores a transpose), copy it to the
+    global-memory window ``dst``."""
     plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-    out_ref[wg, slot] = part.astype(out_ref.dtype)
+    if transposed:
+        out_ref.at[wg, slot].T[...] = plgpu.layout_cast(part.astype(out_ref.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+    else:
+        out_ref[wg, slot] = part.astype(out_ref.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_ref.at[wg, slot], dst)
 

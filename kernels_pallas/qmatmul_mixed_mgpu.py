@@ -1,5 +1,5 @@
 """Weight-only int8 and int4 matmuls as one Mosaic GPU kernel for Hopper: the quantized weight widened to bfloat16
-in shared memory, bfloat16 x bfloat16 wgmma into float32.
+on the compute warpgroups, bfloat16 x bfloat16 wgmma into float32.
 
 Public: ``int8_matmul_mgpu`` / ``int4_matmul_mgpu`` (run by ``quantized_matmul`` where the tile table, or a
 ``config``, says ``kernel="mgpu"``) and ``int8_matmul_reference`` / ``int4_matmul_reference`` (plain ``jnp``).
@@ -9,20 +9,26 @@ Public: ``int8_matmul_mgpu`` / ``int4_matmul_mgpu`` (run by ``quantized_matmul``
   scale is applied in the epilogue.
 * int4 (K-major ``Int4Weight``, group 128): one group a K step. Its packed ``[N, 64]`` bytes hold the group's first
   64 rows along K in their low nibbles and the last 64 in their high nibbles (half-group packing,
-  ``quant_formats``), so the two nibble planes widen side by side into ``[N, 128]``, each weight as
+  ``quant_formats``), so the two nibble planes widen into the group's two halves, each weight as
   ``u * scale + offset`` (``offset = -zero * scale``) rounded once to bfloat16 (as the Triton kernels'
-  ``scale_in_bf16``). **Not yet run on a GPU** (written after session 20's device budget ran out): lowered for CUDA
-  and its widening checked exactly in the Mosaic GPU interpreter in CI; no tile-table entry names it.
+  ``scale_in_bf16``); the nibbles take Mosaic GPU's signed-int8 conversion (four PTX instructions a pair).
 
 Structure (the W8A8 kernel's, ``qmatmul_w8a8_mgpu.py``; shared pieces in ``mgpu_matmul.py``): a persistent grid of
 one program per SM walks the output tiles in a planar snake; a memory warpgroup streams ``[tile_m, tile_k]`` tiles
 of x and the packed weight tile of both compute warpgroups through ``stages`` shared-memory slots (TMA). Each
-compute warpgroup owns a ``tile_n`` slice of the CTA's columns: per K step it loads its packed slice from shared
-memory (eight bytes a thread in the ``WGMMA_UPCAST_2X`` layout), widens it to bfloat16 into one of its two
-shared-memory buffers, and issues one wgmma over it; the pipeline releases a step's slots one step late
-(``delay_release=1``), so widening step k overlaps step k - 1's wgmma. On the H100 at M = 512 (session 20, int8):
-qkv 1.05x faster than XLA's bf16 dot, gate_up 1.34x and down 1.67x slower -- the widening's instruction issue
-bounds it (experiments/results/qmatmul_diag/s20_int8_mgpu/).
+compute warpgroup owns a ``tile_n`` slice of the CTA's columns and loads its packed slice from shared memory each
+K step (eight bytes a thread in the ``WGMMA_UPCAST_2X`` layout). Two ways on from there (``MixedTiles.regs``):
+
+* shared memory (any layout): widen into one of two bfloat16 buffers, one wgmma over it; slots are released a step
+  late (``delay_release=1``), so widening step k overlaps step k - 1's wgmma.
+* registers (``regs``, K-major weights: every int4 one, int8 ``[N, K]``): the widened ``[tile_n, tile_k]`` tile is
+  wgmma's A operand straight from registers and x's tile (transposed) its B operand, so the accumulator is the
+  output tile's transpose, stored transposed by the epilogue (``WGMMA_TRANSPOSED``). Each wgmma is waited for at
+  once: with the next step's widening in flight (``wgmma_wait(1)``) the results were wrong on the H100, as the
+  register allocator does not see wgmma's asynchronous read of its register operand; the other warpgroup's work
+  overlaps it instead. No widened stores, no buffers: on the H100 at M = 512 (session 21) int8 K-major qkv 45.1 us,
+  o 33.0, gate_up 197.7 (bf16 56.4 / 41.9 / 165.4), int4 qkv 57.3, o 34.4, gate_up 214.5, down 100.5 (bf16 74.5).
+  The shared-memory way stays for ``[K, N]`` int8 (gate_up 221.6 us in session 20).
 
 Shape letters as in the package: M rows (tokens), K contraction (in features), N out features.
 """
@@ -47,12 +53,15 @@ INT4_GROUP = 128  # the int4 kernel's group: one group a K step, its two half-gr
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixedTiles:
     """Static tile sizes: each compute warpgroup's ``tile_m x tile_n``, the K step (64: one 128-byte swizzle row
-    of bfloat16 x), the slots in flight, and the planar snake's width (output tiles walked along N first)."""
+    of bfloat16 x), the slots in flight, and the planar snake's width (output tiles walked along N first). regs:
+    the widened weight stays in registers and is wgmma's A operand, x its B operand, the accumulator the tile's
+    transpose (K-major weights; no shared-memory bfloat16 buffers, no widened stores)."""
     tile_m: int = 128
     tile_n: int = 128
     tile_k: int = 64
     stages: int = 4
     snake_width: int = 8
+    regs: bool = False  # the widened weight stays in registers as wgmma's A operand (K-major weights only)
 
 
 def int8_matmul_reference(x, wq, sw, *, k_major: bool = False, out_dtype=jnp.bfloat16):
@@ -64,9 +73,10 @@ def int8_matmul_reference(x, wq, sw, *, k_major: bool = False, out_dtype=jnp.bfl
 
 def tiles_of(cfg, fmt: str = "int8") -> MixedTiles:
     """The tiles a ``TileConfig(kernel="mgpu")`` names for a weight-only int8 / int4 weight: block_m / block_n each
-    compute warpgroup's tile, num_stages the slots in flight (int4: one group of 128 a K step)."""
+    compute warpgroup's tile, num_stages the slots in flight (int4: one group of 128 a K step), weight_regs
+    ``regs``."""
     return MixedTiles(tile_m=cfg.block_m, tile_n=cfg.block_n, tile_k=64 if fmt == "int8" else INT4_GROUP,
-                      stages=cfg.num_stages)
+                      stages=cfg.num_stages, regs=cfg.weight_regs)
 
 
 def smem_bytes(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> int:
@@ -76,7 +86,8 @@ def smem_bytes(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> int:
     cta_n = 2 * t.tile_n
     weight = cta_n * t.tile_k if fmt == "int8" else cta_n * t.tile_k // 2 + 2 * cta_n * 2  # int4: + 2 bf16 rows
     slots = t.stages * (t.tile_m * t.tile_k * 2 + weight)
-    return slots + 2 * 2 * t.tile_n * t.tile_k * 2 + mgpu_matmul.out_smem_bytes(out_dtype) + SLACK
+    buffers = 0 if t.regs else 2 * 2 * t.tile_n * t.tile_k * 2
+    return slots + buffers + mgpu_matmul.out_smem_bytes(out_dtype) + SLACK
 
 
 def fit_stages(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> MixedTiles:
@@ -105,6 +116,9 @@ def check_inputs(x, wq, sw, tiles: MixedTiles, k_major: bool, out_dtype=jnp.bflo
         raise ValueError(f"int8_matmul_mgpu: x has K={k} columns, wq K={k2} (k_major={k_major})")
     if sw.shape != (n,) or sw.dtype != jnp.float32:
         raise ValueError(f"int8_matmul_mgpu takes sw [N={n}] float32; got {sw.dtype} {sw.shape}")
+    if tiles.regs and not k_major:
+        raise ValueError("int8_matmul_mgpu: tiles with regs=True (the weight as wgmma's register operand) take a "
+                         "K-major weight [N, K] only; got a [K, N] one (k_major=False)")
     _check_tiles("int8", m, n, k, tiles, out_dtype)
 
 
@@ -137,12 +151,13 @@ def _weight_specs(fmt: str, k_major: bool, tiles: MixedTiles):
         (tile_k, tile_n)
 
 
-def _widen(fmt: str, k_major: bool, tile_n: int, wb, w_smems, wg, *, interpret: bool = False) -> None:
-    """This warpgroup's slice of the step's weight tile, as bfloat16, into ``wb``: eight bytes a thread in one
-    load (the ``WGMMA_UPCAST_2X`` layout), widened in registers, stored as 16-byte vectors. int4: each byte's low
-    and high nibbles are the group's two halves along K; ``w = u * scale + offset`` (offset = -zero * scale) in
-    bfloat16, one rounding of the scaled weight as the Triton kernels' ``scale_in_bf16``. interpret: plain loads
-    (the Mosaic GPU interpreter has no register layouts), for checking the arithmetic on the CPU."""
+def _widened(fmt: str, k_major: bool, tile_n: int, w_smems, wg, *, interpret: bool = False) -> list:
+    """This warpgroup's slice of the step's weight tile as bfloat16 register arrays: eight bytes a thread in one
+    load (the ``WGMMA_UPCAST_2X`` layout), widened in registers. int8: one ``[tile_n, tile_k]`` array (``[tile_k,
+    tile_n]`` for a ``[K, N]`` weight); int4: the group's two halves along K, ``[tile_n, 64]`` each (each byte's low
+    and high nibbles), ``w = u * scale + offset`` (offset = -zero * scale) in bfloat16, one rounding of the scaled
+    weight as the Triton kernels' ``scale_in_bf16``. interpret: plain loads (the Mosaic GPU interpreter has no
+    register layouts), for checking the arithmetic on the CPU."""
     rows = pl.ds(wg * tile_n, tile_n)
     layout = plgpu.Layout.WGMMA_UPCAST_2X
 
@@ -150,26 +165,52 @@ def _widen(fmt: str, k_major: bool, tile_n: int, wb, w_smems, wg, *, interpret: 
         return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=optimized)
 
     if fmt == "int8":
-        w_slice = w_smems[0].at[rows] if k_major else w_smems[0].at[:, rows]
-        wb[...] = load(w_slice, layout).astype(jnp.bfloat16)
-        return
+        return [load(w_smems[0].at[rows] if k_major else w_smems[0].at[:, rows], layout).astype(jnp.bfloat16)]
     packed_smem, scale_smem, offset_smem = w_smems
     u = load(packed_smem.at[rows], layout)  # [tile_n, G/2] uint8
     s, o = (load(r.at[0, rows], layout.reduce(1), optimized=False) for r in (scale_smem, offset_smem))
-    # Mosaic GPU has no 8-bit arithmetic but bitwise ops: the high nibble stays in place (16 h) and meets s / 16
+    # Mosaic GPU has no 8-bit arithmetic but bitwise ops, and widens *signed* int8 to bfloat16 in four PTX
+    # instructions a pair (unsigned bytes take the slow int-to-float converts): the low nibble is a non-negative
+    # int8; the high one stays in place (16 h), its top bit flipped so that the signed byte is 16 h - 128 (exact in
+    # bfloat16, as 16 h), and meets s / 16
     s_lo, s_hi, o = (lax.broadcast_in_dim(v, u.shape, [0]) for v in (s, s * 0.0625, o))
-    half = u.shape[1]
-    wb.at[:, pl.ds(0, half)][...] = (u & 0x0F).astype(jnp.bfloat16) * s_lo + o
-    wb.at[:, pl.ds(half, half)][...] = (u & 0xF0).astype(jnp.bfloat16) * s_hi + o
+    lo = lax.bitcast_convert_type(u & 0x0F, jnp.int8).astype(jnp.bfloat16)
+    hi = lax.bitcast_convert_type((u & 0xF0) ^ 0x80, jnp.int8).astype(jnp.bfloat16) + 128
+    return [lo * s_lo + o, hi * s_hi + o]
+
+
+def _widen(fmt: str, k_major: bool, tile_n: int, wb, w_smems, wg, *, interpret: bool = False) -> None:
+    """``_widened`` stored into the shared-memory buffer ``wb`` (int4: the two halves side by side along K), as
+    16-byte vectors."""
+    parts = _widened(fmt, k_major, tile_n, w_smems, wg, interpret=interpret)
+    if len(parts) == 1:
+        wb[...] = parts[0]
+        return
+    half = parts[0].shape[1]
+    for i, part in enumerate(parts):
+        wb.at[:, pl.ds(i * half, half)][...] = part
 
 
 def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool):
     *w_gmems, sw_gmem, out_gmem = refs if fmt == "int8" else (*refs[:-1], None, refs[-1])
-    tile_m, tile_n, tile_k = tiles.tile_m, tiles.tile_n, tiles.tile_k
+    tile_m, tile_n, tile_k, regs = tiles.tile_m, tiles.tile_n, tiles.tile_k, tiles.regs
     w_specs, column_axes, wb_shape = _weight_specs(fmt, k_major, tiles)
     x_spec = plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), memory_space=plgpu.SMEM, delay_release=1,
                              transforms=mgpu_matmul.swizzle(tile_k * 2, 2))
     wb_type = plgpu.SMEM((2, 2, *wb_shape), jnp.bfloat16, transforms=mgpu_matmul.swizzle(wb_shape[1] * 2, 2))
+
+    def mma_regs(wg, scratch, idxs, x_smem, *refs):
+        # acc^T [tile_n, tile_m] += W [tile_n, tile_k] (registers) @ x^T [tile_k, tile_m] (shared memory), waited
+        # for at once: a wgmma still reading its register operand while the next step widened into registers gave
+        # wrong results on the H100 (session 21: the register allocator does not see the asynchronous read), so the
+        # overlap comes from the other warpgroup only
+        *w_smems, acc_ref = refs
+        parts = _widened(fmt, True, tile_n, w_smems, wg)
+        step = tile_k // len(parts)
+        for i, part in enumerate(parts):
+            plgpu.wgmma(acc_ref, plgpu.layout_cast(part, plgpu.Layout.WGMMA), x_smem.at[:, pl.ds(i * step, step)].T)
+        plgpu.wgmma_wait(0)
+        return acc_ref
 
     def mma(wg, scratch, idxs, x_smem, *refs):
         # Widen step ki's weight slice while step ki - 1's wgmma runs (it reads the other buffer); the pipeline
@@ -184,22 +225,26 @@ def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool):
         return acc_ref
 
     def epilogue(acc, wg, mi, wg_n0, out_smem):
+        # acc [tile_m, tile_n], or its transpose with regs: each EPI x EPI piece is stored as its transpose
+        n_axis = 0 if regs else 1
         for en in range(tile_n // EPI):
             if sw_gmem is not None:  # int8: the per-channel scale
                 sw = plgpu.load(sw_gmem.at[pl.ds(wg_n0 + en * EPI, EPI)], (),
-                                layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                                layout=plgpu.Layout.WGMMA.reduce(1 - n_axis), optimized=False)
             for em in range(tile_m // EPI):
-                part = acc[em * EPI:(em + 1) * EPI, en * EPI:(en + 1) * EPI]
+                ms, ns = slice(em * EPI, (em + 1) * EPI), slice(en * EPI, (en + 1) * EPI)
+                part = acc[ns, ms] if regs else acc[ms, ns]
                 if sw_gmem is not None:
-                    part = part * lax.broadcast_in_dim(sw, part.shape, [1])
+                    part = part * lax.broadcast_in_dim(sw, part.shape, [n_axis])
                 mgpu_matmul.store_piece(
                     part, out_smem, wg, (en * (tile_m // EPI) + em) % 2,
-                    out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)])
+                    out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)], transposed=regs)
 
     mgpu_matmul.persistent_matmul(
-        x_gmem, w_gmems, out_gmem, tiles=tiles, in_specs=[x_spec, *w_specs], acc_dtype=jnp.float32, mma=mma,
+        x_gmem, w_gmems, out_gmem, tiles=tiles, in_specs=[x_spec, *w_specs], acc_dtype=jnp.float32,
+        mma=mma_regs if regs else mma, acc_transposed=regs,
         columns=lambda i, g, n_slice: g.at[n_slice] if column_axes[i] == 0 else g.at[:, n_slice],
-        epilogue=epilogue, scratch=dict(wb_smem=wb_type))
+        epilogue=epilogue, scratch={} if regs else dict(wb_smem=wb_type))
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "k_major", "out_dtype", "num_sms"))
@@ -265,8 +310,7 @@ def int4_matmul_mgpu(x, qweight, *, tiles: MixedTiles = INT4_TILES, out_dtype=jn
                      num_sms: int | None = None):
     """x [M, K] bfloat16 times a K-major group-128 ``Int4Weight`` -> [M, N] out_dtype on a Hopper GPU: each K step
     widens one group (its two half-group nibble planes, ``w = (u - zero) * scale`` rounded once to bfloat16) and
-    runs one bf16 wgmma. Not yet run on a GPU (written in session 20 after the device budget ran out): lowered for
-    CUDA in CI, opt-in through ``TileConfig(kernel="mgpu")``; no tile-table entry names it."""
+    runs one bf16 wgmma per half (``regs``) or one over both. Taken where the H100 tile table names it (M >= 128)."""
     check_int4_inputs(x, qweight, tiles, out_dtype)
     tiles_total = (x.shape[0] // tiles.tile_m) * (qweight.out_features // (2 * tiles.tile_n))
     return _int4_matmul_mgpu(x, qweight, tiles=tiles, out_dtype=jnp.dtype(out_dtype),

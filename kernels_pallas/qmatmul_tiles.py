@@ -33,7 +33,8 @@ class TileConfig:
     (XLA's dequantize-then-dot), "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations) or
     "mgpu" (Hopper wgmma: W8A8 through ``qmatmul_w8a8_mgpu``, weight-only int8 and K-major group-128 int4 with
     bf16 x through ``qmatmul_mixed_mgpu``; block_m / block_n each compute warpgroup's tile, num_stages its slots in
-    flight, fewer where a float32 output would overflow shared memory; elsewhere it falls back to "dot").
+    flight, fewer where a float32 output would overflow shared memory; weight_regs: the widened weight stays in
+    registers as wgmma's A operand, a K-major weight only; elsewhere it falls back to "dot").
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
     step (int4: a multiple of the group or a power-of-two part of one), split_k programs along K (partial sums
@@ -58,6 +59,7 @@ class TileConfig:
     asm_dequant: bool = False
     scale_in_bf16: bool = False
     unroll: int = 0
+    weight_regs: bool = False
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -74,11 +76,16 @@ class TileConfig:
             raise ValueError(f"TileConfig.unroll={self.unroll!r} must be a non-negative int")
         if self.scale_in_bf16 and not (self.asm_dequant and self.kernel == "dot"):
             raise ValueError("TileConfig.scale_in_bf16 needs asm_dequant=True and kernel='dot'")
+        if self.weight_regs and self.kernel != "mgpu":
+            raise ValueError("TileConfig.weight_regs needs kernel='mgpu'")
         if self.kernel == "gemv" and self.block_m != 1:
             raise ValueError("TileConfig: the gemv kernel takes block_m=1")
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.weight_regs:  # the Mosaic GPU mixed kernel's option; absent = False (older tables)
+            del d["weight_regs"]
+        return d
 
 
 def default_config(fmt: str, m: int) -> TileConfig:

@@ -9,10 +9,10 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
   ``int8_split_matmul``), that path (the H100 table of 2026-11-26 picks it for most K-major int8 problems at
   M <= 32, the Pallas K-major gemv for qkv / o at M = 1, and the split path for some [K, N] shapes at M = 8-32).
   float32 activations take the XLA dequantize-then-dot path (also where the table says ``xla_split``).
-  Where the table says ``kernel="mgpu"`` (Hopper, M > 128) the Mosaic GPU wgmma kernels serve W8A8
-  (``qmatmul_w8a8_mgpu.py``: int8 x int8 -> int32) and weight-only ``Int8Weight`` with bf16 activations
-  (``qmatmul_mixed_mgpu.py``: int8 widened to bf16 in shared memory, bf16 wgmma). The same kernel takes K-major
-  group-128 int4 when a ``config`` asks for it (not yet run on a GPU; no table entry names it). The Triton
+  Where the table says ``kernel="mgpu"`` (Hopper, M >= 128) the Mosaic GPU wgmma kernels serve W8A8
+  (``qmatmul_w8a8_mgpu.py``: int8 x int8 -> int32), weight-only ``Int8Weight`` and K-major group-128
+  ``Int4Weight`` with bf16 activations (``qmatmul_mixed_mgpu.py``: the weight widened to bf16, bf16 wgmma; with
+  ``weight_regs`` the widened K-major weight is wgmma's register operand). The Triton
   lowering (deprecated since jax 0.11) serves the rest. Measured speeds and gaps:
   experiments/results/qmatmul_h100_notes.md.
 * TPU: the Pallas Mosaic TPU kernel of ``qmatmul_tpu.py`` (never run on a TPU here).
@@ -221,13 +221,15 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=
             if qmatmul_w8a8_mgpu.fits(qweight.out_features, k, qmatmul_w8a8_mgpu.tiles_of(cfg)):
                 return dataclasses.replace(cfg, block_k=128, split_k=1, unroll=0)
         elif wgmma and isinstance(qweight, Int8Weight) and x_dtype == jnp.bfloat16:
-            if qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg)):
+            if (qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg))
+                    and (qweight.k_major or not cfg.weight_regs)):
                 return dataclasses.replace(cfg, block_k=64, split_k=1, unroll=0)
         elif (wgmma and isinstance(qweight, Int4Weight) and qweight.k_major and x_dtype == jnp.bfloat16
               and qweight.group == qmatmul_mixed_mgpu.INT4_GROUP):
             if qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg, "int4"), "int4"):
                 return dataclasses.replace(cfg, block_k=qweight.group, split_k=1, unroll=0)
         kernel, bm = "dot", 64  # else the dot tiles
+        cfg = dataclasses.replace(cfg, weight_regs=False)
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
     if kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major:  # qmatmul_dp4a: whole group steps

@@ -8,6 +8,8 @@ the GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +25,11 @@ from kernels_pallas.qmatmul_mixed_mgpu import MixedTiles, int8_matmul_mgpu, int8
 # (M, K, N, tiles, k_major): GLM-4-9B's qkv, o, gate_up and down at M = 512 or 128, and smaller tiles
 CASES = [(512, 4096, 4608, MixedTiles(), False), (128, 4096, 4096, MixedTiles(tile_n=64), True),
          (256, 13696, 4096, MixedTiles(tile_m=64, tile_n=64, stages=6), True),
-         (512, 4096, 27392, MixedTiles(tile_n=128, stages=3), False)]
+         (512, 4096, 27392, MixedTiles(tile_n=128, stages=3), False),
+         # regs: the widened weight as wgmma's register operand, the accumulator transposed (K-major only)
+         (512, 4096, 4608, MixedTiles(regs=True), True), (256, 13696, 4096, MixedTiles(tile_m=256, tile_n=64,
+                                                                                       regs=True), True),
+         (128, 4096, 27392, MixedTiles(tile_n=64, regs=True), True)]
 
 
 def int8_weight(rng, k, n, k_major=False, scale=True):
@@ -64,6 +70,8 @@ def test_rejects_what_it_does_not_take():
         int8_matmul_mgpu(x, wq, sw, tiles=MixedTiles(tile_k=128))
     with pytest.raises(ValueError, match="M % 128"):
         int8_matmul_mgpu(x[:100], wq, sw)
+    with pytest.raises(ValueError, match="K-major"):
+        int8_matmul_mgpu(x, wq, sw, tiles=MixedTiles(regs=True))
 
 
 @pytest.mark.parametrize("k_major", [False, True])
@@ -108,8 +116,9 @@ def test_quantized_matmul_runs_it_where_the_config_says_mgpu(k_major):
     assert err <= 1e-2 * np.abs(np.asarray(ref, np.float32)).max()
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int8_kmajor", "w8a8"])
-def test_a_float32_output_takes_fewer_stages_and_still_lowers(fmt):
+@pytest.mark.parametrize("fmt,regs", [("int8", False), ("int8_kmajor", False), ("int8_kmajor", True),
+                                      ("w8a8", False)])
+def test_a_float32_output_takes_fewer_stages_and_still_lowers(fmt, regs):
     """quantized_matmul asks the kernel for float32 when a bias follows; 128 x 128 tiles with 4 stages would then
     overflow shared memory, so the dispatch drops stages (fit_stages) and the kernel lowers for CUDA."""
     from kernels_pallas import qmatmul_w8a8_mgpu
@@ -117,7 +126,8 @@ def test_a_float32_output_takes_fewer_stages_and_still_lowers(fmt):
     from experiments.bench_qmatmul import random_weight
 
     mod = qmatmul_w8a8_mgpu if fmt == "w8a8" else __import__("kernels_pallas.qmatmul_mixed_mgpu", fromlist=["x"])
-    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4)
+    cfg = (TileConfig(kernel="mgpu", block_m=128, block_n=64, num_stages=8, weight_regs=True) if regs
+           else TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4))
     tiles = mod.tiles_of(cfg)
     assert mod.smem_bytes(tiles, jnp.float32) > SMEM_BYTES >= mod.smem_bytes(tiles, jnp.bfloat16)
     fitted = mod.fit_stages(tiles, jnp.float32)
@@ -137,15 +147,16 @@ def test_tiles_that_cannot_fit_shared_memory_are_a_clear_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["int8", "int8_kmajor", "w8a8"])
-def test_bias_through_the_dispatch_on_gpu(fmt):
+@pytest.mark.parametrize("fmt,regs", [("int8", False), ("int8_kmajor", False), ("int8_kmajor", True),
+                                      ("w8a8", False)])
+def test_bias_through_the_dispatch_on_gpu(fmt, regs):
     """With a bias the kernel writes float32 (fewer stages, fit_stages); the result against the reference."""
     from experiments.bench_qmatmul import random_weight
 
     qw = random_weight(jax.random.key(5), fmt, 4096, 4608)
     x = jax.random.normal(jax.random.key(6), (300, 4096), jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(7), (4608,), jnp.float32)
-    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4)
+    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4, weight_regs=regs)
     y = np.asarray(quantized_matmul(x, qw, bias=bias, config=cfg), np.float32)
     ref = np.asarray(quantized_matmul_reference(x, qw, bias=bias), np.float32)
     assert np.isfinite(y).all()
@@ -165,12 +176,23 @@ def test_fit_config_takes_the_kernel_only_where_it_can_run():
     assert fit_config(cfg, w, 512, x_dtype=jnp.float16).kernel == "dot"
     assert fit_config(cfg, w, 512, wgmma=False, x_dtype=jnp.bfloat16).kernel == "dot"
     assert fit_config(cfg, narrow, 512, x_dtype=jnp.bfloat16).kernel == "dot"  # 4480 % 256 != 0
+    regs = TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4, weight_regs=True)
+    assert fit_config(regs, w, 512, x_dtype=jnp.bfloat16).kernel == "dot"  # [K, N]: no register operand
+    assert fit_config(regs, w.with_layout(True), 512, x_dtype=jnp.bfloat16).kernel == "mgpu"
 
 
 # ---- int4 (K-major, group 128): one group a K step, nibbles widened with the group's scale and offset ----------
 
-INT4_CASES = [(512, 4096, 27392, "int4_g128_sym_kmajor"), (256, 13696, 4096, "int4_g128_asym_kmajor"),
-              (128, 4096, 4608, "int4_g128_sym_kmajor")]
+INT4_CASES = [(512, 4096, 27392, "int4_g128_sym_kmajor", False), (256, 13696, 4096, "int4_g128_asym_kmajor", False),
+              (128, 4096, 4608, "int4_g128_sym_kmajor", False), (512, 4096, 4608, "int4_g128_asym_kmajor", True),
+              (256, 13696, 4096, "int4_g128_sym_kmajor", True)]
+
+
+def int4_tiles(m, regs):
+    from kernels_pallas.qmatmul_mixed_mgpu import INT4_TILES
+
+    return dataclasses.replace(INT4_TILES, tile_m=256 if regs and m % 256 == 0 else 128, stages=2 if regs else 3,
+                               regs=regs)
 
 
 def int4_weight(fmt, k, n, seed=0):
@@ -178,12 +200,12 @@ def int4_weight(fmt, k, n, seed=0):
     return random_weight(jax.random.key(seed), fmt, k, n)
 
 
-@pytest.mark.parametrize("m,k,n,fmt", INT4_CASES, ids=str)
-def test_int4_lowers_for_cuda(m, k, n, fmt):
+@pytest.mark.parametrize("m,k,n,fmt,regs", INT4_CASES, ids=str)
+def test_int4_lowers_for_cuda(m, k, n, fmt, regs):
     from kernels_pallas.qmatmul_mixed_mgpu import int4_matmul_mgpu
 
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    f = jax.jit(lambda x, q: int4_matmul_mgpu(x, q, num_sms=132))
+    f = jax.jit(lambda x, q: int4_matmul_mgpu(x, q, tiles=int4_tiles(m, regs), num_sms=132))
     module = jax.export.export(f, platforms=["cuda"])(x, int4_weight(fmt, k, n)).mlir_module()
     assert "mosaic_gpu" in module and "wgmma.mma_async" in module and ".f32.bf16.bf16" in module
 
@@ -255,24 +277,25 @@ def test_int4_dispatch_lowers_with_a_float32_output():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,k,n,fmt", INT4_CASES, ids=str)
-def test_int4_matches_reference_on_gpu(m, k, n, fmt):
+@pytest.mark.parametrize("m,k,n,fmt,regs", INT4_CASES, ids=str)
+def test_int4_matches_reference_on_gpu(m, k, n, fmt, regs):
     from kernels_pallas.qmatmul_mixed_mgpu import int4_matmul_mgpu, int4_matmul_reference
 
     qw = int4_weight(fmt, k, n, seed=m + n)
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-    y = np.asarray(int4_matmul_mgpu(x, qw), np.float32)
+    y = np.asarray(int4_matmul_mgpu(x, qw, tiles=int4_tiles(m, regs)), np.float32)
     ref = np.asarray(int4_matmul_reference(x, qw), np.float32)
     assert np.isfinite(y).all()
     assert np.linalg.norm(y - ref) <= 5e-3 * np.linalg.norm(ref)  # one bf16 rounding of each scaled weight
 
 
 @pytest.mark.gpu
-def test_int4_bias_through_the_dispatch_on_gpu():
+@pytest.mark.parametrize("regs", [False, True])
+def test_int4_bias_through_the_dispatch_on_gpu(regs):
     qw = int4_weight("int4_g128_asym_kmajor", 4096, 4608, seed=3)
     x = jax.random.normal(jax.random.key(4), (300, 4096), jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(5), (4608,), jnp.float32)
-    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=64, num_stages=3)
+    cfg = TileConfig(kernel="mgpu", block_m=128, block_n=64, num_stages=3, weight_regs=regs)
     y = np.asarray(quantized_matmul(x, qw, bias=bias, config=cfg), np.float32)
     ref = np.asarray(quantized_matmul_reference(x, qw, bias=bias), np.float32)
     assert np.linalg.norm(y - ref) <= 5e-3 * np.linalg.norm(ref)

@@ -41,3 +41,19 @@ def test_help_lists_the_formats(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         tune.main()
     assert e.value.code == 0 and "int4_g128_sym_kmajor" in capsys.readouterr().out
+
+
+def test_a_register_operand_tile_round_trips_into_the_table(tmp_path):
+    """'256:64:4:r' names weight_regs; the result row's name parses back to the same TileConfig, and a winning
+    row of it is written to the table with weight_regs on."""
+    cfg = tune.parse_config("256:64:4:r")
+    assert (cfg.block_m, cfg.block_n, cfg.num_stages, cfg.weight_regs) == (256, 64, 4, True)
+    assert tune.parse_config(tune.config_name(cfg)) == cfg
+    assert not tune.parse_config("128:128:4").weight_regs
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(dict(note="test", entries=[])))
+    base = dict(m=512, k=4096, n=4608, shape="qkv", format="int8_kmajor")
+    won = [dict(base, method="table", us=60.0), dict(base, method="mgpu", config=tune.config_name(cfg), us=45.0)]
+    assert tune.merge_table(won, "NVIDIA H100 80GB HBM3", "run.json", table_path=str(path))
+    entry = json.loads(path.read_text())["entries"][0]
+    assert entry["config"]["weight_regs"] is True and entry["config"]["block_m"] == 256
