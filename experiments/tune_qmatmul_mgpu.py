@@ -38,20 +38,23 @@ INT4_CONFIGS = ["128:64:3", "64:64:4", "128:64:4:r", "256:64:2:r", "128:128:3:r"
 
 
 def parse_config(text: str) -> TileConfig:
-    """'block_m:block_n:num_stages[:r]' (r: weight_regs) or a result row's 'bm128 bn64 st4[ regs]' -> TileConfig."""
+    """'block_m:block_n:num_stages[:r|:r128]' (r: weight_regs with a K step of 64, r128: of 128 for int8) or a
+    result row's 'bm128 bn64 st4[ regs[ k128]]' -> TileConfig."""
     if " " in text or text.startswith("bm"):
         parts = text.split()
         bm, bn, st = (int(v[2:]) for v in parts[:3])
-        regs = parts[3:] == ["regs"]
+        regs, k128 = "regs" in parts[3:], "k128" in parts[3:]
     else:
         parts = text.split(":")
         bm, bn, st = (int(v) for v in parts[:3])
-        regs = parts[3:] == ["r"]
-    return TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st, weight_regs=regs)
+        regs, k128 = parts[3:] in (["r"], ["r128"]), parts[3:] == ["r128"]
+    return TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st, weight_regs=regs,
+                      block_k=64 if regs and not k128 else 128)  # block_k matters only with weight_regs
 
 
 def config_name(cfg: TileConfig) -> str:
-    return f"bm{cfg.block_m} bn{cfg.block_n} st{cfg.num_stages}" + (" regs" if cfg.weight_regs else "")
+    return (f"bm{cfg.block_m} bn{cfg.block_n} st{cfg.num_stages}" + (" regs" if cfg.weight_regs else "")
+            + (" k128" if cfg.weight_regs and cfg.block_k == 128 else ""))
 
 
 def main():

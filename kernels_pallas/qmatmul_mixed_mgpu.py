@@ -52,8 +52,8 @@ INT4_GROUP = 128  # the int4 kernel's group: one group a K step, its two half-gr
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixedTiles:
-    """Static tile sizes: each compute warpgroup's ``tile_m x tile_n``, the K step (64: one 128-byte swizzle row
-    of bfloat16 x), the slots in flight, and the planar snake's width (output tiles walked along N first). regs:
+    """Static tile sizes: each compute warpgroup's ``tile_m x tile_n``, the K step (int8 64: one 128-byte swizzle
+    row of bfloat16 x, or 128 with regs; int4 one group of 128), the slots in flight, and the planar snake's width (output tiles walked along N first). regs:
     the widened weight stays in registers and is wgmma's A operand, x its B operand, the accumulator the tile's
     transpose (K-major weights; no shared-memory bfloat16 buffers, no widened stores)."""
     tile_m: int = 128
@@ -74,9 +74,10 @@ def int8_matmul_reference(x, wq, sw, *, k_major: bool = False, out_dtype=jnp.bfl
 def tiles_of(cfg, fmt: str = "int8") -> MixedTiles:
     """The tiles a ``TileConfig(kernel="mgpu")`` names for a weight-only int8 / int4 weight: block_m / block_n each
     compute warpgroup's tile, num_stages the slots in flight (int4: one group of 128 a K step), weight_regs
-    ``regs``."""
-    return MixedTiles(tile_m=cfg.block_m, tile_n=cfg.block_n, tile_k=64 if fmt == "int8" else INT4_GROUP,
-                      stages=cfg.num_stages, regs=cfg.weight_regs)
+    ``regs`` (int8 with it: block_k 128 is a K step of 128, else 64)."""
+    tile_k = INT4_GROUP if fmt != "int8" else 128 if cfg.weight_regs and cfg.block_k == 128 else 64
+    return MixedTiles(tile_m=cfg.block_m, tile_n=cfg.block_n, tile_k=tile_k, stages=cfg.num_stages,
+                      regs=cfg.weight_regs)
 
 
 def smem_bytes(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> int:
@@ -97,7 +98,8 @@ def fit_stages(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> Mixe
 
 def _tiles_ok(t: MixedTiles, fmt: str = "int8") -> bool:
     return (t.tile_m % 64 == 0 and t.tile_m <= 256 and t.tile_n in (64, 128)
-            and t.tile_k == (64 if fmt == "int8" else INT4_GROUP) and t.stages >= 2)
+            and (t.tile_k == INT4_GROUP if fmt != "int8" else t.tile_k == 64 or (t.regs and t.tile_k == 128))
+            and t.stages >= 2)
 
 
 def fits(n: int, k: int, tiles: MixedTiles, fmt: str = "int8") -> bool:
@@ -125,7 +127,8 @@ def check_inputs(x, wq, sw, tiles: MixedTiles, k_major: bool, out_dtype=jnp.bflo
 def _check_tiles(fmt: str, m: int, n: int, k: int, t: MixedTiles, out_dtype) -> None:
     name = f"{fmt}_matmul_mgpu"
     if not _tiles_ok(t, fmt):
-        step = "64 (one 128-byte swizzle of bfloat16)" if fmt == "int8" else f"{INT4_GROUP} (one group a step)"
+        step = ("64 (one 128-byte swizzle of bfloat16; 128 with regs)" if fmt == "int8"
+                else f"{INT4_GROUP} (one group a step)")
         raise ValueError(f"{name} tiles: tile_m a multiple of 64 up to 256, tile_n 64 or 128, tile_k {step}, "
                          f"stages >= 2; got {t}")
     mgpu_matmul.check_smem(name, t, functools.partial(smem_bytes, fmt=fmt), out_dtype)

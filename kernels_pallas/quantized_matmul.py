@@ -223,7 +223,8 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=
         elif wgmma and isinstance(qweight, Int8Weight) and x_dtype == jnp.bfloat16:
             if (qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg))
                     and (qweight.k_major or not cfg.weight_regs)):
-                return dataclasses.replace(cfg, block_k=64, split_k=1, unroll=0)
+                bk = 128 if cfg.weight_regs and cfg.block_k == 128 else 64  # regs: a K step of 128 or 64
+                return dataclasses.replace(cfg, block_k=bk, split_k=1, unroll=0)
         elif (wgmma and isinstance(qweight, Int4Weight) and qweight.k_major and x_dtype == jnp.bfloat16
               and qweight.group == qmatmul_mixed_mgpu.INT4_GROUP):
             if qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg, "int4"), "int4"):

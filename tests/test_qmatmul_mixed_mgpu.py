@@ -29,7 +29,8 @@ CASES = [(512, 4096, 4608, MixedTiles(), False), (128, 4096, 4096, MixedTiles(ti
          # regs: the widened weight as wgmma's register operand, the accumulator transposed (K-major only)
          (512, 4096, 4608, MixedTiles(regs=True), True), (256, 13696, 4096, MixedTiles(tile_m=256, tile_n=64,
                                                                                        regs=True), True),
-         (128, 4096, 27392, MixedTiles(tile_n=64, regs=True), True)]
+         (128, 4096, 27392, MixedTiles(tile_n=64, regs=True), True),
+         (512, 13696, 4096, MixedTiles(tile_n=64, tile_k=128, regs=True), True)]  # int8 with a K step of 128
 
 
 def int8_weight(rng, k, n, k_major=False, scale=True):
@@ -126,7 +127,7 @@ def test_a_float32_output_takes_fewer_stages_and_still_lowers(fmt, regs):
     from experiments.bench_qmatmul import random_weight
 
     mod = qmatmul_w8a8_mgpu if fmt == "w8a8" else __import__("kernels_pallas.qmatmul_mixed_mgpu", fromlist=["x"])
-    cfg = (TileConfig(kernel="mgpu", block_m=128, block_n=64, num_stages=8, weight_regs=True) if regs
+    cfg = (TileConfig(kernel="mgpu", block_m=128, block_n=64, block_k=64, num_stages=8, weight_regs=True) if regs
            else TileConfig(kernel="mgpu", block_m=128, block_n=128, num_stages=4))
     tiles = mod.tiles_of(cfg)
     assert mod.smem_bytes(tiles, jnp.float32) > SMEM_BYTES >= mod.smem_bytes(tiles, jnp.bfloat16)

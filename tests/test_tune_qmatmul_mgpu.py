@@ -50,6 +50,9 @@ def test_a_register_operand_tile_round_trips_into_the_table(tmp_path):
     assert (cfg.block_m, cfg.block_n, cfg.num_stages, cfg.weight_regs) == (256, 64, 4, True)
     assert tune.parse_config(tune.config_name(cfg)) == cfg
     assert not tune.parse_config("128:128:4").weight_regs
+    k128 = tune.parse_config("128:64:4:r128")
+    assert k128.weight_regs and k128.block_k == 128 and tune.parse_config(tune.config_name(k128)) == k128
+    assert tune.parse_config("128:64:4:r").block_k == 64
     path = tmp_path / "table.json"
     path.write_text(json.dumps(dict(note="test", entries=[])))
     base = dict(m=512, k=4096, n=4608, shape="qkv", format="int8_kmajor")
