@@ -30,9 +30,9 @@ from kernels_pallas import TileConfig, quantized_matmul  # noqa: E402
 from kernels_pallas import qmatmul_mixed_mgpu, qmatmul_tiles, qmatmul_w8a8_mgpu  # noqa: E402
 from kernels_pallas.quantized_matmul import quantized_matmul_reference  # noqa: E402
 
-# (block_m, block_n, num_stages): each compute warpgroup's tile and the slots in flight
 WIN = 0.03  # a table entry changes only where the kernel was at least this much faster
-# "r": the widened weight as wgmma's register operand (``weight_regs``; K-major weights only)
+# "block_m:block_n:num_stages": each compute warpgroup's tile and the slots in flight; ":r": the widened weight as
+# wgmma's register operand (``weight_regs``; K-major weights only), ":r128" the same with a K step of 128 (int8)
 CONFIGS = ["128:128:3", "128:128:4", "64:128:4", "128:64:4", "64:64:6", "128:128:5:r", "128:64:6:r", "256:64:4:r"]
 INT4_CONFIGS = ["128:64:3", "64:64:4", "128:64:4:r", "256:64:2:r", "128:128:3:r"]  # one group of 128 a step
 
@@ -64,7 +64,9 @@ def main():
     ap.add_argument("--ms", default="512")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--min-layers", type=int, default=4, help="distinct layers a timed call, at least")
-    ap.add_argument("--configs", default="", help="block_m:block_n:num_stages[:r],... (r: weight_regs; default: CONFIGS)")
+    ap.add_argument("--configs", default="",
+                    help="block_m:block_n:num_stages[:r|:r128],... (r: weight_regs; r128: with a K step of 128, "
+                         "int8; default: CONFIGS)")
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--write-table", action="store_true",
                     help=f"merge into the tile table each (shape, M) whose best kernel beat the table's path by "

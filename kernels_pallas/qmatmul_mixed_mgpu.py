@@ -53,9 +53,10 @@ INT4_GROUP = 128  # the int4 kernel's group: one group a K step, its two half-gr
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixedTiles:
     """Static tile sizes: each compute warpgroup's ``tile_m x tile_n``, the K step (int8 64: one 128-byte swizzle
-    row of bfloat16 x, or 128 with regs; int4 one group of 128), the slots in flight, and the planar snake's width (output tiles walked along N first). regs:
-    the widened weight stays in registers and is wgmma's A operand, x its B operand, the accumulator the tile's
-    transpose (K-major weights; no shared-memory bfloat16 buffers, no widened stores)."""
+    row of bfloat16 x, or 128 with regs; int4 one group of 128), the slots in flight, and the planar snake's width
+    (output tiles walked along N first). regs: the widened weight stays in registers and is wgmma's A operand, x
+    its B operand, the accumulator the tile's transpose (K-major weights; no shared-memory bfloat16 buffers, no
+    widened stores)."""
     tile_m: int = 128
     tile_n: int = 128
     tile_k: int = 64

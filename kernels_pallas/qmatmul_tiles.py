@@ -34,7 +34,8 @@ class TileConfig:
     "mgpu" (Hopper wgmma: W8A8 through ``qmatmul_w8a8_mgpu``, weight-only int8 and K-major group-128 int4 with
     bf16 x through ``qmatmul_mixed_mgpu``; block_m / block_n each compute warpgroup's tile, num_stages its slots in
     flight, fewer where a float32 output would overflow shared memory; weight_regs: the widened weight stays in
-    registers as wgmma's A operand, a K-major weight only; elsewhere it falls back to "dot").
+    registers as wgmma's A operand, a K-major weight only, int8 then stepping K by block_k 64 or 128; elsewhere it
+    falls back to "dot").
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
     step (int4: a multiple of the group or a power-of-two part of one), split_k programs along K (partial sums
