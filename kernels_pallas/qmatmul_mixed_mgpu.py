@@ -201,7 +201,6 @@ def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool):
     w_specs, column_axes, wb_shape = _weight_specs(fmt, k_major, tiles)
     x_spec = plgpu.BlockSpec((tile_m, tile_k), lambda ki: (0, ki), memory_space=plgpu.SMEM, delay_release=1,
                              transforms=mgpu_matmul.swizzle(tile_k * 2, 2))
-    wb_type = plgpu.SMEM((2, 2, *wb_shape), jnp.bfloat16, transforms=mgpu_matmul.swizzle(wb_shape[1] * 2, 2))
 
     def mma_regs(wg, scratch, idxs, x_smem, *refs):
         # acc^T [tile_n, tile_m] += W [tile_n, tile_k] (registers) @ x^T [tile_k, tile_m] (shared memory), waited
@@ -248,7 +247,8 @@ def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool):
         x_gmem, w_gmems, out_gmem, tiles=tiles, in_specs=[x_spec, *w_specs], acc_dtype=jnp.float32,
         mma=mma_regs if regs else mma, acc_transposed=regs,
         columns=lambda i, g, n_slice: g.at[n_slice] if column_axes[i] == 0 else g.at[:, n_slice],
-        epilogue=epilogue, scratch={} if regs else dict(wb_smem=wb_type))
+        epilogue=epilogue, scratch={} if regs else dict(  # the shared-memory path's two widened buffers
+            wb_smem=plgpu.SMEM((2, 2, *wb_shape), jnp.bfloat16, transforms=mgpu_matmul.swizzle(wb_shape[1] * 2, 2))))
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "k_major", "out_dtype", "num_sms"))

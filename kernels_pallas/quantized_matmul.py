@@ -221,14 +221,14 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=
             if qmatmul_w8a8_mgpu.fits(qweight.out_features, k, qmatmul_w8a8_mgpu.tiles_of(cfg)):
                 return dataclasses.replace(cfg, block_k=128, split_k=1, unroll=0)
         elif wgmma and isinstance(qweight, Int8Weight) and x_dtype == jnp.bfloat16:
-            if (qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg))
-                    and (qweight.k_major or not cfg.weight_regs)):
-                bk = 128 if cfg.weight_regs and cfg.block_k == 128 else 64  # regs: a K step of 128 or 64
-                return dataclasses.replace(cfg, block_k=bk, split_k=1, unroll=0)
+            tiles = qmatmul_mixed_mgpu.tiles_of(cfg)
+            if qmatmul_mixed_mgpu.fits(qweight.out_features, k, tiles) and (qweight.k_major or not tiles.regs):
+                return dataclasses.replace(cfg, block_k=tiles.tile_k, split_k=1, unroll=0)
         elif (wgmma and isinstance(qweight, Int4Weight) and qweight.k_major and x_dtype == jnp.bfloat16
               and qweight.group == qmatmul_mixed_mgpu.INT4_GROUP):
-            if qmatmul_mixed_mgpu.fits(qweight.out_features, k, qmatmul_mixed_mgpu.tiles_of(cfg, "int4"), "int4"):
-                return dataclasses.replace(cfg, block_k=qweight.group, split_k=1, unroll=0)
+            tiles = qmatmul_mixed_mgpu.tiles_of(cfg, "int4")
+            if qmatmul_mixed_mgpu.fits(qweight.out_features, k, tiles, "int4"):
+                return dataclasses.replace(cfg, block_k=tiles.tile_k, split_k=1, unroll=0)
         kernel, bm = "dot", 64  # else the dot tiles
         cfg = dataclasses.replace(cfg, weight_regs=False)
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
