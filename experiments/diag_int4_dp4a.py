@@ -171,7 +171,8 @@ def main():
                     help="trace: a call's GPU span in a profiler trace (bench_common.gpu_span_per_call; the int4 "
                          "GEMVs' wall time is host-bound)")
     ap.add_argument("--digits", default="", help="also time the table's tile with each of these digit preps "
-                    "(int4_dp4a_gemv's digits: kernel, xla, auto), e.g. kernel,xla (use with --distinct-x)")
+                    "(int4_dp4a_gemv's digits: kernel, xla, auto; kernelN: the kernel with N warps), e.g. kernel,kernel32,xla "
+                    "(use with --distinct-x)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every variant this many times, round after round (run-to-run spread)")
     args = ap.parse_args()
@@ -209,11 +210,12 @@ def main():
         if args.digits:  # the table's tile, as ours_int4_nk runs it
             c = fit_config(qmatmul_tiles.lookup(qmatmul_tiles.device_key(jax.devices()[0].device_kind), nk[0].name, 1,
                                                 k, n), nk[0], 1)
-        for dg in filter(None, args.digits.split(",")):
-            f = lambda x, w, c=c, dg=dg: int4_dp4a_gemv(x, w, cfg=c, digits=dg, out_dtype=x.dtype,  # noqa: E731
-                                                          interpret=interpret)
-            e = err(int4_dp4a_gemv(x, nk[0], cfg=c, digits=dg, interpret=interpret))
-            variants.append((f"dp4a_table_digits_{dg}", f, nk, nbytes, e))
+        for label in filter(None, args.digits.split(",")):
+            dg, dw = ("kernel", int(label[6:])) if label[6:].isdigit() else (label, 8)  # kernelN: N warps
+            f = lambda x, w, c=c, dg=dg, dw=dw: int4_dp4a_gemv(x, w, cfg=c, digits=dg, digit_warps=dw,  # noqa: E731
+                                                                 out_dtype=x.dtype, interpret=interpret)
+            e = err(int4_dp4a_gemv(x, nk[0], cfg=c, digits=dg, digit_warps=dw, interpret=interpret))
+            variants.append((f"dp4a_table_digits_{label}", f, nk, nbytes, e))
         if args.fused:
             for bn, bk, wp in FUSED:
                 f = lambda x, w, bn=bn, bk=bk, wp=wp: fused_gemv(x, w, bn=bn, bk=bk, warps=wp, interpret=interpret)  # noqa: E731

@@ -5,7 +5,8 @@ At M = 512, W8A8 = quantize x (per-token dynamic int8) + the int8 x int8 GEMM. T
 ``bench_qmatmul.time_layers``; ``--timing trace``: a call's GPU span in a profiler trace):
 
 * ``quant_xla``: ``quant_formats.quantize_activations`` (XLA: a row reduction and an elementwise fusion);
-* ``quant_kernel_bm<B>_w<W>``: ``kernels_pallas.quantize_rows`` (one pass over x) at B rows a program, W warps;
+* ``quant_kernel_bm<B>_bk<C>_w<W>``: ``kernels_pallas.quantize_rows`` (one pass over x) at B rows a program, K in
+  chunks of C, W warps;
 * ``gemm``: the Pallas W8A8 GEMM alone on pre-quantized x (the tuned table's tile);
 * ``w8a8_xla_quant`` / ``w8a8_kernel_quant``: the two together, as ``quantized_matmul`` runs them;
 * ``bf16``: XLA's bf16 dot of the same x.
@@ -40,7 +41,10 @@ from kernels_pallas.quantize_rows import quantize_rows  # noqa: E402
 from kernels_pallas.quantized_matmul import fit_config  # noqa: E402
 
 SHAPES = {"down": (13696, 4096), "gate_up": (4096, 27392)}
-KERNEL_TILES = [(1, 8), (1, 16), (2, 16), (1, 4), (4, 16)]
+KERNEL_TILES = [(1, 16384, 8), (1, 16384, 4), (1, 16384, 16), (1, 16384, 2), (1, 8192, 4), (1, 8192, 8),
+                (2, 16384, 8), (2, 16384, 16)]
+# (block_m, block_k, num_warps); block_k 16384 is one chunk for every K here (session 22's first sweep,
+# qmatmul_diag/s22_act_prep/: chunks of 1024-4096 were slower than one chunk of the padded row)
 
 
 def main():
@@ -63,28 +67,33 @@ def main():
             xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float32).astype(jnp.bfloat16)
                   for i in range(args.layers)]
             cfg = fit_config(qmatmul_tiles.lookup(dev, ws[0].name, m, k, n), ws[0], m)
-            if cfg.kernel != "dot":
+            if cfg.kernel not in ("dot", "mgpu"):
                 print(f"{name} M={m}: the table serves W8A8 by {cfg.kernel}; timing the GEMM at a default dot tile")
                 cfg = fit_config(qmatmul_tiles.TileConfig(kernel="dot", block_m=128, block_n=128, block_k=128,
                                                           num_warps=8, num_stages=3), ws[0], m)
 
             def gemm(xq, sx, w, cfg=cfg):
+                if cfg.kernel == "mgpu":  # the Mosaic GPU kernel, as quantized_matmul runs it on Hopper
+                    from kernels_pallas.qmatmul_w8a8_mgpu import fit_stages, tiles_of, w8a8_matmul_mgpu
+                    return w8a8_matmul_mgpu(xq, sx[:, 0], w.qweight, w.scale.astype(jnp.float32),
+                                            tiles=fit_stages(tiles_of(cfg), jnp.bfloat16), out_dtype=jnp.bfloat16)
                 y = gpu_qmatmul(xq, sx, w, cfg=cfg, out_dtype=jnp.bfloat16)
                 return y if cfg.split_k == 1 else jnp.sum(y, axis=0).astype(jnp.bfloat16)
 
             rq, rs = quantize_activations(xs[0])
             variants = [("bf16", lambda _, wx: jnp.dot(wx[1], wx[0]), list(zip(wb, xs))),
                         ("quant_xla", lambda _, x: quantize_activations(x), xs)]
-            for bm, wp in KERNEL_TILES:
-                q, s = quantize_rows(xs[0], block_m=bm, num_warps=wp)
+            for bm, bk, wp in KERNEL_TILES:
+                q, s = quantize_rows(xs[0], block_m=bm, block_k=bk, num_warps=wp)
                 d = np.abs(np.asarray(q, np.int32) - np.asarray(rq, np.int32))
                 ok = d.max() <= 1 and (d > 0).mean() < 1e-3 and np.allclose(np.asarray(s), np.asarray(rs), rtol=1e-6)
-                rows.append({"shape": name, "m": m, "variant": f"check_bm{bm}_w{wp}", "max_step_diff": int(d.max()),
+                rows.append({"shape": name, "m": m, "variant": f"check_bm{bm}_bk{bk}_w{wp}", "max_step_diff": int(d.max()),
                              "frac_diff": float((d > 0).mean()), "ok": bool(ok)})
                 print(json.dumps(rows[-1]), flush=True)
                 if ok:
-                    variants.append((f"quant_kernel_bm{bm}_w{wp}",
-                                     lambda _, x, bm=bm, wp=wp: quantize_rows(x, block_m=bm, num_warps=wp), xs))
+                    variants.append((f"quant_kernel_bm{bm}_bk{bk}_w{wp}",
+                                     lambda _, x, bm=bm, bk=bk, wp=wp: quantize_rows(x, block_m=bm, block_k=bk,
+                                                                                     num_warps=wp), xs))
             pre = [quantize_activations(x) for x in xs]
             variants += [
                 ("gemm", lambda _, wq: gemm(wq[1][0], wq[1][1], wq[0]), list(zip(ws, pre))),

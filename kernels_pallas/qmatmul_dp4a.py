@@ -26,7 +26,8 @@ no convert kernel follows (1.2-1.7 us a call on the H100). A split gives a K-lon
 programs of 27 KB each without one) the program count of a wide one, but its partials cost a kernel too: the H100
 table now runs down_proj unsplit (bn2 bk2048, one warp: 13.5 us against 15.5 with split 4, GPU time in a profiler
 trace). The digit planes, group sums and step come from one Pallas launch before the GEMV (``digit_planes_pallas``,
-one program) for K <= ``DIGITS_KERNEL_MAX_K``, else from XLA's fusions (``digit_planes``): XLA wrote them in several
+one program, ``DIGIT_WARPS``; before session 22 down_proj's K = 13696 took XLA's fusions, ``digit_planes``, until
+the kernel's quotient took five instructions a element, ``quantize_rows.round_quotient``): XLA wrote them in several
 small kernels a GEMV (an all-K-major int4 decode step ran ~1.4 ms of small XLA fusions against bf16's ~0.6,
 ``qmatmul_diag/decode_step_profiles_h100.json``); one launch took 2.1-2.2 us off each qkv / o / gate_up call but
 1.1 us onto down's (K = 13696 in one program, ``qmatmul_diag/dp4a_digits_kernel_h100.json``), and all-K-major int4
@@ -49,12 +50,18 @@ from jax.experimental.pallas import triton as pltriton
 
 from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, QuantFormatError
-from .quantize_rows import round_half_even
+from .quantize_rows import reciprocal, round_quotient, round_to_int
 from .quantized_matmul import SPLIT_STEPS, split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
-DIGITS_KERNEL_MAX_K = 8192  # int4_dp4a_gemv(digits="auto"): the one-launch digit prep up to this K (H100: faster
-# at K = 4096, slower than XLA's at 13696)
+DIGIT_WARPS = ((8192, 8), (None, 32))  # int4_dp4a_gemv(digits="auto"): the one-launch digit prep at every K, with
+# this many warps up to each K (H100, session 22, qmatmul_diag/s22_act_prep/: down 16.3 us with 32 warps against
+# 16.4 with 16 and XLA's prep 18.4; qkv / o fastest with 8)
+
+
+def digit_warps_for(k: int) -> int:
+    """The digit prep's warps for a K (``DIGIT_WARPS``)."""
+    return next(w for limit, w in DIGIT_WARPS if limit is None or k <= limit)
 MAX_ROWS_A_PASS = 4  # at most this many rows of N under one pass of the CTA's threads (tile_fits)
 
 
@@ -148,24 +155,26 @@ def digit_planes(x, group: int):
     return planes, jnp.sum(xs, axis=(1, 2)).astype(jnp.float32), step.reshape(1)
 
 
-def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows):
+def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows, interpret):
     # One program. x_ref [K/G, 2, G/2] (the group halves); planes_ref [4, K/G, G/2] int8; xg_ref [K/G] float32;
     # step_ref [1] float32. The K/G groups are padded to ``rows`` (a power of two) and masked.
     g2 = x_ref.shape[2]
     gm = jnp.arange(rows) < n_groups
     halves = [pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(h, 1), :], mask=gm[:, None, None], other=0.0)
               .reshape(rows, g2).astype(jnp.float32) for h in range(2)]
-    amax = jnp.maximum(jnp.max(jnp.abs(halves[0])), jnp.max(jnp.abs(halves[1])))
-    step = jnp.maximum(amax, 1e-30) / SPLIT_STEPS
+    amax = jnp.maximum(jnp.maximum(jnp.max(jnp.abs(halves[0])), jnp.max(jnp.abs(halves[1]))), 1e-30)
+    step = amax / SPLIT_STEPS
+    step2 = jnp.broadcast_to(step, (1, 1))  # Triton's inline asm takes tensors, not scalars
+    inv = reciprocal(step2, interpret)
     xg = jnp.zeros((rows,), jnp.float32)
     for h, xf in enumerate(halves):
-        xs = jnp.clip(round_half_even(xf / step), -SPLIT_STEPS, SPLIT_STEPS)
-        hi = round_half_even(xs * (1.0 / 128.0))
-        lo = xs - 128.0 * hi
+        xs = jnp.clip(round_quotient(xf, step2, inv, interpret), -SPLIT_STEPS, SPLIT_STEPS)
+        hi = round_to_int(xs.astype(jnp.float32) * (1.0 / 128.0), interpret)  # exact: a power of two
+        lo = xs - 128 * hi
         for j, d in enumerate((hi, lo)):
             pltriton.store(planes_ref.at[pl.ds(2 * h + j, 1), pl.ds(0, rows), :],
-                           d.astype(jnp.int32).astype(jnp.int8).reshape(1, rows, g2), mask=gm[None, :, None])
-        xg = xg + jnp.sum(xs, axis=1)
+                           d.astype(jnp.int8).reshape(1, rows, g2), mask=gm[None, :, None])
+        xg = xg + jnp.sum(xs.astype(jnp.float32), axis=1)
     pltriton.store(xg_ref.at[pl.ds(0, rows)], xg, mask=gm)
     step_ref[...] = jnp.full((1,), step, jnp.float32)
 
@@ -173,12 +182,13 @@ def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows):
 def digit_planes_pallas(x, group: int, *, num_warps: int = 8, interpret: bool = False):
     """``digit_planes`` in one Pallas launch (one program): on the GPU the digits, group sums and step come from
     one kernel instead of XLA's several small fusions around every GEMV (a decode step profile on the H100,
-    ``experiments/results/qmatmul_diag/decode_step_profiles_h100.json``). The digits equal ``digit_planes``' but
-    for float32 division rounding (a quotient within an ulp of a half step may round the other way)."""
+    ``experiments/results/qmatmul_diag/decode_step_profiles_h100.json``). The digits are ``digit_planes``' with the
+    quotient x / step correctly rounded (``quantize_rows.round_quotient``, five PTX instructions a element), which
+    XLA's form may miss by one step on a few elements."""
     k = x.shape[1]
     kg, g2 = k // group, group // 2
     rows = 1 << max(0, (kg - 1).bit_length())
-    kernel = functools.partial(_prep_kernel, n_groups=kg, rows=rows)
+    kernel = functools.partial(_prep_kernel, n_groups=kg, rows=rows, interpret=interpret)
     return pl.pallas_call(
         kernel, grid=(1,), in_specs=[pl.BlockSpec((kg, 2, g2), lambda i: (0, 0, 0))],
         out_specs=[pl.BlockSpec((4, kg, g2), lambda i: (0, 0, 0)), pl.BlockSpec((kg,), lambda i: (0,)),
@@ -212,19 +222,19 @@ def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "digits", "digit_warps", "interpret"))
 def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp.float32, digits: str = "auto",
-                   digit_warps: int = 8, interpret: bool = False):
+                   digit_warps: int | None = None, interpret: bool = False):
     """x [1, K] float, w a K-major ``Int4Weight`` -> y [1, N]: in ``out_dtype`` written by the kernel with one
     split, else float32 (the splits' partials summed by XLA). ``cfg``: block_n rows of N a program, block_k / G
     groups a step, split_k runs of K's steps (the program grid's second axis), num_warps; out (tests): a NaN-filled
     buffer the kernel must overwrite, [split_k', N] float32 partials (split_k' = the number of non-empty splits,
-    ``dp4a_splits``), or [1, N] ``out_dtype`` with one split; digits: "kernel" (``digit_planes_pallas``, one launch
-    of ``digit_warps`` warps), "xla" (``digit_planes``, XLA's fusions) or "auto" (the kernel for K <=
-    ``DIGITS_KERNEL_MAX_K``, else XLA)."""
+    ``dp4a_splits``), or [1, N] ``out_dtype`` with one split; digits: "kernel" or "auto" (``digit_planes_pallas``,
+    one launch of ``digit_warps`` warps, by default ``digit_warps_for(K)``) or "xla" (``digit_planes``, XLA's
+    fusions)."""
     check_dp4a_inputs(x, w, cfg)
     if digits not in ("auto", "kernel", "xla"):
         raise ValueError(f"digits must be 'auto', 'kernel' or 'xla'; got {digits!r}")
-    if digits == "auto":
-        digits = "kernel" if w.in_features <= DIGITS_KERNEL_MAX_K else "xla"
+    digits = "kernel" if digits == "auto" else digits
+    digit_warps = digit_warps_for(w.in_features) if digit_warps is None else digit_warps
     n, k, group = w.out_features, w.in_features, w.group
     kg, g2, bn, ug = k // group, group // 2, cfg.block_n, cfg.block_k // group
     splits, sps = dp4a_splits(kg, ug, cfg.split_k)

@@ -136,6 +136,8 @@ def _k_dim(qweight: Int8Weight) -> int:
     return 1 if qweight.k_major else 0
 
 
+SPLIT_KERNEL_MAX_K = 8192  # the GPU dispatch's xla_split writes its digits in one Pallas launch up to this K
+# (H100, session 22, qmatmul_diag/s22_act_prep/: 0.4-1.5 us faster at K = 4096, M <= 32; 0.4 us slower at 13696, M=1)
 SPLIT_STEPS = 127 * 128  # per row, x is written as an integer xs in [-16256, 16256] steps of absmax / 16256
 SPLIT_MAX_K = (2**31 - 1) // (127 * 128)  # 132104: the hi-digit int32 sum |sum_k hi * q| <= K * 127 * 128
 
@@ -148,7 +150,7 @@ def split_digits(xf, axis: int):
     return step, jnp.concatenate([hi, xs - 128.0 * hi]).astype(jnp.int8)
 
 
-def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
+def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1, prep: str = "xla", interpret: bool = False):
     """Weight-only int8 through XLA's int8 x int8 -> int32 dot: ``x2[M, K]`` (float) -> float32 ``[M, N]``.
 
     Representation: per row m, ``step[m] = absmax(x2[m]) / (127 * 128)`` (absmax floored at 1e-30, so zero
@@ -175,6 +177,10 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
     one block per device each block's absmax is local, where one step per row would need a cross-device max
     before every such matmul (``sharding.partition.set_tp_layout`` sets it to the tensor degree). The error bound
     above holds per block, with the block's absmax.
+
+    ``prep="kernel"`` (one block only; the GPU dispatch's choice) writes the step and digits in one Pallas launch,
+    ``quantize_rows.split_rows`` (x times ``steps / absmax`` there, so a value within an ulp of a half step may round
+    the other way); ``"xla"`` leaves them to XLA's fusions.
     """
     _check(isinstance(qweight, Int8Weight),
            f"the xla_split path is for Int8Weight (weight-only int8) only; got {type(qweight).__name__}")
@@ -185,8 +191,13 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1):
            f"k_blocks={k_blocks!r} must be a positive int dividing K={k}")
     m, n, b = x2.shape[0], qweight.out_features, k_blocks
     scale = qweight.scale.astype(jnp.float32)[None, :]
+    _check(prep in ("xla", "kernel"), f"prep must be 'xla' or 'kernel'; got {prep!r}")
     if b == 1:  # the plain [M, K] form (no block axis), so XLA sees an ordinary int8 dot
-        step, digits = split_digits(x2.astype(jnp.float32), axis=1)  # [M, 1], [2M, K]
+        if prep == "kernel":
+            from .quantize_rows import split_rows
+            step, digits = split_rows(x2, steps=SPLIT_STEPS, interpret=interpret)
+        else:
+            step, digits = split_digits(x2.astype(jnp.float32), axis=1)  # [M, 1], [2M, K]
         acc = lax.dot_general(digits, qweight.qweight, (((1,), (_k_dim(qweight),)), ((), ())),
                               preferred_element_type=jnp.int32).astype(jnp.float32)
         return (128.0 * acc[:m] + acc[m:]) * step * scale
@@ -351,6 +362,7 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
         return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype, act_scale=act_scale)
     x2 = x.reshape(-1, x.shape[-1])
     m, k, n = x2.shape[0], qweight.in_features, qweight.out_features
+    split_prep = "xla"  # the xla_split digits: XLA's fusions, or one Pallas launch where the GPU table chose the path
     if impl.startswith("pallas"):
         if config is None:
             dev = qmatmul_tiles.device_key(jax.devices()[0].device_kind)
@@ -362,6 +374,8 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
         tpu_k_major = k_major and impl == "pallas_tpu"
         if ((config.kernel == "xla_split" or (tpu_k_major and config.kernel != "xla"))
                 and isinstance(qweight, Int8Weight) and not f32 and k <= SPLIT_MAX_K):
+            gpu = impl == "pallas_gpu" and platform == "gpu" and not interpret
+            split_prep = "kernel" if gpu and k_blocks == 1 and k <= SPLIT_KERNEL_MAX_K else "xla"
             impl = "xla_split"
         elif config.kernel in qmatmul_tiles.XLA_KERNELS or (f32 and not interpret) or k % 16 or tpu_k_major:
             impl = "xla"
@@ -371,7 +385,7 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     if impl == "xla":
         y = xla_quantized_matmul(x2, qweight, act_scale)
     elif impl == "xla_split":
-        y = int8_split_matmul(x2, qweight, k_blocks=k_blocks)
+        y = int8_split_matmul(x2, qweight, k_blocks=k_blocks, prep=split_prep, interpret=interpret)
     else:
         cfg = (fit_config(config, qweight, m, wgmma=not interpret, x_dtype=x.dtype) if impl == "pallas_gpu"
                else config)
