@@ -484,3 +484,13 @@ def test_k_major_auto_model_layouts_by_shape_and_logits_equal_kn():
         quantize_model(GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)), "w8a8", k_major="auto")
     with pytest.raises(QuantFormatError, match="allowed: False.*True.*'auto'"):
         quantize_model(GLMForCausalLM(cfg, dtype="float32", rngs=nnx.Rngs(0)), "int8", k_major="yes")
+
+
+def test_every_committed_table_entry_is_a_valid_config():
+    """Each entry of kernels_pallas/tuned/quantized_matmul.json builds a TileConfig (a hand edit that switched an
+    entry to XLA but kept a kernel-only flag, e.g. weight_regs, once made int4 prefill raise at lookup)."""
+    from kernels_pallas.qmatmul_tiles import load_table
+    table = load_table()
+    assert table, "the committed tuned table is missing or empty"
+    for e in table:
+        assert lookup(e["device"], e["format"], e["m"], e["k"], e["n"], table=table) == TileConfig(**e["config"])
