@@ -7,8 +7,8 @@ docstring is about ``quantize_rows``, W8A8's per-token dynamic activation quanti
 all-zero row) and ``xq = clip(round(x / sx), -127, 127)``, round half to even: what the reference
 ``quant_formats.quantize_activations`` computes in plain ``jnp`` (XLA writes it as a row reduction and an
 elementwise fusion, reading x twice). Here each program loads ``block_m`` whole rows once, as ``block_k``-wide
-chunks (the last masked; one power-of-two tile of the whole row padded K = 13696 to 16384, 16% of the work
-wasted), reduces, quantizes and stores. It is instruction-bound rather than bandwidth-bound on the H100, so the
+chunks (the last masked; the default, one chunk of the row padded to a power of two, was fastest on the H100 although
+it pads K = 13696 to 16384), reduces, quantizes and stores. It is instruction-bound rather than bandwidth-bound on the H100, so the
 element loop is kept short: the quotient x / sx from sx's reciprocal with one FMA correction and one PTX
 ``cvt.rni`` for the round half to even (``round_quotient``, five instructions a element instead of an IEEE division
 and a floor-based rounding): the correctly rounded quotient, which XLA's form of the reference may miss by one step
@@ -27,12 +27,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .quant_formats import QuantFormatError
-
-
-def round_half_even(v):
-    """``jnp.round`` (half to even) from floor, which the Triton lowering has (it has no round)."""
-    r = jnp.floor(v + 0.5)
-    return jnp.where((r - v == 0.5) & (jnp.floor(r * 0.5) * 2.0 != r), r - 1.0, r)
 
 
 def round_to_int(v, interpret: bool):

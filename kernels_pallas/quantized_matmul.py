@@ -179,8 +179,8 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1, prep: str =
     above holds per block, with the block's absmax.
 
     ``prep="kernel"`` (one block only; the GPU dispatch's choice) writes the step and digits in one Pallas launch,
-    ``quantize_rows.split_rows`` (x times ``steps / absmax`` there, so a value within an ulp of a half step may round
-    the other way); ``"xla"`` leaves them to XLA's fusions.
+    ``quantize_rows.split_rows`` (the correctly rounded quotient x / step, which XLA's fusions may miss by one step on
+    a few elements); ``"xla"`` leaves them to XLA's fusions.
     """
     _check(isinstance(qweight, Int8Weight),
            f"the xla_split path is for Int8Weight (weight-only int8) only; got {type(qweight).__name__}")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.qmatmul_tiles import TileConfig
 from kernels_pallas.quant_formats import QuantFormatError, quantize_activations
-from kernels_pallas.quantize_rows import quantize_rows, round_half_even
+from kernels_pallas.quantize_rows import quantize_rows, round_quotient, round_to_int
 
 
 class QuantizeRowsCases:
@@ -110,9 +110,13 @@ class TestQuantizeRowsGPU(QuantizeRowsCases):
     interpret = False
 
 
-def test_round_half_even_is_jnp_round():
+def test_interpret_rounding_is_half_to_even():
+    # the interpret-mode forms of the kernels' PTX rounding helpers (the GPU forms are checked bit for bit against
+    # numpy's IEEE quotients by check_quotients)
     v = jnp.asarray([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.49, -3.51, 126.5, 127.5, 0.0], jnp.float32)
-    np.testing.assert_array_equal(np.asarray(round_half_even(v)), np.asarray(jnp.round(v)))
+    np.testing.assert_array_equal(np.asarray(round_to_int(v, True)), [-2, -2, 0, 0, 2, 2, 3, -4, 126, 128, 0])
+    np.testing.assert_array_equal(np.asarray(round_quotient(v, jnp.float32(0.5), jnp.float32(2.0), True)),
+                                  [-5, -3, -1, 1, 3, 5, 7, -7, 253, 255, 0])
 
 
 def test_bad_input_raises_before_launch():
