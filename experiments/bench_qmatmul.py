@@ -13,7 +13,9 @@ scan, no Python loop of calls; a shared x let XLA compute activation-only work o
 ``distinct_inputs``); ``--timing trace`` (the default) takes a call's GPU span from a profiler trace (first kernel start to last
 kernel end: the int4 GEMVs' calls were host-bound, 15 us of kernels a layer against 16-26 us of wall time),
 ``--timing wall`` the median wall time of many pipelined calls; ``--rounds R`` times all ops of a (shape, M) R times,
-round after round, and each row keeps the median (``us_rounds``: every round). Writes
+round after round, and each row keeps the median (``us_rounds``: every round). Third-party baselines
+(``--baselines qwix,tokamax``, ``qmatmul_baselines.py``) are timed beside them where they import, each checked
+against the reference first; the summary says at how many points each beat ours. Writes
 experiments/results/qmatmul_<gpu>.{json,md} (or ``--out`` dir).
 
     python experiments/bench_qmatmul.py --out $OUT
@@ -34,10 +36,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from experiments import bench_common  # noqa: E402
+from experiments import bench_common, qmatmul_baselines  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
 from kernels_pallas.quant_formats import Int4Weight, Int8Weight, W8A8Weight, resolve_k_major  # noqa: E402
-from kernels_pallas.quantized_matmul import quantized_matmul  # noqa: E402
+from kernels_pallas.quantized_matmul import quantized_matmul, quantized_matmul_reference  # noqa: E402
 
 SHAPES = {"qkv": (4096, 4608), "o": (4096, 4096), "gate_up": (4096, 27392), "down": (13696, 4096)}
 MS = (1, 8, 32, 128, 512)
@@ -208,7 +210,20 @@ def summarize(rows: list[dict]) -> dict:
         "int4_layout": "nk" if int4.endswith("_kmajor") else "kn",
         "w8a8_speedup_vs_bf16_m512": worst(speed("w8a8", 512, "bf16", "bf16")),
         "worst_ratio_vs_bf16": max(ratios) if ratios else None,
+        **{f"{name}_faster_than_ours": baseline_wins(rows, name) for name in qmatmul_baselines.BASELINES
+           if any(r["method"] == name for r in rows)},
     }
+
+
+def baseline_wins(rows: list[dict], name: str) -> str:
+    """'W of P': at how many of the (format, shape, M) points where the baseline ran it beat ours by > 3%, and
+    the largest such margin (ours / baseline)."""
+    ours_us = {(r["format"], r["shape"], r["m"]): r["us"] for r in rows if r["method"] == "ours"}
+    pairs = [(ours_us[k] / r["us"], k) for r in rows if r["method"] == name
+             and (k := (r["format"], r["shape"], r["m"])) in ours_us]
+    wins = [p for p in pairs if p[0] > 1.03]
+    best = max(wins, default=None)
+    return f"{len(wins)} of {len(pairs)}" + (f" (most: {best[0]:.2f}x at {best[1]})" if best else "")
 
 
 def markdown(result: dict) -> str:
@@ -238,9 +253,21 @@ def markdown(result: dict) -> str:
             f"{x['us'] if x else float('nan'):.1f} | {b['us'] if b else float('nan'):.1f} | "
             f"{r['us'] / b['us'] if b else float('nan'):.2f} | {x['us'] / r['us'] if x else float('nan'):.2f} | "
             f"{r.get('config', '')} | {r.get('run', 1)} |")
+    others = [r for r in rows if r["method"] in qmatmul_baselines.BASELINES]
+    if others:
+        lines += ["", "## Third-party baselines (same run; `qmatmul_baselines.py`)", "",
+                  "| shape | M | format | baseline | us | ours us | baseline/ours | bf16 us | rel_err | run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in others:
+            o = idx.get(("ours", r["format"], r["shape"], r["m"]))
+            b = idx.get(("bf16", r["shape"], r["m"], r.get("run", 1)))
+            lines.append(f"| {r['shape']} | {r['m']} | {r['format']} | {r['method']} | {r['us']:.1f} | "
+                         f"{o['us'] if o else float('nan'):.1f} | {r['us'] / o['us'] if o else float('nan'):.2f} | "
+                         f"{b['us'] if b else float('nan'):.1f} | {r.get('rel_err', float('nan')):.1e} | "
+                         f"{r.get('run', 1)} |")
     lines += ["", "## summary", ""] + [f"- {k}: {round(v, 3) if isinstance(v, float) else v}"
                                          for k, v in result["summary"].items()]
-    lines += ["", "Baselines not run: " + "; ".join(result["baselines_missing"])]
+    lines += ["", "Baselines not run: " + ("; ".join(result["baselines_missing"]) or "none")]
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +287,8 @@ def main():
     ap.add_argument("--timing", choices=("trace", "wall"), default="trace",
                     help="trace: GPU time of a call from a profiler trace (its kernels, first start to last end); "
                          "wall: wall time of pipelined calls, host-bound where dispatch outlasts the kernels")
+    ap.add_argument("--baselines", default=",".join(qmatmul_baselines.BASELINES),
+                    help="third-party baselines to time where importable (qmatmul_baselines.py); '' for none")
     ap.add_argument("--merge_into", default=None,
                     help="a results JSON of the same device: this run's rows replace its rows for the same "
                          "(format, shape, M) and are tagged with a new run number; summary recomputed")
@@ -271,13 +300,12 @@ def main():
     shapes = args.shapes.split(",")
     bw = copy_bandwidth()
     print(f"device {dev.device_kind}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    missing = []
-    for name in ("tokamax", "qwix"):
-        try:
-            __import__(name)
-            missing.append(f"{name}: importable but not wired in")
-        except ImportError:
-            missing.append(f"{name}: not installed on the device image")
+    wanted = [b for b in args.baselines.split(",") if b]
+    found = qmatmul_baselines.available()
+    baselines = [b for b in wanted if found.get(b)]
+    missing = [f"{b}: not importable here (experiments/fetch_baseline_wheels.sh carries it to the device)"
+               for b in wanted if not found.get(b)]
+    print("baselines:", {b: found.get(b) for b in wanted}, flush=True)
     rows, skipped = [], []
     # Summary shapes and Ms first, so a budget cut loses the least important rows.
     order = [(s, m) for m in ms for s in shapes if s in ("gate_up", "down")]
@@ -307,6 +335,22 @@ def main():
                     continue
                 ops.append((dict(format=fmt, method=method, bytes=weight_bytes(ws[0]), compile_s=cs,
                                  config=(cfg.to_json() if method == "ours" else None)), measure, ws))
+            for name in baselines:  # the same integers and scales in the baseline's own format, checked first
+                convert, fn = qmatmul_baselines.baseline(name)
+                try:
+                    operands = [convert(w) for w in ws]
+                    if operands[0] is None:
+                        continue
+                    ref = quantized_matmul_reference(x, ws[0], out_dtype=jnp.float32)
+                    err = float(jnp.linalg.norm(fn(x, operands[0]).astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+                    if not err < 1e-2:
+                        raise ValueError(f"relative error {err:.3g} against the reference (allowed 1e-2)")
+                    cs, measure = layer_timer(fn, x, operands, timing=args.timing)
+                except Exception as e:  # report, keep going
+                    print(f"FAILED {name} {fmt} {shape} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                ops.append((dict(format=fmt, method=name, bytes=weight_bytes(ws[0]), compile_s=cs, rel_err=err),
+                            measure, operands))
         times = [[] for _ in ops]
         for _ in range(args.rounds):
             for t, (_, measure, _) in zip(times, ops):
