@@ -55,11 +55,12 @@ def candidates(k: int, n: int, warps, stages, shape: str = "") -> list[dict]:
 
 
 def site_fn(cfg, with_norm: bool, norm=None, shape: str = ""):
-    """(x, ws, r, scale) -> per-layer outputs, every layer's weight distinct, unrolled; ``norm``: add_rms_norm's
-    block sizes."""
-    def run(x, ws, r, scale):
+    """(xs, ws, r, scale) -> per-layer outputs, every layer's weight and activation distinct, unrolled (with one x
+    shared by the layers XLA may merge its dots into one: ``bench_qmatmul.distinct_inputs``); ``norm``:
+    add_rms_norm's block sizes."""
+    def run(xs, ws, r, scale):
         outs = []
-        for w in ws:
+        for x, w in zip(xs, ws):
             if shape == "gate_up":
                 outs.append(glu.glu_matmul_reference(x, w) if cfg is None else glu.glu_matmul(x, w, **cfg))
                 continue
@@ -111,7 +112,8 @@ def main():
         k, n = SHAPES[shape]
         layers = max(2, math.ceil(args.min_mb * 2**20 / (k * n * 2)))
         kx, kw, kr = jax.random.split(jax.random.key(m + k), 3)
-        x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+        x = [jax.random.normal(jax.random.fold_in(kx, i), (m, k), jnp.float32).astype(jnp.bfloat16)
+             for i in range(layers)]  # one activation a layer, as in the model
         ws = [(jax.random.normal(jax.random.fold_in(kw, i), (k, n), jnp.float32) / math.sqrt(k)).astype(jnp.bfloat16)
               for i in range(layers)]
         r = jax.random.normal(kr, (m, n), jnp.float32).astype(jnp.bfloat16)
