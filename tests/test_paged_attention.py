@@ -312,6 +312,9 @@ class MosaicGpuDecodeCases:
 
 class TestMosaicGpuDecodeInterpret(MosaicGpuDecodeCases):
     interpret = True
+    # one split and a merge of two (the three-split case runs on the GPU and is lowered for CUDA below): the
+    # interpreter takes ~11 s a case and the CPU suite keeps under CI's 15 minutes
+    cases = [MosaicGpuDecodeCases.cases[0], MosaicGpuDecodeCases.cases[2]]
 
 
 @pytest.mark.gpu
