@@ -143,7 +143,7 @@ def config_label(c) -> str:
     return (f"{c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} s{c['split_k']} "
             f"w{c['num_warps']} st{c['num_stages']}{' fast' if c['fast_dequant'] else ''}"
             f"{' pf' if c.get('prefetch') else ''}{' asm' if c.get('asm_dequant') else ''}"
-            f"{' bf16scale' if c.get('scale_in_bf16') else ''}{' regs' if c.get('weight_regs') else ''}"
+            f"{' bf16scale' if c.get('scale_in_bf16') else ''}{' regs' if c.get('weight_regs') else ''}{' pp' if c.get('weight_pingpong') else ''}"
             + (f" u{c['unroll']}" if c.get("unroll") else ""))
 
 
