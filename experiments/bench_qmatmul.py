@@ -83,6 +83,11 @@ def distinct_inputs(x, layers: int) -> list:
     return [x] + [jax.random.normal(kk, x.shape, jnp.float32).astype(x.dtype) for kk in keys]
 
 
+def unrolled(fn):
+    """The timed call: ``fn(x_i, w_i)`` for each layer i, unrolled in one jit, each layer with its own x."""
+    return jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
+
+
 def layer_timer(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5, timing: str = "wall"):
     """Compiles ``fn(x, w)`` over distinct weights, each layer with its own ``x`` (``distinct_inputs``), unrolled in
     one jit; returns (compile s, ``measure``), where
@@ -90,7 +95,7 @@ def layer_timer(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5,
     timed batches of calls, with ``"trace"`` the median GPU span of a call in a profiler trace
     (``bench_common.gpu_span_per_call``: kernels only, no host dispatch)."""
     x = distinct_inputs(x, len(weights))
-    f = jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
+    f = unrolled(fn)
     t0 = time.perf_counter()
     jax.block_until_ready(f(x, weights))
     compile_s = time.perf_counter() - t0
