@@ -10,8 +10,9 @@ integer-dot GEMV at M=1, ``qmatmul_dp4a.py``) is in the default formats; where i
 (the layout ``k_major="auto"`` gives int4), as the int8 keys read ``int8_auto``.
 Each op is timed as ``--layers`` distinct layers' weights, each with its own activation x, unrolled in one jit (no
 scan, no Python loop of calls; a shared x let XLA compute activation-only work once for all layers, see
-``distinct_inputs``); ``--timing trace`` (the default) takes a call's GPU span from a profiler trace (first kernel start to last
-kernel end: the int4 GEMVs' calls were host-bound, 15 us of kernels a layer against 16-26 us of wall time),
+``distinct_inputs``); ``--timing trace`` (the default) takes a call's GPU span from a profiler trace (first kernel
+start to last kernel end: the int4 GEMVs' calls were host-bound, 15 us of kernels a layer against 16-26 us of wall
+time),
 ``--timing wall`` the median wall time of many pipelined calls; ``--rounds R`` times all ops of a (shape, M) R times,
 round after round, and each row keeps the median (``us_rounds``: every round). Third-party baselines
 (``--baselines qwix,tokamax``, ``qmatmul_baselines.py``) are timed beside them where they import, each checked
@@ -78,7 +79,7 @@ def distinct_inputs(x, layers: int) -> list:
     """``x`` and ``layers - 1`` other random normal arrays of its shape and dtype: one activation a layer, as in the
     model. With one ``x`` shared by the unrolled layers XLA computes any activation-only work once for all of them
     (CSE): the int8 ``xla_split`` digits, the int4 GEMV's digit planes and W8A8's row quantization were timed at an
-    eighth of their per-layer cost in the runs before 2026-11-27's run 18."""
+    eighth of their per-layer cost in the file of record's runs before 2026-11-27 (``qmatmul_diag/s22_distinct_x/``)."""
     keys = jax.random.split(jax.random.key(1 + x.shape[0]), layers - 1)
     return [x] + [jax.random.normal(kk, x.shape, jnp.float32).astype(x.dtype) for kk in keys]
 
@@ -148,7 +149,8 @@ def config_label(c) -> str:
     return (f"{c['kernel']} bm{c['block_m']} bn{c['block_n']} bk{c['block_k']} s{c['split_k']} "
             f"w{c['num_warps']} st{c['num_stages']}{' fast' if c['fast_dequant'] else ''}"
             f"{' pf' if c.get('prefetch') else ''}{' asm' if c.get('asm_dequant') else ''}"
-            f"{' bf16scale' if c.get('scale_in_bf16') else ''}{' regs' if c.get('weight_regs') else ''}{' pp' if c.get('weight_pingpong') else ''}"
+            f"{' bf16scale' if c.get('scale_in_bf16') else ''}{' regs' if c.get('weight_regs') else ''}"
+            f"{' pp' if c.get('weight_pingpong') else ''}"
             + (f" u{c['unroll']}" if c.get("unroll") else ""))
 
 

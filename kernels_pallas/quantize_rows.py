@@ -7,12 +7,13 @@ docstring is about ``quantize_rows``, W8A8's per-token dynamic activation quanti
 all-zero row) and ``xq = clip(round(x / sx), -127, 127)``, round half to even: what the reference
 ``quant_formats.quantize_activations`` computes in plain ``jnp`` (XLA writes it as a row reduction and an
 elementwise fusion, reading x twice). Here each program loads ``block_m`` whole rows once, as ``block_k``-wide
-chunks (the last masked; the default, one chunk of the row padded to a power of two, was fastest on the H100 although
-it pads K = 13696 to 16384), reduces, quantizes and stores. It is instruction-bound rather than bandwidth-bound on the H100, so the
-element loop is kept short: the quotient x / sx from sx's reciprocal with one FMA correction and one PTX
-``cvt.rni`` for the round half to even (``round_quotient``, five instructions a element instead of an IEEE division
-and a floor-based rounding): the correctly rounded quotient, which XLA's form of the reference may miss by one step
-on a few elements (it can multiply by a reciprocal; 1.2e-4 of them at W8A8's down shape on the H100).
+chunks (the last masked; the default, one chunk of the row padded to a power of two, was fastest on the H100
+although it pads K = 13696 to 16384), reduces, quantizes and stores. It is instruction-bound rather than
+bandwidth-bound on the H100, so the element loop is kept short: the quotient x / sx from sx's reciprocal with one
+FMA correction and one PTX ``cvt.rni`` for the round half to even (``round_quotient``, five instructions a element
+instead of an IEEE division and a floor-based rounding): the correctly rounded quotient, which XLA's form of the
+reference may miss by one step on a few elements (it can multiply by a reciprocal; 1.2e-4 of them at W8A8's down
+shape on the H100).
 
 Block sizes (keyword-only, static): ``block_m`` rows a program, ``block_k`` columns a chunk, ``num_warps``.
 """

@@ -1,6 +1,7 @@
-"""W8A8's one-pass activation quantization kernel (``kernels_pallas.quantize_rows``) against its reference,
-``quant_formats.quantize_activations`` and numpy's IEEE quotients: fresh random inputs with an all-zero row, ragged M (rows past M masked)
-and K not a power of two (columns masked), NaN-poisoned outputs checked written."""
+"""The one-pass activation kernels (``kernels_pallas.quantize_rows``: W8A8's ``quantize_rows``, the xla_split path's
+``split_rows``) against their references (``quant_formats.quantize_activations``, ``split_digits``) and numpy's IEEE
+quotients: fresh random inputs with an all-zero row, ragged M (rows past M masked) and K not a power of two
+(columns masked), NaN-poisoned outputs checked written."""
 
 from __future__ import annotations
 
