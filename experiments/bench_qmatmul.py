@@ -342,13 +342,13 @@ def main():
                     continue
                 ops.append((dict(format=fmt, method=method, bytes=weight_bytes(ws[0]), compile_s=cs,
                                  config=(cfg.to_json() if method == "ours" else None)), measure, ws))
+            ref = quantized_matmul_reference(x, ws[0], out_dtype=jnp.float32) if baselines else None
             for name in baselines:  # the same integers and scales in the baseline's own format, checked first
                 convert, fn = qmatmul_baselines.baseline(name)
                 try:
                     operands = [convert(w) for w in ws]
                     if operands[0] is None:
                         continue
-                    ref = quantized_matmul_reference(x, ws[0], out_dtype=jnp.float32)
                     err = float(jnp.linalg.norm(fn(x, operands[0]).astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
                     if not err < 1e-2:
                         raise ValueError(f"relative error {err:.3g} against the reference (allowed 1e-2)")

@@ -50,7 +50,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, QuantFormatError
-from .quantize_rows import reciprocal, round_quotient, round_to_int
+from .quantize_rows import reciprocal, split_values
 from .quantized_matmul import SPLIT_STEPS, split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
@@ -168,9 +168,7 @@ def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows, interpr
     inv = reciprocal(step2, interpret)
     xg = jnp.zeros((rows,), jnp.float32)
     for h, xf in enumerate(halves):
-        xs = jnp.clip(round_quotient(xf, step2, inv, interpret), -SPLIT_STEPS, SPLIT_STEPS)
-        hi = round_to_int(xs.astype(jnp.float32) * (1.0 / 128.0), interpret)  # exact: a power of two
-        lo = xs - 128 * hi
+        xs, hi, lo = split_values(xf, step2, inv, SPLIT_STEPS, interpret)
         for j, d in enumerate((hi, lo)):
             pltriton.store(planes_ref.at[pl.ds(2 * h + j, 1), pl.ds(0, rows), :],
                            d.astype(jnp.int8).reshape(1, rows, g2), mask=gm[None, :, None])

@@ -72,6 +72,15 @@ def round_quotient(x, d, inv, interpret: bool):
                                            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int32)])[0]
 
 
+def split_values(x, step, inv, steps: int, interpret: bool):
+    """x's fixed point in ``steps`` steps of ``step`` (``inv = reciprocal(step)``), as two digits: (xs, hi, lo) int32
+    with ``xs = clip(round(x / step), -steps, steps) = 128 hi + lo``, ``hi = round(xs / 128)`` (exact: a power of
+    two). The xla_split path's digits (``split_rows``) and the int4 dp4a GEMV's (``qmatmul_dp4a``) both."""
+    xs = jnp.clip(round_quotient(x, step, inv, interpret), -steps, steps)
+    hi = round_to_int(xs.astype(jnp.float32) * (1.0 / 128.0), interpret)
+    return xs, hi, xs - 128 * hi
+
+
 def _load_rows(x_ref, *, k, chunk, rows, m):
     """The program's ``rows`` rows of x as [rows, chunk] float32 chunks (rows past M, columns past K masked to 0)
     -> ([(first column, mask, chunk)], row absmax [rows, 1])."""
@@ -89,8 +98,9 @@ def _kernel(x_ref, q_ref, s_ref, *, k, chunk, rows, m, interpret):
     # x_ref [block_m, K] float; q_ref [block_m, K] int8; s_ref [block_m, 1] float32.
     parts, amax, row_ok = _load_rows(x_ref, k=k, chunk=chunk, rows=rows, m=m)
     sx = jnp.where(amax > 0, amax / 127.0, 1.0)
+    inv = reciprocal(sx, interpret)
     for c0, mask, xc in parts:
-        q = jnp.clip(round_quotient(xc, sx, reciprocal(sx, interpret), interpret), -127, 127)
+        q = jnp.clip(round_quotient(xc, sx, inv, interpret), -127, 127)
         pltriton.store(q_ref.at[:, pl.ds(c0, chunk)], q.astype(jnp.int8), mask=mask)
     pltriton.store(s_ref, sx, mask=row_ok[:, None])
 
@@ -99,10 +109,10 @@ def _split_kernel(x_ref, s_ref, d_ref, *, k, chunk, rows, m, steps, interpret):
     # x_ref [block_m, K] float; s_ref [block_m, 1] float32; d_ref [2, block_m, K] int8 (hi digits, then lo).
     parts, amax, row_ok = _load_rows(x_ref, k=k, chunk=chunk, rows=rows, m=m)
     step = jnp.maximum(amax, 1e-30) / steps
+    inv = reciprocal(step, interpret)
     for c0, mask, xc in parts:
-        xs = jnp.clip(round_quotient(xc, step, reciprocal(step, interpret), interpret), -int(steps), int(steps))
-        hi = round_to_int(xs.astype(jnp.float32) * (1.0 / 128.0), interpret)  # exact: a power of two
-        for j, d in enumerate((hi, xs - 128 * hi)):
+        _, hi, lo = split_values(xc, step, inv, steps, interpret)
+        for j, d in enumerate((hi, lo)):
             pltriton.store(d_ref.at[pl.ds(j, 1), :, pl.ds(c0, chunk)], d.astype(jnp.int8)[None], mask=mask[None])
     pltriton.store(s_ref, step, mask=row_ok[:, None])
 
@@ -147,7 +157,7 @@ def split_rows(x, *, steps: int, block_m: int = 1, block_k: int = 16384, num_war
     ``hi = round(xs / 128)`` in rows [0, M), ``lo = xs - 128 hi`` in rows [M, 2M)."""
     chunk, kp = _check(x, block_m, block_k, num_warps, "split_rows")
     m, k = x.shape
-    kernel = functools.partial(_split_kernel, k=k, chunk=chunk, rows=block_m, m=m, steps=float(steps),
+    kernel = functools.partial(_split_kernel, k=k, chunk=chunk, rows=block_m, m=m, steps=int(steps),
                                interpret=interpret)
     step, d = pl.pallas_call(
         kernel, grid=(pl.cdiv(m, block_m),), in_specs=[pl.BlockSpec((block_m, kp), lambda i: (i, 0))],
