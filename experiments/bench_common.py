@@ -119,6 +119,20 @@ def traced(fn, *args, calls: int = 30, warmup: int = 5):
         yield xplane
 
 
+def distinct_inputs(x, layers: int, key=None) -> list:
+    """``x`` and ``layers - 1`` other random normal arrays of its shape and dtype: one input a layer, as in the
+    model, for benchmarks that unroll several layers in one jit. With one ``x`` shared by the layers XLA computes
+    any input-only work once for all of them (CSE) and may merge dots that share it: the int8 ``xla_split`` digits,
+    the int4 GEMV's digit planes and W8A8's row quantization were timed at an eighth of their per-layer cost in the
+    quantized-matmul file of record's runs before 2026-11-27 (``qmatmul_diag/s22_distinct_x/``). ``key``: where the
+    others come from (default: one from x's leading size; pass distinct keys for inputs of the same shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(1 + x.shape[0]) if key is None else key, layers - 1)
+    return [x] + [jax.random.normal(kk, x.shape, jnp.float32).astype(x.dtype) for kk in keys]
+
+
 def call_spans(events: list[tuple[int, int]], calls: int) -> list[int]:
     """(start, end) of every kernel of ``calls`` identical calls, sorted by start -> each call's span (its first
     kernel's start to its last kernel's end): the k-th run of len(events) / calls kernels is the k-th call."""

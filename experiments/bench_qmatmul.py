@@ -10,7 +10,7 @@ integer-dot GEMV at M=1, ``qmatmul_dp4a.py``) is in the default formats; where i
 (the layout ``k_major="auto"`` gives int4), as the int8 keys read ``int8_auto``.
 Each op is timed as ``--layers`` distinct layers' weights, each with its own activation x, unrolled in one jit (no
 scan, no Python loop of calls; a shared x let XLA compute activation-only work once for all layers, see
-``distinct_inputs``); ``--timing trace`` (the default) takes a call's GPU span from a profiler trace (first kernel
+``bench_common.distinct_inputs``); ``--timing trace`` (the default) takes a call's GPU span from a profiler trace (first kernel
 start to last kernel end: the int4 GEMVs' calls were host-bound, 15 us of kernels a layer against 16-26 us of wall
 time),
 ``--timing wall`` the median wall time of many pipelined calls; ``--rounds R`` times all ops of a (shape, M) R times,
@@ -75,27 +75,18 @@ def weight_bytes(w) -> int:
     return w.size * w.dtype.itemsize if isinstance(w, jax.Array) else w.nbytes()
 
 
-def distinct_inputs(x, layers: int) -> list:
-    """``x`` and ``layers - 1`` other random normal arrays of its shape and dtype: one activation a layer, as in the
-    model. With one ``x`` shared by the unrolled layers XLA computes any activation-only work once for all of them
-    (CSE): the int8 ``xla_split`` digits, the int4 GEMV's digit planes and W8A8's row quantization were timed at an
-    eighth of their per-layer cost in the file of record's runs before 2026-11-27 (``qmatmul_diag/s22_distinct_x/``)."""
-    keys = jax.random.split(jax.random.key(1 + x.shape[0]), layers - 1)
-    return [x] + [jax.random.normal(kk, x.shape, jnp.float32).astype(x.dtype) for kk in keys]
-
-
 def unrolled(fn):
     """The timed call: ``fn(x_i, w_i)`` for each layer i, unrolled in one jit, each layer with its own x."""
     return jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
 
 
 def layer_timer(fn, x, weights, *, min_sample_s: float = 0.01, samples: int = 5, timing: str = "wall"):
-    """Compiles ``fn(x, w)`` over distinct weights, each layer with its own ``x`` (``distinct_inputs``), unrolled in
+    """Compiles ``fn(x, w)`` over distinct weights, each layer with its own ``x`` (``bench_common.distinct_inputs``), unrolled in
     one jit; returns (compile s, ``measure``), where
     ``measure()`` gives seconds per layer (callable again: rounds): with ``timing="wall"`` the median of ``samples``
     timed batches of calls, with ``"trace"`` the median GPU span of a call in a profiler trace
     (``bench_common.gpu_span_per_call``: kernels only, no host dispatch)."""
-    x = distinct_inputs(x, len(weights))
+    x = bench_common.distinct_inputs(x, len(weights))
     f = unrolled(fn)
     t0 = time.perf_counter()
     jax.block_until_ready(f(x, weights))

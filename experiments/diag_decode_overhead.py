@@ -78,8 +78,8 @@ def worker(args):
     # One GEMV alone, 8 distinct layers unrolled: gate_up [4096, 27392] at M=b.
     din, dout = (256, 512) if smoke else (4096, 27392)
     ws = [jax.random.normal(jax.random.key(i), (din, dout), jnp.bfloat16) for i in range(8)]
-    xs = [jax.random.normal(jax.random.key(99 + i), (b, din), jnp.bfloat16) for i in range(8)]  # one x a layer:
-    f = jax.jit(lambda xs, ws: sum(x @ w for x, w in zip(xs, ws)))  # a shared x lets XLA merge the dots
+    xs = bench_common.distinct_inputs(jax.random.normal(jax.random.key(99), (b, din), jnp.bfloat16), 8)  # one x a
+    f = jax.jit(lambda xs, ws: sum(x @ w for x, w in zip(xs, ws)))  # layer: a shared x lets XLA merge the dots
     t_gemv = bench_common.time_fn(f, xs, ws) / 8
     res = dict(variant=args.variant, decode_kernel=args.decode_kernel, layers=args.layers, batch=b,
                step_ms=step * 1e3, kernels=kernels,

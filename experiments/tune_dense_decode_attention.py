@@ -75,10 +75,9 @@ def main():
     for b in args.batch:
         key = jax.random.key(b)
         kq, kk, kv, kc = jax.random.split(key, 4)
-        def per_layer(k, shape):  # one array a layer
-            return [jax.random.normal(jax.random.fold_in(k, i), shape, jnp.float32).astype(jnp.bfloat16)
-                    for i in range(args.layers)]
-        qs, kns, vns = per_layer(kq, (b, N, H)), per_layer(kk, (b, K, H)), per_layer(kv, (b, K, H))
+        qs, kns, vns = (bench_common.distinct_inputs(jax.random.normal(kx, shape, jnp.float32).astype(jnp.bfloat16),
+                                                     args.layers, key=jax.random.fold_in(kx, 1))
+                        for kx, shape in ((kq, (b, N, H)), (kk, (b, K, H)), (kv, (b, K, H))))
         pos = jnp.full((b,), args.position, jnp.int32)
         nbytes = 2 * b * K * (args.position + 1) * H * 2  # keys and values read (the cache as far as attended)
         cands = [dict(splits=s, block_s=bs, num_warps=w, num_stages=st)

@@ -56,7 +56,7 @@ def candidates(k: int, n: int, warps, stages, shape: str = "") -> list[dict]:
 
 def site_fn(cfg, with_norm: bool, norm=None, shape: str = ""):
     """(xs, ws, r, scale) -> per-layer outputs, every layer's weight and activation distinct, unrolled (with one x
-    shared by the layers XLA may merge its dots into one: ``bench_qmatmul.distinct_inputs``); ``norm``:
+    shared by the layers XLA may merge its dots into one: ``bench_common.distinct_inputs``); ``norm``:
     add_rms_norm's block sizes."""
     def run(xs, ws, r, scale):
         outs = []
@@ -112,8 +112,7 @@ def main():
         k, n = SHAPES[shape]
         layers = max(2, math.ceil(args.min_mb * 2**20 / (k * n * 2)))
         kx, kw, kr = jax.random.split(jax.random.key(m + k), 3)
-        x = [jax.random.normal(jax.random.fold_in(kx, i), (m, k), jnp.float32).astype(jnp.bfloat16)
-             for i in range(layers)]  # one activation a layer, as in the model
+        x = bench_common.distinct_inputs(jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16), layers)
         ws = [(jax.random.normal(jax.random.fold_in(kw, i), (k, n), jnp.float32) / math.sqrt(k)).astype(jnp.bfloat16)
               for i in range(layers)]
         r = jax.random.normal(kr, (m, n), jnp.float32).astype(jnp.bfloat16)

@@ -46,7 +46,7 @@ def test_op_timer_gives_every_unrolled_layer_its_own_activation():
 
     bench_qmatmul = importlib.import_module("experiments.bench_qmatmul")
     x = jax.random.normal(jax.random.key(0), (2, 64), jnp.float32).astype(jnp.bfloat16)
-    xs = bench_qmatmul.distinct_inputs(x, 4)
+    xs = bench_common.distinct_inputs(x, 4)
     assert len(xs) == 4 and xs[0] is x
     assert all(v.shape == x.shape and v.dtype == x.dtype for v in xs)
     assert all(not bool(jnp.array_equal(a, b)) for i, a in enumerate(xs) for b in xs[i + 1:])
