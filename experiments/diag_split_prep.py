@@ -4,8 +4,9 @@
 dot. ``prep="xla"`` leaves that to XLA (a row reduction, then the digits), ``prep="kernel"`` writes them in one
 Pallas launch (``quantize_rows.split_rows``). Each variant is timed as distinct layers, each with its own x
 (``bench_qmatmul.time_layers``), by its GPU span in a profiler trace; the weights are int8 in the layout
-``k_major="auto"`` gives (K-major unless K > N), as the file of record's ``int8_auto`` rows. The two preps' outputs
-are checked equal first.
+``k_major="auto"`` gives (K-major unless K > N), as the file of record's ``int8_auto`` rows. Each ``check`` row
+records whether the two preps' outputs were equal (on the H100 they differ where XLA's quotient x / step is not
+the correctly rounded one, a step on a few elements).
 
     python experiments/diag_split_prep.py --out $OUT [--ms 1,8,32] [--rounds 2]     # GPU
 """
