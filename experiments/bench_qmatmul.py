@@ -141,7 +141,6 @@ def config_label(c) -> str:
             f"w{c['num_warps']} st{c['num_stages']}{' fast' if c['fast_dequant'] else ''}"
             f"{' pf' if c.get('prefetch') else ''}{' asm' if c.get('asm_dequant') else ''}"
             f"{' bf16scale' if c.get('scale_in_bf16') else ''}{' regs' if c.get('weight_regs') else ''}"
-            f"{' pp' if c.get('weight_pingpong') else ''}"
             + (f" u{c['unroll']}" if c.get("unroll") else ""))
 
 

@@ -32,34 +32,30 @@ from kernels_pallas.quantized_matmul import quantized_matmul_reference  # noqa: 
 
 WIN = 0.03  # a table entry changes only where the kernel was at least this much faster
 # "block_m:block_n:num_stages": each compute warpgroup's tile and the slots in flight; ":r": the widened weight as
-# wgmma's register operand (``weight_regs``; K-major weights only), ":r128" the same with a K step of 128 (int8),
-# ":rp" / ":rp128" with the compute warpgroups in ping-pong (``weight_pingpong``, not yet timed on a GPU)
-CONFIGS = ["128:128:3", "128:128:4", "64:128:4", "128:64:4", "64:64:6", "128:128:5:r", "128:64:6:r", "256:64:4:r",
-           "128:128:5:rp", "128:64:6:rp128"]
-INT4_CONFIGS = ["128:64:3", "64:64:4", "128:64:4:r", "256:64:2:r", "128:128:3:r", "128:64:4:rp", "128:128:3:rp"]
+# wgmma's register operand (``weight_regs``; K-major weights only), ":r128" the same with a K step of 128 (int8)
+CONFIGS = ["128:128:3", "128:128:4", "64:128:4", "128:64:4", "64:64:6", "128:128:5:r", "128:64:6:r", "128:64:6:r128",
+           "256:64:4:r"]
+INT4_CONFIGS = ["128:64:3", "64:64:4", "128:64:4:r", "256:64:2:r", "128:128:3:r"]  # one group of 128 a step
 
 
 def parse_config(text: str) -> TileConfig:
-    """'block_m:block_n:num_stages[:r|:r128|:rp|:rp128]' (r: weight_regs with a K step of 64, r128: of 128 for
-    int8; rp: the same with weight_pingpong) or a result row's 'bm128 bn64 st4[ regs[ k128][ pp]]' -> TileConfig."""
+    """'block_m:block_n:num_stages[:r|:r128]' (r: weight_regs with a K step of 64, r128: of 128 for int8) or a
+    result row's 'bm128 bn64 st4[ regs[ k128]]' -> TileConfig."""
     if " " in text or text.startswith("bm"):
         parts = text.split()
         bm, bn, st = (int(v[2:]) for v in parts[:3])
-        regs, k128, pp = "regs" in parts[3:], "k128" in parts[3:], "pp" in parts[3:]
+        regs, k128 = "regs" in parts[3:], "k128" in parts[3:]
     else:
         parts = text.split(":")
         bm, bn, st = (int(v) for v in parts[:3])
-        opt = parts[3] if len(parts) > 3 else ""
-        if opt not in ("", "r", "r128", "rp", "rp128"):
-            raise ValueError(f"unknown register-path option {opt!r} in {text!r}; allowed: r, r128, rp, rp128")
-        regs, k128, pp = opt.startswith("r"), opt.endswith("128"), opt.startswith("rp")
-    return TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st, weight_regs=regs, weight_pingpong=pp,
+        regs, k128 = parts[3:] in (["r"], ["r128"]), parts[3:] == ["r128"]
+    return TileConfig(kernel="mgpu", block_m=bm, block_n=bn, num_stages=st, weight_regs=regs,
                       block_k=64 if regs and not k128 else 128)  # block_k matters only with weight_regs
 
 
 def config_name(cfg: TileConfig) -> str:
     return (f"bm{cfg.block_m} bn{cfg.block_n} st{cfg.num_stages}" + (" regs" if cfg.weight_regs else "")
-            + (" k128" if cfg.weight_regs and cfg.block_k == 128 else "") + (" pp" if cfg.weight_pingpong else ""))
+            + (" k128" if cfg.weight_regs and cfg.block_k == 128 else ""))
 
 
 def main():
@@ -70,9 +66,8 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--min-layers", type=int, default=4, help="distinct layers a timed call, at least")
     ap.add_argument("--configs", default="",
-                    help="block_m:block_n:num_stages[:r|:r128|:rp|:rp128],... (r: weight_regs; r128: the same with "
-                         "a K step of 128, int8; rp / rp128: with the warpgroups' ping-pong schedule, "
-                         "weight_pingpong; default: CONFIGS)")
+                    help="block_m:block_n:num_stages[:r|:r128],... (r: weight_regs; r128: with a K step of 128, "
+                         "int8; default: CONFIGS)")
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--write-table", action="store_true",
                     help=f"merge into the tile table each (shape, M) whose best kernel beat the table's path by "
@@ -106,8 +101,8 @@ def main():
             cur_s, _ = time_layers(lambda x, w: quantized_matmul(x, w), x, ws, timing="trace")
             rows.append(dict(base, method="table", format=fmt, us=cur_s * 1e6, speedup_vs_bf16=bf16_s / cur_s))
             ref = np.asarray(quantized_matmul_reference(x, ws[0]), np.float32)
-            configs = ([parse_config(c) for c in args.configs.split(",")] if args.configs
-                       else INT4_CONFIGS if kfmt == "int4" else CONFIGS)
+            configs = [parse_config(c) for c in (args.configs.split(",") if args.configs
+                                                 else INT4_CONFIGS if kfmt == "int4" else CONFIGS)]
             for cfg in configs:
                 if not fits(n, k, cfg) or (cfg.weight_regs and (fmt == "w8a8" or not ws[0].k_major)):
                     continue

@@ -27,12 +27,7 @@ K step (eight bytes a thread in the ``WGMMA_UPCAST_2X`` layout). Two ways on fro
   once: with the next step's widening in flight (``wgmma_wait(1)``) the results were wrong on the H100, as the
   register allocator does not see wgmma's asynchronous read of its register operand; the other warpgroup's work
   overlaps it instead. No widened stores, no buffers: on the H100 at M = 512 (session 21) int8 K-major qkv 45.1 us,
-  o 33.0, gate_up 197.7 (bf16 56.4 / 41.9 / 165.4; the bf16 figures for qkv / o were slowed by XLA merging dots
-  that shared one x, 30.0 / 24.0 us with each layer's own x), int4 qkv 57.3, o 34.4, gate_up 214.5, down 100.5
-  (bf16 74.5). ``pingpong`` (opt-in, lowered for CUDA in CI, not yet timed on a GPU) makes the two compute
-  warpgroups alternate through a schedule barrier, one widening while the other's wgmma runs, as tokamax's
-  Hopper quantized ragged_dot schedules the same register-operand loop; without it nothing keeps them from
-  drifting into lockstep, widening together while the tensor cores idle.
+  o 33.0, gate_up 197.7 (bf16 56.4 / 41.9 / 165.4), int4 qkv 57.3, o 34.4, gate_up 214.5, down 100.5 (bf16 74.5).
   The shared-memory way stays for ``[K, N]`` int8 (gate_up 221.6 us in session 20).
 
 Shape letters as in the package: M rows (tokens), K contraction (in features), N out features.
@@ -68,8 +63,6 @@ class MixedTiles:
     stages: int = 4
     snake_width: int = 8
     regs: bool = False  # the widened weight stays in registers as wgmma's A operand (K-major weights only)
-    pingpong: bool = False  # with regs: the compute warpgroups alternate (a schedule barrier), one widening while
-    # the other's wgmma runs, as tokamax's Hopper quantized ragged_dot and jax's FlashAttention-3 kernel schedule them
 
 
 def int8_matmul_reference(x, wq, sw, *, k_major: bool = False, out_dtype=jnp.bfloat16):
@@ -85,7 +78,7 @@ def tiles_of(cfg, fmt: str = "int8") -> MixedTiles:
     ``regs`` (int8 with it: block_k 128 is a K step of 128, else 64)."""
     tile_k = INT4_GROUP if fmt != "int8" else 128 if cfg.weight_regs and cfg.block_k == 128 else 64
     return MixedTiles(tile_m=cfg.block_m, tile_n=cfg.block_n, tile_k=tile_k, stages=cfg.num_stages,
-                      regs=cfg.weight_regs, pingpong=cfg.weight_pingpong)
+                      regs=cfg.weight_regs)
 
 
 def smem_bytes(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> int:
@@ -107,7 +100,7 @@ def fit_stages(t: MixedTiles, out_dtype=jnp.bfloat16, fmt: str = "int8") -> Mixe
 def _tiles_ok(t: MixedTiles, fmt: str = "int8") -> bool:
     return (t.tile_m % 64 == 0 and t.tile_m <= 256 and t.tile_n in (64, 128)
             and (t.tile_k == INT4_GROUP if fmt != "int8" else t.tile_k == 64 or (t.regs and t.tile_k == 128))
-            and t.stages >= 2 and (t.regs or not t.pingpong))
+            and t.stages >= 2)
 
 
 def fits(n: int, k: int, tiles: MixedTiles, fmt: str = "int8") -> bool:
@@ -138,7 +131,7 @@ def _check_tiles(fmt: str, m: int, n: int, k: int, t: MixedTiles, out_dtype) -> 
         step = ("64 (one 128-byte swizzle of bfloat16; 128 with regs)" if fmt == "int8"
                 else f"{INT4_GROUP} (one group a step)")
         raise ValueError(f"{name} tiles: tile_m a multiple of 64 up to 256, tile_n 64 or 128, tile_k {step}, "
-                         f"stages >= 2, pingpong only with regs; got {t}")
+                         f"stages >= 2; got {t}")
     mgpu_matmul.check_smem(name, t, functools.partial(smem_bytes, fmt=fmt), out_dtype)
     if m % t.tile_m or not fits(n, k, t, fmt):
         raise ValueError(f"{name} needs M % {t.tile_m}, N % {2 * t.tile_n} and K % {t.tile_k} == 0; got "
@@ -213,26 +206,12 @@ def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool):
         # acc^T [tile_n, tile_m] += W [tile_n, tile_k] (registers) @ x^T [tile_k, tile_m] (shared memory), waited
         # for at once: a wgmma still reading its register operand while the next step widened into registers gave
         # wrong results on the H100 (session 21: the register allocator does not see the asynchronous read), so the
-        # overlap comes from the other warpgroup only. pingpong: a rendezvous of the two warpgroups before warpgroup
-        # 0 widens, between widening and wgmma, and after warpgroup 1's wgmma, so each widens while the other's
-        # wgmma runs (half a step apart) instead of drifting into lockstep with the tensor cores idle
+        # overlap comes from the other warpgroup only
         *w_smems, acc_ref = refs
-        sched = scratch.get("sched")
-
-        def rendezvous():
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
-
-        if sched is not None:
-            pl.when(wg == 0)(rendezvous)
         parts = _widened(fmt, True, tile_n, w_smems, wg)
-        if sched is not None:
-            rendezvous()
         step = tile_k // len(parts)
         for i, part in enumerate(parts):
             plgpu.wgmma(acc_ref, plgpu.layout_cast(part, plgpu.Layout.WGMMA), x_smem.at[:, pl.ds(i * step, step)].T)
-        if sched is not None:
-            pl.when(wg == 1)(rendezvous)
         plgpu.wgmma_wait(0)
         return acc_ref
 
@@ -264,16 +243,12 @@ def _kernel(x_gmem, *refs, tiles: MixedTiles, fmt: str, k_major: bool):
                     part, out_smem, wg, (en * (tile_m // EPI) + em) % 2,
                     out_gmem.at[pl.ds(mi * tile_m + em * EPI, EPI), pl.ds(wg_n0 + en * EPI, EPI)], transposed=regs)
 
-    if regs:  # the schedule barrier of pingpong, or nothing
-        scratch = dict(sched=plgpu.Barrier(num_arrivals=2)) if tiles.pingpong else {}
-    else:  # the shared-memory path's two widened buffers
-        scratch = dict(wb_smem=plgpu.SMEM((2, 2, *wb_shape), jnp.bfloat16,
-                                          transforms=mgpu_matmul.swizzle(wb_shape[1] * 2, 2)))
     mgpu_matmul.persistent_matmul(
         x_gmem, w_gmems, out_gmem, tiles=tiles, in_specs=[x_spec, *w_specs], acc_dtype=jnp.float32,
         mma=mma_regs if regs else mma, acc_transposed=regs,
         columns=lambda i, g, n_slice: g.at[n_slice] if column_axes[i] == 0 else g.at[:, n_slice],
-        epilogue=epilogue, scratch=scratch)
+        epilogue=epilogue, scratch={} if regs else dict(  # the shared-memory path's two widened buffers
+            wb_smem=plgpu.SMEM((2, 2, *wb_shape), jnp.bfloat16, transforms=mgpu_matmul.swizzle(wb_shape[1] * 2, 2))))
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "k_major", "out_dtype", "num_sms"))

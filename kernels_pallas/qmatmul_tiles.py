@@ -34,9 +34,8 @@ class TileConfig:
     "mgpu" (Hopper wgmma: W8A8 through ``qmatmul_w8a8_mgpu``, weight-only int8 and K-major group-128 int4 with
     bf16 x through ``qmatmul_mixed_mgpu``; block_m / block_n each compute warpgroup's tile, num_stages its slots in
     flight, fewer where a float32 output would overflow shared memory; weight_regs: the widened weight stays in
-    registers as wgmma's A operand, a K-major weight only, int8 then stepping K by block_k 64 or 128;
-    weight_pingpong (with weight_regs): the two compute warpgroups alternate through a schedule barrier, one
-    widening while the other's wgmma runs; elsewhere it falls back to "dot").
+    registers as wgmma's A operand, a K-major weight only, int8 then stepping K by block_k 64 or 128; elsewhere it
+    falls back to "dot").
 
     block_m rows of x per program (gemv: 1), block_n output columns, block_k rows of the weight per loop
     step (int4: a multiple of the group or a power-of-two part of one), split_k programs along K (partial sums
@@ -62,7 +61,6 @@ class TileConfig:
     scale_in_bf16: bool = False
     unroll: int = 0
     weight_regs: bool = False
-    weight_pingpong: bool = False
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -81,16 +79,13 @@ class TileConfig:
             raise ValueError("TileConfig.scale_in_bf16 needs asm_dequant=True and kernel='dot'")
         if self.weight_regs and self.kernel != "mgpu":
             raise ValueError("TileConfig.weight_regs needs kernel='mgpu'")
-        if self.weight_pingpong and not self.weight_regs:
-            raise ValueError("TileConfig.weight_pingpong needs weight_regs=True (the register path's schedule)")
         if self.kernel == "gemv" and self.block_m != 1:
             raise ValueError("TileConfig: the gemv kernel takes block_m=1")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        for name in ("weight_regs", "weight_pingpong"):  # the Mosaic GPU mixed kernel's options; absent = False
-            if not d[name]:  # (older tables)
-                del d[name]
+        if not self.weight_regs:  # the Mosaic GPU mixed kernel's option; absent = False (older tables)
+            del d["weight_regs"]
         return d
 
 

@@ -241,7 +241,7 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=
             if qmatmul_mixed_mgpu.fits(qweight.out_features, k, tiles, "int4"):
                 return dataclasses.replace(cfg, block_k=tiles.tile_k, split_k=1, unroll=0)
         kernel, bm = "dot", 64  # else the dot tiles
-        cfg = dataclasses.replace(cfg, weight_regs=False, weight_pingpong=False)
+        cfg = dataclasses.replace(cfg, weight_regs=False)
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
     if kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major:  # qmatmul_dp4a: whole group steps

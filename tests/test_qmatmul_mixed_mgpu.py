@@ -30,10 +30,7 @@ CASES = [(512, 4096, 4608, MixedTiles(), False), (128, 4096, 4096, MixedTiles(ti
          (512, 4096, 4608, MixedTiles(regs=True), True), (256, 13696, 4096, MixedTiles(tile_m=256, tile_n=64,
                                                                                        regs=True), True),
          (128, 4096, 27392, MixedTiles(tile_n=64, regs=True), True),
-         (512, 13696, 4096, MixedTiles(tile_n=64, tile_k=128, regs=True), True),  # int8 with a K step of 128
-         # pingpong: the compute warpgroups alternate through a schedule barrier
-         (512, 4096, 4608, MixedTiles(regs=True, pingpong=True), True),
-         (512, 13696, 4096, MixedTiles(tile_n=64, tile_k=128, regs=True, pingpong=True), True)]
+         (512, 13696, 4096, MixedTiles(tile_n=64, tile_k=128, regs=True), True)]  # int8 with a K step of 128
 
 
 def int8_weight(rng, k, n, k_major=False, scale=True):
@@ -189,15 +186,14 @@ def test_fit_config_takes_the_kernel_only_where_it_can_run():
 
 INT4_CASES = [(512, 4096, 27392, "int4_g128_sym_kmajor", False), (256, 13696, 4096, "int4_g128_asym_kmajor", False),
               (128, 4096, 4608, "int4_g128_sym_kmajor", False), (512, 4096, 4608, "int4_g128_asym_kmajor", True),
-              (256, 13696, 4096, "int4_g128_sym_kmajor", True), (512, 4096, 27392, "int4_g128_sym_kmajor", "pp")]
+              (256, 13696, 4096, "int4_g128_sym_kmajor", True)]
 
 
 def int4_tiles(m, regs):
-    """regs: False (shared memory), True (registers) or "pp" (registers, warpgroups in ping-pong)."""
     from kernels_pallas.qmatmul_mixed_mgpu import INT4_TILES
 
     return dataclasses.replace(INT4_TILES, tile_m=256 if regs and m % 256 == 0 else 128, stages=2 if regs else 3,
-                               regs=bool(regs), pingpong=regs == "pp")
+                               regs=regs)
 
 
 def int4_weight(fmt, k, n, seed=0):

@@ -306,10 +306,6 @@ def test_bad_inputs_raise_before_launch():
                                                                     zero=None, group=64), impl="pallas_gpu")
     with pytest.raises(ValueError, match="scale_in_bf16 needs asm_dequant"):
         TileConfig(kernel="dot", scale_in_bf16=True)
-    with pytest.raises(ValueError, match="weight_regs needs kernel='mgpu'"):
-        TileConfig(kernel="dot", weight_regs=True)
-    with pytest.raises(ValueError, match="weight_pingpong needs weight_regs"):
-        TileConfig(kernel="mgpu", weight_pingpong=True)
     with pytest.raises(ValueError, match="asm_dequant is for Int4Weight only"):
         quantized_matmul(x, q, impl="pallas_gpu", interpret=True, config=TileConfig(asm_dequant=True))
     with pytest.raises(QuantFormatError, match="impl"):

@@ -53,11 +53,6 @@ def test_a_register_operand_tile_round_trips_into_the_table(tmp_path):
     k128 = tune.parse_config("128:64:4:r128")
     assert k128.weight_regs and k128.block_k == 128 and tune.parse_config(tune.config_name(k128)) == k128
     assert tune.parse_config("128:64:4:r").block_k == 64
-    pp = tune.parse_config("128:64:4:rp128")
-    assert pp.weight_pingpong and pp.weight_regs and pp.block_k == 128
-    assert tune.parse_config(tune.config_name(pp)) == pp and not k128.weight_pingpong
-    with pytest.raises(ValueError, match="unknown register-path option 'x'"):
-        tune.parse_config("128:64:4:x")
     path = tmp_path / "table.json"
     path.write_text(json.dumps(dict(note="test", entries=[])))
     base = dict(m=512, k=4096, n=4608, shape="qkv", format="int8_kmajor")
