@@ -265,6 +265,9 @@ def markdown(result: dict) -> str:
     lines += ["", "## summary", ""] + [f"- {k}: {round(v, 3) if isinstance(v, float) else v}"
                                          for k, v in result["summary"].items()]
     lines += ["", "Baselines not run: " + ("; ".join(result["baselines_missing"]) or "none")]
+    for name, why in result.get("baseline_errors", {}).items():  # imported, but failed at these points
+        lines += [f"{name} failed at {sum(why.values())} points: "
+                  + "; ".join(f"{n} x `{msg}`" for msg, n in why.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -304,9 +307,43 @@ def main():
                for b in wanted if not found.get(b)]
     print("baselines:", {b: found.get(b) for b in wanted}, flush=True)
     rows, skipped = [], []
+    baseline_errors = {}  # name -> {error: how many (format, shape, M) points it stopped}
     # Summary shapes and Ms first, so a budget cut loses the least important rows.
     order = [(s, m) for m in ms for s in shapes if s in ("gate_up", "down")]
     order += [(s, m) for m in ms for s in shapes if s not in ("gate_up", "down")]
+
+    def write(final: bool) -> None:  # after every (shape, M): a timeout keeps what ran
+        result = dict(device=dev.device_kind, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                      versions=dict(jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
+                                    else None, **{b: found[b] for b in baselines}),
+                      copy_bw_tbs=bw / 1e12, layers=args.layers, min_call_mb=args.min_call_mb, rounds=args.rounds,
+                      timing=args.timing,
+                      rows=[dict(r, config=config_label(r["config"])) if r.get("config") else r for r in rows],
+                      skipped=skipped,
+                      baselines_missing=missing, baseline_errors=baseline_errors, summary=summarize(rows))
+        result["runs"] = [dict(run=1, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"], timing=args.timing)]
+        if args.merge_into:
+            with open(args.merge_into) as f:
+                old = json.load(f)
+            runs = old.get("runs") or [dict(run=1, date=old["date"], copy_bw_tbs=old["copy_bw_tbs"])]
+            run = max(r["run"] for r in runs) + 1
+            new = [dict(r, run=run) for r in result["rows"]]
+            fresh = {(r["format"], r["shape"], r["m"]) for r in new if r["method"] != "bf16"}
+            kept = [r for r in old["rows"] if r["method"] == "bf16" or (r["format"], r["shape"], r["m"]) not in fresh]
+            result["rows"] = kept + new
+            result["runs"] = runs + [dict(run=run, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"],
+                                                  timing=args.timing)]
+            result["skipped"] = old.get("skipped", []) + skipped
+            result["summary"] = summarize(result["rows"])
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, f"qmatmul_{gpu_name()}")
+        with open(base + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(result))
+        if final:
+            print(markdown(result))
+
     for shape, m in order:
         k, n = SHAPES[shape]
         if time.time() - start > args.budget_s:
@@ -345,6 +382,8 @@ def main():
                     cs, measure = layer_timer(fn, x, operands, timing=args.timing)
                 except Exception as e:  # report, keep going
                     print(f"FAILED {name} {fmt} {shape} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    why = baseline_errors.setdefault(name, {})
+                    why[f"{type(e).__name__}: {str(e)[:120]}"] = why.get(f"{type(e).__name__}: {str(e)[:120]}", 0) + 1
                     continue
                 ops.append((dict(format=fmt, method=name, bytes=weight_bytes(ws[0]), compile_s=cs, rel_err=err),
                             measure, operands))
@@ -360,38 +399,8 @@ def main():
         done = [r for r in rows if r["shape"] == shape and r["m"] == m]
         print(" ".join(f"{r['format']}/{r['method']}={r['us']:.1f}us" for r in done), f"[{shape} M={m}]",
               f"t={time.time() - start:.0f}s", flush=True)
-    result = dict(device=dev.device_kind, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                  versions=dict(jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
-                                else None),
-                  copy_bw_tbs=bw / 1e12, layers=args.layers, min_call_mb=args.min_call_mb, rounds=args.rounds,
-                  timing=args.timing,
-                  rows=rows, skipped=skipped,
-                  baselines_missing=missing, summary=summarize(rows))
-    for r in result["rows"]:
-        if r.get("config"):
-            r["config"] = config_label(r["config"])
-    result["runs"] = [dict(run=1, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"], timing=args.timing)]
-    if args.merge_into:
-        with open(args.merge_into) as f:
-            old = json.load(f)
-        runs = old.get("runs") or [dict(run=1, date=old["date"], copy_bw_tbs=old["copy_bw_tbs"])]
-        run = max(r["run"] for r in runs) + 1
-        for r in rows:
-            r["run"] = run
-        fresh = {(r["format"], r["shape"], r["m"]) for r in rows if r["method"] != "bf16"}
-        kept = [r for r in old["rows"] if r["method"] == "bf16" or (r["format"], r["shape"], r["m"]) not in fresh]
-        result["rows"] = kept + rows
-        result["runs"] = runs + [dict(run=run, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"],
-                                              timing=args.timing)]
-        result["skipped"] = old.get("skipped", []) + skipped
-        result["summary"] = summarize(result["rows"])
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"qmatmul_{gpu_name()}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
+        write(final=False)
+    write(final=True)
 
 
 if __name__ == "__main__":
