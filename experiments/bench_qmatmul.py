@@ -312,6 +312,11 @@ def main():
     order = [(s, m) for m in ms for s in shapes if s in ("gate_up", "down")]
     order += [(s, m) for m in ms for s in shapes if s not in ("gate_up", "down")]
 
+    old = None  # --merge_into: read once, so that the writes after every point (even into that file) merge once
+    if args.merge_into:
+        with open(args.merge_into) as f:
+            old = json.load(f)
+
     def write(final: bool) -> None:  # after every (shape, M): a timeout keeps what ran
         result = dict(device=dev.device_kind, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                       versions=dict(jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
@@ -322,9 +327,7 @@ def main():
                       skipped=skipped,
                       baselines_missing=missing, baseline_errors=baseline_errors, summary=summarize(rows))
         result["runs"] = [dict(run=1, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"], timing=args.timing)]
-        if args.merge_into:
-            with open(args.merge_into) as f:
-                old = json.load(f)
+        if old is not None:
             runs = old.get("runs") or [dict(run=1, date=old["date"], copy_bw_tbs=old["copy_bw_tbs"])]
             run = max(r["run"] for r in runs) + 1
             new = [dict(r, run=run) for r in result["rows"]]
@@ -382,8 +385,8 @@ def main():
                     cs, measure = layer_timer(fn, x, operands, timing=args.timing)
                 except Exception as e:  # report, keep going
                     print(f"FAILED {name} {fmt} {shape} M={m}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    why = baseline_errors.setdefault(name, {})
-                    why[f"{type(e).__name__}: {str(e)[:120]}"] = why.get(f"{type(e).__name__}: {str(e)[:120]}", 0) + 1
+                    why, msg = baseline_errors.setdefault(name, {}), f"{type(e).__name__}: {str(e)[:120]}"
+                    why[msg] = why.get(msg, 0) + 1
                     continue
                 ops.append((dict(format=fmt, method=name, bytes=weight_bytes(ws[0]), compile_s=cs, rel_err=err),
                             measure, operands))
