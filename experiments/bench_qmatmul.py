@@ -325,7 +325,7 @@ def main():
                       timing=args.timing,
                       rows=[dict(r, config=config_label(r["config"])) if r.get("config") else r for r in rows],
                       skipped=skipped,
-                      baselines_missing=missing, baseline_errors=baseline_errors, summary=summarize(rows))
+                      baselines_missing=missing, baseline_errors=baseline_errors)
         result["runs"] = [dict(run=1, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"], timing=args.timing)]
         if old is not None:
             runs = old.get("runs") or [dict(run=1, date=old["date"], copy_bw_tbs=old["copy_bw_tbs"])]
@@ -337,7 +337,7 @@ def main():
             result["runs"] = runs + [dict(run=run, date=result["date"], copy_bw_tbs=result["copy_bw_tbs"],
                                                   timing=args.timing)]
             result["skipped"] = old.get("skipped", []) + skipped
-            result["summary"] = summarize(result["rows"])
+        result["summary"] = summarize(result["rows"])  # of this run's rows, or of the merged file's
         os.makedirs(args.out, exist_ok=True)
         base = os.path.join(args.out, f"qmatmul_{gpu_name()}")
         with open(base + ".json", "w") as f:
