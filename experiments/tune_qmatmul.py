@@ -91,9 +91,12 @@ XLA = TileConfig(kernel="xla")
 XLA_SPLIT = TileConfig(kernel="xla_split")  # Int8Weight only (quantized_matmul.int8_split_matmul)
 
 
-def candidates(fmt: str, m: int) -> list[TileConfig]:
+def candidates(fmt: str, m: int, wide: bool = False) -> list[TileConfig]:
     """Most likely first. int8 at M <= 32: the split int8 dot second (on an
-    H100 it beat the GEMV on down_proj at M=1 and 8, experiments/results/qmatmul_h100_notes.md)."""
+    H100 it beat the GEMV on down_proj at M=1 and 8, experiments/results/qmatmul_h100_notes.md). ``wide`` appends
+    ``_wide_int8_candidates`` for ``[K, N]`` int8 at M <= 32."""
+    if wide and fmt == "int8" and m <= 32:
+        return candidates(fmt, m) + _wide_int8_candidates(m)
     if fmt == "int8_kmajor":  # [N, K] tiles: a few rows of N a program, each reading along K
         return _kmajor_candidates(m)
     if fmt.startswith("int4") and fmt.endswith("_kmajor"):
@@ -102,6 +105,24 @@ def candidates(fmt: str, m: int) -> list[TileConfig]:
     if fmt == "int8":  # at M > 32 the int8 tensor cores run its 2M digit rows as fast as bf16 runs M rows
         cands.insert(1 if m <= 32 else len(cands), XLA_SPLIT)
     return cands
+
+
+def _wide_int8_candidates(m: int) -> list[TileConfig]:
+    """``--wide``: deeper pipelines and more programs for ``[K, N]`` int8 at M <= 32. An H100 ncu of the dot on
+    down_proj at M=32 (``qmatmul_diag/ncu_int8_down_m32_h100.txt``) showed 128 four-warp programs, 0.32 waves a
+    SM and DRAM 49% busy: too few bytes in flight. down's K = 13696 = 128 * 107 admits no block_k above 128 and
+    no even split (107 is prime), so the depth has to come from stages, wider N tiles and more splits. Session 24's
+    sweep on the H100 found none faster than the default list (more stages were slower;
+    ``results/qmatmul_diag/s24_runs/``)."""
+    if m == 1:  # gemv: (block_n, block_k, split_k, warps, stages), with and without prefetch
+        tiles = [(128, 128, 8, 8, 3), (128, 128, 4, 8, 4), (128, 128, 16, 8, 3), (256, 128, 8, 16, 3),
+                 (128, 64, 16, 4, 5), (128, 64, 8, 4, 6), (256, 64, 8, 8, 4), (64, 128, 16, 4, 4)]
+        return [T("gemv", 1, *t, prefetch=p) for t in tiles for p in (True, False)]
+    bm = 16 if m <= 16 else 32
+    tiles = [(128, 128, 4, 4, 6), (128, 128, 4, 4, 8), (128, 128, 4, 8, 6), (128, 128, 8, 4, 6), (128, 128, 2, 4, 8),
+             (128, 128, 3, 4, 6), (128, 128, 5, 4, 5), (128, 128, 6, 4, 5), (256, 128, 8, 8, 3), (256, 128, 8, 8, 4),
+             (256, 128, 8, 4, 4), (256, 128, 4, 8, 4), (64, 128, 8, 4, 6), (64, 128, 4, 4, 8), (128, 64, 8, 4, 8)]
+    return [T("dot", bm, *t) for t in tiles]
 
 
 def _kmajor_candidates(m: int) -> list[TileConfig]:
@@ -212,6 +233,8 @@ def main():
                     help="bench_qmatmul's: a call's GPU span in a profiler trace, or pipelined wall time")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every candidate of a problem this many times, round after round; keep the best median")
+    ap.add_argument("--wide", action="store_true",
+                    help="also sweep _wide_int8_candidates ([K, N] int8 at M <= 32: deeper pipelines, more programs)")
     ap.add_argument("--from_bench", default=None,
                     help="add entries for the problems of this bench JSON that the table lacks, then exit")
     args = ap.parse_args()
@@ -237,7 +260,7 @@ def main():
                 x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
                 best, cut, compiled = None, False, []
                 ref = quantized_matmul_reference(x, ws[0], out_dtype=jnp.float32)  # what every candidate must give
-                for cfg in candidates(fmt, m):
+                for cfg in candidates(fmt, m, args.wide):
                     if time.time() - start > args.budget_s:
                         cut = True  # a part of the list is no sweep: keep the table's entry for this problem
                         break
