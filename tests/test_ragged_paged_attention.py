@@ -161,6 +161,9 @@ class MosaicGpuCases:
             self.check(*case)
 
 
+# slow: jax's Mosaic GPU interpreter takes 75-100 s for this one case on CI's two cores; CI keeps the CUDA lowering
+# of every GPU case (test_mosaic_gpu_lowers_for_cuda) and the GPU class runs them all on a Hopper GPU.
+@pytest.mark.slow
 class TestMosaicGpuInterpret(MosaicGpuCases):
     interpret = True
 

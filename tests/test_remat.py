@@ -121,6 +121,7 @@ def _not_in_this_process(*args, **kwargs):
     raise AssertionError("measured in the benchmark's own process; each step must run in a fresh worker")
 
 
+@pytest.mark.slow  # spawns a fresh JAX worker per measured step / policy: 20-50 s on CI's two cores
 def test_remat_benchmark_measures_each_step_in_a_fresh_worker(monkeypatch):
     """experiments/remat_memory.py --gpu measures each (policy, seq) in its own process, so the peak it reports
     is that step's; a step that fails there is a gpu_error, not a crash of the benchmark."""

@@ -52,6 +52,7 @@ def _not_in_this_process(*args, **kwargs):
     raise AssertionError("timed in the benchmark's own process; each policy must run in a fresh worker")
 
 
+@pytest.mark.slow  # spawns a fresh JAX worker per measured step / policy: 20-50 s on CI's two cores
 def test_training_benchmark_times_each_policy_in_a_fresh_worker(tmp_path, monkeypatch):
     """experiments/training_gpu.py --tiny: every policy is timed in its own process (on a GPU its peak memory
     is then its own); one that fails there is an error row and the others are still measured."""
