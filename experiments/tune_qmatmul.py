@@ -110,10 +110,10 @@ def candidates(fmt: str, m: int, wide: bool = False) -> list[TileConfig]:
 def _wide_int8_candidates(m: int) -> list[TileConfig]:
     """``--wide``: deeper pipelines and more programs for ``[K, N]`` int8 at M <= 32. An H100 ncu of the dot on
     down_proj at M=32 (``qmatmul_diag/ncu_int8_down_m32_h100.txt``) showed 128 four-warp programs, 0.32 waves a
-    SM and DRAM 49% busy: too few bytes in flight. down's K = 13696 = 128 * 107 admits no block_k above 128 and
-    no even split (107 is prime), so the depth has to come from stages, wider N tiles and more splits. Session 24's
-    sweep on the H100 found none faster than the default list (more stages were slower;
-    ``results/qmatmul_diag/s24_runs/``)."""
+    SM and DRAM 49% busy, read then as issue-bound (about 6.7 instructions a weight); this list tests the other
+    reading, too few bytes in flight. down's K = 13696 = 128 * 107 admits no block_k above 128 and no even split
+    (107 is prime), so the depth has to come from stages, wider N tiles and more splits. Session 24's sweep on the
+    H100 found none faster than the default list (more stages were slower; ``results/qmatmul_diag/s24_runs/``)."""
     if m == 1:  # gemv: (block_n, block_k, split_k, warps, stages), with and without prefetch
         tiles = [(128, 128, 8, 8, 3), (128, 128, 4, 8, 4), (128, 128, 16, 8, 3), (256, 128, 8, 16, 3),
                  (128, 64, 16, 4, 5), (128, 64, 8, 4, 6), (256, 64, 8, 8, 4), (64, 128, 16, 4, 4)]
