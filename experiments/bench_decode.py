@@ -44,6 +44,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_common  # noqa: E402
 
 
+def set_take_digits(model, value: str) -> None:
+    """``QuantizedLinear.take_digits`` on every projection ("off": no norm writes their input digits)."""
+    from flax import nnx
+
+    from autoglm_jax.model.quantized_linear import QuantizedLinear
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, QuantizedLinear):
+            m.take_digits = value
+
+
 def _jax_worker(args) -> dict:
     import jax
     import numpy as np
@@ -64,6 +74,8 @@ def _jax_worker(args) -> dict:
         from autoglm_jax.quant.cli import LAYOUTS  # --int8/4-layout -> quantize_model's k_major
         keep = tuple(x for x in args.keep_float.split(",") if x)
         quantize_model(model, fmt=args.quant, k_major=LAYOUTS[layout], keep_float=keep)  # in place
+        if getattr(args, "digits", "auto") != "auto":  # A/B: which input digits the norms write
+            set_take_digits(model, args.digits)
     jax.block_until_ready(nnx.state(model))
     init_s = time.perf_counter() - t0
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
@@ -202,7 +214,8 @@ def _worker_argv(part: str, args) -> list[str]:
             "--int8-layout", args.int8_layout if args.quant == "int8" else "kn",
             "--int4-layout", args.int4_layout if args.quant == "int4" else "kn", "--keep-float", args.keep_float,
             "--prompt", str(args.prompt), "--new", str(args.new),
-            "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s), "--batch", *map(str, args.batch)]
+            "--reps", str(args.reps), "--hf-budget-s", str(args.hf_budget_s), "--digits", args.digits,
+            "--batch", *map(str, args.batch)]
 
 
 def _spawn(part: str, args, out: Path) -> dict:
@@ -238,6 +251,9 @@ def main(argv=None):
                         "integer-dot kernel) or auto (nk for every weight)")
     p.add_argument("--keep-float", default="lm_head",
                    help="with --quant: comma-separated layer patterns kept in float ('' quantizes the LM head too)")
+    p.add_argument("--digits", choices=["auto", "all", "off"], default="auto",
+                   help="quantized runs: QuantizedLinear.take_digits for every projection ('off': each computes its "
+                        "input's digits itself; 'all': the norms write the int4 planes too)")
     p.add_argument("--also-quant", default="", help="comma-separated formats (int8, int4) timed beside the float run")
     p.add_argument("--parts", default="jax,memory,hf")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])

@@ -67,9 +67,10 @@ def _worker(variant: str, args) -> dict:
     layout = _layout(quant, args)
     layouts = {f"{fmt}_layout": layout if quant == fmt else "kn" for fmt in ("int8", "int4")}  # bench_decode's names
     ns = argparse.Namespace(preset=args.preset, dtype=dtype, quant=quant, prompt=args.prompt, new=args.new,
-                            reps=args.reps, batch=args.batch, hf_budget_s=0.0, keep_float=args.keep_float, **layouts)
+                            reps=args.reps, batch=args.batch, hf_budget_s=0.0, keep_float=args.keep_float,
+                            digits=args.digits, **layouts)
     res = bench_decode._jax_worker(ns)
-    res.update(variant=_tag(variant, layout), dtype=dtype, quant=quant, **layouts,
+    res.update(variant=_tag(variant, layout), dtype=dtype, quant=quant, digits=args.digits, **layouts,
                keep_float=args.keep_float if quant != "none" else None,
                device=bench_common.device_info(),
                gpu_tag=bench_common.gpu_tag(), versions=bench_common.versions())
@@ -99,6 +100,9 @@ def main(argv=None):
                         "integer-dot kernel; row int4_nk) or auto (nk for every weight; row int4_auto)")
     p.add_argument("--keep-float", default="lm_head",
                    help="quantized variants: layer patterns kept in float ('' quantizes the LM head too)")
+    p.add_argument("--digits", choices=["auto", "all", "off"], default="auto",
+                   help="quantized variants: which input digits the norms write (QuantizedLinear.take_digits; "
+                        "bench_decode.py --digits)")
     p.add_argument("--out", default=str(bench_common.RESULTS))
     p.add_argument("--name", default=None, help="result name (default seed_precision_table_<gpu>)")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -120,7 +124,7 @@ def main(argv=None):
         p.error(f"unknown variants {unknown}; allowed: {list(VARIANTS)}")
     for v in wanted:
         cmd = [sys.executable, __file__, "--worker", v, "--int8-layout", args.int8_layout,
-               "--int4-layout", args.int4_layout, "--keep-float", args.keep_float,
+               "--int4-layout", args.int4_layout, "--keep-float", args.keep_float, "--digits", args.digits,
                "--worker-out", str(out / f"_seed_precision_{_tag(v, _layout(VARIANTS[v][1], args))}.json"),
                "--preset", args.preset, "--prompt", str(args.prompt), "--new", str(args.new),
                "--reps", str(args.reps), "--batch", *map(str, args.batch)]
@@ -186,7 +190,7 @@ def main(argv=None):
                "seed_claims": "FP16 50% memory 1.8x speed, INT8 25% memory 3.5x speed (vs FP32); "
                               "latency 120 / 85 / 68 ms (FP32 / FP16 / INT8)",
                "setup": {"preset": args.preset, "prompt": args.prompt, "new_tokens": args.new, "batches": args.batch,
-                         "reps": args.reps}}
+                         "reps": args.reps, "digits": args.digits}}
     if not results:
         p.error(f"no worker results in {out}")
     first = next(iter(results.values()))  # the measuring machine (merging may run elsewhere)

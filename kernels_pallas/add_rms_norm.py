@@ -13,7 +13,14 @@ each program loads ``block_r`` whole rows once (D padded to a power of two and m
 kernel adds the S slices, rounds the sum to the residual's dtype (as a matmul writing that dtype would) and goes
 on as above, so the partial sums need no kernel of their own.
 
-Block sizes (keyword-only, static): ``block_r`` rows a program, ``num_warps``.
+With ``digits`` (an ``act_digits`` layout: 0 for the ``xla_split`` int8 path, an int4 group G for the one-row
+integer-dot GEMV) the kernel also writes y's fixed-point digits, which the quantized matmul that y feeds would
+otherwise compute in a launch of its own (``quantized_matmul.digits_layout``), and returns ``(y, s, ActDigits)``.
+The planes layout (G) takes one row: its program loads each group's two halves apart, as the planes store them.
+Forward only (no VJP): a decode step's path.
+
+Block sizes (keyword-only, static): ``block_r`` rows a program, ``num_warps`` (default 4 without digits,
+``DIGIT_WARPS`` with them).
 """
 
 from __future__ import annotations
@@ -26,6 +33,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .act_digits import (check_layout, digit_out_shapes, pack, planes_geometry, row_step, store_planes,
+                         store_row_digits)
+
+
+DIGIT_WARPS = {"planes": 8, "rows": 16}  # H100, one row of D = 4096 (session 25,
+# results/qmatmul_diag/s25_digits/diag_digit_producers_h100.json): planes 2.46 us with 8 warps (4: 2.70, 16: 2.53,
+# 32: 3.00) against 3.10 for the norm and the digit launch apart; rows 2.05 with 16 (4: 2.37) against 3.01
+
 
 def add_rms_norm_reference(x, residual, scale, *, eps: float):
     """Plain jnp: (y, s) as in the module docstring."""
@@ -37,9 +52,9 @@ def add_rms_norm_reference(x, residual, scale, *, eps: float):
     return scale.astype(x.dtype) * normed, s
 
 
-def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *, d, dp, rows, total_rows, eps, splits):
-    # x_ref, r_ref, y_ref, s_ref [block_r, D] (x_ref [S, block_r, D] with splits = S); w_ref [D]. Rows past R and
-    # columns past D are masked.
+def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *digit_refs, d, dp, rows, total_rows, eps, splits, interpret=False):
+    # x_ref, r_ref, y_ref, s_ref [block_r, D] (x_ref [S, block_r, D] with splits = S); w_ref [D]; digit_refs
+    # (layout 0): step [block_r, 1] float32, digits [2, block_r, D] int8. Rows past R and columns past D are masked.
     row_ok = pl.program_id(0) * rows + jnp.arange(rows) < total_rows
     col_ok = jnp.arange(dp) < d
     mask = row_ok[:, None] & col_ok[None, :]
@@ -58,6 +73,41 @@ def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *, d, dp, rows, total_rows, eps, 
     w = pltriton.load(w_ref.at[pl.ds(0, dp)], mask=col_ok, other=0.0).astype(jnp.float32)
     y = (s32 * inv).astype(dtype).astype(jnp.float32) * w[None, :]  # one rounding: bf16 x bf16 is exact in f32
     pltriton.store(y_ref.at[:, pl.ds(0, dp)], y.astype(dtype), mask=mask)
+    if digit_refs:  # y's digits, from the values just stored
+        st_ref, d_ref = digit_refs
+        yq = y.astype(dtype).astype(jnp.float32)
+        step, inv = row_step(jnp.max(jnp.abs(yq), axis=1, keepdims=True), interpret)
+        store_row_digits(d_ref, yq, step, inv, mask, 0, interpret)
+        pltriton.store(st_ref, step, mask=row_ok[:, None])
+
+
+def _planes_kernel(x_ref, r_ref, w_ref, y_ref, s_ref, planes_ref, xg_ref, step_ref, *, d, kg, rows, eps, interpret):
+    # One row as [K/G, 2, G/2] (each group's low and high half): x_ref, r_ref, w_ref, y_ref, s_ref; the groups are
+    # padded to ``rows`` (a power of two) and masked. planes_ref [4, K/G, G/2] int8, xg_ref [K/G], step_ref [1].
+    g2 = x_ref.shape[2]
+    gm = jnp.arange(rows) < kg
+    dtype = s_ref.dtype
+
+    def load(ref, h):
+        return pltriton.load(ref.at[pl.ds(0, rows), pl.ds(h, 1), :], mask=gm[:, None, None], other=0.0).reshape(
+            rows, g2).astype(jnp.float32)
+
+    def store(ref, h, v):
+        pltriton.store(ref.at[pl.ds(0, rows), pl.ds(h, 1), :], v.astype(dtype).reshape(rows, 1, g2),
+                       mask=gm[:, None, None])
+
+    s32 = []
+    for h in range(2):
+        s = (load(x_ref, h) + load(r_ref, h)).astype(dtype)
+        store(s_ref, h, s)
+        s32.append(s.astype(jnp.float32))
+    inv = lax.rsqrt((jnp.sum(s32[0] * s32[0]) + jnp.sum(s32[1] * s32[1])) * (1.0 / d) + eps)
+    halves = []
+    for h in range(2):
+        y = ((s32[h] * inv).astype(dtype).astype(jnp.float32) * load(w_ref, h)).astype(dtype)
+        store(y_ref, h, y)
+        halves.append(y.astype(jnp.float32))
+    store_planes(planes_ref, xg_ref, step_ref, halves, gm, interpret)
 
 
 def check_inputs(x, residual, scale) -> None:
@@ -90,6 +140,41 @@ def _launch(x, residual, scale, eps, block_r, num_warps, interpret):
     )(x, residual, scale)
 
 
+def _launch_planes(x, residual, scale, eps, group, num_warps, interpret):
+    d = residual.shape[1]
+    kg, rows, g2 = planes_geometry(d, group)
+    view = pl.BlockSpec((kg, 2, g2), lambda i: (0, 0, 0))
+    out = jax.ShapeDtypeStruct((kg, 2, g2), residual.dtype)
+    outs = pl.pallas_call(
+        functools.partial(_planes_kernel, d=d, kg=kg, rows=rows, eps=float(eps), interpret=interpret),
+        grid=(1,), in_specs=[view] * 3,
+        out_specs=[view, view, pl.BlockSpec((4, kg, g2), lambda i: (0, 0, 0)), pl.BlockSpec((kg,), lambda i: (0,)),
+                   pl.BlockSpec((1,), lambda i: (0,))],
+        out_shape=[out, out, *digit_out_shapes(1, d, group)],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
+        name="add_rms_norm_digits",
+    )(*(a.reshape(kg, 2, g2) for a in (x, residual, scale)))
+    return outs[0].reshape(1, d), outs[1].reshape(1, d), pack(outs[2:], 1, d, group)
+
+
+def _launch_rows(x, residual, scale, eps, block_r, num_warps, interpret):
+    r, d = residual.shape
+    dp = 1 << max(0, (d - 1).bit_length())
+    kernel = functools.partial(_kernel, d=d, dp=dp, rows=block_r, total_rows=r, eps=float(eps), splits=0,
+                               interpret=interpret)
+    row_spec = pl.BlockSpec((block_r, d), lambda i: (i, 0))
+    out = jax.ShapeDtypeStruct((r, d), residual.dtype)
+    outs = pl.pallas_call(
+        kernel, grid=(pl.cdiv(r, block_r),), in_specs=[row_spec, row_spec, pl.BlockSpec((d,), lambda i: (0,))],
+        out_specs=[row_spec, row_spec, pl.BlockSpec((block_r, 1), lambda i: (i, 0)),
+                   pl.BlockSpec((2, block_r, d), lambda i: (0, i, 0))],
+        out_shape=[out, out, *digit_out_shapes(r, d, 0)],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
+        name="add_rms_norm_digits",
+    )(x, residual, scale)
+    return outs[0], outs[1], pack(outs[2:], r, d, 0)
+
+
 # Reverse mode (bfloat16 training on a GPU runs the model's norms through this kernel): the forward pass launches
 # the kernel, the backward pass is the VJP of the plain-jnp reference (XLA), so gradients never transpose a kernel.
 _differentiable = jax.custom_vjp(_launch, nondiff_argnums=(3, 4, 5, 6))
@@ -107,13 +192,24 @@ def _bwd(eps, block_r, num_warps, interpret, saved, cotangents):
 _differentiable.defvjp(_fwd, _bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_r", "num_warps", "interpret"))
-def add_rms_norm(x, residual, scale, *, eps: float, block_r: int = 1, num_warps: int = 4, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("eps", "block_r", "num_warps", "digits", "interpret"))
+def add_rms_norm(x, residual, scale, *, eps: float, block_r: int = 1, num_warps: int | None = None,
+                 digits: int | None = None, interpret: bool = False):
     """x, residual [R, D], scale [D] (all one float dtype; or x float32 partial sums [S, R, D]) -> (y, s) [R, D];
-    see the module docstring.
-    Differentiable: reverse mode takes the reference's VJP."""
+    with ``digits`` (0, or an int4 group G for one row; not with partial sums) -> (y, s, y's ``ActDigits``); see
+    the module docstring. Differentiable without ``digits``: reverse mode takes the reference's VJP."""
     check_inputs(x, residual, scale)
+    check_layout(digits)
+    if num_warps is None:
+        num_warps = 4 if digits is None else DIGIT_WARPS["planes" if digits else "rows"]
     if block_r < 1 or block_r & (block_r - 1) or num_warps not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"block_r must be a power of two >= 1 and num_warps one of 1-32 (powers of two); got "
                          f"block_r={block_r}, num_warps={num_warps}")
-    return tuple(_differentiable(x, residual, scale, float(eps), block_r, num_warps, interpret))
+    if digits is None:
+        return tuple(_differentiable(x, residual, scale, float(eps), block_r, num_warps, interpret))
+    if x.ndim == 3 or (digits and residual.shape[0] != 1):
+        raise ValueError(f"digits={digits} takes x [R, D] (not split-K partial sums), and one row for an int4 group "
+                         f"layout; got x {x.shape}")
+    if digits:
+        return _launch_planes(x, residual, scale, eps, digits, num_warps, interpret)
+    return _launch_rows(x, residual, scale, eps, block_r, num_warps, interpret)

@@ -50,8 +50,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, QuantFormatError
-from .quantize_rows import reciprocal, split_values
-from .quantized_matmul import SPLIT_STEPS, split_digits
+from .act_digits import ActDigits, planes_geometry, store_planes
+from .quantized_matmul import split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
 DIGIT_WARPS = ((8192, 8), (None, 32))  # int4_dp4a_gemv(digits="auto"): the one-launch digit prep at every K, with
@@ -162,19 +162,7 @@ def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows, interpr
     gm = jnp.arange(rows) < n_groups
     halves = [pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(h, 1), :], mask=gm[:, None, None], other=0.0)
               .reshape(rows, g2).astype(jnp.float32) for h in range(2)]
-    amax = jnp.maximum(jnp.maximum(jnp.max(jnp.abs(halves[0])), jnp.max(jnp.abs(halves[1]))), 1e-30)
-    step = amax / SPLIT_STEPS
-    step2 = jnp.broadcast_to(step, (1, 1))  # Triton's inline asm takes tensors, not scalars
-    inv = reciprocal(step2, interpret)
-    xg = jnp.zeros((rows,), jnp.float32)
-    for h, xf in enumerate(halves):
-        xs, hi, lo = split_values(xf, step2, inv, SPLIT_STEPS, interpret)
-        for j, d in enumerate((hi, lo)):
-            pltriton.store(planes_ref.at[pl.ds(2 * h + j, 1), pl.ds(0, rows), :],
-                           d.astype(jnp.int8).reshape(1, rows, g2), mask=gm[None, :, None])
-        xg = xg + jnp.sum(xs.astype(jnp.float32), axis=1)
-    pltriton.store(xg_ref.at[pl.ds(0, rows)], xg, mask=gm)
-    step_ref[...] = jnp.full((1,), step, jnp.float32)
+    store_planes(planes_ref, xg_ref, step_ref, halves, gm, interpret)
 
 
 def digit_planes_pallas(x, group: int, *, num_warps: int = 8, interpret: bool = False):
@@ -183,9 +171,7 @@ def digit_planes_pallas(x, group: int, *, num_warps: int = 8, interpret: bool = 
     ``experiments/results/qmatmul_diag/decode_step_profiles_h100.json``). The digits are ``digit_planes``' with the
     quotient x / step correctly rounded (``quantize_rows.round_quotient``, five PTX instructions a element), which
     XLA's form may miss by one step on a few elements."""
-    k = x.shape[1]
-    kg, g2 = k // group, group // 2
-    rows = 1 << max(0, (kg - 1).bit_length())
+    kg, rows, g2 = planes_geometry(x.shape[1], group)
     kernel = functools.partial(_prep_kernel, n_groups=kg, rows=rows, interpret=interpret)
     return pl.pallas_call(
         kernel, grid=(1,), in_specs=[pl.BlockSpec((kg, 2, g2), lambda i: (0, 0, 0))],
@@ -220,15 +206,18 @@ def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "digits", "digit_warps", "interpret"))
 def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp.float32, digits: str = "auto",
-                   digit_warps: int | None = None, interpret: bool = False):
+                   digit_warps: int | None = None, interpret: bool = False, x_digits: ActDigits | None = None):
     """x [1, K] float, w a K-major ``Int4Weight`` -> y [1, N]: in ``out_dtype`` written by the kernel with one
     split, else float32 (the splits' partials summed by XLA). ``cfg``: block_n rows of N a program, block_k / G
     groups a step, split_k runs of K's steps (the program grid's second axis), num_warps; out (tests): a NaN-filled
     buffer the kernel must overwrite, [split_k', N] float32 partials (split_k' = the number of non-empty splits,
     ``dp4a_splits``), or [1, N] ``out_dtype`` with one split; digits: "kernel" or "auto" (``digit_planes_pallas``,
     one launch of ``digit_warps`` warps, by default ``digit_warps_for(K)``) or "xla" (``digit_planes``, XLA's
-    fusions)."""
+    fusions); x_digits: the planes already written by x's producer (``act_digits``, layout G), used instead of
+    either prep."""
     check_dp4a_inputs(x, w, cfg)
+    if x_digits is not None:
+        x_digits.check(1, w.in_features, w.group)
     if digits not in ("auto", "kernel", "xla"):
         raise ValueError(f"digits must be 'auto', 'kernel' or 'xla'; got {digits!r}")
     digits = "kernel" if digits == "auto" else digits
@@ -237,8 +226,12 @@ def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp
     kg, g2, bn, ug = k // group, group // 2, cfg.block_n, cfg.block_k // group
     splits, sps = dp4a_splits(kg, ug, cfg.split_k)
     odt = jnp.dtype(out_dtype) if splits == 1 else jnp.dtype(jnp.float32)
-    planes, xg, step = (digit_planes_pallas(x, group, num_warps=digit_warps, interpret=interpret) if digits == "kernel"
-                        else digit_planes(x, group))
+    if x_digits is not None:
+        planes, xg, step = x_digits.digits, x_digits.group_sums, x_digits.step
+    elif digits == "kernel":
+        planes, xg, step = digit_planes_pallas(x, group, num_warps=digit_warps, interpret=interpret)
+    else:
+        planes, xg, step = digit_planes(x, group)
     operands = [planes, xg, step, w.packed.reshape(n, kg, g2), w.scale] + ([w.zero] if w.zero is not None else [])
     specs = [pl.BlockSpec(planes.shape, lambda i, s: (0, 0, 0)), pl.BlockSpec((kg,), lambda i, s: (0,)),
              pl.BlockSpec((1,), lambda i, s: (0,)), pl.BlockSpec((bn, kg, g2), lambda i, s: (i, 0, 0))]

@@ -41,12 +41,14 @@ experiments/results/qmatmul_diag/diag_w8a8_act_quant_h100.json).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from . import qmatmul_tiles
+from .act_digits import SPLIT_STEPS, ActDigits
 from .qmatmul_tiles import TileConfig
 from .quant_formats import (FORMAT_TYPES, Int4Weight, Int8Weight, QuantFormatError, W8A8Weight,
                             quantize_activations)
@@ -138,7 +140,6 @@ def _k_dim(qweight: Int8Weight) -> int:
 
 SPLIT_KERNEL_MAX_K = 8192  # the GPU dispatch's xla_split writes its digits in one Pallas launch up to this K
 # (H100, session 22, qmatmul_diag/s22_act_prep/: 0.4-1.5 us faster at K = 4096, M <= 32; 0.4 us slower at 13696, M=1)
-SPLIT_STEPS = 127 * 128  # per row, x is written as an integer xs in [-16256, 16256] steps of absmax / 16256
 SPLIT_MAX_K = (2**31 - 1) // (127 * 128)  # 132104: the hi-digit int32 sum |sum_k hi * q| <= K * 127 * 128
 
 
@@ -150,7 +151,8 @@ def split_digits(xf, axis: int):
     return step, jnp.concatenate([hi, xs - 128.0 * hi]).astype(jnp.int8)
 
 
-def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1, prep: str = "xla", interpret: bool = False):
+def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1, prep: str = "xla", interpret: bool = False,
+                      x_digits: ActDigits | None = None):
     """Weight-only int8 through XLA's int8 x int8 -> int32 dot: ``x2[M, K]`` (float) -> float32 ``[M, N]``.
 
     Representation: per row m, ``step[m] = absmax(x2[m]) / (127 * 128)`` (absmax floored at 1e-30, so zero
@@ -180,7 +182,8 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1, prep: str =
 
     ``prep="kernel"`` (one block only; the GPU dispatch's choice) writes the step and digits in one Pallas launch,
     ``quantize_rows.split_rows`` (the correctly rounded quotient x / step, which XLA's fusions may miss by one step on
-    a few elements); ``"xla"`` leaves them to XLA's fusions.
+    a few elements); ``"xla"`` leaves them to XLA's fusions. ``x_digits`` (one block only): the digits already
+    written by x's producer (``act_digits``, layout 0), used instead of either prep.
     """
     _check(isinstance(qweight, Int8Weight),
            f"the xla_split path is for Int8Weight (weight-only int8) only; got {type(qweight).__name__}")
@@ -193,7 +196,10 @@ def int8_split_matmul(x2, qweight: Int8Weight, *, k_blocks: int = 1, prep: str =
     scale = qweight.scale.astype(jnp.float32)[None, :]
     _check(prep in ("xla", "kernel"), f"prep must be 'xla' or 'kernel'; got {prep!r}")
     if b == 1:  # the plain [M, K] form (no block axis), so XLA sees an ordinary int8 dot
-        if prep == "kernel":
+        if x_digits is not None:
+            x_digits.check(m, k, 0)
+            step, digits = x_digits.step, x_digits.digits
+        elif prep == "kernel":
             from .quantize_rows import split_rows
             step, digits = split_rows(x2, steps=SPLIT_STEPS, interpret=interpret)
         else:
@@ -282,7 +288,7 @@ def fit_tpu_config(cfg: TileConfig, qweight) -> TileConfig | None:
 
 
 def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dtype, poison: bool,
-            act_scale=None):
+            act_scale=None, x_digits=None):
     m = x2.shape[0]
     if isinstance(qweight, W8A8Weight) and act_scale is None and platform == "gpu":
         from .quantize_rows import quantize_rows  # one pass over x (XLA's form reads it twice)
@@ -316,7 +322,9 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         from .qmatmul_dp4a import int4_dp4a_gemv
         odt = jnp.dtype(out_dtype if cfg.split_k == 1 else jnp.float32)  # fit_config: split_k = non-empty splits
         out = jnp.full((cfg.split_k, n), jnp.nan, odt) if poison else None
-        y = int4_dp4a_gemv(xk, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+        planes = x_digits if x_digits is not None and x_digits.group == qweight.group else None
+        y = int4_dp4a_gemv(xk, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret,
+                           x_digits=planes)
     else:
         from .qmatmul_gpu import gpu_qmatmul
         shape, dt = ((mp, n), out_dtype) if cfg.split_k == 1 else ((cfg.split_k, mp, n), jnp.float32)
@@ -327,30 +335,11 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
     return y[:m]
 
 
-def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto", interpret: bool = False,
-                     config: TileConfig | None = None, act_scale=None, k_blocks: int = 1, _poison: bool = False):
-    """``x[..., I]`` (float32/bfloat16/float16) times a quantized ``[I, O]`` weight -> ``[..., O]``.
-
-    bias: optional ``[O]``; out_dtype defaults to x's dtype; impl: one of ``IMPLS``; interpret: run the
-    Pallas kernel in interpret mode (CPU tests); config: a ``TileConfig`` overriding the tuned table;
-    act_scale: W8A8 only, a static activation scale (float32 scalar or [1]) instead of per-token dynamic ones;
-    k_blocks: the ``xla_split`` path's activation step per K block (``int8_split_matmul``; other paths ignore it);
-    _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
-    A table (or ``config``) choice of ``kernel="xla_split"`` serves ``Int8Weight`` with bf16/f16 activations and
-    K <= ``SPLIT_MAX_K``; elsewhere it falls back to ``"xla"``. ``impl="xla_split"`` forces it (Int8Weight only).
-    A K-major ``Int8Weight`` / ``Int4Weight`` runs on the GPU kernels or the XLA paths (module docstring).
-    """
-    validate_inputs(x, qweight, bias, out_dtype, act_scale)
-    _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
-    _check(config is None or isinstance(config, TileConfig), f"config must be a TileConfig; got {config!r}")
-    out_dtype = jnp.dtype(out_dtype or x.dtype)
+def _route(x, qweight, impl: str, interpret: bool, config: TileConfig | None, k_blocks: int):
+    """The path a call takes: (impl, its tile config or None, the xla_split digits' prep). impl is one of
+    "reference", "xla", "xla_split", "pallas_gpu" (config fitted to the problem), "pallas_tpu" (likewise)."""
     platform = jax.default_backend()
     k_major = isinstance(qweight, (Int8Weight, Int4Weight)) and qweight.k_major
-    _check(not (k_major and impl == "pallas_tpu"),
-           f"impl={impl!r}: the Mosaic TPU kernel takes weights stored [K, N] only; this {type(qweight).__name__} is "
-           f"K-major (k_major=True). Allowed for it: 'auto', 'pallas_gpu', 'xla', "
-           f"{'xla_split, ' if isinstance(qweight, Int8Weight) else ''}'reference' (or convert it with "
-           f".with_layout(k_major=False))")
     if impl == "auto":
         if interpret:
             impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
@@ -359,14 +348,13 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     _check(impl != "xla_split" or isinstance(qweight, Int8Weight),
            f"impl='xla_split' is for Int8Weight (weight-only int8) only; got {type(qweight).__name__}")
     if impl == "reference":
-        return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype, act_scale=act_scale)
-    x2 = x.reshape(-1, x.shape[-1])
-    m, k, n = x2.shape[0], qweight.in_features, qweight.out_features
+        return impl, None, "xla"
+    m, k = math.prod(x.shape[:-1]), qweight.in_features
     split_prep = "xla"  # the xla_split digits: XLA's fusions, or one Pallas launch where the GPU table chose the path
     if impl.startswith("pallas"):
         if config is None:
             dev = qmatmul_tiles.device_key(jax.devices()[0].device_kind)
-            config = qmatmul_tiles.lookup(dev, qweight.name, m, k, n)
+            config = qmatmul_tiles.lookup(dev, qweight.name, m, k, qweight.out_features)
         # The split int8 dot where the table says so (Int8Weight, bf16/f16 x, K in bound); XLA's
         # dequantize-then-dot where the table says either XLA path, for float32 x, or where K has no 16-row tiles.
         f32 = x.dtype == jnp.float32
@@ -382,13 +370,72 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     if impl == "pallas_tpu":
         config = fit_tpu_config(config, qweight)
         impl = "xla" if config is None else impl
+    elif impl == "pallas_gpu":
+        config = fit_config(config, qweight, m, wgmma=not interpret, x_dtype=x.dtype)
+    return impl, (config if impl.startswith("pallas") else None), split_prep
+
+
+def _takes_planes(qweight, cfg: TileConfig | None, m: int) -> bool:
+    """The one-row integer-dot GEMV of a K-major Int4Weight (``qmatmul_dp4a``) serves this fitted config."""
+    return (isinstance(qweight, Int4Weight) and qweight.k_major and cfg is not None and cfg.kernel == "gemv"
+            and m == 1)
+
+
+def digits_layout(x, qweight, *, impl: str = "auto", interpret: bool = False, config: TileConfig | None = None,
+                  k_blocks: int = 1) -> int | None:
+    """The ``ActDigits`` layout (``act_digits``) that ``quantized_matmul`` with these arguments would compute from x
+    itself before its integer dot, so x's producer may write them instead: 0 (the ``xla_split`` int8 path, one K
+    block), G (a K-major group-G ``Int4Weight`` at one row on the GPU GEMV) or None (a path that takes x as it is).
+    ``x`` may be a ``jax.ShapeDtypeStruct``."""
+    validate_inputs(x, qweight)
+    _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
+    impl, cfg, _ = _route(x, qweight, impl, interpret, config, k_blocks)
+    if impl == "xla_split":
+        return 0 if k_blocks == 1 else None
+    if impl == "pallas_gpu" and _takes_planes(qweight, cfg, math.prod(x.shape[:-1])):
+        return qweight.group
+    return None
+
+
+def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto", interpret: bool = False,
+                     config: TileConfig | None = None, act_scale=None, k_blocks: int = 1,
+                     x_digits: ActDigits | None = None, _poison: bool = False):
+    """``x[..., I]`` (float32/bfloat16/float16) times a quantized ``[I, O]`` weight -> ``[..., O]``.
+
+    bias: optional ``[O]``; out_dtype defaults to x's dtype; impl: one of ``IMPLS``; interpret: run the
+    Pallas kernel in interpret mode (CPU tests); config: a ``TileConfig`` overriding the tuned table;
+    act_scale: W8A8 only, a static activation scale (float32 scalar or [1]) instead of per-token dynamic ones;
+    k_blocks: the ``xla_split`` path's activation step per K block (``int8_split_matmul``; other paths ignore it);
+    x_digits: x's fixed-point digits written by its producer (``act_digits.ActDigits``), taken by a path whose
+    layout they are (``digits_layout``) instead of that path's own prep, ignored by the others;
+    _poison (tests): the kernel writes into a NaN-filled output buffer, so unwritten elements show.
+    A table (or ``config``) choice of ``kernel="xla_split"`` serves ``Int8Weight`` with bf16/f16 activations and
+    K <= ``SPLIT_MAX_K``; elsewhere it falls back to ``"xla"``. ``impl="xla_split"`` forces it (Int8Weight only).
+    A K-major ``Int8Weight`` / ``Int4Weight`` runs on the GPU kernels or the XLA paths (module docstring).
+    """
+    validate_inputs(x, qweight, bias, out_dtype, act_scale)
+    _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
+    _check(config is None or isinstance(config, TileConfig), f"config must be a TileConfig; got {config!r}")
+    _check(x_digits is None or isinstance(x_digits, ActDigits),
+           f"x_digits must be an act_digits.ActDigits or None; got {type(x_digits).__name__}")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    k_major = isinstance(qweight, (Int8Weight, Int4Weight)) and qweight.k_major
+    _check(not (k_major and impl == "pallas_tpu"),
+           f"impl={impl!r}: the Mosaic TPU kernel takes weights stored [K, N] only; this {type(qweight).__name__} is "
+           f"K-major (k_major=True). Allowed for it: 'auto', 'pallas_gpu', 'xla', "
+           f"{'xla_split, ' if isinstance(qweight, Int8Weight) else ''}'reference' (or convert it with "
+           f".with_layout(k_major=False))")
+    impl, cfg, split_prep = _route(x, qweight, impl, interpret, config, k_blocks)
+    if impl == "reference":
+        return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype, act_scale=act_scale)
+    x2 = x.reshape(-1, x.shape[-1])
     if impl == "xla":
         y = xla_quantized_matmul(x2, qweight, act_scale)
     elif impl == "xla_split":
-        y = int8_split_matmul(x2, qweight, k_blocks=k_blocks, prep=split_prep, interpret=interpret)
+        y = int8_split_matmul(x2, qweight, k_blocks=k_blocks, prep=split_prep, interpret=interpret,
+                              x_digits=x_digits if k_blocks == 1 and x_digits is not None and x_digits.group == 0
+                              else None)
     else:
-        cfg = (fit_config(config, qweight, m, wgmma=not interpret, x_dtype=x.dtype) if impl == "pallas_gpu"
-               else config)
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,
-                    jnp.float32 if bias is not None else out_dtype, _poison, act_scale)
+                    jnp.float32 if bias is not None else out_dtype, _poison, act_scale, x_digits)
     return _finish(y, bias, out_dtype, x.shape[:-1])

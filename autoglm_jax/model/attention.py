@@ -44,16 +44,17 @@ class Attention(nnx.Module):
         return q, k, v
 
     def __call__(self, x: jax.Array, positions: jax.Array, *, layer: int, cache=None,
-                 attention_mask: jax.Array | None = None, partials: bool = False):
+                 attention_mask: jax.Array | None = None, partials: bool = False, x_digits=None):
         """x: [B, T, D]; positions: [B, T]; attention_mask: [B, T] (1 = real token) for the cache-free path.
 
         Returns ``(out [B, T, D], cache)``; with ``partials`` out may be o_proj's split-K partial sums
         [S, B, T, D] float32 (``Linear``). Without a cache, attention is causal over the T tokens given;
         with one, ``cache.attend`` writes k/v for this layer and attends over everything cached so far, or, for a
         dense cache's fused decode step, ``cache.attend_rows`` takes the projection rows whole and applies RoPE
-        in the kernel (the projection then ends in one XLA fusion).
+        in the kernel (the projection then ends in one XLA fusion). x_digits: x's ``act_digits.ActDigits`` from the
+        norm before, for a quantized qkv projection (or None).
         """
-        qkv = self.qkv_proj(x)  # [B, T, (N + 2K) H]
+        qkv = self.qkv_proj(x, digits=x_digits)  # [B, T, (N + 2K) H]
         scale = self.cfg.head_dim ** -0.5
         if self._takes_rows(cache, qkv):
             out, cache = self._attend_rows(qkv, positions, layer, cache, scale)

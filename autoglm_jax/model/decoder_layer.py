@@ -34,14 +34,15 @@ class DecoderLayer(nnx.Module):
         """The layer on a residual stream whose last add is pending: its input is ``x + residual`` (residual
         None: x itself). Returns ``(m, h, cache)``: the output is ``h + m``, left to the next norm's fused add.
         With ``partials``, x and m may be split-K partial sums [S, B, T, D] (``Linear``; not where a post-norm
-        needs the whole output first)."""
-        x, h = self.input_norm.add_and_norm(x, residual)
+        needs the whole output first). Each norm writes the digits of its output too where the quantized projection
+        after it would compute them itself (``RMSNorm.add_norm_digits``)."""
+        x, h, digits = self.input_norm.add_norm_digits(x, residual, self.attn.qkv_proj)
         a, cache = self.attn(x, positions, layer=layer, cache=cache, attention_mask=attention_mask,
-                             partials=partials and self.post_attn_norm is None)
+                             partials=partials and self.post_attn_norm is None, x_digits=digits)
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
-        x, h = self.mlp_norm.add_and_norm(checkpoint_name(a, ATTENTION_OUT), h)
-        m = self.mlp(x, partials=partials and self.post_mlp_norm is None)
+        x, h, digits = self.mlp_norm.add_norm_digits(checkpoint_name(a, ATTENTION_OUT), h, self.mlp.gate_up_proj)
+        m = self.mlp(x, partials=partials and self.post_mlp_norm is None, x_digits=digits)
         if self.post_mlp_norm is not None:
             m = self.post_mlp_norm(m)
         return checkpoint_name(m, MLP_OUT), h, cache

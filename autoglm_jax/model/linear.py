@@ -58,9 +58,10 @@ class Linear(nnx.Module):
         # a SplitKBlocks wherever the kernel takes M (interpret mode off GPU: tests).
         self.splitk: str | SplitKBlocks = "auto"
 
-    def __call__(self, x: jax.Array, *, partials: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, partials: bool = False, digits=None) -> jax.Array:
         """x: [..., I] -> [..., O] in the compute dtype; with ``partials``, maybe float32 partial sums [S, ..., O]
-        (see the module docstring)."""
+        (see the module docstring). digits: ignored (``QuantizedLinear`` takes them; a float layer never asks)."""
+        del digits
         blocks = self._splitk_blocks(x) if partials and self.bias is None else None
         if blocks is not None:
             x2 = x.reshape(-1, self.in_features).astype(self.dtype)

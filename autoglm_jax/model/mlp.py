@@ -32,9 +32,10 @@ class MLP(nnx.Module):
         # GluBlocks wherever the kernel takes M (interpret mode off GPU: tests).
         self.glu_kernel: str | GluBlocks = "auto"
 
-    def __call__(self, x: jax.Array, *, partials: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, partials: bool = False, x_digits=None) -> jax.Array:
         """x: [B, T, D] -> [B, T, D] (with ``partials``, maybe down_proj's split-K partial sums [S, B, T, D]
-        float32: ``Linear``)."""
+        float32: ``Linear``); x_digits: x's ``act_digits.ActDigits`` from the norm before, for a quantized
+        gate_up_proj (or None)."""
         blocks = self._glu_blocks(x) if partials else None
         if blocks is not None:
             lin = self.gate_up_proj
@@ -42,7 +43,7 @@ class MLP(nnx.Module):
                                 **dataclasses.asdict(blocks), interpret=jax.default_backend() != "gpu")
             return self.down_proj(hidden.reshape(*x.shape[:-1], -1), partials=partials)
         g = self.gate_up_groups
-        gate_up = self.gate_up_proj(x)  # [B, T, 2F]
+        gate_up = self.gate_up_proj(x, digits=x_digits)  # [B, T, 2F]
         gate_up = gate_up.reshape(*gate_up.shape[:-1], g, gate_up.shape[-1] // g)  # [B, T, groups, 2F / groups]
         gate, up = (z.reshape(*x.shape[:-1], -1) for z in jax.numpy.split(gate_up, 2, axis=-1))  # [B, T, F]
         hidden = constrain(up * jax.nn.silu(gate), ("batch", "sequence", "mlp"))

@@ -49,6 +49,23 @@ class RMSNorm(nnx.Module):
             return self(s), s
         return self._fused(x, residual)
 
+    def add_norm_digits(self, x: jax.Array, residual: jax.Array | None, consumer) -> tuple[jax.Array, jax.Array, object]:
+        """``add_and_norm`` and, where the fused kernel runs and ``consumer`` (the layer the normed output feeds)
+        would compute its input's fixed-point digits itself (``QuantizedLinear.digits_layout``), those digits
+        written by the same launch -> (y, s, ``act_digits.ActDigits`` or None)."""
+        layout = None
+        if (residual is not None and x.ndim == residual.ndim and hasattr(consumer, "digits_layout")
+                and self._fused_on(residual)):
+            layout = consumer.digits_layout(residual)
+        if layout is None:
+            return (*self.add_and_norm(x, residual), None)
+        shape = residual.shape
+        y, s, digits = add_rms_norm(x.astype(self.dtype).reshape(-1, shape[-1]),
+                                    residual.astype(self.dtype).reshape(-1, shape[-1]),
+                                    self.scale[...].astype(self.dtype), eps=self.eps, digits=layout,
+                                    interpret=jax.default_backend() != "gpu")
+        return y.reshape(shape), s.reshape(shape), digits
+
     def _fused(self, x, residual):
         """add_rms_norm on x [..., D] (or partials [S, ..., D]) and residual [..., D] -> (y, s) shaped as residual."""
         shape = residual.shape

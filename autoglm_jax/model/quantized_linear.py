@@ -27,11 +27,12 @@ from flax import nnx
 
 from kernels_pallas.quant_formats import (Int4Weight, Int8Weight, QuantFormatError, W8A8Weight, check_k_major,
                                           quantize)
-from kernels_pallas.quantized_matmul import quantized_matmul
+from kernels_pallas.quantized_matmul import digits_layout, quantized_matmul
 
 from .linear import Linear
 
 FORMATS = ("int8", "int4", "w8a8")
+TAKE_DIGITS = ("auto", "all", "off")  # QuantizedLinear.take_digits
 
 
 class QuantizedLinear(nnx.Module):
@@ -39,7 +40,11 @@ class QuantizedLinear(nnx.Module):
 
     fmt: "int8" | "int4" | "w8a8"; group / symmetric: int4 only; k_major (static, from the weight): int8 / int4
     stored ``[O, I]``; dtype: compute and output dtype; impl / interpret: passed to ``quantized_matmul`` (default:
-    dispatch by platform); k_blocks (static, 1 unless ``sharding`` sets it on a row-parallel layer): passed too.
+    dispatch by platform); k_blocks (static, 1 unless ``sharding`` sets it on a row-parallel layer): passed too;
+    take_digits: which of x's fixed-point digits this layer takes from the norm before it (``RMSNorm.add_norm_digits``)
+    where its path would compute them itself (``digits_layout``): "auto" the int8 ``xla_split`` rows (layout 0: a
+    batch-1 int8 decode step 0.5-1.4% faster on the H100, session 25), "all" the int4 GEMV's planes too (1.2% slower
+    end to end there, although the fused launch alone was faster: results/qmatmul_diag/s25_digits/), "off" none.
     """
 
     def __init__(self, weight, *, axes: tuple[str, str], bias: jax.Array | None = None, dtype=jnp.float32,
@@ -51,6 +56,7 @@ class QuantizedLinear(nnx.Module):
         self.dtype, self.impl, self.interpret = dtype, impl, interpret
         self.k_major = bool(getattr(weight, "k_major", False))
         self.k_blocks = 1
+        self.take_digits = "auto"
         if isinstance(weight, Int4Weight):  # K-major: packed [O, I/2], scale / zero [O, I/group]
             self.fmt, self.group = "int4", weight.group
             gaxes = (axes[1], None) if self.k_major else (None, axes[1])
@@ -94,14 +100,26 @@ class QuantizedLinear(nnx.Module):
             return W8A8Weight(qweight=self.qweight[...], scale=self.scale[...])
         return Int8Weight(qweight=self.qweight[...], scale=self.scale[...], k_major=self.k_major)
 
-    def __call__(self, x: jax.Array, *, partials: bool = False) -> jax.Array:
-        """x: [..., I] -> [..., O] in the compute dtype (``partials``, as ``Linear`` takes it: always y here)."""
+    def digits_layout(self, x) -> int | None:
+        """The ``act_digits`` layout in which this layer takes x's digits from x's producer: the one its path would
+        compute itself, as ``take_digits`` allows (None: none); x: an array or ``jax.ShapeDtypeStruct`` [..., I]."""
+        if self.take_digits not in TAKE_DIGITS:
+            raise ValueError(f"QuantizedLinear.take_digits={self.take_digits!r}; allowed: {TAKE_DIGITS}")
+        if self.take_digits == "off":
+            return None
+        x = jax.ShapeDtypeStruct(x.shape, self.dtype)
+        layout = digits_layout(x, self.weight(), impl=self.impl, interpret=self.interpret, k_blocks=self.k_blocks)
+        return layout if self.take_digits == "all" or layout == 0 else None
+
+    def __call__(self, x: jax.Array, *, partials: bool = False, digits=None) -> jax.Array:
+        """x: [..., I] -> [..., O] in the compute dtype (``partials``, as ``Linear`` takes it: always y here);
+        digits: x's ``act_digits.ActDigits`` from its producer, or None."""
         del partials
         bias = None if self.bias is None else self.bias[...]
         act_scale = None if getattr(self, "act_scale", None) is None else self.act_scale[...]
         return quantized_matmul(x.astype(self.dtype), self.weight(), bias=bias, out_dtype=self.dtype,
                                 impl=self.impl, interpret=self.interpret, act_scale=act_scale,
-                                k_blocks=self.k_blocks)
+                                k_blocks=self.k_blocks, x_digits=digits)
 
 
 def _children(module):

@@ -1,0 +1,107 @@
+"""The activation-digit producers of a batch-1 decode step, kernel by kernel (issue 6's int4 / int8 decode).
+
+A quantized GEMV at batch 1 takes x as int8 digits (``kernels_pallas.act_digits``). They come from one launch
+before the GEMV (``qmatmul_dp4a.digit_planes_pallas``, ``quantize_rows.split_rows``, XLA's ``split_digits``) or
+from the kernel that produced x (``add_rms_norm(..., digits=)``, ``swiglu``). This times each way at GLM-4-9B's
+sizes (the norm's D = 4096, SwiGLU's F = 13696) over ``--layers`` distinct inputs unrolled in one jit, by GPU span
+in a profiler trace (``bench_common.gpu_span_per_call``), per layer, with the launches' warp counts varied:
+
+* ``norm`` (plain ``add_rms_norm``) and ``norm+prep`` (it, then the digit launch) against ``norm_digits``;
+* ``xla swiglu + prep`` (XLA's SwiGLU fusion, then the digit launch) against ``swiglu_digits`` (only with
+  ``results/qmatmul_diag/s25_digits/swiglu_digits_kernel.diff`` applied: one program a row, slower on the H100, not
+  landed).
+
+    python experiments/diag_digit_producers.py --out $OUT        # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bench_common  # noqa: E402
+from kernels_pallas.act_digits import SPLIT_STEPS  # noqa: E402
+from kernels_pallas.add_rms_norm import add_rms_norm  # noqa: E402
+from kernels_pallas.qmatmul_dp4a import digit_planes_pallas  # noqa: E402
+from kernels_pallas.quantize_rows import split_rows  # noqa: E402
+from kernels_pallas.quantized_matmul import split_digits  # noqa: E402
+
+try:  # session 25's SwiGLU-with-digits kernel, measured slower and not landed: results/qmatmul_diag/s25_digits/
+    from kernels_pallas.swiglu import swiglu  # noqa: E402
+except ImportError:
+    swiglu = None
+
+
+def swiglu_reference(gate_up):
+    """XLA's SwiGLU of a [R, 2F] gate/up row, rounded as the model's MLP rounds it."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return up * jax.nn.silu(gate)
+
+EPS = 1.5625e-07
+
+
+def per_layer_us(fn, inputs) -> float:
+    f = jax.jit(lambda ins: [fn(*a) for a in ins])
+    return 1e6 * bench_common.gpu_span_per_call(f, inputs) / len(inputs)
+
+
+def variants(d: int, f: int, group: int):
+    norm = lambda w: lambda x, r, s: add_rms_norm(x, r, s, eps=EPS, num_warps=w)  # noqa: E731
+    yield "norm", "norm w4", norm(4)
+    yield "norm", "norm w16", norm(16)
+    yield "norm", "norm w4 + planes prep w8", lambda x, r, s: digit_planes_pallas(norm(4)(x, r, s)[0], group,
+                                                                                  num_warps=8)
+    yield "norm", "norm w4 + rows prep w16", lambda x, r, s: split_rows(norm(4)(x, r, s)[0], steps=SPLIT_STEPS)
+    for w in (4, 8, 16, 32):
+        yield "norm", f"norm_digits planes w{w}", lambda x, r, s, w=w: add_rms_norm(x, r, s, eps=EPS, num_warps=w,
+                                                                                    digits=group)
+    for w in (4, 16):
+        yield "norm", f"norm_digits rows w{w}", lambda x, r, s, w=w: add_rms_norm(x, r, s, eps=EPS, num_warps=w,
+                                                                                  digits=0)
+    yield "swiglu", "xla swiglu", swiglu_reference
+    yield "swiglu", "xla swiglu + planes prep w32", lambda g: digit_planes_pallas(swiglu_reference(g), group,
+                                                                                  num_warps=32)
+    yield "swiglu", "xla swiglu + xla rows digits", lambda g: split_digits(
+        swiglu_reference(g).astype(jnp.float32), axis=1)
+    for w in (8, 16, 32) if swiglu is not None else ():
+        yield "swiglu", f"swiglu_digits planes w{w}", lambda g, w=w: swiglu(g, digits=group, num_warps=w)
+        yield "swiglu", f"swiglu_digits rows w{w}", lambda g, w=w: swiglu(g, digits=0, num_warps=w)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--f", type=int, default=13696)
+    ap.add_argument("--group", type=int, default=128)
+    args = ap.parse_args()
+    keys = iter(jax.random.split(jax.random.key(0), 4 * args.layers))
+    bf = jnp.bfloat16
+    norm_in = [(jax.random.normal(next(keys), (1, args.d), bf), 3 * jax.random.normal(next(keys), (1, args.d), bf),
+                (1 + 0.1 * jax.random.normal(next(keys), (args.d,))).astype(bf)) for _ in range(args.layers)]
+    glu_in = [(2 * jax.random.normal(next(keys), (1, 2 * args.f), bf),) for _ in range(args.layers)]
+    rows = []
+    for site, label, fn in variants(args.d, args.f, args.group):
+        try:
+            us = per_layer_us(fn, norm_in if site == "norm" else glu_in)
+            rows.append({"site": site, "variant": label, "us": us})
+        except Exception as e:  # noqa: BLE001 -- a variant that does not compile is reported, the rest go on
+            rows.append({"site": site, "variant": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"device": bench_common.device_info(), "versions": bench_common.versions(), "layers": args.layers,
+              "d": args.d, "f": args.f, "group": args.group, "timing": "trace", "rows": rows}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"diag_digit_producers_{bench_common.gpu_tag()}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
