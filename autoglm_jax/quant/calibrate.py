@@ -38,14 +38,14 @@ class _Tap(nnx.Module):
         self.amax = CalibStat(jnp.zeros((), jnp.float32))
         self.count = CalibStat(jnp.zeros((), jnp.float32))
 
-    def __call__(self, x, *, partials: bool = False):
-        """Records x's statistics, then the wrapped layer's y (``partials`` is passed on: it may return partial
-        sums, as ``Linear`` does)."""
+    def __call__(self, x, *, partials: bool = False, digits=None):
+        """Records x's statistics, then the wrapped layer's y (``partials`` and ``digits`` are passed on: it may
+        return partial sums, as ``Linear`` does, or take x's digits, as ``QuantizedLinear`` does)."""
         m = self.mask[...]
         weight = m.reshape(m.shape + (1,) * (x.ndim - m.ndim)) if m.shape == x.shape[:m.ndim] else None
         for var, value in zip((self.hist, self.amax, self.count), histogram_update(x, weight)):
             _assign(var, value)
-        return self.inner(x, partials=partials)
+        return self.inner(x, partials=partials, digits=digits)
 
 
 def _assign(var: nnx.Variable, value) -> None:
