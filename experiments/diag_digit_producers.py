@@ -2,14 +2,13 @@
 
 A quantized GEMV at batch 1 takes x as int8 digits (``kernels_pallas.act_digits``). They come from one launch
 before the GEMV (``qmatmul_dp4a.digit_planes_pallas``, ``quantize_rows.split_rows``, XLA's ``split_digits``) or
-from the kernel that produced x (``add_rms_norm(..., digits=)``, ``swiglu``). This times each way at GLM-4-9B's
-sizes (the norm's D = 4096, SwiGLU's F = 13696) over ``--layers`` distinct inputs unrolled in one jit, by GPU span
-in a profiler trace (``bench_common.gpu_span_per_call``), per layer, with the launches' warp counts varied:
+from the kernel that produced x (``add_rms_norm(..., digits=)``, ``swiglu.swiglu_digits``). This times each way at
+GLM-4-9B's sizes (the norm's D = 4096, SwiGLU's F = 13696) over ``--layers`` distinct inputs unrolled in one jit, by
+GPU span in a profiler trace (``bench_common.gpu_span_per_call``), per layer, with the launches' warp counts varied:
 
 * ``norm`` (plain ``add_rms_norm``) and ``norm+prep`` (it, then the digit launch) against ``norm_digits``;
-* ``xla swiglu + prep`` (XLA's SwiGLU fusion, then the digit launch) against ``swiglu_digits`` (only with
-  ``results/qmatmul_diag/s25_digits/swiglu_digits_kernel.diff`` applied: one program a row, slower on the H100, not
-  landed).
+* ``xla swiglu + prep`` (XLA's SwiGLU fusion, then the digit launch) against ``swiglu_digits``;
+* the int4 planes prep alone, by groups a program and warps (a step per group: many programs).
 
     python experiments/diag_digit_producers.py --out $OUT        # GPU
 """
@@ -34,16 +33,14 @@ from kernels_pallas.qmatmul_dp4a import digit_planes_pallas  # noqa: E402
 from kernels_pallas.quantize_rows import split_rows  # noqa: E402
 from kernels_pallas.quantized_matmul import split_digits  # noqa: E402
 
-try:  # session 25's SwiGLU-with-digits kernel, measured slower and not landed: results/qmatmul_diag/s25_digits/
-    from kernels_pallas.swiglu import swiglu  # noqa: E402
-except ImportError:
-    swiglu = None
+from kernels_pallas.swiglu import swiglu_digits  # noqa: E402
 
 
 def swiglu_reference(gate_up):
-    """XLA's SwiGLU of a [R, 2F] gate/up row, rounded as the model's MLP rounds it."""
+    """XLA's SwiGLU of a [R, 2F] gate/up row, as the model's MLP writes it."""
     gate, up = jnp.split(gate_up, 2, axis=-1)
     return up * jax.nn.silu(gate)
+
 
 EPS = 1.5625e-07
 
@@ -56,24 +53,24 @@ def per_layer_us(fn, inputs) -> float:
 def variants(d: int, f: int, group: int):
     norm = lambda w: lambda x, r, s: add_rms_norm(x, r, s, eps=EPS, num_warps=w)  # noqa: E731
     yield "norm", "norm w4", norm(4)
-    yield "norm", "norm w16", norm(16)
-    yield "norm", "norm w4 + planes prep w8", lambda x, r, s: digit_planes_pallas(norm(4)(x, r, s)[0], group,
-                                                                                  num_warps=8)
+    yield "norm", "norm w4 + planes prep g4 w4", lambda x, r, s: digit_planes_pallas(norm(4)(x, r, s)[0], group)
     yield "norm", "norm w4 + rows prep w16", lambda x, r, s: split_rows(norm(4)(x, r, s)[0], steps=SPLIT_STEPS)
-    for w in (4, 8, 16, 32):
+    for w in (4, 8, 16):
         yield "norm", f"norm_digits planes w{w}", lambda x, r, s, w=w: add_rms_norm(x, r, s, eps=EPS, num_warps=w,
                                                                                     digits=group)
-    for w in (4, 16):
-        yield "norm", f"norm_digits rows w{w}", lambda x, r, s, w=w: add_rms_norm(x, r, s, eps=EPS, num_warps=w,
-                                                                                  digits=0)
+    yield "norm", "norm_digits rows w16", lambda x, r, s: add_rms_norm(x, r, s, eps=EPS, num_warps=16, digits=0)
+    for g, w in ((4, 4), (8, 4), (2, 2), (16, 8), (1, 1)):
+        yield "norm", f"planes prep alone g{g} w{w} (K = D)", lambda x, r, s, g=g, w=w: digit_planes_pallas(
+            x, group, groups=g, num_warps=w)
+        yield "swiglu", f"planes prep alone g{g} w{w} (K = F)", lambda gu, g=g, w=w: digit_planes_pallas(
+            gu[:, :f], group, groups=g, num_warps=w)
     yield "swiglu", "xla swiglu", swiglu_reference
-    yield "swiglu", "xla swiglu + planes prep w32", lambda g: digit_planes_pallas(swiglu_reference(g), group,
-                                                                                  num_warps=32)
-    yield "swiglu", "xla swiglu + xla rows digits", lambda g: split_digits(
-        swiglu_reference(g).astype(jnp.float32), axis=1)
-    for w in (8, 16, 32) if swiglu is not None else ():
-        yield "swiglu", f"swiglu_digits planes w{w}", lambda g, w=w: swiglu(g, digits=group, num_warps=w)
-        yield "swiglu", f"swiglu_digits rows w{w}", lambda g, w=w: swiglu(g, digits=0, num_warps=w)
+    yield "swiglu", "xla swiglu + planes prep g4 w4", lambda gu: digit_planes_pallas(swiglu_reference(gu), group)
+    yield "swiglu", "xla swiglu + xla rows digits", lambda gu: split_digits(
+        swiglu_reference(gu).astype(jnp.float32), axis=1)
+    for g, w in ((4, 4), (8, 4), (2, 2), (16, 8), (1, 1)):
+        yield "swiglu", f"swiglu_digits g{g} w{w}", lambda gu, g=g, w=w: swiglu_digits(gu, group, groups=g,
+                                                                                       num_warps=w)
 
 
 def main():

@@ -37,9 +37,9 @@ from .act_digits import (check_layout, digit_out_shapes, pack, planes_geometry, 
                          store_row_digits)
 
 
-DIGIT_WARPS = {"planes": 8, "rows": 16}  # H100, one row of D = 4096 (session 25,
-# results/qmatmul_diag/s25_digits/diag_digit_producers_h100.json): planes 2.46 us with 8 warps (4: 2.70, 16: 2.53,
-# 32: 3.00) against 3.10 for the norm and the digit launch apart; rows 2.05 with 16 (4: 2.37) against 3.01
+DIGIT_WARPS = {"planes": 8, "rows": 16}  # H100, one row of D = 4096 (session 25, results/qmatmul_diag/s25_digits/):
+# planes (a step per group) 2.29 us with 8 warps (4: 2.70, 16: 2.35) against 2.76 for the norm and the digit launch
+# apart; rows 2.03-2.05 with 16 (4: 2.37) against 3.01
 
 
 def add_rms_norm_reference(x, residual, scale, *, eps: float):
@@ -83,7 +83,7 @@ def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *digit_refs, d, dp, rows, total_r
 
 def _planes_kernel(x_ref, r_ref, w_ref, y_ref, s_ref, planes_ref, xg_ref, step_ref, *, d, kg, rows, eps, interpret):
     # One row as [K/G, 2, G/2] (each group's low and high half): x_ref, r_ref, w_ref, y_ref, s_ref; the groups are
-    # padded to ``rows`` (a power of two) and masked. planes_ref [4, K/G, G/2] int8, xg_ref [K/G], step_ref [1].
+    # padded to ``rows`` (a power of two) and masked. planes_ref [4, K/G, G/2] int8, xg_ref, step_ref [K/G].
     g2 = x_ref.shape[2]
     gm = jnp.arange(rows) < kg
     dtype = s_ref.dtype
@@ -107,7 +107,7 @@ def _planes_kernel(x_ref, r_ref, w_ref, y_ref, s_ref, planes_ref, xg_ref, step_r
         y = ((s32[h] * inv).astype(dtype).astype(jnp.float32) * load(w_ref, h)).astype(dtype)
         store(y_ref, h, y)
         halves.append(y.astype(jnp.float32))
-    store_planes(planes_ref, xg_ref, step_ref, halves, gm, interpret)
+    store_planes(planes_ref, xg_ref, step_ref, halves, gm, 0, interpret)
 
 
 def check_inputs(x, residual, scale) -> None:
@@ -149,7 +149,7 @@ def _launch_planes(x, residual, scale, eps, group, num_warps, interpret):
         functools.partial(_planes_kernel, d=d, kg=kg, rows=rows, eps=float(eps), interpret=interpret),
         grid=(1,), in_specs=[view] * 3,
         out_specs=[view, view, pl.BlockSpec((4, kg, g2), lambda i: (0, 0, 0)), pl.BlockSpec((kg,), lambda i: (0,)),
-                   pl.BlockSpec((1,), lambda i: (0,))],
+                   pl.BlockSpec((kg,), lambda i: (0,))],
         out_shape=[out, out, *digit_out_shapes(1, d, group)],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
         name="add_rms_norm_digits",

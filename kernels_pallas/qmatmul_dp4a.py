@@ -2,13 +2,14 @@
 
 ``y[1, N] = x[1, K] @ dequant(w)[K, N]`` for ``w.k_major`` (``packed[N, K/2]``, viewed ``[N, K/G, G/2]``: row n,
 group g, byte j holds k = g*G + j in its low nibble and g*G + G/2 + j in its high one; ``scale`` / ``zero``
-``[N, K/G]``). The activation row is written as two int8 digits per element, exactly as the ``xla_split`` int8
-path writes it (``quantized_matmul.split_digits``: ``xs = round(x / step) = 128 * hi + lo``, 15 bits of fixed
-point per row, the only approximation); per group the kernel needs ``sum_k u[k, n] * xs[k]`` (nibbles u in
-[0, 15]) and takes the zero point out once per group and row: ``sum_k (u - z) xs = sum_k u xs - z * X[g]`` with
-``X[g] = sum_{k in g} xs[k]`` (z = 8 for a symmetric weight). So
+``[N, K/G]``). The activation row is written as two int8 digits per element, the ``xla_split`` int8 path's fixed
+point (``quantized_matmul.split_digits``: ``xs = round(x / step) = 128 * hi + lo``, 15 bits) with a step per group
+of the weight (``act_digits``' planes layout: ``step[g]`` from the group's absmax, the only approximation); per group
+the kernel needs ``sum_k u[k, n] * xs[k]`` (nibbles u in [0, 15]) and takes the zero point out once per group and
+row: ``sum_k (u - z) xs = sum_k u xs - z * X[g]`` with ``X[g] = sum_{k in g} xs[k]`` (z = 8 for a symmetric
+weight). So
 
-    y[n] = step * sum_g s[n, g] * (sum_{k in g} u[k, n] xs[k] - z[n, g] X[g])
+    y[n] = sum_g s[n, g] * step[g] * (sum_{k in g} u[k, n] xs[k] - z[n, g] X[g])
 
 One PTX ``dp4a`` multiplies four unsigned bytes by four signed bytes and adds them to an int32: per four packed
 bytes (eight weights) the asm (``_ASM``) masks out the low nibbles and shifts out the high ones as bytes, runs
@@ -25,9 +26,11 @@ them (XLA fuses that sum into the consumer's cast). With one split the kernel wr
 no convert kernel follows (1.2-1.7 us a call on the H100). A split gives a K-long, N-short weight (down_proj: 1024
 programs of 27 KB each without one) the program count of a wide one, but its partials cost a kernel too: the H100
 table now runs down_proj unsplit (bn2 bk2048, one warp: 13.5 us against 15.5 with split 4, GPU time in a profiler
-trace). The digit planes, group sums and step come from one Pallas launch before the GEMV (``digit_planes_pallas``,
-one program, ``DIGIT_WARPS``; before session 22 down_proj's K = 13696 took XLA's fusions, ``digit_planes``, until
-the kernel's quotient took five instructions a element, ``quantize_rows.round_quotient``): XLA wrote them in several
+trace). The digit planes, group sums and steps come from one Pallas launch before the GEMV (``digit_planes_pallas``;
+a step per group since session 25, so the launch spreads over ``DIGIT_GROUPS`` groups a program; until then one
+program took the row's absmax first, 3.2 us for down_proj's K = 13696 in a decode step; before session 22 down_proj
+took XLA's fusions, ``digit_planes``, until the kernel's quotient took five instructions a element,
+``quantize_rows.round_quotient``): XLA wrote them in several
 small kernels a GEMV (an all-K-major int4 decode step ran ~1.4 ms of small XLA fusions against bf16's ~0.6,
 ``qmatmul_diag/decode_step_profiles_h100.json``); one launch took 2.1-2.2 us off each qkv / o / gate_up call but
 1.1 us onto down's (K = 13696 in one program, ``qmatmul_diag/dp4a_digits_kernel_h100.json``), and all-K-major int4
@@ -54,14 +57,9 @@ from .act_digits import ActDigits, planes_geometry, store_planes
 from .quantized_matmul import split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
-DIGIT_WARPS = ((8192, 8), (None, 32))  # int4_dp4a_gemv(digits="auto"): the one-launch digit prep at every K, with
-# this many warps up to each K (H100, session 22, qmatmul_diag/s22_act_prep/: down 16.3 us with 32 warps against
-# 16.4 with 16 and XLA's prep 18.4; qkv / o fastest with 8)
-
-
-def digit_warps_for(k: int) -> int:
-    """The digit prep's warps for a K (``DIGIT_WARPS``)."""
-    return next(w for limit, w in DIGIT_WARPS if limit is None or k <= limit)
+DIGIT_GROUPS, DIGIT_WARPS = 4, 4  # digit_planes_pallas: groups a program, warps; H100, session 25
+# (results/qmatmul_diag/s25_digits/group_steps/): K = 4096 1.34 us (8 groups a program 1.30, 16 with 8 warps 1.39),
+# K = 13696 2.59 us (the one-program row-step prep before it: ~3.05)
 MAX_ROWS_A_PASS = 4  # at most this many rows of N under one pass of the CTA's threads (tile_fits)
 
 
@@ -116,7 +114,7 @@ def _dp4a(p, xa, xb, xc, xd, sc, acc, interpret: bool):
 
 def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug, sps, bn, g2, has_zero, aliased,
             interpret):
-    # xd_ref [4, K/G, G/2] int8 digit planes; xg_ref [K/G] float32 group sums X; step_ref [1];
+    # xd_ref [4, K/G, G/2] int8 digit planes; xg_ref [K/G] float32 group sums X; step_ref [K/G] their steps;
     # w_ref [bn, K/G, G/2] uint8; s_ref (z_ref) [bn, K/G]; o_ref [1, bn]: this split's float32 partials, or with
     # one split the output itself in its dtype.
     if aliased:  # the poisoned output passed in is the output itself
@@ -134,51 +132,56 @@ def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug
         sm = rmask[:, None] & gm[None, :]
         p = pltriton.load(w_ref.at[:, gs, :], mask=sm[:, :, None], other=0)
         xs = [pltriton.load(xd_ref.at[pl.ds(j, 1), gs, :], mask=gm[None, :, None], other=0) for j in range(4)]
-        s = pltriton.load(s_ref.at[:, gs], mask=sm, other=0.0).astype(jnp.float32)
+        xst = pltriton.load(step_ref.at[gs], mask=gm, other=0.0)  # the groups' activation steps
+        s = pltriton.load(s_ref.at[:, gs], mask=sm, other=0.0).astype(jnp.float32) * xst[None, :]
         z = 8.0 if z_ref is None else pltriton.load(z_ref.at[:, gs], mask=sm, other=0).astype(jnp.float32)
         xg = pltriton.load(xg_ref.at[gs], mask=gm, other=0.0)
         tile = _dp4a(p, *(jnp.broadcast_to(x, shape) for x in xs), jnp.broadcast_to(s[:, :, None], shape), tile,
                      interpret)
         corr = corr + s * z * xg[None, :]
     acc = jnp.sum(jnp.sum(tile, axis=2), axis=1) - jnp.sum(corr, axis=1)
-    pltriton.store(o_ref, (acc * step_ref[...])[None, :].astype(o_ref.dtype), mask=rmask[None, :])
+    pltriton.store(o_ref, acc[None, :].astype(o_ref.dtype), mask=rmask[None, :])
 
 
 def digit_planes(x, group: int):
     """x [1, K] float -> (digits [4, K/G, G/2] int8: hi and lo digits of the low then the high half of each
-    group; group sums X [K/G] float32; step [1] float32)."""
+    group; group sums X [K/G] float32; steps [K/G] float32, one a group) in XLA's ops (``act_digits``' planes)."""
     k = x.shape[1]
-    step, d = split_digits(x.astype(jnp.float32), axis=1)  # [1, 1], [2, K] (hi; lo)
+    step, d = split_digits(x.astype(jnp.float32).reshape(k // group, group), axis=1)  # [K/G, 1], [2 K/G, G]
     d = d.reshape(2, k // group, 2, group // 2)  # digit, group, half, j
     planes = jnp.stack([d[0, :, 0], d[1, :, 0], d[0, :, 1], d[1, :, 1]])
     xs = 128 * d[0].astype(jnp.int32) + d[1].astype(jnp.int32)  # [K/G, 2, G/2]
-    return planes, jnp.sum(xs, axis=(1, 2)).astype(jnp.float32), step.reshape(1)
+    return planes, jnp.sum(xs, axis=(1, 2)).astype(jnp.float32), step.reshape(k // group)
 
 
 def _prep_kernel(x_ref, planes_ref, xg_ref, step_ref, *, n_groups, rows, interpret):
-    # One program. x_ref [K/G, 2, G/2] (the group halves); planes_ref [4, K/G, G/2] int8; xg_ref [K/G] float32;
-    # step_ref [1] float32. The K/G groups are padded to ``rows`` (a power of two) and masked.
+    # Program i takes groups [i * rows, (i + 1) * rows) of x_ref [K/G, 2, G/2] (the group halves; groups past K/G
+    # masked) -> their rows of planes_ref [4, K/G, G/2] int8, xg_ref and step_ref [K/G] float32.
     g2 = x_ref.shape[2]
-    gm = jnp.arange(rows) < n_groups
-    halves = [pltriton.load(x_ref.at[pl.ds(0, rows), pl.ds(h, 1), :], mask=gm[:, None, None], other=0.0)
+    row0 = pl.program_id(0) * rows
+    gm = row0 + jnp.arange(rows) < n_groups
+    halves = [pltriton.load(x_ref.at[pl.ds(row0, rows), pl.ds(h, 1), :], mask=gm[:, None, None], other=0.0)
               .reshape(rows, g2).astype(jnp.float32) for h in range(2)]
-    store_planes(planes_ref, xg_ref, step_ref, halves, gm, interpret)
+    store_planes(planes_ref, xg_ref, step_ref, halves, gm, row0, interpret)
 
 
-def digit_planes_pallas(x, group: int, *, num_warps: int = 8, interpret: bool = False):
-    """``digit_planes`` in one Pallas launch (one program): on the GPU the digits, group sums and step come from
-    one kernel instead of XLA's several small fusions around every GEMV (a decode step profile on the H100,
-    ``experiments/results/qmatmul_diag/decode_step_profiles_h100.json``). The digits are ``digit_planes``' with the
-    quotient x / step correctly rounded (``quantize_rows.round_quotient``, five PTX instructions a element), which
+def digit_planes_pallas(x, group: int, *, groups: int = DIGIT_GROUPS, num_warps: int = DIGIT_WARPS,
+                        interpret: bool = False):
+    """``digit_planes`` in one Pallas launch of ``groups`` groups a program: on the GPU the digits, group sums and
+    steps come from one kernel instead of XLA's several small fusions around every GEMV (a decode step profile on the
+    H100, ``experiments/results/qmatmul_diag/decode_step_profiles_h100.json``). The digits are ``digit_planes``' with
+    the quotient x / step correctly rounded (``quantize_rows.round_quotient``, five PTX instructions a element), which
     XLA's form may miss by one step on a few elements."""
-    kg, rows, g2 = planes_geometry(x.shape[1], group)
-    kernel = functools.partial(_prep_kernel, n_groups=kg, rows=rows, interpret=interpret)
+    kg, _, g2 = planes_geometry(x.shape[1], group)
+    if groups < 1 or groups & (groups - 1):
+        raise ValueError(f"groups (a program's groups) must be a power of two; got {groups}")
+    kernel = functools.partial(_prep_kernel, n_groups=kg, rows=groups, interpret=interpret)
+    full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
     return pl.pallas_call(
-        kernel, grid=(1,), in_specs=[pl.BlockSpec((kg, 2, g2), lambda i: (0, 0, 0))],
-        out_specs=[pl.BlockSpec((4, kg, g2), lambda i: (0, 0, 0)), pl.BlockSpec((kg,), lambda i: (0,)),
-                   pl.BlockSpec((1,), lambda i: (0,))],
+        kernel, grid=(pl.cdiv(kg, groups),), in_specs=[full((kg, 2, g2))],
+        out_specs=[full((4, kg, g2)), full((kg,)), full((kg,))],
         out_shape=[jax.ShapeDtypeStruct((4, kg, g2), jnp.int8), jax.ShapeDtypeStruct((kg,), jnp.float32),
-                   jax.ShapeDtypeStruct((1,), jnp.float32)],
+                   jax.ShapeDtypeStruct((kg,), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
         name="qmatmul_int4_dp4a_digits",
     )(x.reshape(kg, 2, g2))
@@ -212,7 +215,7 @@ def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp
     groups a step, split_k runs of K's steps (the program grid's second axis), num_warps; out (tests): a NaN-filled
     buffer the kernel must overwrite, [split_k', N] float32 partials (split_k' = the number of non-empty splits,
     ``dp4a_splits``), or [1, N] ``out_dtype`` with one split; digits: "kernel" or "auto" (``digit_planes_pallas``,
-    one launch of ``digit_warps`` warps, by default ``digit_warps_for(K)``) or "xla" (``digit_planes``, XLA's
+    one launch of ``digit_warps`` warps, by default ``DIGIT_WARPS``) or "xla" (``digit_planes``, XLA's
     fusions); x_digits: the planes already written by x's producer (``act_digits``, layout G), used instead of
     either prep."""
     check_dp4a_inputs(x, w, cfg)
@@ -221,7 +224,7 @@ def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp
     if digits not in ("auto", "kernel", "xla"):
         raise ValueError(f"digits must be 'auto', 'kernel' or 'xla'; got {digits!r}")
     digits = "kernel" if digits == "auto" else digits
-    digit_warps = digit_warps_for(w.in_features) if digit_warps is None else digit_warps
+    digit_warps = DIGIT_WARPS if digit_warps is None else digit_warps
     n, k, group = w.out_features, w.in_features, w.group
     kg, g2, bn, ug = k // group, group // 2, cfg.block_n, cfg.block_k // group
     splits, sps = dp4a_splits(kg, ug, cfg.split_k)
@@ -234,7 +237,7 @@ def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp
         planes, xg, step = digit_planes(x, group)
     operands = [planes, xg, step, w.packed.reshape(n, kg, g2), w.scale] + ([w.zero] if w.zero is not None else [])
     specs = [pl.BlockSpec(planes.shape, lambda i, s: (0, 0, 0)), pl.BlockSpec((kg,), lambda i, s: (0,)),
-             pl.BlockSpec((1,), lambda i, s: (0,)), pl.BlockSpec((bn, kg, g2), lambda i, s: (i, 0, 0))]
+             pl.BlockSpec((kg,), lambda i, s: (0,)), pl.BlockSpec((bn, kg, g2), lambda i, s: (i, 0, 0))]
     specs += [pl.BlockSpec((bn, kg), lambda i, s: (i, 0))] * (2 if w.zero is not None else 1)
     out_spec = pl.BlockSpec((1, bn), lambda i, s: (s, i))
     aliases = {}

@@ -1,9 +1,9 @@
 """Activation digits written by the producing kernel (``kernels_pallas.act_digits``): ``add_rms_norm`` with
-``digits`` writes the same digits as the quantized matmul's own preps compute from its output
-(``quantize_rows.split_rows``, ``qmatmul_dp4a.digit_planes_pallas``), ``quantized_matmul`` given them equals the
-call without them, ``digits_layout`` names the layout a call's path computes, and a bf16 GLM quantized int4 / int8
-decodes with the digits taken from the norms as it does without. Fresh random inputs, D not a power of two (masked
-columns), int4 group counts not powers of two (masked groups)."""
+``digits`` and ``swiglu.swiglu_digits`` write the same digits as the quantized matmul's own preps compute from their
+outputs (``quantize_rows.split_rows``, ``qmatmul_dp4a.digit_planes_pallas``), ``quantized_matmul`` given them equals
+the call without them, ``digits_layout`` names the layout a call's path computes, and a bf16 GLM quantized int4 /
+int8 decodes with the digits taken from the norms and SwiGLU as it does without. Fresh random inputs, D not a power
+of two (masked columns), int4 group counts not powers of two (masked groups)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from kernels_pallas.qmatmul_dp4a import digit_planes_pallas
 from kernels_pallas.quant_formats import QuantFormatError, quantize
 from kernels_pallas.quantize_rows import split_rows
 from kernels_pallas.quantized_matmul import digits_layout, quantized_matmul
+from kernels_pallas.swiglu import swiglu_digits, swiglu_reference
 
 EPS = 1.5625e-07
 
@@ -54,6 +55,17 @@ class DigitCases:
         assert np.all(err <= 2.0 ** -7 * np.abs(np.asarray(ry, np.float32)) + 1e-6), err.max()
         assert isinstance(dg, ActDigits) and dg.group == layout
         assert_digits_of(y, dg, self.interpret)
+
+    @pytest.mark.parametrize("f,group,groups,warps", [(13696, 128, 4, 4), (640, 64, 8, 2), (384, 128, 1, 1)])
+    def test_swiglu_writes_its_outputs_planes(self, f, group, groups, warps):
+        gate_up = normal(f + group, (1, 2 * f), 3.0)
+        h, dg = swiglu_digits(gate_up, group, groups=groups, num_warps=warps, interpret=self.interpret)
+        ref = np.asarray(swiglu_reference(gate_up), np.float32)
+        # exp on the GPU may differ from XLA's in the last float32 bit: within two bf16 roundings of the reference
+        err = np.abs(np.asarray(h, np.float32) - ref)
+        assert h.shape == (1, f) and np.all(err <= 2.0 ** -7 * np.abs(ref) + 1e-30), err.max()
+        assert dg.group == group and dg.step.shape == (f // group,)
+        assert_digits_of(h, dg, self.interpret)
 
     def test_quantized_matmul_with_digits_equals_its_own_prep(self):
         """Given the producer's digits, the int4 GEMV and the int8 xla_split path give what they give from x."""
@@ -96,6 +108,10 @@ def test_bad_digit_requests_are_named():
         add_rms_norm(x, x, w, eps=EPS, digits=3, interpret=True)
     with pytest.raises(QuantFormatError, match="K a multiple of an even group"):
         add_rms_norm(x[:1, :200], x[:1, :200], w[:200], eps=EPS, digits=128, interpret=True)
+    with pytest.raises(ValueError, match="one 16-bit float row"):
+        swiglu_digits(x, 64, interpret=True)
+    with pytest.raises(ValueError, match="groups must be a power of two"):
+        swiglu_digits(x[:1], 64, groups=3, interpret=True)
     wq = quantize(normal(4, (256, 384), 0.05, jnp.float32), "int4", k_major=True)
     dg = ActDigits(step=jnp.ones((1,)), digits=jnp.zeros((4, 1, 64), jnp.int8), group_sums=jnp.zeros((1,)),
                     group=128)  # the planes of K = 128, not 256
@@ -115,29 +131,36 @@ def test_bad_digit_requests_are_named():
 
 
 def _spy(monkeypatch):
+    from autoglm_jax.model import mlp as mlp_module
     from autoglm_jax.model import norm as norm_module
-    calls = {"norm": 0}
+    calls = {"norm": 0, "swiglu": 0}
 
     def norm(*a, **kw):
         calls["norm"] += kw.get("digits") is not None
         return add_rms_norm(*a, **kw)
 
+    def glu(*a, **kw):
+        calls["swiglu"] += 1
+        return swiglu_digits(*a, **kw)
+
     monkeypatch.setattr(norm_module, "add_rms_norm", norm)
+    monkeypatch.setattr(mlp_module, "swiglu_digits", glu)
     return calls
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
-def test_quantized_decode_takes_digits_from_norms(fmt, monkeypatch):
+def test_quantized_decode_takes_digits_from_norms_and_swiglu(fmt, monkeypatch):
     """A bf16 tiny GLM quantized with k_major="auto" (interpret mode): cached batch-1 decode steps with the digits
-    written by the norms (take_digits="all") give the logits of the same model whose projections compute them
-    themselves ("off"), within bf16 rounding, and the same greedy tokens; the norms wrote digits in every layer of
-    the traced step; "auto" asks for the int8 rows only."""
+    written by the norms and SwiGLU (take_digits="auto" and "all") give the logits of the same model whose
+    projections compute them themselves ("off"), within bf16 rounding, and the same greedy tokens; in the traced
+    one-row step the producers wrote digits where each setting takes them."""
     from flax import nnx
 
     from autoglm_jax.config import GLMConfig
     from autoglm_jax.kv_cache import DenseKVCache
     from autoglm_jax.loading import random_model
     from autoglm_jax.model import quantize_model
+    from autoglm_jax.model.mlp import MLP
     from autoglm_jax.model.norm import RMSNorm
     from autoglm_jax.model.quantized_linear import QuantizedLinear
 
@@ -147,31 +170,35 @@ def test_quantized_decode_takes_digits_from_norms(fmt, monkeypatch):
     for _, m in nnx.iter_modules(model):
         if isinstance(m, RMSNorm):
             m.fused_kernel = "pallas"
+        if isinstance(m, MLP):
+            m.swiglu_kernel = "pallas"
     calls = _spy(monkeypatch)
     ids = jax.random.randint(jax.random.key(2), (1, 7), 1, cfg.vocab_size)
-    out = {}
-    for take in ("off", "all"):
+    out, counts = {}, {}
+    for take in ("off", "auto", "all"):
         for _, m in nnx.iter_modules(model):
             if isinstance(m, QuantizedLinear):
                 m.take_digits = take
         cache = DenseKVCache.create(cfg, 1, 32, jnp.bfloat16, decode_kernel="xla")
         step = jax.jit(lambda m, i, p, c: m(i, p, cache=c))
         logits, cache = step(model, ids[:, :5], jnp.arange(5, dtype=jnp.int32)[None], cache)
-        calls.update(norm=0)  # count the one-row decode step's trace only
+        calls.update(norm=0, swiglu=0)  # count the one-row decode step's trace only
         steps = []
         for t in range(5, 7):
             logits, cache = step(model, ids[:, t:t + 1], jnp.full((1, 1), t, jnp.int32), cache)
             steps.append(np.asarray(logits[:, 0], np.float32))
-        out[take] = np.stack(steps)
-    # the decode step (one row), traced once with digits: every norm after layer 0's input norm (no residual there)
-    assert calls["norm"] == 2 * cfg.num_layers - 1, calls
+        out[take], counts[take] = np.stack(steps), dict(calls)
+    # every norm after layer 0's input norm (no residual there) writes its consumer's digits (int8 rows, int4 planes)
+    # and SwiGLU down_proj's int4 planes, under "auto" (AUTO_DIGITS: every layout, as measured) and "all" (int8's
+    # down_proj on the CPU table takes the Pallas dot: no digits)
+    norms, layers = 2 * cfg.num_layers - 1, cfg.num_layers
+    taken = {"norm": norms, "swiglu": layers * (fmt == "int4")}
+    assert counts == {"off": {"norm": 0, "swiglu": 0}, "auto": taken, "all": taken}, counts
+    scale = np.abs(out["off"]).max()
+    for take in ("auto", "all"):
+        assert np.abs(out[take] - out["off"]).max() <= 0.02 * scale
+        np.testing.assert_array_equal(out[take].argmax(-1), out["off"].argmax(-1))
     lin = model.layers[1].mlp.gate_up_proj
-    x = jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), jnp.bfloat16)
-    lin.take_digits = "auto"
-    assert lin.digits_layout(x) == (None if fmt == "int4" else 0)
     lin.take_digits = "sometimes"
     with pytest.raises(ValueError, match="take_digits="):
-        lin.digits_layout(x)
-    scale = np.abs(out["off"]).max()
-    assert np.abs(out["all"] - out["off"]).max() <= 0.02 * scale
-    np.testing.assert_array_equal(out["all"].argmax(-1), out["off"].argmax(-1))
+        lin.digits_layout(jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), jnp.bfloat16))

@@ -89,19 +89,23 @@ class Int4KMajorCases:
 
     @pytest.mark.parametrize("k,group", [(13696, 128), (4096, 128), (448, 64), (384, 128)])
     def test_digit_kernel_writes_digit_planes(self, k, group):
-        """The one-launch digit prep against ``digit_planes`` (XLA's) and numpy's IEEE quotients: the digits'
-        values the correctly rounded quotient (exact on the GPU, a step off on < 1e-2 against XLA), group sums and
-        step alike; and the digits recombine to x within half a step."""
+        """The one-launch digit prep against ``digit_planes`` (XLA's) and numpy's IEEE quotients: a step per group
+        (its absmax / SPLIT_STEPS), the digits' values the correctly rounded quotient (exact on the GPU, a step off
+        on < 1e-2 against XLA), group sums alike; and the digits recombine to x within half its group's step."""
         from kernels_pallas.qmatmul_dp4a import digit_planes, digit_planes_pallas
         x = (3.0 * jax.random.normal(jax.random.key(k + group), (1, k), jnp.float32)).astype(jnp.bfloat16)
         planes, xg, step = digit_planes_pallas(x, group, interpret=self.interpret)
         ref_planes, ref_xg, ref_step = digit_planes(x, group)
         assert planes.shape == ref_planes.shape and planes.dtype == jnp.int8
+        assert step.shape == (k // group,)
         np.testing.assert_allclose(np.asarray(step), np.asarray(ref_step), rtol=1e-6)
+        amax = np.abs(np.asarray(x, np.float32)).reshape(k // group, group).max(axis=1)
+        np.testing.assert_allclose(np.asarray(step), amax / SPLIT_STEPS, rtol=1e-6)
+        step_k = np.repeat(np.asarray(step, np.float32), group)[None, :]  # each element's group step
         p, rp = np.asarray(planes, np.int64), np.asarray(ref_planes, np.int64)  # [hi_lo, lo_lo, hi_hi, lo_hi]
         xs = np.concatenate([128 * p[0] + p[1], 128 * p[2] + p[3]], axis=1).reshape(1, k)
         rxs = np.concatenate([128 * rp[0] + rp[1], 128 * rp[2] + rp[3]], axis=1).reshape(1, k)
-        want = np.round(np.asarray(x, np.float32) / np.asarray(step, np.float32))  # IEEE quotient, the kernel's step
+        want = np.round(np.asarray(x, np.float32) / step_k)  # IEEE quotient, the kernel's step
         if not self.interpret:  # round_quotient: exactly the correctly rounded quotient
             np.testing.assert_array_equal(xs, want)
         for other in (want, rxs):  # interpret mode / XLA may multiply by a reciprocal: a step off on a few (the
@@ -110,7 +114,7 @@ class Int4KMajorCases:
         np.testing.assert_allclose(np.asarray(xg), np.asarray(ref_xg), atol=2.0 * group / 64)
         p = np.asarray(planes, np.float32)  # [hi_lo, lo_lo, hi_hi, lo_hi] x [K/G, G/2]
         xs = np.concatenate([128 * p[0] + p[1], 128 * p[2] + p[3]], axis=1).reshape(1, k)
-        assert np.all(np.abs(xs * float(step[0]) - np.asarray(x, np.float32)) <= float(step[0]) * 0.5 * 1.001)
+        assert np.all(np.abs(xs * step_k - np.asarray(x, np.float32)) <= step_k * 0.5 * 1.001)
 
     def test_gemv_digits_kernel_and_xla_agree(self):
         from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv

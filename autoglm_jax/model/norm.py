@@ -49,7 +49,8 @@ class RMSNorm(nnx.Module):
             return self(s), s
         return self._fused(x, residual)
 
-    def add_norm_digits(self, x: jax.Array, residual: jax.Array | None, consumer) -> tuple[jax.Array, jax.Array, object]:
+    def add_norm_digits(self, x: jax.Array, residual: jax.Array | None, consumer) -> tuple[jax.Array, jax.Array,
+                                                                                              object]:
         """``add_and_norm`` and, where the fused kernel runs and ``consumer`` (the layer the normed output feeds)
         would compute its input's fixed-point digits itself (``QuantizedLinear.digits_layout``), those digits
         written by the same launch -> (y, s, ``act_digits.ActDigits`` or None)."""

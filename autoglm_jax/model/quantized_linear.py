@@ -33,6 +33,11 @@ from .linear import Linear
 
 FORMATS = ("int8", "int4", "w8a8")
 TAKE_DIGITS = ("auto", "all", "off")  # QuantizedLinear.take_digits
+# producer -> the digit layouts that "auto" takes from it, as measured end to end on the H100 (batch-1 decode,
+# session 25, experiments/results/qmatmul_diag/s25_digits/): the norm's int8 rows 0.6-1.4% faster (two pairs); with
+# a step per int4 group, the norm's and SwiGLU's planes together 1.0% faster than neither (one run each: 3.023 against
+# 3.054 ms/token), SwiGLU's alone 0.1-0.6% (two runs)
+AUTO_DIGITS = {"norm": ("rows", "planes"), "swiglu": ("planes",)}
 
 
 class QuantizedLinear(nnx.Module):
@@ -41,10 +46,9 @@ class QuantizedLinear(nnx.Module):
     fmt: "int8" | "int4" | "w8a8"; group / symmetric: int4 only; k_major (static, from the weight): int8 / int4
     stored ``[O, I]``; dtype: compute and output dtype; impl / interpret: passed to ``quantized_matmul`` (default:
     dispatch by platform); k_blocks (static, 1 unless ``sharding`` sets it on a row-parallel layer): passed too;
-    take_digits: which of x's fixed-point digits this layer takes from the norm before it (``RMSNorm.add_norm_digits``)
-    where its path would compute them itself (``digits_layout``): "auto" the int8 ``xla_split`` rows (layout 0: a
-    batch-1 int8 decode step 0.5-1.4% faster on the H100, session 25), "all" the int4 GEMV's planes too (1.2% slower
-    end to end there, although the fused launch alone was faster: results/qmatmul_diag/s25_digits/), "off" none.
+    take_digits: which of x's fixed-point digits this layer takes from the kernel that produced x (the norm before it,
+    ``RMSNorm.add_norm_digits``; the MLP's SwiGLU for down_proj) where its path would compute them itself
+    (``digits_layout``): "auto" those of ``AUTO_DIGITS``, "all" every producer's, "off" none (A/B switches).
     """
 
     def __init__(self, weight, *, axes: tuple[str, str], bias: jax.Array | None = None, dtype=jnp.float32,
@@ -100,16 +104,19 @@ class QuantizedLinear(nnx.Module):
             return W8A8Weight(qweight=self.qweight[...], scale=self.scale[...])
         return Int8Weight(qweight=self.qweight[...], scale=self.scale[...], k_major=self.k_major)
 
-    def digits_layout(self, x) -> int | None:
-        """The ``act_digits`` layout in which this layer takes x's digits from x's producer: the one its path would
-        compute itself, as ``take_digits`` allows (None: none); x: an array or ``jax.ShapeDtypeStruct`` [..., I]."""
+    def digits_layout(self, x, producer: str = "norm") -> int | None:
+        """The ``act_digits`` layout in which this layer takes x's digits from ``producer`` ("norm" or "swiglu"):
+        the one its path would compute itself, as ``take_digits`` allows (None: none); x: an array or
+        ``jax.ShapeDtypeStruct`` [..., I]."""
         if self.take_digits not in TAKE_DIGITS:
             raise ValueError(f"QuantizedLinear.take_digits={self.take_digits!r}; allowed: {TAKE_DIGITS}")
         if self.take_digits == "off":
             return None
         x = jax.ShapeDtypeStruct(x.shape, self.dtype)
         layout = digits_layout(x, self.weight(), impl=self.impl, interpret=self.interpret, k_blocks=self.k_blocks)
-        return layout if self.take_digits == "all" or layout == 0 else None
+        if layout is None or self.take_digits == "all":
+            return layout
+        return layout if ("rows" if layout == 0 else "planes") in AUTO_DIGITS.get(producer, ()) else None
 
     def __call__(self, x: jax.Array, *, partials: bool = False, digits=None) -> jax.Array:
         """x: [..., I] -> [..., O] in the compute dtype (``partials``, as ``Linear`` takes it: always y here);
