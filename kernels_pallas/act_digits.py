@@ -16,9 +16,10 @@ The integer-dot paths of ``quantized_matmul`` take x in fixed point: per row m, 
 Each such path computes them from x itself, in one launch before its dot (``quantize_rows.split_rows``,
 ``qmatmul_dp4a.digit_planes_pallas``). In a decode step the kernel that produced x can write them as it writes x
 (``add_rms_norm``, ``swiglu.swiglu_digits``), so the GEMV that follows needs no launch of its own (on the H100,
-session 24: 1.5-3.2 us a GEMV at batch 1). ``quantized_matmul(..., x_digits=)`` takes them where its path uses that layout and
-ignores them elsewhere; ``quantized_matmul.digits_layout`` says which layout a call's path would use. The digits
-must be those of x exactly as the call gets it (the producer writes both from the same rounded values).
+session 24: 1.5-3.2 us a GEMV at batch 1). ``quantized_matmul(..., x_digits=)`` takes them where its path uses
+that layout and ignores them elsewhere; ``quantized_matmul.digits_layout`` says which layout a call's path would
+use. The digits must be those of x exactly as the call gets it (the producer writes both from the same rounded
+values).
 
 The ``store_*`` functions write the digits from inside a Pallas kernel (Triton lowering; interpret mode on the
 CPU); the preps and the producers share them, so that equal x gives equal digits.

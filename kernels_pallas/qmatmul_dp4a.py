@@ -51,9 +51,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .act_digits import ActDigits, planes_geometry, store_planes
 from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, QuantFormatError
-from .act_digits import ActDigits, planes_geometry, store_planes
 from .quantized_matmul import split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
