@@ -21,8 +21,9 @@ that layout and ignores them elsewhere; ``quantized_matmul.digits_layout`` says 
 use. The digits must be those of x exactly as the call gets it (the producer writes both from the same rounded
 values).
 
-The ``store_*`` functions write the digits from inside a Pallas kernel (Triton lowering; interpret mode on the
-CPU); the preps and the producers share them, so that equal x gives equal digits.
+``store_planes`` writes the planes from inside a Pallas kernel (Triton lowering; interpret mode on the CPU), and
+``quantize_rows.split_step`` / ``store_split_digits`` the rows; the preps and the producers share them, so that
+equal x gives equal digits.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .quant_formats import QuantFormatError
-from .quantize_rows import reciprocal, split_values
+from .quantize_rows import split_step, split_values
 
 SPLIT_STEPS = 127 * 128  # per row, x is written as an integer xs in [-16256, 16256] steps of absmax / 16256
 LAYOUTS = "0 (rows, the xla_split int8 path) or an int4 group size G (planes, the one-row integer-dot GEMV)"
@@ -73,20 +74,6 @@ def check_layout(layout) -> None:
         raise ValueError(f"digits layout must be None, {LAYOUTS}; got {layout!r}")
 
 
-def row_step(amax, interpret: bool):
-    """absmax [..] -> (step, 1 / step correctly rounded) of the fixed point."""
-    step = jnp.maximum(amax, 1e-30) / SPLIT_STEPS
-    return step, reciprocal(step, interpret)
-
-
-def store_row_digits(d_ref, x, step, inv, mask, col0: int, interpret: bool) -> None:
-    """x [rows, C] float32 (columns from ``col0``), its rows' step / inv [rows, 1] -> hi and lo digits into
-    ``d_ref [2, rows, K]`` int8 (``mask`` [rows, C])."""
-    _, hi, lo = split_values(x, step, inv, SPLIT_STEPS, interpret)
-    for j, d in enumerate((hi, lo)):
-        pltriton.store(d_ref.at[pl.ds(j, 1), :, pl.ds(col0, x.shape[1])], d.astype(jnp.int8)[None], mask=mask[None])
-
-
 def store_planes(planes_ref, xg_ref, step_ref, halves, gm, row0, interpret: bool) -> None:
     """The planes layout of groups ``row0 ..``: ``halves`` two [rows, G/2] float32 (each group's low and high half;
     rows past K/G zero, ``gm`` [rows] marks the real ones) -> their rows of ``planes_ref [4, K/G, G/2]`` int8, of
@@ -94,7 +81,7 @@ def store_planes(planes_ref, xg_ref, step_ref, halves, gm, row0, interpret: bool
     rows, g2 = halves[0].shape
     amax = jnp.maximum(jnp.max(jnp.abs(halves[0]), axis=1, keepdims=True),
                        jnp.max(jnp.abs(halves[1]), axis=1, keepdims=True))  # [rows, 1]
-    step, inv = row_step(amax, interpret)
+    step, inv = split_step(amax, SPLIT_STEPS, interpret)
     xg = jnp.zeros((rows,), jnp.float32)
     for h, xf in enumerate(halves):
         xs, hi, lo = split_values(xf, step, inv, SPLIT_STEPS, interpret)

@@ -33,8 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .act_digits import (check_layout, digit_out_shapes, pack, planes_geometry, row_step, store_planes,
-                         store_row_digits)
+from .act_digits import SPLIT_STEPS, check_layout, digit_out_shapes, pack, planes_geometry, store_planes
+from .quantize_rows import split_step, store_split_digits
 
 
 DIGIT_WARPS = {"planes": 8, "rows": 16}  # H100, one row of D = 4096 (session 25, results/qmatmul_diag/s25_digits/):
@@ -76,8 +76,8 @@ def _kernel(x_ref, r_ref, w_ref, y_ref, s_ref, *digit_refs, d, dp, rows, total_r
     if digit_refs:  # y's digits, from the values just stored
         st_ref, d_ref = digit_refs
         yq = y.astype(dtype).astype(jnp.float32)
-        step, inv = row_step(jnp.max(jnp.abs(yq), axis=1, keepdims=True), interpret)
-        store_row_digits(d_ref, yq, step, inv, mask, 0, interpret)
+        step, inv = split_step(jnp.max(jnp.abs(yq), axis=1, keepdims=True), SPLIT_STEPS, interpret)
+        store_split_digits(d_ref, yq, step, inv, mask, 0, SPLIT_STEPS, interpret)
         pltriton.store(st_ref, step, mask=row_ok[:, None])
 
 
@@ -124,20 +124,29 @@ def check_inputs(x, residual, scale) -> None:
                          f"{scale.shape}")
 
 
-def _launch(x, residual, scale, eps, block_r, num_warps, interpret):
+def _launch_rows(x, residual, scale, eps, block_r, num_warps, interpret, digits: bool):
+    """The row kernel's launch -> (y, s), or with ``digits`` (y, s, y's rows-layout ``ActDigits``)."""
     r, d = residual.shape
     splits = x.shape[0] if x.ndim == 3 else 0
     dp = 1 << max(0, (d - 1).bit_length())
-    kernel = functools.partial(_kernel, d=d, dp=dp, rows=block_r, total_rows=r, eps=float(eps), splits=splits)
+    kernel = functools.partial(_kernel, d=d, dp=dp, rows=block_r, total_rows=r, eps=float(eps), splits=splits,
+                               interpret=interpret)
     row_spec = pl.BlockSpec((block_r, d), lambda i: (i, 0))
     x_spec = pl.BlockSpec((splits, block_r, d), lambda i: (0, i, 0)) if splits else row_spec
     out = jax.ShapeDtypeStruct((r, d), residual.dtype)
-    return pl.pallas_call(
+    digit_specs = [pl.BlockSpec((block_r, 1), lambda i: (i, 0)), pl.BlockSpec((2, block_r, d), lambda i: (0, i, 0))]
+    outs = pl.pallas_call(
         kernel, grid=(pl.cdiv(r, block_r),), in_specs=[x_spec, row_spec, pl.BlockSpec((d,), lambda i: (0,))],
-        out_specs=[row_spec, row_spec], out_shape=[out, out],
+        out_specs=[row_spec, row_spec, *(digit_specs if digits else [])],
+        out_shape=[out, out, *(digit_out_shapes(r, d, 0) if digits else [])],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
-        name="add_rms_norm",
+        name="add_rms_norm_digits" if digits else "add_rms_norm",
     )(x, residual, scale)
+    return (*outs[:2], pack(outs[2:], r, d, 0)) if digits else outs
+
+
+def _launch(x, residual, scale, eps, block_r, num_warps, interpret):
+    return _launch_rows(x, residual, scale, eps, block_r, num_warps, interpret, digits=False)
 
 
 def _launch_planes(x, residual, scale, eps, group, num_warps, interpret):
@@ -155,24 +164,6 @@ def _launch_planes(x, residual, scale, eps, group, num_warps, interpret):
         name="add_rms_norm_digits",
     )(*(a.reshape(kg, 2, g2) for a in (x, residual, scale)))
     return outs[0].reshape(1, d), outs[1].reshape(1, d), pack(outs[2:], 1, d, group)
-
-
-def _launch_rows(x, residual, scale, eps, block_r, num_warps, interpret):
-    r, d = residual.shape
-    dp = 1 << max(0, (d - 1).bit_length())
-    kernel = functools.partial(_kernel, d=d, dp=dp, rows=block_r, total_rows=r, eps=float(eps), splits=0,
-                               interpret=interpret)
-    row_spec = pl.BlockSpec((block_r, d), lambda i: (i, 0))
-    out = jax.ShapeDtypeStruct((r, d), residual.dtype)
-    outs = pl.pallas_call(
-        kernel, grid=(pl.cdiv(r, block_r),), in_specs=[row_spec, row_spec, pl.BlockSpec((d,), lambda i: (0,))],
-        out_specs=[row_spec, row_spec, pl.BlockSpec((block_r, 1), lambda i: (i, 0)),
-                   pl.BlockSpec((2, block_r, d), lambda i: (0, i, 0))],
-        out_shape=[out, out, *digit_out_shapes(r, d, 0)],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
-        name="add_rms_norm_digits",
-    )(x, residual, scale)
-    return outs[0], outs[1], pack(outs[2:], r, d, 0)
 
 
 # Reverse mode (bfloat16 training on a GPU runs the model's norms through this kernel): the forward pass launches
@@ -212,4 +203,4 @@ def add_rms_norm(x, residual, scale, *, eps: float, block_r: int = 1, num_warps:
                          f"layout; got x {x.shape}")
     if digits:
         return _launch_planes(x, residual, scale, eps, digits, num_warps, interpret)
-    return _launch_rows(x, residual, scale, eps, block_r, num_warps, interpret)
+    return _launch_rows(x, residual, scale, eps, block_r, num_warps, interpret, digits=True)

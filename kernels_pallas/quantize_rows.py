@@ -81,6 +81,21 @@ def split_values(x, step, inv, steps: int, interpret: bool):
     return xs, hi, xs - 128 * hi
 
 
+def split_step(amax, steps: int, interpret: bool):
+    """absmax [..] -> (step, 1 / step correctly rounded) of the ``steps``-step fixed point ``split_values`` writes
+    (``step = max(absmax, 1e-30) / steps``)."""
+    step = jnp.maximum(amax, 1e-30) / steps
+    return step, reciprocal(step, interpret)
+
+
+def store_split_digits(d_ref, x, step, inv, mask, col0: int, steps: int, interpret: bool) -> None:
+    """x [rows, C] float32 (columns from ``col0``), its rows' step / inv [rows, 1] -> the hi and lo digits of
+    ``split_values`` into ``d_ref [2, rows, K]`` int8 (``mask`` [rows, C])."""
+    _, hi, lo = split_values(x, step, inv, steps, interpret)
+    for j, d in enumerate((hi, lo)):
+        pltriton.store(d_ref.at[pl.ds(j, 1), :, pl.ds(col0, x.shape[1])], d.astype(jnp.int8)[None], mask=mask[None])
+
+
 def _load_rows(x_ref, *, k, chunk, rows, m):
     """The program's ``rows`` rows of x as [rows, chunk] float32 chunks (rows past M, columns past K masked to 0)
     -> ([(first column, mask, chunk)], row absmax [rows, 1])."""
@@ -108,12 +123,9 @@ def _kernel(x_ref, q_ref, s_ref, *, k, chunk, rows, m, interpret):
 def _split_kernel(x_ref, s_ref, d_ref, *, k, chunk, rows, m, steps, interpret):
     # x_ref [block_m, K] float; s_ref [block_m, 1] float32; d_ref [2, block_m, K] int8 (hi digits, then lo).
     parts, amax, row_ok = _load_rows(x_ref, k=k, chunk=chunk, rows=rows, m=m)
-    step = jnp.maximum(amax, 1e-30) / steps
-    inv = reciprocal(step, interpret)
+    step, inv = split_step(amax, steps, interpret)
     for c0, mask, xc in parts:
-        _, hi, lo = split_values(xc, step, inv, steps, interpret)
-        for j, d in enumerate((hi, lo)):
-            pltriton.store(d_ref.at[pl.ds(j, 1), :, pl.ds(c0, chunk)], d.astype(jnp.int8)[None], mask=mask[None])
+        store_split_digits(d_ref, xc, step, inv, mask, c0, steps, interpret)
     pltriton.store(s_ref, step, mask=row_ok[:, None])
 
 

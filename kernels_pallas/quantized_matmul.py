@@ -318,13 +318,12 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         from .qmatmul_tpu import tpu_qmatmul
         out = jnp.full((mp, n), jnp.nan, out_dtype) if poison else None
         y = tpu_qmatmul(xk, sx, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
-    elif isinstance(qweight, Int4Weight) and qweight.k_major and cfg.kernel == "gemv":
+    elif _takes_planes(qweight, cfg, m):
         from .qmatmul_dp4a import int4_dp4a_gemv
         odt = jnp.dtype(out_dtype if cfg.split_k == 1 else jnp.float32)  # fit_config: split_k = non-empty splits
         out = jnp.full((cfg.split_k, n), jnp.nan, odt) if poison else None
-        planes = x_digits if x_digits is not None and x_digits.group == qweight.group else None
         y = int4_dp4a_gemv(xk, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret,
-                           x_digits=planes)
+                           x_digits=x_digits)
     else:
         from .qmatmul_gpu import gpu_qmatmul
         shape, dt = ((mp, n), out_dtype) if cfg.split_k == 1 else ((cfg.split_k, mp, n), jnp.float32)
@@ -390,9 +389,14 @@ def digits_layout(x, qweight, *, impl: str = "auto", interpret: bool = False, co
     validate_inputs(x, qweight)
     _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
     impl, cfg, _ = _route(x, qweight, impl, interpret, config, k_blocks)
+    return _path_layout(impl, cfg, qweight, math.prod(x.shape[:-1]), k_blocks)
+
+
+def _path_layout(impl: str, cfg: TileConfig | None, qweight, m: int, k_blocks: int) -> int | None:
+    """The digits layout a routed path (``_route``) computes from x itself, or None."""
     if impl == "xla_split":
         return 0 if k_blocks == 1 else None
-    if impl == "pallas_gpu" and _takes_planes(qweight, cfg, math.prod(x.shape[:-1])):
+    if impl == "pallas_gpu" and _takes_planes(qweight, cfg, m):
         return qweight.group
     return None
 
@@ -429,12 +433,13 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
     if impl == "reference":
         return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype, act_scale=act_scale)
     x2 = x.reshape(-1, x.shape[-1])
+    if x_digits is not None and x_digits.group != _path_layout(impl, cfg, qweight, x2.shape[0], k_blocks):
+        x_digits = None  # not this path's layout: its own prep serves
     if impl == "xla":
         y = xla_quantized_matmul(x2, qweight, act_scale)
     elif impl == "xla_split":
         y = int8_split_matmul(x2, qweight, k_blocks=k_blocks, prep=split_prep, interpret=interpret,
-                              x_digits=x_digits if k_blocks == 1 and x_digits is not None and x_digits.group == 0
-                              else None)
+                              x_digits=x_digits)
     else:
         y = _pallas(x2, qweight, cfg, "tpu" if impl == "pallas_tpu" else "gpu", interpret,
                     jnp.float32 if bias is not None else out_dtype, _poison, act_scale, x_digits)

@@ -66,7 +66,7 @@ class MLP(nnx.Module):
             raise ValueError(f"MLP.swiglu_kernel={self.swiglu_kernel!r}; allowed: 'auto', 'pallas', 'xla'")
         on = self.swiglu_kernel == "pallas" or (self.swiglu_kernel == "auto" and gpu_kernels_on(gate_up.dtype))
         if (not on or self.gate_up_groups != 1 or not hasattr(self.down_proj, "digits_layout")
-                or math.prod(gate_up.shape[:-1]) != 1 or jax.numpy.dtype(gate_up.dtype).itemsize != 2):
+                or jax.numpy.dtype(gate_up.dtype).itemsize != 2):
             return None
         hidden = jax.ShapeDtypeStruct((*gate_up.shape[:-1], gate_up.shape[-1] // 2), gate_up.dtype)
         return self.down_proj.digits_layout(hidden, producer="swiglu") or None

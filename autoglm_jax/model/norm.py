@@ -60,21 +60,17 @@ class RMSNorm(nnx.Module):
             layout = consumer.digits_layout(residual)
         if layout is None:
             return (*self.add_and_norm(x, residual), None)
-        shape = residual.shape
-        y, s, digits = add_rms_norm(x.astype(self.dtype).reshape(-1, shape[-1]),
-                                    residual.astype(self.dtype).reshape(-1, shape[-1]),
-                                    self.scale[...].astype(self.dtype), eps=self.eps, digits=layout,
-                                    interpret=jax.default_backend() != "gpu")
-        return y.reshape(shape), s.reshape(shape), digits
+        return self._fused(x.astype(self.dtype), residual, digits=layout)
 
-    def _fused(self, x, residual):
-        """add_rms_norm on x [..., D] (or partials [S, ..., D]) and residual [..., D] -> (y, s) shaped as residual."""
+    def _fused(self, x, residual, digits=None):
+        """add_rms_norm on x [..., D] (or partials [S, ..., D]) and residual [..., D] -> (y, s) shaped as residual;
+        with a ``digits`` layout, (y, s, y's ``ActDigits``)."""
         shape = residual.shape
         rows = x.reshape(*x.shape[:x.ndim - residual.ndim], -1, shape[-1])  # [R, D] or [S, R, D]
-        y, s = add_rms_norm(rows, residual.astype(self.dtype).reshape(-1, shape[-1]),
-                            self.scale[...].astype(self.dtype), eps=self.eps,
-                            interpret=jax.default_backend() != "gpu")
-        return y.reshape(shape), s.reshape(shape)
+        y, s, *d = add_rms_norm(rows, residual.astype(self.dtype).reshape(-1, shape[-1]),
+                                self.scale[...].astype(self.dtype), eps=self.eps, digits=digits,
+                                interpret=jax.default_backend() != "gpu")
+        return (y.reshape(shape), s.reshape(shape), *d)
 
     def _fused_on(self, x) -> bool:
         if self.fused_kernel not in FUSED_KERNELS:
