@@ -73,6 +73,26 @@ def variants(d: int, f: int, group: int):
                                                                                        num_warps=w)
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Per producer and layout: the fastest separate launches (producer, then the digit prep), the fastest fused
+    launch and their ratio (> 1: the fused launch is faster), all from this run. These launches move a few tens of KB
+    each and are latency-bound: a copy-bandwidth roofline (~0.02 us) says nothing about them, the same-run ratio does."""
+    us = {r["variant"]: r["us"] for r in rows if "us" in r}
+
+    def best(prefix):
+        vals = [v for k, v in us.items() if k.startswith(prefix)]
+        return min(vals) if vals else None
+
+    out = {}
+    for key, separate, fused in (("norm_planes", "norm w4 + planes prep", "norm_digits planes"),
+                                 ("norm_rows", "norm w4 + rows prep", "norm_digits rows"),
+                                 ("swiglu_planes", "xla swiglu + planes prep", "swiglu_digits")):
+        s, f = best(separate), best(fused)
+        out.update({f"{key}_separate_us": s, f"{key}_fused_us": f,
+                    f"{key}_speedup": s / f if s is not None and f is not None else None})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
@@ -94,10 +114,10 @@ def main():
         except Exception as e:  # noqa: BLE001 -- a variant that does not compile is reported, the rest go on
             rows.append({"site": site, "variant": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"device": bench_common.device_info(), "versions": bench_common.versions(), "layers": args.layers,
-              "d": args.d, "f": args.f, "group": args.group, "timing": "trace", "rows": rows}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"diag_digit_producers_{bench_common.gpu_tag()}.json").write_text(json.dumps(result, indent=1))
+    bench_common.write_results(args.out, f"diag_digit_producers_{bench_common.gpu_tag()}", rows=rows,
+                               summary=summarize(rows), columns=["site", "variant", "us", "error"],
+                               extra={"layers": args.layers, "d": args.d, "f": args.f, "group": args.group,
+                                      "timing": "trace"}, notes=__doc__)
 
 
 if __name__ == "__main__":
