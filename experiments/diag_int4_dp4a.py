@@ -47,7 +47,7 @@ import bench_common  # noqa: E402
 from bench_qmatmul import layers_for, random_weight  # noqa: E402
 from diag_int8_dot import time_variant, write_diag  # noqa: E402
 from kernels_pallas import qmatmul_tiles  # noqa: E402
-from kernels_pallas.qmatmul_dp4a import _dp4a, int4_dp4a_gemv  # noqa: E402
+from kernels_pallas.qmatmul_dp4a import _dp4a, dp4a_gemv  # noqa: E402
 from kernels_pallas.qmatmul_tiles import TileConfig  # noqa: E402
 from kernels_pallas.quantized_matmul import (SPLIT_STEPS, fit_config, quantized_matmul,  # noqa: E402
                                              quantized_matmul_reference)
@@ -171,7 +171,7 @@ def main():
                     help="trace: a call's GPU span in a profiler trace (bench_common.gpu_span_per_call; the int4 "
                          "GEMVs' wall time is host-bound)")
     ap.add_argument("--digits", default="", help="also time the table's tile with each of these digit preps "
-                    "(int4_dp4a_gemv's digits: kernel, xla, auto; kernelN: the kernel with N warps), e.g. kernel,kernel32,xla "
+                    "(dp4a_gemv's digits: kernel, xla, auto; kernelN: the kernel with N warps), e.g. kernel,kernel32,xla "
                     "(use with --distinct-x)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every variant this many times, round after round (run-to-run spread)")
@@ -212,9 +212,9 @@ def main():
                                                 k, n), nk[0], 1)
         for label in filter(None, args.digits.split(",")):
             dg, dw = ("kernel", int(label[6:])) if label[6:].isdigit() else (label, 8)  # kernelN: N warps
-            f = lambda x, w, c=c, dg=dg, dw=dw: int4_dp4a_gemv(x, w, cfg=c, digits=dg, digit_warps=dw,  # noqa: E731
+            f = lambda x, w, c=c, dg=dg, dw=dw: dp4a_gemv(x, w, cfg=c, digits=dg, digit_warps=dw,  # noqa: E731
                                                                  out_dtype=x.dtype, interpret=interpret)
-            e = err(int4_dp4a_gemv(x, nk[0], cfg=c, digits=dg, digit_warps=dw, interpret=interpret))
+            e = err(dp4a_gemv(x, nk[0], cfg=c, digits=dg, digit_warps=dw, interpret=interpret))
             variants.append((f"dp4a_table_digits_{label}", f, nk, nbytes, e))
         if args.fused:
             for bn, bk, wp in FUSED:

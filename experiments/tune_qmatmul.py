@@ -18,7 +18,8 @@ single sample of a ~10-20 us op is often noise: two sweeps of down_proj's int4 G
 was host-bound for the int4 GEMVs' calls, so earlier sweeps ranked their tiles partly by dispatch noise.
 
 Format ``int8_kmajor`` (``Int8Weight`` stored K-major, ``qweight[N, K]``): the Pallas gemv / dot over
-``[block_n, block_k]`` tiles and the two XLA paths; it is not in the default ``--formats``:
+``[block_n, block_k]`` tiles, at one row the integer-dot GEMV over digit planes (``kernel="dp4a"``,
+``qmatmul_dp4a``) and the two XLA paths; it is not in the default ``--formats``:
 
     python experiments/tune_qmatmul.py --formats int8_kmajor --ms 1,8,32 --out $OUT/quantized_matmul.json
 """
@@ -132,7 +133,11 @@ def _kmajor_candidates(m: int) -> list[TileConfig]:
         tiles = [(1, 4096, 4, 1), (1, 4096, 1, 1), (1, 4096, 2, 1), (2, 4096, 2, 1), (1, 2048, 1, 2), (4, 4096, 4, 1),
                  (8, 4096, 8, 1), (2, 2048, 4, 2), (8, 256, 4, 8), (8, 512, 4, 8), (16, 1024, 8, 4), (8, 1024, 4, 4),
                  (4, 512, 4, 8), (16, 512, 8, 8), (8, 128, 4, 16)]
-        return [T("gemv", 1, bn, bk, 1, w, 1, unroll=u) for bn, bk, w, u in tiles] + [XLA_SPLIT, XLA]
+        # the integer-dot GEMV over the int4 GEMV's digit planes (qmatmul_dp4a, kernel "dp4a"): (bn, bk, warps, split)
+        dp4a = [(2, 4096, 4, 1), (1, 4096, 4, 1), (2, 2048, 4, 1), (4, 2048, 4, 1), (2, 2048, 2, 1), (4, 1024, 2, 1),
+                (1, 2048, 2, 1), (8, 1024, 4, 1), (2, 2048, 4, 7), (4, 2048, 4, 4), (2, 4096, 4, 4), (4, 4096, 4, 1)]
+        return ([T("gemv", 1, bn, bk, 1, w, 1, unroll=u) for bn, bk, w, u in tiles]
+                + [T("dp4a", 1, bn, bk, s, w, 1) for bn, bk, w, s in dp4a] + [XLA_SPLIT, XLA])
     if m <= 32:
         bm = 16 if m <= 16 else 32
         return [T("dot", bm, 64, 256, 1, 4, 1, unroll=4), T("dot", bm, 32, 256, 1, 4, 1, unroll=8),

@@ -1,4 +1,5 @@
-"""GPU Pallas GEMV (Triton lowering): one row of x times a K-major ``Int4Weight`` through integer dot products.
+"""GPU Pallas GEMV (Triton lowering): one row of x times a K-major ``Int4Weight`` or ``Int8Weight`` through
+integer dot products (``dp4a_gemv``).
 
 ``y[1, N] = x[1, K] @ dequant(w)[K, N]`` for ``w.k_major`` (``packed[N, K/2]``, viewed ``[N, K/G, G/2]``: row n,
 group g, byte j holds k = g*G + j in its low nibble and g*G + G/2 + j in its high one; ``scale`` / ``zero``
@@ -39,6 +40,16 @@ Measured on the H100 (``experiments/results/qmatmul_h100.md`` run 13, GPU time i
 4096 -> 27392 at 0.93 of copy bandwidth, down 13696 -> 4096 at 0.75, against about 0.5 for the ``[K, N]`` int4
 kernels.
 
+A K-major ``Int8Weight`` (``qweight[N, K]`` int8, ``scale[N]``; TileConfig ``kernel="dp4a"``, K a multiple of
+``INT8_GROUP``) takes the same planes with G = ``INT8_GROUP`` and the same grid; each group's two halves load as
+``[block_n, block_k / G, G/2]`` int8 tiles (the weight viewed ``[N, K/G, 2, G/2]``) and ``_ASM8`` runs four signed
+``dp4a`` per four bytes of each half (hi digits, shift, lo digits), then ``fma`` with ``scale[n] * step[g]``: no
+zero point, so no group sums. The planes' producers (``add_rms_norm(..., digits=G)``, ``swiglu.swiglu_digits``,
+``digit_planes_pallas``) are the int4 GEMV's, and they spread over many programs, where the ``xla_split`` path's
+rows take one step a row (one program for the row's absmax, or XLA's two fusions: 1.9-2.6 us a call at batch 1 on
+the H100, ``experiments/results/qmatmul_diag/s26_int8_rows/``). Not yet measured on a GPU: the H100 table has no
+``dp4a`` entry, so the dispatch does not pick it until ``tune_qmatmul.py`` times it.
+
 Reference: ``quantized_matmul.quantized_matmul_reference`` (the dispatcher's truth for every path).
 """
 
@@ -53,7 +64,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .act_digits import ActDigits, planes_geometry, store_planes
 from .qmatmul_tiles import TileConfig
-from .quant_formats import Int4Weight, QuantFormatError
+from .quant_formats import Int4Weight, Int8Weight, QuantFormatError
 from .quantized_matmul import split_digits
 
 BYTES_PER_THREAD = 16  # at least this many packed bytes a thread (tile_fits)
@@ -61,6 +72,17 @@ DIGIT_GROUPS, DIGIT_WARPS = 4, 4  # digit_planes_pallas: groups a program, warps
 # (results/qmatmul_diag/s25_digits/group_steps/): K = 4096 1.34 us (8 groups a program 1.30, 16 with 8 warps 1.39),
 # K = 13696 2.59 us (the one-program row-step prep before it: ~3.05)
 MAX_ROWS_A_PASS = 4  # at most this many rows of N under one pass of the CTA's threads (tile_fits)
+INT8_GROUP = 128  # a K-major Int8Weight's planes: a step per 128 of K, the int4 g128 GEMV's layout (same producers)
+
+
+def planes_group(w) -> int | None:
+    """The group G of the planes (``act_digits``) that this GEMV takes for weight ``w``: a K-major
+    ``Int4Weight``'s own group, ``INT8_GROUP`` for a K-major ``Int8Weight`` whose K it divides; else None."""
+    if isinstance(w, Int4Weight) and w.k_major:
+        return w.group
+    if isinstance(w, Int8Weight) and w.k_major and w.in_features % INT8_GROUP == 0:
+        return INT8_GROUP
+    return None
 
 
 def tile_fits(block_n: int, block_k: int, num_warps: int) -> bool:
@@ -96,6 +118,23 @@ mov.b32 $3, 0;
 }"""
 # pack=4: $0-$3 out (float32 lanes), $4 four packed bytes, $5 / $6 x's hi / lo digits at the low-nibble ks,
 # $7 / $8 at the high-nibble ks (four int8 each), $9-$12 the group's scale, $13-$16 the running sum.
+_ASM8 = """{
+.reg .b32 t, z;
+.reg .f32 f;
+mov.b32 z, 0;
+dp4a.s32.s32 t, $4, $6, z;
+dp4a.s32.s32 t, $5, $8, t;
+shl.b32 t, t, 7;
+dp4a.s32.s32 t, $4, $7, t;
+dp4a.s32.s32 t, $5, $9, t;
+cvt.rn.f32.s32 f, t;
+fma.rn.f32 $0, f, $10, $14;
+mov.b32 $1, 0;
+mov.b32 $2, 0;
+mov.b32 $3, 0;
+}"""
+# int8, pack=4: $0-$3 out, $4 / $5 four int8 weights of the group's low / high half, $6 / $7 x's hi / lo digits
+# there, $8 / $9 in the high half, $10-$13 the scale (row scale times the group's step), $14-$17 the running sum.
 
 
 def _dp4a(p, xa, xb, xc, xd, sc, acc, interpret: bool):
@@ -106,17 +145,33 @@ def _dp4a(p, xa, xb, xc, xd, sc, acc, interpret: bool):
         i32 = lambda v: v.astype(jnp.int32)  # noqa: E731
         t = 128 * (lo * i32(xa) + hi * i32(xc)) + lo * i32(xb) + hi * i32(xd)
         return acc + t.astype(jnp.float32) * sc
-    out = jax.ShapeDtypeStruct(p.shape, jnp.float32)
-    return pltriton.elementwise_inline_asm(_ASM, args=[p, xa, xb, xc, xd, sc, acc],
-                                           constraints="=r,=r,=r,=r," + ",".join(["r"] * 13), pack=4,
+    return _inline(_ASM, [p, xa, xb, xc, xd, sc, acc])
+
+
+def _inline(asm: str, args):
+    """``asm`` over packs of four elements: the byte operands one register each, the last two (float32 scale,
+    running sum) four each; four float32 registers out."""
+    out = jax.ShapeDtypeStruct(args[0].shape, jnp.float32)
+    regs = ",".join(["r"] * (len(args) + 6))
+    return pltriton.elementwise_inline_asm(asm, args=args, constraints="=r,=r,=r,=r," + regs, pack=4,
                                            result_shape_dtypes=[out])[0]
 
 
+def _dp4a8(p0, p1, xa, xb, xc, xd, sc, acc, interpret: bool):
+    """int8 weights: acc + s * sum(w * xs) over each four bytes of both halves of a group (lane 0)."""
+    if interpret:
+        i32 = lambda v: v.astype(jnp.int32)  # noqa: E731
+        t = 128 * (i32(p0) * i32(xa) + i32(p1) * i32(xc)) + i32(p0) * i32(xb) + i32(p1) * i32(xd)
+        return acc + t.astype(jnp.float32) * sc
+    return _inline(_ASM8, [p0, p1, xa, xb, xc, xd, sc, acc])
+
+
 def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug, sps, bn, g2, has_zero, aliased,
-            interpret):
+            interpret, bits=4):
     # xd_ref [4, K/G, G/2] int8 digit planes; xg_ref [K/G] float32 group sums X; step_ref [K/G] their steps;
-    # w_ref [bn, K/G, G/2] uint8; s_ref (z_ref) [bn, K/G]; o_ref [1, bn]: this split's float32 partials, or with
-    # one split the output itself in its dtype.
+    # int4: w_ref [bn, K/G, G/2] uint8, s_ref (z_ref) [bn, K/G]; int8 (bits=8): w_ref [bn, K/G, 2, G/2] int8 (each
+    # group's halves), s_ref [bn] float32; o_ref [1, bn]: this split's float32 partials, or with one split the
+    # output itself in its dtype.
     if aliased:  # the poisoned output passed in is the output itself
         refs = refs[:-2] + refs[-1:]
     z_ref, o_ref = refs if has_zero else (None, *refs)
@@ -125,14 +180,23 @@ def _kernel(xd_ref, xg_ref, step_ref, w_ref, s_ref, *refs, n_total, n_groups, ug
     shape = (bn, ug, g2)
     tile, corr = jnp.zeros(shape, jnp.float32), jnp.zeros((bn, ug), jnp.float32)
     first = pl.program_id(1) * sps  # this split's first step
+    if bits == 8:
+        srow = pltriton.load(s_ref, mask=rmask, other=0.0).astype(jnp.float32)  # [bn] the rows' scales
     for i in range(sps):
         g0 = ((first + i) * ug).astype(jnp.int32)  # traced: the last step may run past K/G (masked)
         gm = g0 + jnp.arange(ug) < n_groups
         gs = pl.ds(g0, ug)
         sm = rmask[:, None] & gm[None, :]
-        p = pltriton.load(w_ref.at[:, gs, :], mask=sm[:, :, None], other=0)
         xs = [pltriton.load(xd_ref.at[pl.ds(j, 1), gs, :], mask=gm[None, :, None], other=0) for j in range(4)]
         xst = pltriton.load(step_ref.at[gs], mask=gm, other=0.0)  # the groups' activation steps
+        if bits == 8:
+            ps = [pltriton.load(w_ref.at[:, gs, pl.ds(h, 1), :], mask=sm[:, :, None, None], other=0).reshape(shape)
+                  for h in range(2)]
+            s = srow[:, None] * xst[None, :]
+            tile = _dp4a8(*ps, *(jnp.broadcast_to(x, shape) for x in xs), jnp.broadcast_to(s[:, :, None], shape),
+                          tile, interpret)
+            continue
+        p = pltriton.load(w_ref.at[:, gs, :], mask=sm[:, :, None], other=0)
         s = pltriton.load(s_ref.at[:, gs], mask=sm, other=0.0).astype(jnp.float32) * xst[None, :]
         z = 8.0 if z_ref is None else pltriton.load(z_ref.at[:, gs], mask=sm, other=0).astype(jnp.float32)
         xg = pltriton.load(xg_ref.at[gs], mask=gm, other=0.0)
@@ -189,15 +253,19 @@ def digit_planes_pallas(x, group: int, *, groups: int = DIGIT_GROUPS, num_warps:
 
 def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
     """Raises ``QuantFormatError`` naming what is wrong, before any launch."""
-    if not (isinstance(w, Int4Weight) and w.k_major):
-        raise QuantFormatError(f"the int4 integer-dot GEMV takes a K-major Int4Weight; got "
-                               f"{type(w).__name__}{'' if not isinstance(w, Int4Weight) else ' stored [I/2, O]'}")
+    group = planes_group(w)
+    if group is None:
+        kind = type(w).__name__ + (" stored [I, O]" if isinstance(w, (Int4Weight, Int8Weight)) and not w.k_major
+                                   else "")
+        raise QuantFormatError(f"the integer-dot GEMV takes a K-major Int4Weight, or a K-major Int8Weight with K a "
+                               f"multiple of {INT8_GROUP}; got {kind} (K={getattr(w, 'in_features', '?')})")
     if x.ndim != 2 or x.shape[0] != 1 or x.shape[1] != w.in_features:
-        raise QuantFormatError(f"the int4 integer-dot GEMV takes one row x[1, K={w.in_features}]; got {x.shape}")
+        raise QuantFormatError(f"the integer-dot GEMV takes one row x[1, K={w.in_features}]; got {x.shape}")
     steps = -(-w.in_features // cfg.block_k) if cfg.block_k > 0 else 0
-    if cfg.kernel != "gemv" or cfg.block_k <= 0 or cfg.block_k % w.group or not 1 <= cfg.split_k <= steps:
-        raise QuantFormatError(f"the int4 integer-dot GEMV needs kernel='gemv', block_k a positive multiple of the "
-                               f"group ({w.group}) and 1 <= split_k <= K's steps of block_k ({steps}); got {cfg}")
+    kernels = ("gemv", "dp4a") if isinstance(w, Int4Weight) else ("dp4a",)
+    if cfg.kernel not in kernels or cfg.block_k <= 0 or cfg.block_k % group or not 1 <= cfg.split_k <= steps:
+        raise QuantFormatError(f"the integer-dot GEMV needs kernel in {kernels}, block_k a positive multiple of the "
+                               f"group ({group}) and 1 <= split_k <= K's steps of block_k ({steps}); got {cfg}")
     if not tile_fits(cfg.block_n, cfg.block_k, cfg.num_warps):
         raise QuantFormatError(
             f"the int4 integer-dot GEMV needs block_n * block_k / 2 >= {BYTES_PER_THREAD} * 32 * num_warps (each "
@@ -208,24 +276,26 @@ def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "out_dtype", "digits", "digit_warps", "interpret"))
-def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp.float32, digits: str = "auto",
-                   digit_warps: int | None = None, interpret: bool = False, x_digits: ActDigits | None = None):
-    """x [1, K] float, w a K-major ``Int4Weight`` -> y [1, N]: in ``out_dtype`` written by the kernel with one
-    split, else float32 (the splits' partials summed by XLA). ``cfg``: block_n rows of N a program, block_k / G
-    groups a step, split_k runs of K's steps (the program grid's second axis), num_warps; out (tests): a NaN-filled
+def dp4a_gemv(x, w, out=None, *, cfg: TileConfig, out_dtype=jnp.float32, digits: str = "auto",
+              digit_warps: int | None = None, interpret: bool = False, x_digits: ActDigits | None = None):
+    """x [1, K] float, w a K-major ``Int4Weight`` or ``Int8Weight`` (``planes_group``) -> y [1, N]: in
+    ``out_dtype`` written by the kernel with one split, else float32 (the splits' partials summed by XLA). ``cfg``:
+    block_n rows of N a program, block_k / G groups a step, split_k runs of K's steps (the program grid's second
+    axis), num_warps; out (tests): a NaN-filled
     buffer the kernel must overwrite, [split_k', N] float32 partials (split_k' = the number of non-empty splits,
     ``dp4a_splits``), or [1, N] ``out_dtype`` with one split; digits: "kernel" or "auto" (``digit_planes_pallas``,
     one launch of ``digit_warps`` warps, by default ``DIGIT_WARPS``) or "xla" (``digit_planes``, XLA's
     fusions); x_digits: the planes already written by x's producer (``act_digits``, layout G), used instead of
     either prep."""
     check_dp4a_inputs(x, w, cfg)
+    group = planes_group(w)
     if x_digits is not None:
-        x_digits.check(1, w.in_features, w.group)
+        x_digits.check(1, w.in_features, group)
     if digits not in ("auto", "kernel", "xla"):
         raise ValueError(f"digits must be 'auto', 'kernel' or 'xla'; got {digits!r}")
     digits = "kernel" if digits == "auto" else digits
     digit_warps = DIGIT_WARPS if digit_warps is None else digit_warps
-    n, k, group = w.out_features, w.in_features, w.group
+    n, k, int8 = w.out_features, w.in_features, isinstance(w, Int8Weight)
     kg, g2, bn, ug = k // group, group // 2, cfg.block_n, cfg.block_k // group
     splits, sps = dp4a_splits(kg, ug, cfg.split_k)
     odt = jnp.dtype(out_dtype) if splits == 1 else jnp.dtype(jnp.float32)
@@ -235,10 +305,16 @@ def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp
         planes, xg, step = digit_planes_pallas(x, group, num_warps=digit_warps, interpret=interpret)
     else:
         planes, xg, step = digit_planes(x, group)
-    operands = [planes, xg, step, w.packed.reshape(n, kg, g2), w.scale] + ([w.zero] if w.zero is not None else [])
+    zero = None if int8 else w.zero
     specs = [pl.BlockSpec(planes.shape, lambda i, s: (0, 0, 0)), pl.BlockSpec((kg,), lambda i, s: (0,)),
-             pl.BlockSpec((kg,), lambda i, s: (0,)), pl.BlockSpec((bn, kg, g2), lambda i, s: (i, 0, 0))]
-    specs += [pl.BlockSpec((bn, kg), lambda i, s: (i, 0))] * (2 if w.zero is not None else 1)
+             pl.BlockSpec((kg,), lambda i, s: (0,))]
+    if int8:  # [N, K] -> each group's two halves; a scale per row
+        operands = [planes, xg, step, w.qweight.reshape(n, kg, 2, g2), w.scale.astype(jnp.float32)]
+        specs += [pl.BlockSpec((bn, kg, 2, g2), lambda i, s: (i, 0, 0, 0)), pl.BlockSpec((bn,), lambda i, s: (i,))]
+    else:
+        operands = [planes, xg, step, w.packed.reshape(n, kg, g2), w.scale] + ([zero] if zero is not None else [])
+        specs += [pl.BlockSpec((bn, kg, g2), lambda i, s: (i, 0, 0))]
+        specs += [pl.BlockSpec((bn, kg), lambda i, s: (i, 0))] * (2 if zero is not None else 1)
     out_spec = pl.BlockSpec((1, bn), lambda i, s: (s, i))
     aliases = {}
     if out is not None:
@@ -247,12 +323,13 @@ def int4_dp4a_gemv(x, w: Int4Weight, out=None, *, cfg: TileConfig, out_dtype=jnp
         aliases = {len(operands): 0}
         operands, specs = operands + [out], specs + [out_spec]
     kernel = functools.partial(_kernel, n_total=n, n_groups=kg, ug=ug, sps=sps, bn=bn, g2=g2,
-                               has_zero=w.zero is not None, aliased=out is not None, interpret=interpret)
+                               has_zero=zero is not None, aliased=out is not None, interpret=interpret,
+                               bits=8 if int8 else 4)
     y = pl.pallas_call(
         kernel, grid=(pl.cdiv(n, bn), splits), in_specs=specs, out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((splits, n), odt), input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
-        interpret=interpret, name="qmatmul_int4_dp4a_gemv",
+        interpret=interpret, name="qmatmul_int8_dp4a_gemv" if int8 else "qmatmul_int4_dp4a_gemv",
     )(*operands)
     return y if splits == 1 else jnp.sum(y, axis=0)[None, :]
 

@@ -312,8 +312,9 @@ def gpu_qmatmul(x, sx, w, out=None, *, cfg: TileConfig, out_dtype, interpret: bo
     if cfg.asm_dequant and not isinstance(w, Int4Weight):
         raise ValueError(f"TileConfig.asm_dequant is for Int4Weight only; got {type(w).__name__}")
     k_major = isinstance(w, (Int8Weight, Int4Weight)) and w.k_major
-    if isinstance(w, Int4Weight) and k_major and cfg.kernel == "gemv":
-        raise ValueError("a K-major Int4Weight at one row runs qmatmul_dp4a.int4_dp4a_gemv, not this kernel")
+    if (isinstance(w, Int4Weight) and k_major and cfg.kernel == "gemv") or cfg.kernel == "dp4a":
+        raise ValueError("the integer-dot GEMV (a K-major Int4Weight's 'gemv', any 'dp4a' config) runs "
+                         "qmatmul_dp4a.dp4a_gemv, not this kernel")
     mp, k = x.shape
     n = w.out_features
     bm, bn = cfg.block_m, cfg.block_n

@@ -21,7 +21,7 @@ import json
 import os
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned", "quantized_matmul.json")
-KERNELS = ("gemv", "dot", "xla", "xla_split", "mgpu")
+KERNELS = ("gemv", "dp4a", "dot", "xla", "xla_split", "mgpu")
 XLA_KERNELS = ("xla", "xla_split")  # not Pallas: the tile fields are unused
 
 
@@ -29,6 +29,8 @@ XLA_KERNELS = ("xla", "xla_split")  # not Pallas: the tile fields are unused
 class TileConfig:
     """kernel: "gemv" (one row of x, FMA on CUDA cores, split-K; for a K-major ``Int4Weight`` the integer-dot
     GEMV of ``qmatmul_dp4a.py``: block_n rows a program, block_k / group groups a step, split_k runs of K's steps),
+    "dp4a" (that integer-dot GEMV for a K-major ``Int8Weight`` at one row, the same tile fields; for a K-major
+    ``Int4Weight`` the same as "gemv"; anywhere else ``quantized_matmul.fit_config`` makes it "gemv"),
     "dot" (tensor-core tiles), "xla"
     (XLA's dequantize-then-dot), "xla_split" (Int8Weight only: XLA's int8 x int8 dot of two-digit activations) or
     "mgpu" (Hopper wgmma: W8A8 through ``qmatmul_w8a8_mgpu``, weight-only int8 and K-major group-128 int4 with
@@ -79,8 +81,8 @@ class TileConfig:
             raise ValueError("TileConfig.scale_in_bf16 needs asm_dequant=True and kernel='dot'")
         if self.weight_regs and self.kernel != "mgpu":
             raise ValueError("TileConfig.weight_regs needs kernel='mgpu'")
-        if self.kernel == "gemv" and self.block_m != 1:
-            raise ValueError("TileConfig: the gemv kernel takes block_m=1")
+        if self.kernel in ("gemv", "dp4a") and self.block_m != 1:
+            raise ValueError(f"TileConfig: the {self.kernel} kernel takes block_m=1")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -145,6 +147,6 @@ def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None
     exact = [e for e in same_m if e["k"] == k and e["n"] == n]
     pick = exact[0] if exact else min(same_m, key=lambda e: abs(e["k"] * e["n"] - k * n))
     cfg = TileConfig(**pick["config"])
-    if cfg.kernel == "gemv" and m != 1:  # a gemv entry only serves one row
+    if cfg.kernel in ("gemv", "dp4a") and m != 1:  # a GEMV entry only serves one row
         return default_config(fmt, m)
     return cfg

@@ -19,7 +19,8 @@ Formats (layout, packing, scales, zero points) are defined in ``quant_formats.py
 * CPU: ``quantized_matmul_reference``; ``interpret=True`` runs a Pallas kernel in interpret mode instead.
 * K-major ``Int8Weight`` (``k_major=True``, ``qweight[N, K]``): on the GPU the table entry of format
   ``"int8_kmajor"`` picks the Pallas gemv / dot over ``[block_n, block_k]`` tiles or an XLA path
-  (``qmatmul_tiles.default_config`` names ``xla_split`` while none is tuned). K-major ``Int4Weight``
+  (``qmatmul_tiles.default_config`` names ``xla_split`` while none is tuned), or at one row the integer-dot GEMV of
+  ``qmatmul_dp4a.py`` (``kernel="dp4a"``, x as digit planes). K-major ``Int4Weight``
   (``packed[N, K/2]``): at one row the integer-dot GEMV of ``qmatmul_dp4a.py`` (``kernel="gemv"``), else the
   Pallas dot over ``[block_n, G/2]`` planes. The Mosaic TPU kernel takes ``[K, N]`` only, so on the TPU the XLA
   paths serve K-major weights (int8: ``xla_split`` for bf16/f16 x with K <= ``SPLIT_MAX_K``, else ``xla``);
@@ -232,6 +233,10 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=
         while k % bk and bk > group:
             bk //= 2
     kernel, bm = cfg.kernel, cfg.block_m
+    from .qmatmul_dp4a import planes_group
+    if kernel == "dp4a" and not (isinstance(qweight, Int8Weight) and m == 1 and planes_group(qweight)):
+        kernel = "gemv"  # a K-major Int4Weight's integer-dot GEMV is "gemv"; elsewhere the FMA GEMV (or dot tiles)
+        cfg = dataclasses.replace(cfg, kernel=kernel)
     if kernel == "mgpu":  # wgmma (not interpret mode: it has no wgmma) and tiles that divide N and K
         from . import qmatmul_mixed_mgpu, qmatmul_w8a8_mgpu
         if wgmma and isinstance(qweight, W8A8Weight):
@@ -250,9 +255,10 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=
         cfg = dataclasses.replace(cfg, weight_regs=False)
     if kernel == "gemv" and (m != 1 or isinstance(qweight, W8A8Weight)):
         kernel, bm = "dot", 16
-    if kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major:  # qmatmul_dp4a: whole group steps
-        from .qmatmul_dp4a import dp4a_splits, tile_fits
-        kg = k // qweight.group
+    if kernel == "dp4a" or (kernel == "gemv" and isinstance(qweight, Int4Weight) and qweight.k_major):
+        from .qmatmul_dp4a import dp4a_splits, tile_fits  # qmatmul_dp4a: whole group steps
+        group = planes_group(qweight)
+        kg = k // group
         ug_cap = 1 << max(kg - 1, 0).bit_length()
         bn, ug, warps = cfg.block_n, min(max(cfg.block_k // group, 1), ug_cap), cfg.num_warps
         while not tile_fits(bn, ug * group, warps):
@@ -319,11 +325,11 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
         out = jnp.full((mp, n), jnp.nan, out_dtype) if poison else None
         y = tpu_qmatmul(xk, sx, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
     elif _takes_planes(qweight, cfg, m):
-        from .qmatmul_dp4a import int4_dp4a_gemv
+        from .qmatmul_dp4a import dp4a_gemv
         odt = jnp.dtype(out_dtype if cfg.split_k == 1 else jnp.float32)  # fit_config: split_k = non-empty splits
         out = jnp.full((cfg.split_k, n), jnp.nan, odt) if poison else None
-        y = int4_dp4a_gemv(xk, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret,
-                           x_digits=x_digits)
+        y = dp4a_gemv(xk, qweight, out, cfg=cfg, out_dtype=jnp.dtype(out_dtype), interpret=interpret,
+                      x_digits=x_digits)
     else:
         from .qmatmul_gpu import gpu_qmatmul
         shape, dt = ((mp, n), out_dtype) if cfg.split_k == 1 else ((cfg.split_k, mp, n), jnp.float32)
@@ -375,9 +381,12 @@ def _route(x, qweight, impl: str, interpret: bool, config: TileConfig | None, k_
 
 
 def _takes_planes(qweight, cfg: TileConfig | None, m: int) -> bool:
-    """The one-row integer-dot GEMV of a K-major Int4Weight (``qmatmul_dp4a``) serves this fitted config."""
-    return (isinstance(qweight, Int4Weight) and qweight.k_major and cfg is not None and cfg.kernel == "gemv"
-            and m == 1)
+    """The one-row integer-dot GEMV (``qmatmul_dp4a``) of a K-major Int4Weight ("gemv") or Int8Weight ("dp4a")
+    serves this fitted config."""
+    if cfg is None or m != 1 or cfg.kernel not in ("gemv", "dp4a"):
+        return False
+    from .qmatmul_dp4a import planes_group
+    return planes_group(qweight) is not None and (cfg.kernel == "dp4a" or isinstance(qweight, Int4Weight))
 
 
 def digits_layout(x, qweight, *, impl: str = "auto", interpret: bool = False, config: TileConfig | None = None,
@@ -397,7 +406,8 @@ def _path_layout(impl: str, cfg: TileConfig | None, qweight, m: int, k_blocks: i
     if impl == "xla_split":
         return 0 if k_blocks == 1 else None
     if impl == "pallas_gpu" and _takes_planes(qweight, cfg, m):
-        return qweight.group
+        from .qmatmul_dp4a import planes_group
+        return planes_group(qweight)
     return None
 
 

@@ -19,18 +19,14 @@ from kernels_pallas.qmatmul_tiles import TileConfig, default_config, lookup
 from kernels_pallas.quant_formats import Int4Weight, QuantFormatError, quantize, quantize_int4, resolve_k_major
 from kernels_pallas.quantized_matmul import SPLIT_STEPS, fit_config, quantized_matmul, quantized_matmul_reference
 
+from .qmatmul_fixtures import split_bound
+
 
 def problem(seed, m, k, n, group, symmetric, x_dtype=jnp.bfloat16):
     kx, kw = jax.random.split(jax.random.key(seed))
     w = 0.05 * jax.random.normal(kw, (k, n), jnp.float32) + 0.01
     x = jax.random.normal(kx, (m, k), jnp.float32).astype(x_dtype)
     return x, quantize_int4(w, group=group, symmetric=symmetric, k_major=True)
-
-
-def split_bound(x, q):
-    """|y - x @ dequant(w)| <= step / 2 * sum_k |w[k, n]| per output (the activation's fixed point), + f32 slack."""
-    step = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / SPLIT_STEPS
-    return step / 2 * jnp.sum(jnp.abs(q.dequantize(jnp.float32)), axis=0)[None, :] * 1.01 + 1e-5
 
 
 GEMV = lambda bn, bk, w=4, s=1: TileConfig(kernel="gemv", block_m=1, block_n=bn, block_k=bk,  # noqa: E731
@@ -75,12 +71,12 @@ class Int4KMajorCases:
     def test_gemv_writes_its_output_dtype_with_one_split(self, split):
         # One split: the kernel stores bfloat16 itself (no convert kernel after it); several: float32 partials
         # summed by XLA. Either way the same numbers as the float32 output rounded once.
-        from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv
+        from kernels_pallas.qmatmul_dp4a import dp4a_gemv
         x, q = problem(5, 1, 1792, 72, 128, True)
         cfg = fit_config(GEMV(4, 256, 1, split), q, 1)
         odt = jnp.bfloat16 if split == 1 else jnp.float32
         out = jnp.full((cfg.split_k, 72), jnp.nan, odt)
-        y = int4_dp4a_gemv(x, q, out, cfg=cfg, out_dtype=jnp.bfloat16, interpret=self.interpret)
+        y = dp4a_gemv(x, q, out, cfg=cfg, out_dtype=jnp.bfloat16, interpret=self.interpret)
         assert y.dtype == odt and y.shape == (1, 72) and bool(jnp.isfinite(y).all())
         y32 = quantized_matmul(x, q, out_dtype=jnp.float32, impl="pallas_gpu", interpret=self.interpret, config=cfg)
         np.testing.assert_array_equal(np.asarray(y.astype(jnp.bfloat16), np.float32),
@@ -117,15 +113,15 @@ class Int4KMajorCases:
         assert np.all(np.abs(xs * step_k - np.asarray(x, np.float32)) <= step_k * 0.5 * 1.001)
 
     def test_gemv_digits_kernel_and_xla_agree(self):
-        from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv
+        from kernels_pallas.qmatmul_dp4a import dp4a_gemv
         x, q = problem(11, 1, 6848, 40, 64, False)
         cfg = fit_config(GEMV(8, 1024, 2, 1), q, 1)
-        ys = [int4_dp4a_gemv(x, q, cfg=cfg, digits=dg, interpret=self.interpret) for dg in ("kernel", "xla")]
+        ys = [dp4a_gemv(x, q, cfg=cfg, digits=dg, interpret=self.interpret) for dg in ("kernel", "xla")]
         ref = quantized_matmul_reference(x, q, out_dtype=jnp.float32)
         for y in ys:
             assert bool(jnp.all(jnp.abs(y - ref) <= split_bound(x, q)))
         with pytest.raises(ValueError, match="digits must be"):
-            int4_dp4a_gemv(x, q, cfg=cfg, digits="numpy", interpret=self.interpret)
+            dp4a_gemv(x, q, cfg=cfg, digits="numpy", interpret=self.interpret)
 
 
 class TestInt4KMajorInterpret(Int4KMajorCases):
@@ -217,19 +213,19 @@ def test_dispatch_table_fit_and_errors():
         quantized_matmul(x, q, impl="xla_split")
     xla = quantized_matmul(x, q, out_dtype=jnp.float32, impl="xla")  # the TPU's path for it
     assert float(jnp.max(jnp.abs(xla - quantized_matmul_reference(x, q, out_dtype=jnp.float32)))) < 1e-2
-    from kernels_pallas.qmatmul_dp4a import int4_dp4a_gemv
+    from kernels_pallas.qmatmul_dp4a import dp4a_gemv
     with pytest.raises(QuantFormatError, match="one row x"):
-        int4_dp4a_gemv(jnp.ones((2, 256), jnp.bfloat16), q, cfg=GEMV(2, 256), interpret=True)
+        dp4a_gemv(jnp.ones((2, 256), jnp.bfloat16), q, cfg=GEMV(2, 256), interpret=True)
     with pytest.raises(QuantFormatError, match="takes a K-major Int4Weight"):
-        int4_dp4a_gemv(x, q.with_layout(False), cfg=GEMV(2, 256), interpret=True)
+        dp4a_gemv(x, q.with_layout(False), cfg=GEMV(2, 256), interpret=True)
     with pytest.raises(QuantFormatError, match="block_k a positive multiple of the group"):
-        int4_dp4a_gemv(x, q, cfg=GEMV(2, 64), interpret=True)
+        dp4a_gemv(x, q, cfg=GEMV(2, 64), interpret=True)
     with pytest.raises(QuantFormatError, match=r"1 <= split_k <= K's steps of block_k \(1\)"):
-        int4_dp4a_gemv(x, q, cfg=GEMV(8, 256, 1, 2), interpret=True)
+        dp4a_gemv(x, q, cfg=GEMV(8, 256, 1, 2), interpret=True)
     with pytest.raises(QuantFormatError, match=r"block_n \* block_k / 2 >= 16 \* 32 \* num_warps"):
-        int4_dp4a_gemv(x, q, cfg=GEMV(2, 256), interpret=True)
+        dp4a_gemv(x, q, cfg=GEMV(2, 256), interpret=True)
     with pytest.raises(QuantFormatError, match=r"for block_n > 4, 4 \* block_k / 2 >= 16 \* 32 \* num_warps"):
-        int4_dp4a_gemv(x, q, cfg=GEMV(16, 256, 2), interpret=True)
+        dp4a_gemv(x, q, cfg=GEMV(16, 256, 2), interpret=True)
 
 
 def test_layer_model_and_ptq_in_k_major_int4():

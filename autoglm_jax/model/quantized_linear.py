@@ -36,7 +36,9 @@ TAKE_DIGITS = ("auto", "all", "off")  # QuantizedLinear.take_digits
 # producer -> the digit layouts that "auto" takes from it, as measured end to end on the H100 (batch-1 decode,
 # session 25, experiments/results/qmatmul_diag/s25_digits/): the norm's int8 rows 0.6-1.4% faster (two pairs); with
 # a step per int4 group, the norm's and SwiGLU's planes together 1.0% faster than neither (one run each: 3.023 against
-# 3.054 ms/token), SwiGLU's alone 0.1-0.6% (two runs)
+# 3.054 ms/token), SwiGLU's alone 0.1-0.6% (two runs); since session 26 int8 gate_up runs the integer-dot GEMV
+# (H100 table: kernel "dp4a") and so takes the norm's planes (39.7 against 40.8 us a call with given rows; the end
+# to end A/B is not run yet, experiments/results/qmatmul_diag/s26_int8_dp4a/)
 AUTO_DIGITS = {"norm": ("rows", "planes"), "swiglu": ("planes",)}
 
 
