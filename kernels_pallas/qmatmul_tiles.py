@@ -128,8 +128,11 @@ def load_table(path: str = TABLE_PATH) -> tuple:
     return tuple(data.get("entries", ()))
 
 
-def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None = None) -> TileConfig:
-    """Tuned config for this problem, or ``default_config`` when the table has none."""
+def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None = None,
+           given: bool = False) -> TileConfig:
+    """Tuned config for this problem, or ``default_config`` when the table has none. ``given``: the call has x's
+    digits from its producer (``act_digits``): an entry's ``given_config``, where it has one, is the path timed
+    fastest that way (a GEMV whose own digit prep made it no faster, but that wins without it)."""
     table = load_table() if table is None else table
     entries = [e for e in table if e["device"] == device and e["format"] == fmt]
     if not entries and fmt.startswith("int4"):  # an untuned int4 variant borrows tuned int4 configs (same layout)
@@ -146,7 +149,7 @@ def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None
     same_m = [e for e in entries if e["m"] == bucket]
     exact = [e for e in same_m if e["k"] == k and e["n"] == n]
     pick = exact[0] if exact else min(same_m, key=lambda e: abs(e["k"] * e["n"] - k * n))
-    cfg = TileConfig(**pick["config"])
+    cfg = TileConfig(**pick[("given_config" if given and "given_config" in pick else "config")])
     if cfg.kernel in ("gemv", "dp4a") and m != 1:  # a GEMV entry only serves one row
         return default_config(fmt, m)
     return cfg

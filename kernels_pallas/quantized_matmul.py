@@ -340,9 +340,10 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
     return y[:m]
 
 
-def _route(x, qweight, impl: str, interpret: bool, config: TileConfig | None, k_blocks: int):
+def _route(x, qweight, impl: str, interpret: bool, config: TileConfig | None, k_blocks: int, given: bool = False):
     """The path a call takes: (impl, its tile config or None, the xla_split digits' prep). impl is one of
-    "reference", "xla", "xla_split", "pallas_gpu" (config fitted to the problem), "pallas_tpu" (likewise)."""
+    "reference", "xla", "xla_split", "pallas_gpu" (config fitted to the problem), "pallas_tpu" (likewise);
+    given: x's digits come from its producer (the table's ``given_config``, ``qmatmul_tiles.lookup``)."""
     platform = jax.default_backend()
     k_major = isinstance(qweight, (Int8Weight, Int4Weight)) and qweight.k_major
     if impl == "auto":
@@ -359,7 +360,7 @@ def _route(x, qweight, impl: str, interpret: bool, config: TileConfig | None, k_
     if impl.startswith("pallas"):
         if config is None:
             dev = qmatmul_tiles.device_key(jax.devices()[0].device_kind)
-            config = qmatmul_tiles.lookup(dev, qweight.name, m, k, qweight.out_features)
+            config = qmatmul_tiles.lookup(dev, qweight.name, m, k, qweight.out_features, given=given)
         # The split int8 dot where the table says so (Int8Weight, bf16/f16 x, K in bound); XLA's
         # dequantize-then-dot where the table says either XLA path, for float32 x, or where K has no 16-row tiles.
         f32 = x.dtype == jnp.float32
@@ -390,14 +391,16 @@ def _takes_planes(qweight, cfg: TileConfig | None, m: int) -> bool:
 
 
 def digits_layout(x, qweight, *, impl: str = "auto", interpret: bool = False, config: TileConfig | None = None,
-                  k_blocks: int = 1) -> int | None:
+                  k_blocks: int = 1, given: bool = False) -> int | None:
     """The ``ActDigits`` layout (``act_digits``) that ``quantized_matmul`` with these arguments would compute from x
     itself before its integer dot, so x's producer may write them instead: 0 (the ``xla_split`` int8 path, one K
-    block), G (a K-major group-G ``Int4Weight`` at one row on the GPU GEMV) or None (a path that takes x as it is).
-    ``x`` may be a ``jax.ShapeDtypeStruct``."""
+    block), G (the GPU's one-row integer-dot GEMV: a K-major group-G ``Int4Weight``, or a K-major ``Int8Weight``
+    with G = ``qmatmul_dp4a.INT8_GROUP``) or None (a path that takes x as it is). ``given``: the layout of the path
+    a call takes when its producer writes them (a table entry's ``given_config``), which ``quantized_matmul`` then
+    takes with them. ``x`` may be a ``jax.ShapeDtypeStruct``."""
     validate_inputs(x, qweight)
     _check(impl in IMPLS, f"impl={impl!r}; allowed: {IMPLS}")
-    impl, cfg, _ = _route(x, qweight, impl, interpret, config, k_blocks)
+    impl, cfg, _ = _route(x, qweight, impl, interpret, config, k_blocks, given)
     return _path_layout(impl, cfg, qweight, math.prod(x.shape[:-1]), k_blocks)
 
 
@@ -439,12 +442,15 @@ def quantized_matmul(x, qweight, *, bias=None, out_dtype=None, impl: str = "auto
            f"K-major (k_major=True). Allowed for it: 'auto', 'pallas_gpu', 'xla', "
            f"{'xla_split, ' if isinstance(qweight, Int8Weight) else ''}'reference' (or convert it with "
            f".with_layout(k_major=False))")
-    impl, cfg, split_prep = _route(x, qweight, impl, interpret, config, k_blocks)
+    m = math.prod(x.shape[:-1])
+    route = _route(x, qweight, impl, interpret, config, k_blocks, x_digits is not None)
+    if x_digits is not None and x_digits.group != _path_layout(route[0], route[1], qweight, m, k_blocks):
+        x_digits = None  # not this path's layout: the path without given digits, with its own prep
+        route = _route(x, qweight, impl, interpret, config, k_blocks)
+    impl, cfg, split_prep = route
     if impl == "reference":
         return quantized_matmul_reference(x, qweight, bias=bias, out_dtype=out_dtype, act_scale=act_scale)
     x2 = x.reshape(-1, x.shape[-1])
-    if x_digits is not None and x_digits.group != _path_layout(impl, cfg, qweight, x2.shape[0], k_blocks):
-        x_digits = None  # not this path's layout: its own prep serves
     if impl == "xla":
         y = xla_quantized_matmul(x2, qweight, act_scale)
     elif impl == "xla_split":

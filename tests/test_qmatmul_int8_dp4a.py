@@ -97,6 +97,29 @@ class TestInt8Dp4aInterpret(Int8Dp4aCases):
         assert planes_group(odd) is None and fit_config(DP4A(2, 256), odd, 1).kernel == "gemv"
         assert digits_layout(x, q, impl="pallas_gpu", interpret=True, config=DP4A(1, 4096, 1, 1)) == INT8_GROUP
 
+    def test_a_given_config_serves_calls_with_producer_digits(self, monkeypatch):
+        """A table entry's ``given_config`` (here the dp4a GEMV beside an FMA GEMV ``config``) is the path of calls
+        whose x comes with its producer's digits in its layout, and ``digits_layout(..., given=True)`` names that
+        layout; calls without digits, or with digits of another layout, take ``config``."""
+        from kernels_pallas import qmatmul_tiles
+        x, q = problem(13, 512, 96)
+        gemv = TileConfig(kernel="gemv", block_m=1, block_n=1, block_k=512, num_stages=1)
+        dp = DP4A(2, 256)
+        entry = dict(device=qmatmul_tiles.device_key(jax.devices()[0].device_kind), format="int8_kmajor", m=1,
+                     k=512, n=96, config=gemv.to_json(), given_config=dp.to_json())
+        monkeypatch.setattr(qmatmul_tiles, "load_table", lambda *a: (entry,))
+        kw = dict(impl="pallas_gpu", interpret=True, out_dtype=jnp.float32)
+        assert digits_layout(x, q, impl="pallas_gpu", interpret=True) is None
+        assert digits_layout(x, q, impl="pallas_gpu", interpret=True, given=True) == INT8_GROUP
+        p, xg, step = digit_planes_pallas(x, INT8_GROUP, interpret=True)
+        with_digits = np.asarray(quantized_matmul(x, q, x_digits=ActDigits(step, p, xg, INT8_GROUP), **kw))
+        np.testing.assert_array_equal(with_digits, np.asarray(quantized_matmul(x, q, config=dp, **kw)))
+        without = np.asarray(quantized_matmul(x, q, **kw))
+        np.testing.assert_array_equal(without, np.asarray(quantized_matmul(x, q, config=gemv, **kw)))
+        assert not np.array_equal(with_digits, without)  # the fixed point, not the float GEMV
+        rows = ActDigits(step=jnp.ones((1, 1)), digits=jnp.zeros((2, 512), jnp.int8), group_sums=None, group=0)
+        np.testing.assert_array_equal(np.asarray(quantized_matmul(x, q, x_digits=rows, **kw)), without)
+
     def test_bad_requests_are_named(self):
         x, q = problem(9, 512, 64)
         with pytest.raises(QuantFormatError, match="K-major Int8Weight with K a multiple of 128"):

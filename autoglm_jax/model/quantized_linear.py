@@ -37,8 +37,9 @@ TAKE_DIGITS = ("auto", "all", "off")  # QuantizedLinear.take_digits
 # session 25, experiments/results/qmatmul_diag/s25_digits/): the norm's int8 rows 0.6-1.4% faster (two pairs); with
 # a step per int4 group, the norm's and SwiGLU's planes together 1.0% faster than neither (one run each: 3.023 against
 # 3.054 ms/token), SwiGLU's alone 0.1-0.6% (two runs); since session 26 int8 gate_up runs the integer-dot GEMV
-# (H100 table: kernel "dp4a") and so takes the norm's planes (39.7 against 40.8 us a call with given rows; the end
-# to end A/B is not run yet, experiments/results/qmatmul_diag/s26_int8_dp4a/)
+# (H100 table: kernel "dp4a") and so takes the norm's planes (39.7 against 40.8 us a call with given rows), and int8
+# qkv too, through its table entry's given_config (8.4 against 9.9 us); the end to end A/B is not run yet
+# (experiments/results/qmatmul_diag/s26_int8_dp4a/)
 AUTO_DIGITS = {"norm": ("rows", "planes"), "swiglu": ("planes",)}
 
 
@@ -108,14 +109,15 @@ class QuantizedLinear(nnx.Module):
 
     def digits_layout(self, x, producer: str = "norm") -> int | None:
         """The ``act_digits`` layout in which this layer takes x's digits from ``producer`` ("norm" or "swiglu"):
-        the one its path would compute itself, as ``take_digits`` allows (None: none); x: an array or
-        ``jax.ShapeDtypeStruct`` [..., I]."""
+        the one its path computes when given them (``quantized_matmul.digits_layout(..., given=True)``), as
+        ``take_digits`` allows (None: none); x: an array or ``jax.ShapeDtypeStruct`` [..., I]."""
         if self.take_digits not in TAKE_DIGITS:
             raise ValueError(f"QuantizedLinear.take_digits={self.take_digits!r}; allowed: {TAKE_DIGITS}")
         if self.take_digits == "off":
             return None
         x = jax.ShapeDtypeStruct(x.shape, self.dtype)
-        layout = digits_layout(x, self.weight(), impl=self.impl, interpret=self.interpret, k_blocks=self.k_blocks)
+        layout = digits_layout(x, self.weight(), impl=self.impl, interpret=self.interpret, k_blocks=self.k_blocks,
+                               given=True)
         if layout is None or self.take_digits == "all":
             return layout
         return layout if ("rows" if layout == 0 else "planes") in AUTO_DIGITS.get(producer, ()) else None
