@@ -85,15 +85,18 @@ class DenseKVCache:
         rows through the fused kernel (``decode_kernel``), on one device (the per-shard kernel takes q, k, v)."""
         return self._fused_step_on(qkv) and on_one_device()
 
-    def attend_rows(self, layer: int, qkv, rope_cos, rope_sin, positions, *, scale: float):
+    def attend_rows(self, layer: int, qkv, rope_cos, rope_sin, positions, *, scale: float, digits: int | None = None):
         """``attend``'s fused step from whole rows: qkv [B, N + 2K, H] (the q, k and v heads; bias added, RoPE not
         applied), tables rope_cos / rope_sin [B, H] (``model.rope.rope_tables``), positions [B, 1]. The kernel
-        rotates q and k, writes k and v at ``positions`` and attends. -> (out [B, 1, N, H] in qkv's dtype, cache)."""
+        rotates q and k, writes k and v at ``positions`` and attends. -> (out [B, 1, N, H] in qkv's dtype, cache,
+        out's ``act_digits.ActDigits`` in the planes layout of group ``digits`` where the kernel writes them, else
+        None: ``dense_decode_attention_rows(..., digits=)``)."""
         ck, cv = self.k[layer], self.v[layer]
-        out, k_all, v_all = dense_decode_attention_rows(qkv.astype(ck.dtype), ck, cv, positions[:, 0], rope_cos,
-                                                        rope_sin, scale=scale,
-                                                        interpret=jax.default_backend() != "gpu")
-        return out[:, None].astype(qkv.dtype), self._with_layer(layer, k_all, v_all)
+        digits = digits if jnp.dtype(qkv.dtype) == jnp.dtype(ck.dtype) else None  # those of out in the cache's dtype
+        res = dense_decode_attention_rows(qkv.astype(ck.dtype), ck, cv, positions[:, 0], rope_cos, rope_sin,
+                                          scale=scale, digits=digits, interpret=jax.default_backend() != "gpu")
+        out, k_all, v_all = res[:3]
+        return out[:, None].astype(qkv.dtype), self._with_layer(layer, k_all, v_all), res[3] if digits else None
 
     def attend(self, layer: int, q, k, v, positions, *, scale: float):
         """Writes k, v [B, T, K, H] at ``positions`` [B, T] and attends q [B, T, N, H] over the cache.

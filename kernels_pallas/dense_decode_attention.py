@@ -20,7 +20,9 @@ from the s-th of ``splits`` equal parts of slots ``0..p-1`` (``p = positions[b]`
 float32; the last split also takes the new token from ``k_new``/``v_new`` (registers, not the cache), so no
 program reads the slot being written. Every split writes the new row into the cache through aliased outputs
 (the same bytes, so the order does not matter). With one split the kernel writes the normalized output; with
-several, each writes its normalized partial output and log-sum-exp and ``_combine`` merges them in XLA:
+several, each writes its normalized partial output and log-sum-exp and ``decode_combine.combine_reference`` merges them
+in XLA (at one row, with ``digits``, ``decode_combine.combine_planes`` in one launch that writes o_proj's digit
+planes too):
 ``out = sum_s e^(lse_s - M) o_s / sum_s e^(lse_s - M)``; an empty split carries lse = -1e30 and weighs nothing.
 Replaces, in a GLM decode step, XLA's two cache scatters, two batched GEMMs and a three-kernel softmax. The rows
 kernel loads its heads from row b of qkv (q: a masked 16-row tile when G < 16) and the pair-swapped copy of q and k
@@ -46,6 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .decode_combine import combine_planes, combine_reference
 from .paged_attention import device_kind
 
 MASK_VALUE = -1e30  # finite: an empty split stays NaN-free
@@ -184,13 +187,6 @@ def _rows_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, *refs, grou
     _attend(q, kn, vn, pos_ref[pl.program_id(0)], kc_ref, vc_ref, *outs, **kw)
 
 
-def _combine(o, lse):
-    """o [B, K, splits, G, H] float32, lse [B, K, splits, G] -> [B, K, G, H] (log-sum-exp weighted mean)."""
-    m = jnp.max(lse, axis=2, keepdims=True)
-    w = jnp.exp(lse - m)
-    return jnp.sum(o * w[..., None], axis=2) / jnp.sum(w, axis=2)[..., None]
-
-
 def default_splits(batch: int, kv_heads: int, max_len: int) -> int:
     """Enough programs for about two per SM, with at least 64 slots per split."""
     want = max(1, round(_TARGET_PROGRAMS / (batch * kv_heads)))
@@ -241,10 +237,12 @@ def check_rows_inputs(qkv, cache_k, cache_v, positions, rope_cos, rope_sin) -> N
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "groups", "scale", "splits", "block_s", "num_warps",
-                                             "num_stages", "interpret", "poison"))
+                                             "num_stages", "interpret", "poison", "planes"))
 def _triton(heads, cache_k, cache_v, positions, *, rows, groups, scale, splits, block_s, num_warps, num_stages,
-            interpret, poison):
-    """heads: (q, k_new, v_new), or with ``rows`` (qkv, rope_cos, rope_sin)."""
+            interpret, poison, planes=False):
+    """heads: (q, k_new, v_new), or with ``rows`` (qkv, rope_cos, rope_sin); planes (``planes_apply``): the split
+    outputs are combined by ``decode_combine.combine_planes``, which writes out's digit planes too (a fourth
+    result; None without)."""
     b, kh, s_len, h = cache_k.shape
     gp = max(16, 1 << (groups - 1).bit_length())  # query rows per program: the tensor cores' smallest tile
     if rows:
@@ -262,7 +260,7 @@ def _triton(heads, cache_k, cache_v, positions, *, rows, groups, scale, splits, 
     in_specs = [pl.BlockSpec(), *head_specs, cache_spec, cache_spec]  # positions whole
     out_specs = [pl.BlockSpec((None, None, None, gp, h), lambda i, k, s: (i, k, s, 0, 0)),
                  pl.BlockSpec((None, None, None, gp), lambda i, k, s: (i, k, s, 0)), cache_spec, cache_spec]
-    out_shape = [jax.ShapeDtypeStruct((b, kh, splits, gp, h), dtype if splits == 1 else jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((b, kh, splits, gp, h), dtype if splits == 1 and not planes else jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32),
                  jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype), jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)]
     args = [positions.astype(jnp.int32), *heads, cache_k, cache_v]
@@ -278,8 +276,18 @@ def _triton(heads, cache_k, cache_v, positions, *, rows, groups, scale, splits, 
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="dense_decode_attention_rows" if rows else "dense_decode_attention",
     )(*args)
-    out = o[:, :, 0] if splits == 1 else _combine(o, lse).astype(dtype)  # [B, K, G16, H]
-    return out[:, :, :groups].reshape(b, kh * groups, h), ck, cv
+    if planes:  # b == 1, gp == groups
+        out, digits = combine_planes(o, lse, dtype=dtype, interpret=interpret)
+        return out, ck, cv, digits
+    out = o[:, :, 0] if splits == 1 else combine_reference(o, lse).astype(dtype)  # [B, K, G16, H]
+    return out[:, :, :groups].reshape(b, kh * groups, h), ck, cv, None
+
+
+def planes_apply(batch: int, groups: int, head_dim: int, digits: int | None) -> bool:
+    """Whether the kernel's combine writes its output's digit planes of group ``digits``: one row, the G query
+    heads of a KV head filling the 16-row tile exactly and G in powers of two (so a program's rows are whole
+    heads), and the planes' group one head (``digits == H``)."""
+    return digits is not None and batch == 1 and groups >= 16 and not groups & (groups - 1) and digits == head_dim
 
 
 def _blocks(cache_k, backend, splits, block_s, num_warps, num_stages, interpret: bool) -> dict | None:
@@ -323,21 +331,27 @@ def dense_decode_attention(q, k_new, v_new, cache_k, cache_v, positions, *, scal
     if blocks is None:
         return dense_decode_attention_reference(q, k_new, v_new, cache_k, cache_v, positions, scale=scale)
     return _triton((q, k_new, v_new), cache_k, cache_v, positions, rows=False, groups=q.shape[1] // cache_k.shape[1],
-                   scale=scale, poison=_poison, **blocks)
+                   scale=scale, poison=_poison, **blocks)[:3]
 
 
 def dense_decode_attention_rows(qkv, cache_k, cache_v, positions, rope_cos, rope_sin, *, scale: float | None = None,
                                 backend: str | None = None, splits: int | None = None, block_s: int | None = None,
                                 num_warps: int | None = None, num_stages: int | None = None,
-                                interpret: bool = False, _poison: bool = False):
+                                interpret: bool = False, digits: int | None = None, _poison: bool = False):
     """``dense_decode_attention`` from whole projection rows qkv [B, N + 2K, H], q and k_new rotated in the kernel
     with the rope_cos / rope_sin [B, H] tables (module docstring); the rotated k_new is what the cache gets.
-    Returns ``(out [B, N, H] in qkv's dtype, cache_k, cache_v)``; the other arguments as there."""
+    Returns ``(out [B, N, H] in qkv's dtype, cache_k, cache_v)``; the other arguments as there. ``digits``: the
+    planes group that out's consumer takes (``act_digits``): a fourth result, out's ``ActDigits`` viewed [B, N H]
+    written by the combine (``decode_combine.combine_planes``) where ``planes_apply`` holds, else None."""
     check_rows_inputs(qkv, cache_k, cache_v, positions, rope_cos, rope_sin)
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
     blocks = _blocks(cache_k, backend, splits, block_s, num_warps, num_stages, interpret)
+    groups = qkv.shape[1] // cache_k.shape[1] - 2
     if blocks is None:
-        return dense_decode_attention_rows_reference(qkv, cache_k, cache_v, positions, rope_cos, rope_sin,
-                                                     scale=scale)
-    return _triton((qkv, rope_cos, rope_sin), cache_k, cache_v, positions, rows=True,
-                   groups=qkv.shape[1] // cache_k.shape[1] - 2, scale=scale, poison=_poison, **blocks)
+        res = dense_decode_attention_rows_reference(qkv, cache_k, cache_v, positions, rope_cos, rope_sin,
+                                                    scale=scale)
+        return res if digits is None else (*res, None)
+    planes = planes_apply(qkv.shape[0], groups, qkv.shape[2], digits)
+    res = _triton((qkv, rope_cos, rope_sin), cache_k, cache_v, positions, rows=True, groups=groups, scale=scale,
+                  poison=_poison, planes=planes, **blocks)
+    return res[:3] if digits is None else res

@@ -208,3 +208,52 @@ def test_quantized_decode_takes_digits_from_norms_and_swiglu(fmt, monkeypatch):
     lin.take_digits = "sometimes"
     with pytest.raises(ValueError, match="take_digits="):
         lin.digits_layout(jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), jnp.bfloat16))
+
+
+def test_o_proj_takes_digits_from_the_attention_kernel(monkeypatch):
+    """A bf16 GLM with 16 query heads a KV head quantized int4 with the group = head_dim (interpret mode): with
+    o_proj's ``take_digits="all"`` the dense decode kernel's combine writes o_proj's digit planes
+    (``decode_combine.combine_planes``, in the traced one-row step) and the decode gives the logits
+    and greedy tokens of "off"; "auto" does not ask for them (``AUTO_DIGITS`` has no "attention")."""
+    from autoglm_jax.config import GLMConfig
+    from autoglm_jax.kv_cache import DenseKVCache
+    from autoglm_jax.loading import random_model
+    from autoglm_jax.model import quantize_model
+    from kernels_pallas import dense_decode_attention as dda
+
+    calls = {"combine": 0}
+    real = dda.combine_planes
+
+    def combine(*a, **kw):
+        calls["combine"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(dda, "combine_planes", combine)
+    cfg = GLMConfig.from_preset("tiny", num_layers=2, num_heads=32, num_kv_heads=2, head_dim=64, vocab_size=512,
+                                intermediate_size=768)
+    model = random_model(cfg, dtype="bfloat16", seed=4)
+    quantize_model(model, "int4", group=64, k_major="auto", interpret=True)
+    ids = jax.random.randint(jax.random.key(5), (1, 7), 1, cfg.vocab_size)
+    out, counts = {}, {}
+    for take in ("off", "all"):
+        for layer in model.layers:
+            layer.attn.o_proj.take_digits = take
+        cache = DenseKVCache.create(cfg, 1, 32, jnp.bfloat16, decode_kernel="pallas")
+        step = jax.jit(lambda m, i, p, c: m(i, p, cache=c))
+        logits, cache = step(model, ids[:, :5], jnp.arange(5, dtype=jnp.int32)[None], cache)
+        calls["combine"] = 0  # the one-row decode step's trace only
+        steps = []
+        for t in range(5, 7):
+            logits, cache = step(model, ids[:, t:t + 1], jnp.full((1, 1), t, jnp.int32), cache)
+            steps.append(np.asarray(logits[:, 0], np.float32))
+        out[take], counts[take] = np.stack(steps), calls["combine"]
+    assert counts["off"] == 0 < counts["all"], counts  # (the layers share one trace of the kernel)
+    scale = np.abs(out["off"]).max()
+    assert np.abs(out["all"] - out["off"]).max() <= 0.02 * scale
+    np.testing.assert_array_equal(out["all"].argmax(-1), out["off"].argmax(-1))
+    o_proj, x = model.layers[0].attn.o_proj, jax.ShapeDtypeStruct((1, 1, cfg.num_heads * cfg.head_dim), jnp.bfloat16)
+    layouts = []
+    for take in ("auto", "all"):
+        o_proj.take_digits = take
+        layouts.append(o_proj.digits_layout(x, "attention"))
+    assert layouts == [None, cfg.head_dim], layouts

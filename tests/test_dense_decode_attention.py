@@ -104,6 +104,30 @@ class KernelCases:
         np.testing.assert_array_equal(np.asarray(nk, np.float32), np.asarray(plain_k, np.float32))
 
 
+    @pytest.mark.parametrize("splits", [1, 3])
+    def test_rows_write_o_proj_digits_at_one_row(self, splits):
+        """With ``digits=H`` at one row and G = 16 query heads a KV head, the combine writes out's digit planes
+        too (``decode_combine.combine_planes``): out as without them (within the combine's float32 order), and the
+        planes those of out as o_proj takes it, bit for bit; elsewhere the fourth result is None."""
+        from kernels_pallas.qmatmul_dp4a import digit_planes_pallas
+        case = (1, 32, 2, 128, 256, (200,), splits, 64)
+        qkv, ck, cv, pos, cos, sin = make_rows(case, 11 + splits, "partial")
+        f = lambda *a, d=128: jax.jit(lambda *a: dense_decode_attention_rows(  # noqa: E731
+            *a, splits=splits, block_s=64, digits=d, interpret=self.interpret))(*a)
+        out, nk, _, dg = f(qkv, ck, cv, pos, cos, sin)
+        plain, plain_k, _ = dense_decode_attention_rows(qkv, ck, cv, pos, cos, sin, splits=splits, block_s=64,
+                                                         interpret=self.interpret)
+        assert np.abs(np.asarray(out, np.float32) - np.asarray(plain, np.float32)).max() <= 2 ** -7
+        np.testing.assert_array_equal(np.asarray(nk, np.float32), np.asarray(plain_k, np.float32))
+        want = digit_planes_pallas(out.reshape(1, -1), 128, interpret=self.interpret)
+        assert dg.group == 128
+        for got, w in zip((dg.digits, dg.group_sums, dg.step), want):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+        assert f(qkv, ck, cv, pos, cos, sin, d=64)[3] is None  # a group other than H
+        two = make_rows((2, 32, 2, 128, 256, (200, 9), splits, 64), 5, "partial")
+        assert f(*two)[3] is None  # two rows
+
+
 class TestKernelInterpret(KernelCases):
     interpret = True
 

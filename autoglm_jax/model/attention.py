@@ -56,8 +56,9 @@ class Attention(nnx.Module):
         """
         qkv = self.qkv_proj(x, digits=x_digits)  # [B, T, (N + 2K) H]
         scale = self.cfg.head_dim ** -0.5
+        o_digits = None  # o_proj's input digits, where the attention kernel writes them
         if self._takes_rows(cache, qkv):
-            out, cache = self._attend_rows(qkv, positions, layer, cache, scale)
+            out, cache, o_digits = self._attend_rows(qkv, positions, layer, cache, scale)
         elif cache is not None:
             q, k, v = self.split_qkv(qkv, positions)
             out, cache = cache.attend(layer, q, k, v, positions, scale=scale)
@@ -70,7 +71,7 @@ class Attention(nnx.Module):
             out = gqa_attention(q, k, v, mask, scale=scale)
         b, t = x.shape[:2]
         out = constrain(out, ("batch", "sequence", "heads", None))
-        return self.o_proj(out.reshape(b, t, -1), partials=partials), cache
+        return self.o_proj(out.reshape(b, t, -1), partials=partials, digits=o_digits), cache
 
     def _takes_rows(self, cache, qkv) -> bool:
         """The cache's fused decode step takes this projection whole (HF column order: one group)."""
@@ -78,9 +79,13 @@ class Attention(nnx.Module):
         return takes is not None and self.qkv_groups == 1 and takes(qkv)
 
     def _attend_rows(self, qkv, positions, layer: int, cache, scale: float):
-        """qkv [B, 1, (N + 2K) H] -> (out [B, 1, N, H], cache) through ``cache.attend_rows``."""
+        """qkv [B, 1, (N + 2K) H] -> (out [B, 1, N, H], cache, out's digits for o_proj or None) through
+        ``cache.attend_rows``, asking for the digits o_proj takes from the attention (``digits_layout``)."""
         cfg = self.cfg
         cos, sin = rope_tables(positions[:, 0], head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim,
                                theta=cfg.rope_theta, dtype=qkv.dtype)
         rows = qkv.reshape(qkv.shape[0], -1, cfg.head_dim)  # [B, N + 2K, H]
-        return cache.attend_rows(layer, rows, cos, sin, positions, scale=scale)
+        layout = getattr(self.o_proj, "digits_layout", None)
+        x = jax.ShapeDtypeStruct((qkv.shape[0], 1, cfg.num_heads * cfg.head_dim), qkv.dtype)
+        digits = None if layout is None else layout(x, "attention")
+        return cache.attend_rows(layer, rows, cos, sin, positions, scale=scale, digits=digits or None)

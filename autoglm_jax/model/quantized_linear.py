@@ -40,6 +40,8 @@ TAKE_DIGITS = ("auto", "all", "off")  # QuantizedLinear.take_digits
 # (H100 table: kernel "dp4a") and so takes the norm's planes (39.7 against 40.8 us a call with given rows), and int8
 # qkv too, through its table entry's given_config (8.4 against 9.9 us); the end to end A/B is not run yet
 # (experiments/results/qmatmul_diag/s26_int8_dp4a/)
+# "attention" (the dense decode kernel's combine writing o_proj's planes at batch 1, session 26) is not in "auto":
+# not yet measured on a GPU; "all" takes it
 AUTO_DIGITS = {"norm": ("rows", "planes"), "swiglu": ("planes",)}
 
 
@@ -50,7 +52,8 @@ class QuantizedLinear(nnx.Module):
     stored ``[O, I]``; dtype: compute and output dtype; impl / interpret: passed to ``quantized_matmul`` (default:
     dispatch by platform); k_blocks (static, 1 unless ``sharding`` sets it on a row-parallel layer): passed too;
     take_digits: which of x's fixed-point digits this layer takes from the kernel that produced x (the norm before it,
-    ``RMSNorm.add_norm_digits``; the MLP's SwiGLU for down_proj) where its path would compute them itself
+    ``RMSNorm.add_norm_digits``; the MLP's SwiGLU for down_proj; the dense decode attention's combine for o_proj)
+    where its path would compute them itself
     (``digits_layout``): "auto" those of ``AUTO_DIGITS``, "all" every producer's, "off" none (A/B switches).
     """
 
@@ -108,7 +111,8 @@ class QuantizedLinear(nnx.Module):
         return Int8Weight(qweight=self.qweight[...], scale=self.scale[...], k_major=self.k_major)
 
     def digits_layout(self, x, producer: str = "norm") -> int | None:
-        """The ``act_digits`` layout in which this layer takes x's digits from ``producer`` ("norm" or "swiglu"):
+        """The ``act_digits`` layout in which this layer takes x's digits from ``producer`` ("norm", "swiglu" or
+        "attention"):
         the one its path computes when given them (``quantized_matmul.digits_layout(..., given=True)``), as
         ``take_digits`` allows (None: none); x: an array or ``jax.ShapeDtypeStruct`` [..., I]."""
         if self.take_digits not in TAKE_DIGITS:
