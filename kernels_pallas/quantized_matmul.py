@@ -268,8 +268,9 @@ def fit_config(cfg: TileConfig, qweight, m: int, *, wgmma: bool = True, x_dtype=
                 warps //= 2
             elif bn < 4:
                 bn *= 2
-            else:  # K too short for any tile that fits (a few groups): the dot tiles serve it
-                return fit_config(qmatmul_tiles.default_config(qweight.name, 16), qweight, m)
+            else:  # K too short for any tile that fits (a few groups): int4's dot tiles, int8's FMA GEMV serve it
+                fmt, rows = ("int8", 1) if isinstance(qweight, Int8Weight) else (qweight.name, 16)
+                return fit_config(qmatmul_tiles.default_config(fmt, rows), qweight, m)
         split = dp4a_splits(kg, ug, cfg.split_k)[0]
         return dataclasses.replace(cfg, kernel=kernel, block_m=1, block_n=bn, block_k=ug * group, split_k=split,
                                    num_warps=warps, unroll=0)

@@ -104,8 +104,7 @@ class KernelCases:
         np.testing.assert_array_equal(np.asarray(nk, np.float32), np.asarray(plain_k, np.float32))
 
 
-    @pytest.mark.parametrize("splits", [1, 3])
-    def test_rows_write_o_proj_digits_at_one_row(self, splits):
+    def test_rows_write_o_proj_digits_at_one_row(self, splits=3):
         """With ``digits=H`` at one row and G = 16 query heads a KV head, the combine writes out's digit planes
         too (``decode_combine.combine_planes``): out as without them (within the combine's float32 order), and the
         planes those of out as o_proj takes it, bit for bit; elsewhere the fourth result is None."""

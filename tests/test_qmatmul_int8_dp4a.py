@@ -96,6 +96,11 @@ class TestInt8Dp4aInterpret(Int8Dp4aCases):
         _, odd = problem(7, 192, 64)  # K not a multiple of INT8_GROUP
         assert planes_group(odd) is None and fit_config(DP4A(2, 256), odd, 1).kernel == "gemv"
         assert digits_layout(x, q, impl="pallas_gpu", interpret=True, config=DP4A(1, 4096, 1, 1)) == INT8_GROUP
+        x1, one = problem(7, 128, 64)  # one group: no tile fits (tile_fits) -> the FMA GEMV, still right
+        assert fit_config(DP4A(2, 256), one, 1).kernel == "gemv"
+        y = quantized_matmul(x1, one, impl="pallas_gpu", interpret=True, config=DP4A(2, 256), out_dtype=jnp.float32)
+        ref = quantized_matmul_reference(x1, one, out_dtype=jnp.float32)
+        assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 1e-3
 
     def test_a_given_config_serves_calls_with_producer_digits(self, monkeypatch):
         """A table entry's ``given_config`` (here the dp4a GEMV beside an FMA GEMV ``config``) is the path of calls
