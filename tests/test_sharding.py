@@ -240,3 +240,21 @@ def test_fused_decode_kernel_per_shard_matches_single_device(name, model, refere
     assert tokens == reference[2]
     # every traced decode step (a first and a steady-state one) ran it in each layer
     assert traced and len(traced) % CFG.num_layers == 0 and traced[0]["tensor"] == MESHES[name]["tensor"]
+
+
+def test_quantized_int8_takes_the_partitionable_path_on_a_gpu_mesh(monkeypatch):
+    """On GPUs under a multi-device mesh, QuantizedLinear runs an int8 weight on XLA's split dot (which the SPMD
+    partitioner splits) instead of a Pallas kernel (an opaque custom call: gathered operands); on one device, for
+    int4, or with an explicit impl, the call's path is as set."""
+    from autoglm_jax.model import quantized_linear as ql
+    from autoglm_jax.model.linear import Linear
+
+    w = Linear(256, 128, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
+    int8, int4 = (ql.QuantizedLinear.from_linear(w, fmt, k_major=True) for fmt in ("int8", "int4"))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(ql, "on_one_device", lambda: True)
+    assert int8.path() == int4.path() == "auto"
+    monkeypatch.setattr(ql, "on_one_device", lambda: False)
+    assert (int8.path(), int4.path()) == ("xla_split", "auto")
+    int8.impl = "reference"
+    assert int8.path() == "reference"
