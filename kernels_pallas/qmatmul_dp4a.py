@@ -62,7 +62,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .act_digits import ActDigits, planes_geometry, store_planes
+from .act_digits import ActDigits, digit_out_shapes, planes_geometry, store_planes
 from .qmatmul_tiles import TileConfig
 from .quant_formats import Int4Weight, Int8Weight, QuantFormatError
 from .quantized_matmul import split_digits
@@ -98,11 +98,18 @@ def tile_fits(block_n: int, block_k: int, num_warps: int) -> bool:
     return (block_n * block_k // 2 >= pass_bytes
             and (block_n <= MAX_ROWS_A_PASS or MAX_ROWS_A_PASS * (block_k // 2) >= pass_bytes))
 
-_ASM = """{
-.reg .b32 lo, hi, t, z;
-.reg .f32 f;
-mov.b32 z, 0;
-and.b32 lo, $4, 0x0F0F0F0F;
+def _asm(regs: str, body: str, n_bytes: int) -> str:
+    """The inline PTX of one pack of four elements: ``body`` leaves the group's int32 sum in ``t`` from the
+    ``n_bytes`` byte operands ($4 ..); then lane 0 of the float32 out ($0) = running sum + float(t) * scale, the
+    scale and the running sum four registers each after the bytes, lanes 1-3 zero."""
+    sc = 4 + n_bytes
+    return (f"{{\n.reg .b32 {regs};\n.reg .f32 f;\nmov.b32 z, 0;\n{body}cvt.rn.f32.s32 f, t;\n"
+            f"fma.rn.f32 $0, f, ${sc}, ${sc + 4};\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;\n}}")
+
+
+# int4: $4 four packed bytes, $5 / $6 x's hi / lo digits at the low-nibble ks, $7 / $8 at the high-nibble ks (four
+# int8 each), $9-$12 the group's scale, $13-$16 the running sum.
+_ASM = _asm("lo, hi, t, z", """and.b32 lo, $4, 0x0F0F0F0F;
 shr.b32 hi, $4, 4;
 and.b32 hi, hi, 0x0F0F0F0F;
 dp4a.u32.s32 t, lo, $5, z;
@@ -110,31 +117,15 @@ dp4a.u32.s32 t, hi, $7, t;
 shl.b32 t, t, 7;
 dp4a.u32.s32 t, lo, $6, t;
 dp4a.u32.s32 t, hi, $8, t;
-cvt.rn.f32.s32 f, t;
-fma.rn.f32 $0, f, $9, $13;
-mov.b32 $1, 0;
-mov.b32 $2, 0;
-mov.b32 $3, 0;
-}"""
-# pack=4: $0-$3 out (float32 lanes), $4 four packed bytes, $5 / $6 x's hi / lo digits at the low-nibble ks,
-# $7 / $8 at the high-nibble ks (four int8 each), $9-$12 the group's scale, $13-$16 the running sum.
-_ASM8 = """{
-.reg .b32 t, z;
-.reg .f32 f;
-mov.b32 z, 0;
-dp4a.s32.s32 t, $4, $6, z;
+""", 5)
+# int8: $4 / $5 four int8 weights of the group's low / high half, $6 / $7 x's hi / lo digits there, $8 / $9 in the
+# high half, $10-$13 the scale (row scale times the group's step), $14-$17 the running sum.
+_ASM8 = _asm("t, z", """dp4a.s32.s32 t, $4, $6, z;
 dp4a.s32.s32 t, $5, $8, t;
 shl.b32 t, t, 7;
 dp4a.s32.s32 t, $4, $7, t;
 dp4a.s32.s32 t, $5, $9, t;
-cvt.rn.f32.s32 f, t;
-fma.rn.f32 $0, f, $10, $14;
-mov.b32 $1, 0;
-mov.b32 $2, 0;
-mov.b32 $3, 0;
-}"""
-# int8, pack=4: $0-$3 out, $4 / $5 four int8 weights of the group's low / high half, $6 / $7 x's hi / lo digits
-# there, $8 / $9 in the high half, $10-$13 the scale (row scale times the group's step), $14-$17 the running sum.
+""", 6)
 
 
 def _dp4a(p, xa, xb, xc, xd, sc, acc, interpret: bool):
@@ -244,8 +235,7 @@ def digit_planes_pallas(x, group: int, *, groups: int = DIGIT_GROUPS, num_warps:
     return pl.pallas_call(
         kernel, grid=(pl.cdiv(kg, groups),), in_specs=[full((kg, 2, g2))],
         out_specs=[full((4, kg, g2)), full((kg,)), full((kg,))],
-        out_shape=[jax.ShapeDtypeStruct((4, kg, g2), jnp.int8), jax.ShapeDtypeStruct((kg,), jnp.float32),
-                   jax.ShapeDtypeStruct((kg,), jnp.float32)],
+        out_shape=digit_out_shapes(1, x.shape[1], group),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
         name="qmatmul_int4_dp4a_digits",
     )(x.reshape(kg, 2, g2))
@@ -268,7 +258,7 @@ def check_dp4a_inputs(x, w, cfg: TileConfig) -> None:
                                f"group ({group}) and 1 <= split_k <= K's steps of block_k ({steps}); got {cfg}")
     if not tile_fits(cfg.block_n, cfg.block_k, cfg.num_warps):
         raise QuantFormatError(
-            f"the int4 integer-dot GEMV needs block_n * block_k / 2 >= {BYTES_PER_THREAD} * 32 * num_warps (each "
+            f"the integer-dot GEMV needs block_n * block_k / 2 >= {BYTES_PER_THREAD} * 32 * num_warps (each "
             f"thread's four-byte packs must be contiguous bytes of one row and group) and, for block_n > "
             f"{MAX_ROWS_A_PASS}, {MAX_ROWS_A_PASS} * block_k / 2 >= {BYTES_PER_THREAD} * 32 * num_warps (tiles whose "
             f"threads span more rows at once computed wrong sums on the H100); got block_n={cfg.block_n}, block_k="

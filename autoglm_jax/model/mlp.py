@@ -61,7 +61,7 @@ class MLP(nnx.Module):
         return self.down_proj(hidden, partials=partials)
 
     def _down_planes(self, gate_up) -> int | None:
-        """The int4 group whose digit planes down_proj takes from the SwiGLU kernel, or None (XLA's fusion)."""
+        """The group of the digit planes down_proj takes from the SwiGLU kernel, or None (XLA's fusion)."""
         if self.swiglu_kernel not in ("auto", "pallas", "xla"):
             raise ValueError(f"MLP.swiglu_kernel={self.swiglu_kernel!r}; allowed: 'auto', 'pallas', 'xla'")
         on = self.swiglu_kernel == "pallas" or (self.swiglu_kernel == "auto" and gpu_kernels_on(gate_up.dtype))

@@ -55,8 +55,8 @@ class QuantizedLinear(nnx.Module):
     dispatch by platform); k_blocks (static, 1 unless ``sharding`` sets it on a row-parallel layer): passed too;
     take_digits: which of x's fixed-point digits this layer takes from the kernel that produced x (the norm before it,
     ``RMSNorm.add_norm_digits``; the MLP's SwiGLU for down_proj; the dense decode attention's combine for o_proj)
-    where its path would compute them itself
-    (``digits_layout``): "auto" those of ``AUTO_DIGITS``, "all" every producer's, "off" none (A/B switches).
+    where its path would compute them itself (``digits_layout``): "auto" those of ``AUTO_DIGITS``, "all" every
+    producer's, "off" none (A/B switches).
     """
 
     def __init__(self, weight, *, axes: tuple[str, str], bias: jax.Array | None = None, dtype=jnp.float32,
@@ -114,9 +114,8 @@ class QuantizedLinear(nnx.Module):
 
     def digits_layout(self, x, producer: str = "norm") -> int | None:
         """The ``act_digits`` layout in which this layer takes x's digits from ``producer`` ("norm", "swiglu" or
-        "attention"):
-        the one its path computes when given them (``quantized_matmul.digits_layout(..., given=True)``), as
-        ``take_digits`` allows (None: none); x: an array or ``jax.ShapeDtypeStruct`` [..., I]."""
+        "attention"): the one its path computes when given them (``quantized_matmul.digits_layout(..., given=True)``),
+        as ``take_digits`` allows (None: none); x: an array or ``jax.ShapeDtypeStruct`` [..., I]."""
         if self.take_digits not in TAKE_DIGITS:
             raise ValueError(f"QuantizedLinear.take_digits={self.take_digits!r}; allowed: {TAKE_DIGITS}")
         if self.take_digits == "off":
