@@ -50,6 +50,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .decode_combine import combine_planes, combine_reference
 from .paged_attention import device_kind
+from .tuned_device import rows_for
 
 MASK_VALUE = -1e30  # finite: an empty split stays NaN-free
 BACKENDS = ("triton", "reference")
@@ -68,7 +69,7 @@ def load_table(path: str = str(TUNED_PATH)) -> tuple:
 
 def tuned_blocks(batch: int) -> dict:
     """The tuned block sizes of the nearest batch (log scale) on this device, or {} (then defaults apply)."""
-    entries = [e for e in load_table() if e["device"] == device_kind()]
+    entries = rows_for(load_table(), device_kind())  # this device's rows, else a sibling chip's
     if not entries:
         return {}
     return dict(min(entries, key=lambda e: abs(math.log2(e["batch"]) - math.log2(max(batch, 1))))["blocks"])

@@ -50,6 +50,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .kv_pages import _is_concrete, page_geometry, validate_page_table
 from .quantized_matmul import SPLIT_STEPS
+from .tuned_device import rows_for
 
 MASK_VALUE = -1e30  # finite: fully masked rows stay NaN-free
 LOG2E = 1.4426950408889634
@@ -126,10 +127,11 @@ def device_kind() -> str:
 
 
 def tuned_blocks(op: str, **key) -> tuple[dict, dict]:
-    """Nearest tuned entry for ``op`` on this device: same quantized/group, nearest batch and context (log
-    scale), same page size preferred. Returns (entry key, blocks), or ({}, {}) when the table has nothing."""
-    entries = _tuned_table().get(op, {}).get(device_kind(), [])
-    cands = [e for e in entries if all(e["key"].get(f) == key.get(f) for f in ("quantized", "group"))]
+    """Nearest tuned entry for ``op`` on this device (else on a sibling chip, ``tuned_device``): same quantized /
+    group, nearest batch and context (log scale), same page size preferred. Returns (entry key, blocks), or ({}, {}) when the table has nothing."""
+    rows = [(dev, e) for dev, entries in _tuned_table().get(op, {}).items() for e in entries
+            if all(e["key"].get(f) == key.get(f) for f in ("quantized", "group"))]
+    cands = [e for _, e in rows_for(rows, device_kind(), device=lambda row: row[0])]  # else a sibling chip's
     if not cands:
         return {}, {}
     dist = lambda e: 0.5 * (e["key"].get("page_size") != key.get("page_size")) + sum(

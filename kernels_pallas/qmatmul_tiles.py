@@ -7,9 +7,9 @@ activations written as two int8 digits, ``quantized_matmul.int8_split_matmul``) 
 The format key is the weight's ``name``: a K-major ``Int8Weight`` (``qweight[N, K]``) is ``"int8_kmajor"``,
 tuned apart from ``"int8"`` ([K, N]); a K-major ``Int4Weight`` is ``"int4_g128_sym_kmajor"`` (etc.), tuned apart
 from the ``[K/2, N]`` int4 formats (its ``gemv`` is another kernel, ``qmatmul_dp4a.py``).
-No entry is written by hand. Lookup: exact (device, format, K, N) at the
-smallest tuned M >= M (else the largest tuned M); then the same (device, format) at the nearest shape (by
-K*N) with the same M bucket; an int4 variant with no entries uses another int4 variant's of the same layout
+No entry is written by hand. Lookup, among the format's rows of this device (per M bucket; else of a sibling chip,
+see ``tuned_device``): exact (K, N) at the smallest tuned M >= M (else the largest tuned M); then the nearest shape
+(by K*N) with the same M bucket; an int4 variant with no entries uses another int4 variant's of the same layout
 (same group first); else ``default_config``.
 """
 
@@ -19,6 +19,8 @@ import dataclasses
 import functools
 import json
 import os
+
+from .tuned_device import device_key, rows_for  # noqa: F401 (device_key: the tuning scripts' key)
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned", "quantized_matmul.json")
 KERNELS = ("gemv", "dp4a", "dot", "xla", "xla_split", "mgpu")
@@ -109,15 +111,6 @@ def default_config(fmt: str, m: int) -> TileConfig:
                       num_stages=3)
 
 
-def device_key(device_kind: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100'; unknown kinds are lower-cased with spaces removed."""
-    kind = device_kind.lower()
-    for key in ("h100", "h200", "a100", "l4"):
-        if key in kind:
-            return key
-    return kind.replace(" ", "")
-
-
 @functools.lru_cache(maxsize=4)
 def load_table(path: str = TABLE_PATH) -> tuple:
     """-> tuple of entries (dicts with device, format, m, k, n, config)."""
@@ -128,17 +121,23 @@ def load_table(path: str = TABLE_PATH) -> tuple:
     return tuple(data.get("entries", ()))
 
 
+def _device_rows(rows: list, device: str) -> list:
+    """Per tuned M bucket: this device's rows, else a sibling chip's (``tuned_device.rows_for``), so a device tuned
+    at M=1 alone still takes its sibling's prefill tiles."""
+    return [e for m in sorted({e["m"] for e in rows}) for e in rows_for([e for e in rows if e["m"] == m], device)]
+
+
 def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None = None,
            given: bool = False) -> TileConfig:
     """Tuned config for this problem, or ``default_config`` when the table has none. ``given``: the call has x's
     digits from its producer (``act_digits``): an entry's ``given_config``, where it has one, is the path timed
     fastest that way (a GEMV whose own digit prep made it no faster, but that wins without it)."""
     table = load_table() if table is None else table
-    entries = [e for e in table if e["device"] == device and e["format"] == fmt]
+    entries = _device_rows([e for e in table if e["format"] == fmt], device)
     if not entries and fmt.startswith("int4"):  # an untuned int4 variant borrows tuned int4 configs (same layout)
         kmajor = fmt.endswith("_kmajor")
-        family = [e for e in table if e["device"] == device and e["format"].startswith("int4")
-                  and e["format"].endswith("_kmajor") == kmajor]
+        family = _device_rows([e for e in table if e["format"].startswith("int4")
+                               and e["format"].endswith("_kmajor") == kmajor], device)
         same_group = [e for e in family if e["format"].split("_")[1] == fmt.split("_")[1]]
         entries = same_group or family
         entries = [e for e in entries if e["format"] == entries[0]["format"]]

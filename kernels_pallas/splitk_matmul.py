@@ -31,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .tuned_device import rows_for
+
 ROWS = (16, 32, 64, 128)  # M the kernel takes
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned", "splitk_matmul.json")
 
@@ -170,10 +172,9 @@ def tuned_entry(path: str, device_kind: str, m: int, k: int, n: int) -> dict | N
     tuner found XLA faster ("xla"), and for an M the kernels do not take."""
     if m not in ROWS:
         return None
-    key = (device_kind, m, k, n)
-    fits = [e for e in _table(path).get("entries", [])
-            if (e["device"], e["m"], e["k"], e["n"]) == key and e["config"] != "xla"]
-    return dict(fits[0]["config"]) if fits else None
+    shape = [e for e in _table(path).get("entries", []) if (e["m"], e["k"], e["n"]) == (m, k, n)]
+    fits = rows_for(shape, device_kind)  # this device's row, else a sibling chip's (tuned_device)
+    return dict(fits[0]["config"]) if fits and fits[0]["config"] != "xla" else None
 
 
 def tuned_blocks(device_kind: str, m: int, k: int, n: int) -> SplitKBlocks | None:

@@ -322,7 +322,13 @@ def test_table_lookup_and_default():
     assert lookup("h100", "int8", 1, 4096, 27392, table=table).block_n == 512
     assert lookup("h100", "int8", 20, 4096, 27392, table=table).kernel == "xla"  # next tuned M up
     assert lookup("h100", "int8", 1, 13696, 4096, table=table).block_n == 512  # nearest shape
-    assert lookup("h200", "int8", 1, 4096, 27392, table=table) == default_config("int8", 1)
+    assert lookup("a100", "int8", 1, 4096, 27392, table=table) == default_config("int8", 1)  # no rows of its own
+    assert lookup("h200", "int8", 1, 4096, 27392, table=table).block_n == 512  # the H100's (the same chip)
+    h200 = ({**table[0], "device": "h200", "config": {**table[0]["config"], "block_n": 256}},)
+    assert lookup("h200", "int8", 1, 4096, 27392, table=table + h200).block_n == 256  # its own rows win
+    assert lookup("h200", "int8", 32, 4096, 27392, table=table + h200).kernel == "xla"  # per M: the H100's M=32
+    other = ({**table[0], "format": "int8_kmajor"},)
+    assert lookup("h200", "int8_kmajor", 1, 4096, 27392, table=table + h200 + other).block_n == 512  # per format
     int4 = ({**table[0], "format": "int4_g128_sym", "config": {**table[0]["config"], "block_k": 128}},)
     assert lookup("h100", "int4_g64_asym", 1, 4096, 27392, table=int4).block_n == 512  # borrowed from int4
     with pytest.raises(ValueError, match="power of two"):
