@@ -14,7 +14,7 @@ checkpoint (sharded Orbax save/restore, HF -> sharded), kernels (Pallas kernels 
 """
 
 from .checkpoint import from_pretrained_sharded, load_hf_sharded, restore_sharded, save_sharded
-from .kernels import sharded_paged_attention, sharded_ragged_paged_attention
+from .kernels import sharded_paged_attention, sharded_quantized_matmul, sharded_ragged_paged_attention
 from .mesh import MESH_AXES, MeshError, initialize_distributed, make_mesh
 from .partition import (batch_sharding, cache_shardings, check_model_fits, constrain, kv_cache_sharding,
                         logical_axes, mesh_of, on_one_device, paged_cache_sharding, param_shardings, per_device_bytes,
@@ -22,7 +22,8 @@ from .partition import (batch_sharding, cache_shardings, check_model_fits, const
 from .rules import RULES, logical_to_spec
 
 __all__ = ["MESH_AXES", "MeshError", "RULES", "batch_sharding", "cache_shardings", "check_model_fits", "constrain",
-           "from_pretrained_sharded", "sharded_paged_attention", "sharded_ragged_paged_attention",
+           "from_pretrained_sharded", "sharded_paged_attention", "sharded_quantized_matmul",
+           "sharded_ragged_paged_attention",
            "initialize_distributed", "kv_cache_sharding", "load_hf_sharded", "logical_axes", "logical_to_spec",
            "make_mesh", "mesh_of", "on_one_device", "paged_cache_sharding", "param_shardings", "per_device_bytes",
            "restore_sharded", "save_sharded", "shard_model", "sharding_fn_for", "shardings_like", "use_mesh"]

@@ -242,19 +242,26 @@ def test_fused_decode_kernel_per_shard_matches_single_device(name, model, refere
     assert traced and len(traced) % CFG.num_layers == 0 and traced[0]["tensor"] == MESHES[name]["tensor"]
 
 
-def test_quantized_int8_takes_the_partitionable_path_on_a_gpu_mesh(monkeypatch):
-    """On GPUs under a multi-device mesh, QuantizedLinear runs an int8 weight on XLA's split dot (which the SPMD
-    partitioner splits) instead of a Pallas kernel (an opaque custom call: gathered operands); on one device, for
-    int4, or with an explicit impl, the call's path is as set."""
+def test_quantized_layers_run_kernels_per_shard_on_a_gpu_mesh(monkeypatch):
+    """On GPUs under a multi-device mesh a QuantizedLinear with a kernel impl runs the kernel per shard
+    (``shard_plan``); where no per-shard kernel fits (int4 row-parallel, K / t not a multiple of the group) it takes
+    an XLA path that XLA's partitioner splits (``xla_split`` for int8, ``xla`` otherwise); an explicit XLA impl, or
+    one device, is left as set."""
     from autoglm_jax.model import quantized_linear as ql
     from autoglm_jax.model.linear import Linear
 
-    w = Linear(256, 128, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
-    int8, int4 = (ql.QuantizedLinear.from_linear(w, fmt, k_major=True) for fmt in ("int8", "int4"))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(ql, "on_one_device", lambda: True)
-    assert int8.path() == int4.path() == "auto"
-    monkeypatch.setattr(ql, "on_one_device", lambda: False)
-    assert (int8.path(), int4.path()) == ("xla_split", "auto")
-    int8.impl = "reference"
-    assert int8.path() == "reference"
+    col = Linear(256, 128, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
+    row = Linear(384, 128, axes=("mlp", "embed"), rngs=nnx.Rngs(0))
+    int8, int4 = (ql.QuantizedLinear.from_linear(col, fmt, k_major=True) for fmt in ("int8", "int4"))
+    int4_row = ql.QuantizedLinear.from_linear(row, "int4", group=64)  # 6 groups: 3 a device at t=2, not at t=4
+    assert [q.shard_plan() for q in (int8, int4, int4_row)] == [None] * 3  # one device
+    with use_mesh(make_mesh(tensor=2)):
+        assert [q.shard_plan() for q in (int8, int4, int4_row)] == ["column", "column", "row"]
+        assert int8.path() == int4.path() == int4_row.path() == "auto"
+    with use_mesh(make_mesh(tensor=4)):
+        assert int4_row.shard_plan() is None and int4_row.path() == "xla"
+        int8_row = ql.QuantizedLinear.from_linear(Linear(384, 128, axes=("mlp", "embed"), rngs=nnx.Rngs(0)), "int8")
+        assert int8_row.shard_plan() == "row"
+        int8.impl = "xla_split"
+        assert int8.shard_plan() is None and int8.path() == "xla_split"

@@ -29,6 +29,7 @@ from kernels_pallas.quant_formats import (Int4Weight, Int8Weight, QuantFormatErr
                                           quantize)
 from kernels_pallas.quantized_matmul import digits_layout, quantized_matmul
 
+from sharding.kernels import quantized_shard_plan, sharded_quantized_matmul
 from sharding.partition import on_one_device
 
 from .linear import Linear
@@ -69,6 +70,7 @@ class QuantizedLinear(nnx.Module):
         self.k_major = bool(getattr(weight, "k_major", False))
         self.k_blocks = 1
         self.take_digits = "auto"
+        self.axes = tuple(axes)  # the Linear's logical (in, out) axes: how sharding splits it
         if isinstance(weight, Int4Weight):  # K-major: packed [O, I/2], scale / zero [O, I/group]
             self.fmt, self.group = "int4", weight.group
             gaxes = (axes[1], None) if self.k_major else (None, axes[1])
@@ -115,10 +117,11 @@ class QuantizedLinear(nnx.Module):
     def digits_layout(self, x, producer: str = "norm") -> int | None:
         """The ``act_digits`` layout in which this layer takes x's digits from ``producer`` ("norm", "swiglu" or
         "attention"): the one its path computes when given them (``quantized_matmul.digits_layout(..., given=True)``),
-        as ``take_digits`` allows (None: none); x: an array or ``jax.ShapeDtypeStruct`` [..., I]."""
+        as ``take_digits`` allows (None: none; always under a multi-device mesh, where each shard's kernel computes
+        its own from its slice of x); x: an array or ``jax.ShapeDtypeStruct`` [..., I]."""
         if self.take_digits not in TAKE_DIGITS:
             raise ValueError(f"QuantizedLinear.take_digits={self.take_digits!r}; allowed: {TAKE_DIGITS}")
-        if self.take_digits == "off":
+        if self.take_digits == "off" or not on_one_device():
             return None
         x = jax.ShapeDtypeStruct(x.shape, self.dtype)
         layout = digits_layout(x, self.weight(), impl=self.path(), interpret=self.interpret, k_blocks=self.k_blocks,
@@ -129,21 +132,41 @@ class QuantizedLinear(nnx.Module):
 
     def __call__(self, x: jax.Array, *, partials: bool = False, digits=None) -> jax.Array:
         """x: [..., I] -> [..., O] in the compute dtype (``partials``, as ``Linear`` takes it: always y here);
-        digits: x's ``act_digits.ActDigits`` from its producer, or None."""
+        digits: x's ``act_digits.ActDigits`` from its producer, or None. Under a multi-device mesh a kernel path
+        runs per shard (``sharding.kernels.sharded_quantized_matmul``)."""
         del partials
         bias = None if self.bias is None else self.bias[...]
         act_scale = None if getattr(self, "act_scale", None) is None else self.act_scale[...]
-        return quantized_matmul(x.astype(self.dtype), self.weight(), bias=bias, out_dtype=self.dtype,
-                                impl=self.path(), interpret=self.interpret, act_scale=act_scale,
-                                k_blocks=self.k_blocks, x_digits=digits)
+        x = x.astype(self.dtype)
+        if self.shard_plan() is not None:
+            return sharded_quantized_matmul(jax.sharding.get_abstract_mesh(), x, self.weight(), self.axes, bias=bias,
+                                            out_dtype=self.dtype, act_scale=act_scale, impl=self.impl,
+                                            interpret=self.interpret)
+        return quantized_matmul(x, self.weight(), bias=bias, out_dtype=self.dtype, impl=self.path(),
+                                interpret=self.interpret, act_scale=act_scale, k_blocks=self.k_blocks, x_digits=digits)
+
+    def _runs_kernel(self) -> bool:
+        """``impl`` would run a Pallas kernel (GPU / TPU, or interpreted) rather than an XLA path."""
+        if self.impl == "auto":
+            return self.interpret or jax.default_backend() in ("gpu", "tpu")
+        return self.impl in ("pallas_gpu", "pallas_tpu")
+
+    def shard_plan(self) -> str | None:
+        """Under a multi-device mesh, for a kernel ``impl``: how the kernel runs per shard
+        (``sharding.kernels.quantized_shard_plan``: "column", "row" or "replicated"); None on one device, for an
+        XLA ``impl`` (which XLA's SPMD partitioner splits itself), or where no per-shard kernel can serve."""
+        if on_one_device() or not self._runs_kernel():
+            return None
+        mesh = jax.sharding.get_abstract_mesh()
+        return quantized_shard_plan(self.weight(), self.axes, dict(mesh.shape))
 
     def path(self) -> str:
-        """The ``impl`` a call passes: ``impl``, except that "auto" on GPUs under a multi-device mesh runs an int8
-        weight on the ``xla_split`` path, which XLA's SPMD partitioner splits like any dot: a Pallas kernel is an
-        opaque custom call to it, run on operands gathered whole (the weight too) unless wrapped per device, which
-        this project does not do yet for the quantized matmuls (int4 / W8A8 keep their kernels there)."""
-        if self.impl == "auto" and self.fmt == "int8" and jax.default_backend() == "gpu" and not on_one_device():
-            return "xla_split"
+        """The ``impl`` a call on the whole arrays passes: ``impl``, except that a kernel ``impl`` under a
+        multi-device mesh with no per-shard plan (``shard_plan``) takes an XLA path that XLA's SPMD partitioner
+        splits like any dot -- ``xla_split`` for int8, ``xla`` otherwise: a Pallas kernel there would be an opaque
+        custom call run on operands gathered whole (the weight too)."""
+        if not on_one_device() and self._runs_kernel() and self.shard_plan() is None:
+            return "xla_split" if self.fmt == "int8" else "xla"
         return self.impl
 
 
