@@ -15,13 +15,15 @@ float32 check (``--check-dtype``: ``--check-batch`` prompts, ``--check-new`` gre
 degree 1; None when ``--check-dtype ''`` skips it); the timed bfloat16 runs' own token comparison is
 ``tokens_identical_bfloat16``, where the all-reduce's summation order may flip a near-tie argmax of random weights.
 
-``--quant int8``: int8 weight-only weights (K-major, ``impl="xla_split"``: XLA dots that GSPMD partitions; the LM
-head stays bfloat16) at every degree. ``allreduce_us`` per row: one all-reduce of the [batch, D] bfloat16 residual
-over the degree's devices, timed as 64 dependent all-reduces in one jit. ``--large``: a GLM-shaped config that one
-device cannot hold (GLM-4-32B-0414 layer shapes: D 6144, 48 query / 8 KV heads, F 23040; as many layers as it takes
-to pass the first device's memory by 5%), created directly sharded (random weights), timed at the degrees where
-it fits (its random weights are drawn per degree in that degree's column layout, so its tokens are not
-compared). ``--replot JSON`` redraws the plot of a finished run.
+``--quant int8`` / ``int4``: weight-only int8 (K-major) or int4 g128 (K-major) weights at every degree, the LM head
+bfloat16; ``--quant-impl`` their ``QuantizedLinear.impl``: ``auto`` (default since session 27: the Pallas kernels,
+per shard under a mesh, ``sharding.kernels.sharded_quantized_matmul``) or ``xla_split`` / ``xla`` (XLA dots that
+GSPMD partitions; int8 ran ``xla_split`` in every earlier result file). ``allreduce_us`` per row: one all-reduce
+of the [batch, D] bfloat16 residual over the degree's devices, timed as 64 dependent all-reduces in one jit.
+``--large``: a GLM-shaped config that one device cannot hold (GLM-4-32B-0414 layer shapes: D 6144, 48 query / 8 KV
+heads, F 23040; as many layers as it takes to pass the first device's memory by 5%), created directly sharded
+(random weights), timed at the degrees where it fits (its random weights are drawn per degree in that degree's
+column layout, so its tokens are not compared). ``--replot JSON`` redraws the plot of a finished run.
 
     python experiments/bench_tensor_parallel.py --tp 1 2 4 --batch 1 32 128            # 4 GPUs
     python experiments/bench_tensor_parallel.py --tp 1 2 4 --quant int8 --large --check-dtype ''
@@ -247,7 +249,7 @@ def summarize(rows, tokens_by, degrees, args, dtype, check, bandwidth, large_cfg
             if r.get("read_gib_per_device"):  # the stricter figure: the embedding table is only gathered from
                 r["frac_of_read_roofline"] = 1e3 * r["read_gib_per_device"] * 2**30 / bandwidth / r["ms_per_token"]
     main_rows = [r for r in rows if r["model"] == MAIN]
-    summary = {"model": MAIN, "dtype": dtype, "quant": args.quant or "none",
+    summary = {"model": MAIN, "dtype": dtype, "quant": args.quant or "none", "quant_impl": args.quant_impl,
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "degrees": degrees,
                f"tokens_identical_{dtype}": all(r["tokens_identical"] for r in main_rows) if main_rows else None}
     if check:
@@ -317,14 +319,14 @@ def plot(json_path: Path) -> Path | None:
     return out
 
 
-def bench_model(cfg, dtype: str, quant: str | None):
-    """The benchmarked model: random weights (seed 0) in ``dtype``, int8 K-major ``xla_split`` with ``quant``."""
+def bench_model(cfg, dtype: str, quant: str | None, impl: str = "auto"):
+    """The benchmarked model: random weights (seed 0) in ``dtype``, K-major ``quant`` weights on ``impl``."""
     from autoglm_jax.loading import random_model
     from autoglm_jax.model.quantized_linear import quantize_model
 
     model = random_model(cfg, dtype=dtype, seed=0)
     if quant:
-        quantize_model(model, quant, impl="xla_split", k_major=True)
+        quantize_model(model, quant, impl=impl, k_major=True)
     return model
 
 
@@ -336,7 +338,9 @@ def add_run_args(ap) -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny)")
-    ap.add_argument("--quant", choices=["int8"], default=None, help="int8 weight-only (K-major, xla_split)")
+    ap.add_argument("--quant", choices=["int8", "int4"], default=None, help="weight-only int8 / int4 g128, K-major")
+    ap.add_argument("--quant-impl", choices=["auto", "xla_split", "xla"], default="auto",
+                    help="QuantizedLinear.impl: auto = the Pallas kernels (per shard under a mesh)")
     ap.add_argument("--out", default=str(bench_common.RESULTS))
     ap.add_argument("--check-dtype", default="float32", help="weights of the token-identity check ('' = skip)")
     ap.add_argument("--check-batch", type=int, default=4)
@@ -393,7 +397,7 @@ def main():
         return path
 
     if not args.large_only:
-        model = bench_model(cfg, dtype, args.quant)
+        model = bench_model(cfg, dtype, args.quant, args.quant_impl)
         for tp in degrees:
             run_degree(model, tp, args, cfg, rows, tokens_by, label=MAIN)
             write()  # a run cut short still leaves the degrees done so far

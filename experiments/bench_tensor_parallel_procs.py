@@ -38,7 +38,7 @@ def child(args) -> dict:
     if args.child == "group":
         initialize_distributed()  # from sharding.launch's environment
     cfg, dtype = tpb.model_config(args)
-    model = tpb.bench_model(cfg, dtype, args.quant)
+    model = tpb.bench_model(cfg, dtype, args.quant, args.quant_impl)
     tp = jax.device_count() if args.child == "group" else 1
     rows, tokens_by = [], {}
     tpb.run_degree(model, tp, args, cfg, rows, tokens_by, label=tpb.MAIN)
