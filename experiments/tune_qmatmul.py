@@ -7,8 +7,11 @@ and keep the fastest. Entries for the (device, format, M, K, N) problems tuned n
 entries are kept.
 A candidate that fails to compile is reported and skipped, and so is one whose output (written into a NaN-poisoned
 buffer) is more than 5e-3 off the jnp reference: every candidate is checked before it is timed. ``--budget_s``
-bounds the sweep: a problem whose candidate list it cuts keeps its table entry (untuned problems use
-``default_config``).
+bounds the sweep, shared out evenly: each problem may use what is left over the problems left (``problem_budget``),
+so a long list early cannot starve the last problems. Each problem times the table's current choice for this device
+first (``sweep_order``: the device's own row, a sibling chip's, or ``default_config``), so a problem whose list its
+share cuts still writes the best of what it timed -- never slower than what ran before (the entry says
+``"partial": true``).
 
     python experiments/tune_qmatmul.py --out $OUT/quantized_matmul.json
 
@@ -193,6 +196,16 @@ def _float_candidates(fmt: str, m: int) -> list[TileConfig]:
     return large
 
 
+def sweep_order(current: TileConfig | None, cands: list[TileConfig]) -> list[TileConfig]:
+    """The candidates with the table's current choice for the problem first (once)."""
+    return list(cands) if current is None else [current] + [c for c in cands if c != current]
+
+
+def problem_budget(budget_s: float, elapsed_s: float, problems_left: int) -> float:
+    """Seconds the next problem may use: an even share of what is left (at least 0)."""
+    return max(budget_s - elapsed_s, 0.0) / max(problems_left, 1)
+
+
 def entries_from_bench(path: str, table: list[dict], margin: float = 0.9) -> list[dict]:
     """Entries for (format, M, shape) problems the sweep did not cover, from a bench_qmatmul JSON of the same
     device: the config the bench's dispatch used (re-derived by lookup on ``table``, the table it ran with),
@@ -255,49 +268,51 @@ def main():
     dev = gpu_name()
     entries = []  # the new entries; the table's others are kept below
     log = []
-    for m in map(int, args.ms.split(",")):
-        for fmt in args.formats.split(","):
-            for shape in args.shapes.split(","):
-                k, n = SHAPES[shape]
-                layers = layers_for(k, n, args.layers, args.min_call_mb)  # small shapes: more layers a call
-                keys = jax.random.split(jax.random.key(k * n + m), layers)
-                ws = [random_weight(kk, fmt, k, n) for kk in keys]
-                x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
-                best, cut, compiled = None, False, []
-                ref = quantized_matmul_reference(x, ws[0], out_dtype=jnp.float32)  # what every candidate must give
-                for cfg in candidates(fmt, m, args.wide):
-                    if time.time() - start > args.budget_s:
-                        cut = True  # a part of the list is no sweep: keep the table's entry for this problem
-                        break
-                    impl = "pallas_gpu"  # an XLA kind of config routes to its XLA path
-                    fn = lambda x, w, cfg=cfg, impl=impl: quantized_matmul(x, w, config=cfg, impl=impl)
-                    try:
-                        err = check_against_reference(x, ws[0], cfg, ref)
-                        if not err < CHECK_TOL:
-                            print(f"WRONG {fmt} {shape} M={m} {cfg}: relative error {err:.2e}", flush=True)
-                            continue
-                        cs, measure = layer_timer(fn, x, ws, min_sample_s=0.01, samples=5, timing=args.timing)
-                        times = [measure()]
-                    except Exception as e:
-                        print(f"FAILED {fmt} {shape} M={m} {cfg}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-                        continue
-                    compiled.append((cfg, cs, measure, times))
-                for _ in range(args.rounds - 1):  # --rounds: every candidate again, round after round
-                    for _, _, measure, times in compiled:
-                        times.append(measure())
-                for cfg, cs, _, times in compiled:
-                    s = statistics.median(times)  # one fastest sample of a ~10 us op is often noise
-                    log.append(dict(format=fmt, shape=shape, m=m, config=cfg.to_json(), us=s * 1e6, compile_s=cs,
-                                    **({"us_rounds": [t * 1e6 for t in times]} if len(times) > 1 else {})))
-                    print(f"{fmt:15s} {shape:8s} M={m:<4d} {s * 1e6:8.1f}us compile {cs:5.1f}s {cfg}", flush=True)
-                    if best is None or s < best[0]:
-                        best = (s, cfg)
-                del compiled
-                if best is not None and not cut:
-                    name = ws[0].name
-                    entries.append(dict(device=dev, format=name, m=m, k=k, n=n, us=round(best[0] * 1e6, 2),
-                                        config=best[1].to_json()))
-                del ws
+    problems = [(m, fmt, shape) for m in map(int, args.ms.split(",")) for fmt in args.formats.split(",")
+                for shape in args.shapes.split(",")]
+    for done_count, (m, fmt, shape) in enumerate(problems):
+        k, n = SHAPES[shape]
+        layers = layers_for(k, n, args.layers, args.min_call_mb)  # small shapes: more layers a call
+        keys = jax.random.split(jax.random.key(k * n + m), layers)
+        ws = [random_weight(kk, fmt, k, n) for kk in keys]
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        best, cut, compiled = None, False, []
+        ref = quantized_matmul_reference(x, ws[0], out_dtype=jnp.float32)  # what every candidate must give
+        current = qmatmul_tiles.lookup(dev, ws[0].name, m, k, n)  # what runs now on this device
+        deadline = time.time() + problem_budget(args.budget_s, time.time() - start, len(problems) - done_count)
+        for cfg in sweep_order(current, candidates(fmt, m, args.wide)):
+            if time.time() > deadline and compiled:
+                cut = True  # the rest of the list is not timed: the entry is the best of the timed part
+                break
+            impl = "pallas_gpu"  # an XLA kind of config routes to its XLA path
+            fn = lambda x, w, cfg=cfg, impl=impl: quantized_matmul(x, w, config=cfg, impl=impl)
+            try:
+                err = check_against_reference(x, ws[0], cfg, ref)
+                if not err < CHECK_TOL:
+                    print(f"WRONG {fmt} {shape} M={m} {cfg}: relative error {err:.2e}", flush=True)
+                    continue
+                cs, measure = layer_timer(fn, x, ws, min_sample_s=0.01, samples=5, timing=args.timing)
+                times = [measure()]
+            except Exception as e:
+                print(f"FAILED {fmt} {shape} M={m} {cfg}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+                continue
+            compiled.append((cfg, cs, measure, times))
+        for _ in range(args.rounds - 1):  # --rounds: every candidate again, round after round
+            for _, _, measure, times in compiled:
+                times.append(measure())
+        for cfg, cs, _, times in compiled:
+            s = statistics.median(times)  # one fastest sample of a ~10 us op is often noise
+            log.append(dict(format=fmt, shape=shape, m=m, config=cfg.to_json(), us=s * 1e6, compile_s=cs,
+                            **({"us_rounds": [t * 1e6 for t in times]} if len(times) > 1 else {})))
+            print(f"{fmt:15s} {shape:8s} M={m:<4d} {s * 1e6:8.1f}us compile {cs:5.1f}s {cfg}", flush=True)
+            if best is None or s < best[0]:
+                best = (s, cfg)
+        del compiled
+        if best is not None:
+            name = ws[0].name
+            entries.append(dict(device=dev, format=name, m=m, k=k, n=n, us=round(best[0] * 1e6, 2),
+                                config=best[1].to_json(), **({"partial": True} if cut else {})))
+        del ws
     # Replace only the (device, format, M, K, N) problems tuned now: a sweep of some M buckets keeps the others.
     key = lambda e: (e["device"], e["format"], e["m"], e["k"], e["n"])
     done = {key(e) for e in entries}
