@@ -51,9 +51,9 @@ def measure_copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
     A copy (``a * 2``: one read and one write of every element, both counted) and a read-only pass (a column sum of
     the same array: the traffic of a decode step, which reads weights and writes little). Each is timed with calls
     pipelined (one block per sample of ``reps`` calls, so host dispatch hides behind device work), the median of
-    five samples. On the H100 the two agree (2.9-3.0 TB/s); on the H200 (session 27) XLA's copy moved 3.29 TB/s
-    while the read-only pass read 4.31 and a PyTorch device-to-device copy 4.29: the copy alone understated the
-    ceiling there (a decode step then read at 1.15 of it).
+    five samples. On the H200 (session 27) XLA's copy moved 3.29 TB/s while the read-only pass read 4.31 and a
+    PyTorch device-to-device copy 4.29: the copy alone understated the ceiling there (a decode step then read at 1.15
+    of it). On the H100 the copy measured 2.9-3.0 TB/s (every H100 file quotes it); its read pass was not measured.
     """
     import jax
     import jax.numpy as jnp
