@@ -341,17 +341,24 @@ def _pallas(x2, qweight, cfg: TileConfig, platform: str, interpret: bool, out_dt
     return y[:m]
 
 
+def resolve_impl(impl: str, interpret: bool) -> str:
+    """``impl`` with "auto" resolved by platform: the Pallas kernel of the GPU / TPU (interpreted anywhere with
+    ``interpret``), else "reference"; any other impl as it is."""
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend()
+    if interpret:
+        return "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
+
+
 def _route(x, qweight, impl: str, interpret: bool, config: TileConfig | None, k_blocks: int, given: bool = False):
     """The path a call takes: (impl, its tile config or None, the xla_split digits' prep). impl is one of
     "reference", "xla", "xla_split", "pallas_gpu" (config fitted to the problem), "pallas_tpu" (likewise);
     given: x's digits come from its producer (the table's ``given_config``, ``qmatmul_tiles.lookup``)."""
     platform = jax.default_backend()
     k_major = isinstance(qweight, (Int8Weight, Int4Weight)) and qweight.k_major
-    if impl == "auto":
-        if interpret:
-            impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
-        else:
-            impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
+    impl = resolve_impl(impl, interpret)
     _check(impl != "xla_split" or isinstance(qweight, Int8Weight),
            f"impl='xla_split' is for Int8Weight (weight-only int8) only; got {type(qweight).__name__}")
     if impl == "reference":

@@ -27,7 +27,7 @@ from flax import nnx
 
 from kernels_pallas.quant_formats import (Int4Weight, Int8Weight, QuantFormatError, W8A8Weight, check_k_major,
                                           quantize)
-from kernels_pallas.quantized_matmul import digits_layout, quantized_matmul
+from kernels_pallas.quantized_matmul import digits_layout, quantized_matmul, resolve_impl
 
 from sharding.kernels import quantized_shard_plan, sharded_quantized_matmul
 from sharding.partition import on_one_device
@@ -147,9 +147,7 @@ class QuantizedLinear(nnx.Module):
 
     def _runs_kernel(self) -> bool:
         """``impl`` would run a Pallas kernel (GPU / TPU, or interpreted) rather than an XLA path."""
-        if self.impl == "auto":
-            return self.interpret or jax.default_backend() in ("gpu", "tpu")
-        return self.impl in ("pallas_gpu", "pallas_tpu")
+        return resolve_impl(self.impl, self.interpret).startswith("pallas")
 
     def shard_plan(self) -> str | None:
         """Under a multi-device mesh, for a kernel ``impl``: how the kernel runs per shard
