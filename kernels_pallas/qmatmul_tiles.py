@@ -122,9 +122,11 @@ def load_table(path: str = TABLE_PATH) -> tuple:
 
 
 def _device_rows(rows: list, device: str) -> list:
-    """Per tuned M bucket: this device's rows, else a sibling chip's (``tuned_device.rows_for``), so a device tuned
-    at M=1 alone still takes its sibling's prefill tiles."""
-    return [e for m in sorted({e["m"] for e in rows}) for e in rows_for([e for e in rows if e["m"] == m], device)]
+    """Per tuned problem (M bucket and shape): this device's rows, else a sibling chip's (``tuned_device.rows_for``),
+    so a device tuned at M=1 alone still takes its sibling's prefill tiles, and one tuned for down_proj alone its
+    sibling's tiles for the other shapes (per M bucket only, one H200 row for down at M=32 served every shape there)."""
+    problems = sorted({(e["m"], e["k"], e["n"]) for e in rows})
+    return [e for p in problems for e in rows_for([e for e in rows if (e["m"], e["k"], e["n"]) == p], device)]
 
 
 def lookup(device: str, fmt: str, m: int, k: int, n: int, *, table: tuple | None = None,

@@ -17,6 +17,35 @@ from kernels_pallas.quant_formats import Int8Weight, QuantFormatError, quantize,
 from kernels_pallas.quantized_matmul import (SPLIT_MAX_K, fit_config, fit_tpu_config, quantized_matmul,
                                              quantized_matmul_reference)
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_matches_reference[int4_g64_sym-asm4]',
+    'test_matches_reference[int4_g64_sym-asm6]',
+    'test_matches_reference[int4_g128_asym-asm3]',
+    'test_matches_reference[int4_g128_asym-asm5]',
+    'test_matches_reference[int4_g128_asym-asm7]',
+    'test_matches_reference[int4_g64_sym-part8]',
+    'test_matches_reference[int4_g128_asym-part9]',
+    'test_matches_reference[int4_g64_sym-part10]',
+    'test_matches_reference[int4_g64_sym-unroll11]',
+    'test_matches_reference[int8-unroll12]',
+    'test_matches_reference[int8_kmajor-case12]',
+    'test_matches_reference[int8_kmajor-case13]',
+    'test_k_major_paths_match_kn[3-1024-130-bf16]',
+    'test_k_major_paths_match_kn[3-1024-130-f32]',
+    'test_k_major_paths_match_kn[8-512-72-bf16]',
+    'test_k_major_paths_match_kn[8-512-72-f32]',
+    'test_xla_split_within_its_bound[3-1024-130-normal-bf16]',
+    'test_xla_split_within_its_bound[3-1024-130-normal-f32]',
+    'test_xla_split_within_its_bound[3-1024-130-outlier-bf16]',
+    'test_xla_split_within_its_bound[3-1024-130-outlier-f32]',
+    'test_xla_split_within_its_bound[8-512-72-normal-bf16]',
+    'test_xla_split_within_its_bound[8-512-72-normal-f32]',
+    'test_xla_split_within_its_bound[8-512-72-outlier-bf16]',
+    'test_xla_split_within_its_bound[8-512-72-outlier-f32]',
+}
+
+
 FORMATS = [("int8", {}), ("int4", dict(group=64, symmetric=True)), ("int4", dict(group=128, symmetric=False)),
            ("w8a8", {})]
 FMT_IDS = ["int8", "int4_g64_sym", "int4_g128_asym", "w8a8"]
@@ -327,6 +356,9 @@ def test_table_lookup_and_default():
     h200 = ({**table[0], "device": "h200", "config": {**table[0]["config"], "block_n": 256}},)
     assert lookup("h200", "int8", 1, 4096, 27392, table=table + h200).block_n == 256  # its own rows win
     assert lookup("h200", "int8", 32, 4096, 27392, table=table + h200).kernel == "xla"  # per M: the H100's M=32
+    down = ({**h200[0], "k": 13696, "n": 4096, "config": {**h200[0]["config"], "block_n": 128}},)
+    assert lookup("h200", "int8", 1, 4096, 27392, table=table + down).block_n == 512  # per shape: the H100's gate_up
+    assert lookup("h200", "int8", 1, 13696, 4096, table=table + down).block_n == 128  # and its own down
     other = ({**table[0], "format": "int8_kmajor"},)
     assert lookup("h200", "int8_kmajor", 1, 4096, 27392, table=table + h200 + other).block_n == 512  # per format
     int4 = ({**table[0], "format": "int4_g128_sym", "config": {**table[0]["config"], "block_k": 128}},)
