@@ -36,6 +36,7 @@ round-to-nearest with absmax (symmetric) or min/max (asymmetric) ranges.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Union
 
 import jax
@@ -236,10 +237,38 @@ def quantize_int8(w, *, k_major: bool = False) -> Int8Weight:
     ``qweight[O, I]`` (the same values transposed)."""
     w = _check_float_weight(w)
     _check(isinstance(k_major, bool), f"k_major must be a bool; got {k_major!r}")
+    q, scale = _int8_arrays(w, k_major=k_major)
+    return Int8Weight(qweight=q, scale=scale, k_major=k_major)
+
+
+# The quantizers' arithmetic, one compiled program per (shape, options): op by op, each small op compiled on its own.
+@functools.partial(jax.jit, static_argnames=("k_major",))
+def _int8_arrays(w: jax.Array, *, k_major: bool) -> tuple[jax.Array, jax.Array]:
     amax = jnp.max(jnp.abs(w), axis=0)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
     q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-    return Int8Weight(qweight=q.T if k_major else q, scale=scale.astype(jnp.float32), k_major=k_major)
+    return (q.T if k_major else q), scale.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "symmetric"))
+def _int4_arrays(w: jax.Array, *, group: int, symmetric: bool):
+    i, o = w.shape
+    wg = w.reshape(i // group, group, o)
+    if symmetric:
+        amax = jnp.max(jnp.abs(wg), axis=1)
+        scale = jnp.where(amax > 0, amax / 7.0, 1.0).astype(jnp.bfloat16)
+        sf = scale.astype(jnp.float32)[:, None, :]
+        u = jnp.clip(jnp.round(wg / sf), -8, 7) + 8
+        zero = None
+    else:
+        lo = jnp.minimum(jnp.min(wg, axis=1), 0.0)
+        hi = jnp.maximum(jnp.max(wg, axis=1), 0.0)
+        scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(jnp.bfloat16)
+        sf = scale.astype(jnp.float32)
+        zf = jnp.clip(jnp.round(-lo / sf), 0, 15)
+        u = jnp.clip(jnp.round(wg / sf[:, None, :]) + zf[:, None, :], 0, 15)
+        zero = zf.astype(jnp.uint8)
+    return pack_int4(u.reshape(i, o).astype(jnp.int32), group), scale, zero
 
 
 def quantize_w8a8(w) -> W8A8Weight:
@@ -266,23 +295,8 @@ def quantize_int4(w, *, group: int = 128, symmetric: bool = True, k_major: bool 
     _check(group in INT4_GROUPS, f"group={group} is not supported; allowed: {INT4_GROUPS}")
     i, o = w.shape
     _check(i % group == 0, f"I={i} must be a multiple of group={group}")
-    wg = w.reshape(i // group, group, o)
-    if symmetric:
-        amax = jnp.max(jnp.abs(wg), axis=1)
-        scale = jnp.where(amax > 0, amax / 7.0, 1.0).astype(jnp.bfloat16)
-        sf = scale.astype(jnp.float32)[:, None, :]
-        u = jnp.clip(jnp.round(wg / sf), -8, 7) + 8
-        zero = None
-    else:
-        lo = jnp.minimum(jnp.min(wg, axis=1), 0.0)
-        hi = jnp.maximum(jnp.max(wg, axis=1), 0.0)
-        scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(jnp.bfloat16)
-        sf = scale.astype(jnp.float32)
-        zf = jnp.clip(jnp.round(-lo / sf), 0, 15)
-        u = jnp.clip(jnp.round(wg / sf[:, None, :]) + zf[:, None, :], 0, 15)
-        zero = zf.astype(jnp.uint8)
     _check(isinstance(k_major, bool), f"k_major must be a bool; got {k_major!r}")
-    packed = pack_int4(u.reshape(i, o).astype(jnp.int32), group)
+    packed, scale, zero = _int4_arrays(w, group=group, symmetric=bool(symmetric))
     return Int4Weight(packed=packed, scale=scale, zero=zero, group=group).with_layout(k_major)
 
 

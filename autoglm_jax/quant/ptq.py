@@ -17,6 +17,7 @@ The ``quantization`` dict of the report is what ``save_pretrained(..., quantizat
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -137,14 +138,25 @@ def plan(model: nnx.Module, cfg: PTQConfig, act_stats: dict[str, ActStats] | Non
     return todo, kept
 
 
+@functools.partial(jax.jit, static_argnames=("observer", "method", "group", "symmetric", "k_major"))
+def _quantize_kernel(w: jax.Array, *, observer: Observer, method: str, group: int, symmetric: bool,
+                     k_major: bool | str):
+    """Float ``w [I, O]`` -> (the quantized weight, its relative error): one program per (shape, config), where
+    op-by-op dispatch compiled each of the observer's and the format's small ops on its own (hundreds of compiles
+    for a model of four shapes)."""
+    w = w.astype(jnp.float32)
+    lo, hi = weight_clip_range(w, observer, method, group=group, symmetric=symmetric)
+    scale, zero = weight_qparams(lo, hi, method, symmetric)
+    qw = quantize_weight(w, scale, zero, method, group, symmetric=symmetric, k_major=k_major)
+    return qw, jnp.linalg.norm(qw.dequantize() - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30)
+
+
 def quantize_linear(linear: Linear, cfg: PTQConfig, act_clip: float | None = None
                     ) -> tuple[QuantizedLinear, float]:
     """One ``Linear`` -> (``QuantizedLinear``, relative weight error) with the config's weight observer."""
-    w = jnp.asarray(linear.kernel[...], jnp.float32)
-    lo, hi = weight_clip_range(w, cfg.weight_observer, cfg.method, group=cfg.group, symmetric=cfg.symmetric)
-    scale, zero = weight_qparams(lo, hi, cfg.method, cfg.symmetric)
-    qw = quantize_weight(w, scale, zero, cfg.method, cfg.group, symmetric=cfg.symmetric, k_major=cfg.k_major)
-    err = float(jnp.linalg.norm(qw.dequantize() - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
+    qw, err = _quantize_kernel(linear.kernel[...], observer=cfg.weight_observer, method=cfg.method,
+                               group=cfg.group, symmetric=cfg.symmetric, k_major=cfg.k_major)
+    err = float(err)
     axes = tuple(linear.kernel.get_metadata().get("logical_axes", (None, None)))
     bias = None if linear.bias is None else linear.bias[...]
     act = None if act_clip is None else jnp.full((1,), act_clip / 127.0, jnp.float32)
