@@ -36,8 +36,31 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (jax backend is %s)" % jax.default_backend())
     run_slow = config.getoption("--runslow") or os.environ.get("AUTOGLM_RUN_SLOW") == "1"
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow (or AUTOGLM_RUN_SLOW=1)")
+    # A module's FULL_GRID names the cases of its parametrized tests beyond the CPU subset (the CI suite must stay
+    # under 15 minutes on 2 cores): on the CPU they run with --runslow; on a GPU always.
+    skip_grid = pytest.mark.skip(reason="full grid: on the CPU only with --runslow (or AUTOGLM_RUN_SLOW=1)")
+    _check_full_grid_names(items)
     for item in items:
+        if item.name in getattr(item.module, "FULL_GRID", ()):
+            item.add_marker(pytest.mark.full_grid)
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip_gpu)
         elif "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+        elif "full_grid" in item.keywords and not (run_slow or on_gpu):
+            item.add_marker(skip_grid)
+
+
+def _check_full_grid_names(items) -> None:
+    """A FULL_GRID name that matches no collected case of its test (a typo, a renamed id) is an error, not a silent
+    no-op: checked wherever the test's cases were collected (at least two of them)."""
+    by_module = {}
+    for item in items:
+        if getattr(item, "module", None) is not None:
+            by_module.setdefault(item.module, []).append(item.name)
+    for module, names in by_module.items():
+        for name in getattr(module, "FULL_GRID", ()):
+            base = name.split("[")[0]
+            if name not in names and sum(n.split("[")[0] == base for n in names) >= 2:
+                raise pytest.UsageError(f"{module.__name__}.FULL_GRID names {name!r}, which is no collected case of "
+                                        f"{base} (collected: {sorted({n for n in names if n.split('[')[0] == base})})")

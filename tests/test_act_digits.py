@@ -20,6 +20,14 @@ from kernels_pallas.quantize_rows import split_rows
 from kernels_pallas.quantized_matmul import digits_layout, quantized_matmul
 from kernels_pallas.swiglu import swiglu_digits, swiglu_reference
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_quantized_decode_takes_digits_from_norms_and_swiglu[int8]',
+    'test_add_rms_norm_writes_its_outputs_digits[1-640-128]',
+    'test_add_rms_norm_writes_its_outputs_digits[2-300-0]',
+}
+
+
 EPS = 1.5625e-07
 
 

@@ -14,6 +14,12 @@ from kernels_pallas.decode_combine import combine_planes, combine_reference
 from kernels_pallas.qmatmul_dp4a import digit_planes_pallas
 
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_matches_reference_and_writes_planes[2-5-16-128]',
+}
+
+
 def partials(seed, kh=2, splits=5, rows=16, h=128):
     ko, kl = jax.random.split(jax.random.key(seed))
     o = jax.random.normal(ko, (1, kh, splits, rows, h), jnp.float32)

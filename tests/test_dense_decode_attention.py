@@ -20,6 +20,15 @@ from kernels_pallas.dense_decode_attention import (dense_decode_attention, dense
                                                    dense_decode_attention_rows_reference, rotate_pairs)
 
 # (B, N, K, H, S, positions, splits, block_s)
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_rows_match_reference[small-group-full]',
+    'test_rows_match_reference[one-split-full]',
+    'test_rows_match_reference[glm-group-full]',
+    'test_matches_reference[small-group]',
+}
+
+
 CASES = [
     (3, 8, 2, 64, 128, (0, 77, 127), 1, 32),
     (3, 8, 2, 64, 128, (5, 64, 200), 3, 32),  # 200 >= S: the write is dropped, the query sees all 128 slots

@@ -19,6 +19,12 @@ from autoglm_jax.memory import kv_bytes_per_token_per_layer, param_bytes, plan_m
 from sharding import MeshError, make_mesh, per_device_bytes, shard_model
 from .engine_fixtures import CFG, greedy, make_model, random_prompts
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_tensor_parallel_engine_equals_unsharded[4-False]',
+}
+
+
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (conftest sets 8 CPU devices)")
 
 # CFG: N = 4 query heads over K = 2 KV heads; tensor 4 repeats each KV head twice (K' = 4).

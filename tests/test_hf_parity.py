@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_padded_batch_logits_match[glm-gqa2-partial-bias]',
+    'test_logits_match[glm-gqa2-partial-bias-7]',
+    'test_logits_match[glm-gqa4-tied-7]',
+}
+
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 

@@ -15,6 +15,15 @@ import jax.numpy as jnp
 from kernels_pallas.kv_pages import dequantize_kv, quantize_kv, validate_page_table, write_kv_pages
 from kernels_pallas.paged_attention import paged_attention, paged_attention_reference
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_int8_pages[2-64-False-False]',
+    'test_int8_pages[16-16-True-False]',
+    'test_matches_reference[16-64-None-None]',
+    'test_matches_reference[16-16-3-False]',
+}
+
+
 H = 128
 
 

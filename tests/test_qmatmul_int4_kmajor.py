@@ -22,6 +22,14 @@ from kernels_pallas.quantized_matmul import SPLIT_STEPS, fit_config, quantized_m
 from .qmatmul_fixtures import split_bound
 
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_matches_reference[gemv-g64]',
+    'test_matches_reference[gemv-split]',
+    'test_matches_reference[dot-bf16scale]',
+}
+
+
 def problem(seed, m, k, n, group, symmetric, x_dtype=jnp.bfloat16):
     kx, kw = jax.random.split(jax.random.key(seed))
     w = 0.05 * jax.random.normal(kw, (k, n), jnp.float32) + 0.01

@@ -22,6 +22,13 @@ from kernels_pallas.quantized_matmul import digits_layout, fit_config, quantized
 from .qmatmul_fixtures import split_bound
 
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_matches_reference[split]',
+    'test_matches_reference[ragged]',
+}
+
+
 def problem(seed, k, n, m=1, k_major=True):
     kx, kw = jax.random.split(jax.random.key(seed))
     w = 0.05 * jax.random.normal(kw, (k, n), jnp.float32) + 0.01

@@ -23,6 +23,14 @@ from kernels_pallas.mgpu_flash import SMEM_BYTES
 from kernels_pallas.qmatmul_mixed_mgpu import MixedTiles, int8_matmul_mgpu, int8_matmul_reference
 
 # (M, K, N, tiles, k_major): GLM-4-9B's qkv, o, gate_up and down at M = 512 or 128, and smaller tiles
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_int4_lowers_for_cuda[256-13696-4096-int4_g128_asym_kmajor-False]',
+    'test_int4_lowers_for_cuda[512-4096-4608-int4_g128_asym_kmajor-True]',
+    'test_a_float32_output_takes_fewer_stages_and_still_lowers[int8_kmajor-True]',
+}
+
+
 CASES = [(512, 4096, 4608, MixedTiles(), False), (128, 4096, 4096, MixedTiles(tile_n=64), True),
          (256, 13696, 4096, MixedTiles(tile_m=64, tile_n=64, stages=6), True),
          (512, 4096, 27392, MixedTiles(tile_n=128, stages=3), False),

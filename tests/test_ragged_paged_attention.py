@@ -16,6 +16,13 @@ from kernels_pallas.ragged_paged_attention import ragged_paged_attention, ragged
 from tests.test_paged_attention import H, dense_attention, make_pool, rel_err
 
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_matches_reference[16-16-4-2-False-False]',
+    'test_matches_reference[2-64-8-1-False-False]',
+}
+
+
 def make_batch(rng, *, group, page_size, contexts, chunks, padding=5, quantized=False, dtype=jnp.bfloat16):
     """contexts[b] cached tokens after the chunk; chunks[b] query tokens (the last ones of the context)."""
     pool = make_pool(rng, kv_heads=2, page_size=page_size, lengths=list(contexts) + [3], quantized=quantized,

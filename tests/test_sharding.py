@@ -22,6 +22,14 @@ from sharding import layout as tp
 from sharding.partition import canonical_state
 from sharding.rules import UnknownLogicalAxis
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_sharded_model_matches_single_device[tensor4]',
+    'test_sharded_model_matches_single_device[tensor8]',
+    'test_fused_decode_kernel_per_shard_matches_single_device[tensor4]',
+}
+
+
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (conftest sets 8 CPU devices)")
 
 # N = 8 query heads over K = 2 KV heads, so tensor 4 and 8 exercise the KV-head repetition.

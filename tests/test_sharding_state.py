@@ -17,6 +17,13 @@ from sharding import (batch_sharding, from_pretrained_sharded, load_hf_sharded, 
                       restore_sharded, save_sharded, shard_model, shardings_like)
 from sharding.partition import canonical_state
 
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_k_major_int8_sharded_logits[tensor8-xla_split]',
+    'test_quantized_model_tensor_parallel[int8-4-False]',
+}
+
+
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (conftest sets 8 CPU devices)")
 
 CFG = GLMConfig.from_preset("tiny").replace(num_heads=8, head_dim=32, num_layers=1, vocab_size=1024)

@@ -18,6 +18,13 @@ from autoglm_jax.train.loop import abstract_train_state, build
 from autoglm_jax.train.memory_estimate import compiled_memory, estimate_training_memory
 
 # Small, but with activations a large share of the step (T = 256, V = 4096) so the activation model matters.
+# Cases beyond the CPU subset (tests/conftest.py): on the CPU only with --runslow; on a GPU always.
+FULL_GRID = {
+    'test_estimate_within_tolerance_of_memory_analysis[dots_saveable-0.1]',
+    'test_estimate_within_tolerance_of_memory_analysis[none-0.1]',
+}
+
+
 CFG = GLMConfig.from_preset("tiny")  # the embedded model's shape
 
 
