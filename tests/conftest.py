@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
     skip_grid = pytest.mark.skip(reason="full grid: on the CPU only with --runslow (or AUTOGLM_RUN_SLOW=1)")
     _check_full_grid_names(items)
     for item in items:
-        if item.name in getattr(item.module, "FULL_GRID", ()):
+        if item.name in getattr(getattr(item, "module", None), "FULL_GRID", ()):
             item.add_marker(pytest.mark.full_grid)
         if "gpu" in item.keywords and not on_gpu:
             item.add_marker(skip_gpu)

@@ -24,8 +24,9 @@ def test_sweep_order_times_the_current_choice_first_and_once():
 def test_the_h200_sweep_starts_from_the_h100_row():
     """On a device with no rows of its own, what runs now (and is timed first) is the sibling chip's tuned tile."""
     table = qmatmul_tiles.load_table()
-    h200 = {(e["format"], e["m"]) for e in table if e["device"] == "h200"}
-    rows = [e for e in table if e["device"] == "h100" and (e["format"], e["m"]) not in h200 and e["m"] == 1]
+    h200 = {(e["format"], e["m"], e["k"], e["n"]) for e in table if e["device"] == "h200"}
+    rows = [e for e in table if e["device"] == "h100" and e["m"] == 1
+            and (e["format"], e["m"], e["k"], e["n"]) not in h200]
     if not rows:
         pytest.skip("every M=1 format has H200 rows of its own")
     row = rows[0]
