@@ -128,7 +128,8 @@ def device_kind() -> str:
 
 def tuned_blocks(op: str, **key) -> tuple[dict, dict]:
     """Nearest tuned entry for ``op`` on this device (else on a sibling chip, ``tuned_device``): same quantized /
-    group, nearest batch and context (log scale), same page size preferred. Returns (entry key, blocks), or ({}, {}) when the table has nothing."""
+    group, nearest batch and context (log scale), same page size preferred. Returns (entry key, blocks), or
+    ({}, {}) when the table has nothing."""
     rows = [(dev, e) for dev, entries in _tuned_table().get(op, {}).items() for e in entries
             if all(e["key"].get(f) == key.get(f) for f in ("quantized", "group"))]
     cands = [e for _, e in rows_for(rows, device_kind(), device=lambda row: row[0])]  # else a sibling chip's

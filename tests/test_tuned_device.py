@@ -44,7 +44,8 @@ def test_committed_tables_serve_the_h200(monkeypatch):
     glu = [e for e in splitk_matmul._table(glu_matmul.TABLE_PATH)["entries"] if e["config"] != "xla"][0]
     assert glu_matmul.tuned_blocks("NVIDIA H200", glu["m"], glu["k"], glu["n"]) is not None
     assert dense_decode_attention.tuned_blocks(1) != {}
-    assert paged_attention.tuned_blocks("decode", batch=32, context=2048, quantized=False, group=16, page_size=16)[1] != {}
+    assert paged_attention.tuned_blocks("decode", batch=32, context=2048, quantized=False, group=16,
+                                        page_size=16)[1] != {}
     table = qmatmul_tiles.load_table()
     own = {(e["format"], e["m"], e["k"], e["n"]) for e in table if e["device"] == "h200"}
     row = next(e for e in table if e["device"] == "h100" and (e["format"], e["m"], e["k"], e["n"]) not in own)
