@@ -24,11 +24,20 @@ With ``int8_qk`` (int8 pages only) q is written once per program as two int8 dig
 and q.K^T runs as two int8 x int8 -> int32 tensor-core dots straight from the int8 K tile, instead of
 converting every key to bf16 first. P.V stays a bf16 product (int8 dots on the int8 V tile, contracted over its
 rows, measured 2x slower on the H100; a float16 P.V needs the V scales rescaled per block to stay in range and
-measured 7% slower with it: ``experiments/results/paged_attention_h100_notes.md``).
+measured 7% slower with it: ``experiments/results/paged_attention_h100_notes.md``). Per logit the int8 path
+sums the two digit dots in int32 (one conversion), then takes one multiply by the key's factor (K scale, times
+the softmax scale without int8_qk), one by the row's (int8_qk: the digit step times the softmax scale) and adds
+the key's mask bias (0, or -1e30 past the length); exponents are one ``ex2.approx.ftz`` each (``fast_exp2``).
+An Nsight Compute profile on the H200 (session 29, ``experiments/results/paged_variants/s29/``) shows what is
+left: Triton reads the int8 V tile from shared memory a byte at a time in the dot's operand layout (LDS.U8 11%
+of the executed instructions, PRMT 14%); converting V to bf16 in PTX where it is loaded changed nothing
+(Triton still converts in the dot's layout), so that is not in the code.
 
-Keys past a sequence's length are masked and V rows past it are zeroed before the product, so stale
-or non-finite slot contents never leak; page-table entries past the last used page are replaced by
-page 0 and entries are clamped into the pool, so no launch reads outside the pool.
+Keys past a sequence's length never leak, whatever stale or non-finite values their slots hold: their logits
+are masked; bf16 / f16 / f32 V rows past the length load as zeros (a masked load; a select over the whole
+tile before) and int8 V, finite by construction, meets probabilities times V scales zeroed past the length.
+Page-table entries past the last used page are replaced by page 0 and entries are clamped into the pool, so
+no launch reads outside the pool.
 
 Block sizes (keyword-only, static): pages_per_block, num_splits, num_warps, num_stages, prefetch_ids,
 row_gather; when None
@@ -158,7 +167,7 @@ def _pow2(x: int) -> int:
 # ----------------------------------------------------------------------------------------- GPU kernel
 def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad, page_size,
                    pages_per_block, pages_per_split, num_pages, max_pages, scale, quantized, direct,
-                   prefetch_ids, row_gather, int8_qk=False):
+                   prefetch_ids, row_gather, int8_qk=False, interpret=False):
     # len_ref [B]; pt_ref [B, max_pages]; q_ref [B, N, H]; k_ref, v_ref [P, L, H] (head k), scales [P, L];
     # row_gather: k_ref, v_ref [P * L, H], scales [P * L] (one pool row per key, gathered as a 2-D tile).
     # Outputs: direct -> o_ref [B, N, H], else o_ref [G_pad, H] f32, lse_ref [G_pad].
@@ -179,9 +188,11 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
     q_at = q_ref.at[b, pl.ds(kh * group, group_pad), :]
     q = pltriton.load(q_at, mask=row_ok, other=0) if group_pad != group else q_ref[b, pl.ds(kh * group, group), :]
     cdt = q.dtype
+    c = scale * LOG2E  # logits in log2 units: m, the row max, is kept in them
     if int8_qk:  # q [G_pad, H] -> int8 digits hi, lo and a step per row: q ~ (128 hi + lo) * step
         qf = q.astype(jnp.float32)
         q_step = jnp.maximum(jnp.max(jnp.abs(qf), axis=1), 1e-30) / SPLIT_STEPS  # [G_pad]
+        row_scale = (q_step * c)[:, None]  # [G_pad, 1]: the logits' factor per query row
         xs = jnp.floor(qf / q_step[:, None] + 0.5)  # |xs| <= 16256
         q_hi = jnp.floor(xs * (1.0 / 128.0) + 0.5)
         q_lo = (xs - 128.0 * q_hi).astype(jnp.int32).astype(jnp.int8)
@@ -198,31 +209,44 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
     def gather(ref, ids, scales=False):  # -> [block, H] keys / values, or [1, block] scales
         return ref[ids].reshape((1, block) if scales else (block, head_dim))
 
+    def gather_valid(ref, ids, valid):  # [block, H] values, rows of keys past the length loaded as zeros
+        if interpret:  # the interpreter's masked load takes no gather; the GPU tests run the masked load
+            return jnp.where(valid[:, None], gather(ref, ids), jnp.zeros((), ref.dtype))
+        shape = (block, head_dim) if row_gather else (pages_per_block, page_size, head_dim)
+        mask = jnp.broadcast_to(valid.reshape(shape[:-1])[..., None], shape)
+        return pltriton.load(ref.at[ids], mask=mask, other=0).reshape(block, head_dim)
+
     def body(i, carry):
         acc, m, l, ids = carry
         pstart = p0 + i * pages_per_block
         ids_next = page_ids(pstart + pages_per_block) if prefetch_ids else None  # issued before this block's loads
         if not prefetch_ids:
             ids = page_ids(pstart)
-        k, v = gather(k_ref, ids), gather(v_ref, ids)
         valid = pstart * page_size + jnp.arange(block) < length
-        if int8_qk:
+        k = gather(k_ref, ids)
+        if quantized:  # int8 K and V are finite whatever a slot holds: no per-element masks, per-key ones only
+            v = gather(v_ref, ids).astype(cdt)
+            k_scale = jnp.where(valid[None, :], gather(ks_ref, ids, scales=True), 0.0) * (1.0 if int8_qk else c)
+            bias = jnp.where(valid[None, :], 0.0, MASK_VALUE)
+        else:  # stale slots past the length may hold anything: those rows of V load as zeros
+            v = gather_valid(v_ref, ids, valid).astype(cdt)
+        if int8_qk:  # 128 hi + lo summed in int32 (|.| < 2^28), one conversion a logit
             dims = (((1,), (1,)), ((), ()))
-            hi = lax.dot_general(q_hi, k, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
-            lo = lax.dot_general(q_lo, k, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
-            logits = (128.0 * hi + lo) * q_step[:, None]
+            hi = lax.dot_general(q_hi, k, dims, preferred_element_type=jnp.int32)
+            lo = lax.dot_general(q_lo, k, dims, preferred_element_type=jnp.int32)
+            logits = (hi * 128 + lo).astype(jnp.float32)
         else:
             logits = lax.dot_general(q, k.astype(cdt), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if quantized:
-            logits = logits * gather(ks_ref, ids, scales=True)
-        logits = jnp.where(valid[None, :], logits * (scale * LOG2E), MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(logits - m_new[:, None])
+        if quantized:  # [1, block] key factors (K scale, c), [G_pad, 1] row factors (int8_qk), masked keys' bias
+            logits = (logits * k_scale * row_scale if int8_qk else logits * k_scale) + bias
+        else:
+            logits = jnp.where(valid[None, :], logits, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1) * (1.0 if quantized else c))
+        alpha = fast_exp2(m - m_new, interpret)
+        p = fast_exp2((logits if quantized else logits * c) - m_new[:, None], interpret)
         l = l * alpha + jnp.sum(p, axis=1)
         if quantized:
             p = p * jnp.where(valid[None, :], gather(vs_ref, ids, scales=True), 0.0)
-        v = jnp.where(valid[:, None], v.astype(cdt), jnp.zeros((), cdt))
         acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32)
         return acc, m_new, l, (ids_next if prefetch_ids else ids)
@@ -307,7 +331,7 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
         pages_per_block=blocks["pages_per_block"], pages_per_split=pps, num_pages=num_pages,
         max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct,
         prefetch_ids=blocks["prefetch_ids"], row_gather=blocks["row_gather"],
-        int8_qk=blocks["int8_qk"])
+        int8_qk=blocks["int8_qk"], interpret=interpret)
     whole = pl.BlockSpec()
     pools, pool_specs = pool_operands(k_pages, v_pages, k_scales, v_scales, blocks["row_gather"])
     in_specs = [whole, whole, whole] + pool_specs
