@@ -361,3 +361,20 @@ def test_mosaic_gpu_decode_rejects_what_it_does_not_take():
         paged_attention(jnp.zeros((1, 8, H), jnp.bfloat16), *args, backend="mosaic_gpu")
     with pytest.raises(ValueError, match="key blocks of 64, 128 or 256 keys"):
         paged_attention(q, *args, pages_per_block=2, backend="mosaic_gpu")
+
+
+@pytest.mark.parametrize("quantized,blocks", [(False, dict(row_gather=True, num_splits=2)),
+                                              (False, dict(row_gather=False, num_splits=1)),
+                                              (True, dict(row_gather=True, num_splits=2, int8_qk=True))], ids=str)
+def test_triton_decode_lowers_for_cuda(quantized, blocks):
+    """The Triton decode kernel's GPU-only code (the masked gather of V rows, the ex2.approx inline PTX), which
+    interpret mode replaces, lowered for CUDA on this machine (jax.export: Pallas -> Triton IR)."""
+    pool = make_pool(np.random.default_rng(0), kv_heads=2, page_size=16, lengths=[37, 130], quantized=quantized)
+    args = (jnp.zeros((2, 32, H), jnp.bfloat16), pool["k_pages"], pool["v_pages"], pool["lengths"],
+            pool["page_table"], pool["k_scales"], pool["v_scales"])
+    f = jax.jit(lambda q, kp, vp, lengths, table, ks, vs: paged_attention(
+        q, kp, vp, lengths, table, k_scales=ks, v_scales=vs, backend="triton", pages_per_block=2, num_warps=4,
+        num_stages=2, prefetch_ids=True, **blocks))
+    check = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")  # lowered, never serialized
+    module = jax.export.export(f, platforms=["cuda"], disabled_checks=[check])(*args).mlir_module()
+    assert module.count("xla.gpu.triton") == (1 if blocks["num_splits"] == 1 else 2)  # the kernel (+ combine)
