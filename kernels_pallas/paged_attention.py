@@ -31,7 +31,10 @@ the key's mask bias (0, or -1e30 past the length); exponents are one ``ex2.appro
 An Nsight Compute profile on the H200 (session 29, ``experiments/results/paged_variants/s29/``) shows what is
 left: Triton reads the int8 V tile from shared memory a byte at a time in the dot's operand layout (LDS.U8 11%
 of the executed instructions, PRMT 14%); converting V to bf16 in PTX where it is loaded changed nothing
-(Triton still converts in the dot's layout), so that is not in the code.
+(Triton still converts in the dot's layout), so that is not in the code. The kernel's experimental block option
+``v_keys_minor`` (int8 pages, one page a block; not reachable from ``paged_attention``) takes V pages stored
+[K, P, H, L], keys contiguous, where the dot's k-pairs are adjacent bytes: ``experiments/diag_int8_vt_decode.py``
+measures it against this layout before the cache would change for it (written in session 29, not yet run on a GPU).
 
 Keys past a sequence's length never leak, whatever stale or non-finite values their slots hold: their logits
 are masked; bf16 / f16 / f32 V rows past the length load as zeros (a masked load; a select over the whole
@@ -167,9 +170,10 @@ def _pow2(x: int) -> int:
 # ----------------------------------------------------------------------------------------- GPU kernel
 def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad, page_size,
                    pages_per_block, pages_per_split, num_pages, max_pages, scale, quantized, direct,
-                   prefetch_ids, row_gather, int8_qk=False, interpret=False):
+                   prefetch_ids, row_gather, int8_qk=False, interpret=False, v_keys_minor=False):
     # len_ref [B]; pt_ref [B, max_pages]; q_ref [B, N, H]; k_ref, v_ref [P, L, H] (head k), scales [P, L];
-    # row_gather: k_ref, v_ref [P * L, H], scales [P * L] (one pool row per key, gathered as a 2-D tile).
+    # row_gather: k_ref, v_ref [P * L, H], scales [P * L] (one pool row per key, gathered as a 2-D tile);
+    # v_keys_minor (experimental, int8, one page a block, no row gather): v_ref [P, H, L], keys contiguous.
     # Outputs: direct -> o_ref [B, N, H], else o_ref [G_pad, H] f32, lse_ref [G_pad].
     if quantized:
         ks_ref, vs_ref, *outs = refs
@@ -225,7 +229,8 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
         valid = pstart * page_size + jnp.arange(block) < length
         k = gather(k_ref, ids)
         if quantized:  # int8 K and V are finite whatever a slot holds: no per-element masks, per-key ones only
-            v = gather(v_ref, ids).astype(cdt)
+            v = v_ref[ids].reshape(head_dim, block) if v_keys_minor else gather(v_ref, ids)
+            v = v.astype(cdt)
             k_scale = jnp.where(valid[None, :], gather(ks_ref, ids, scales=True), 0.0) * (1.0 if int8_qk else c)
             bias = jnp.where(valid[None, :], 0.0, MASK_VALUE)
         else:  # stale slots past the length may hold anything: those rows of V load as zeros
@@ -247,8 +252,8 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, group, group_pad
         l = l * alpha + jnp.sum(p, axis=1)
         if quantized:
             p = p * jnp.where(valid[None, :], gather(vs_ref, ids, scales=True), 0.0)
-        acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
-                                                     preferred_element_type=jnp.float32)
+        pv_dims = (((1,), (1 if v_keys_minor else 0,)), ((), ()))  # keys-minor V [H, block]: contract its keys
+        acc = acc * alpha[:, None] + lax.dot_general(p.astype(cdt), v, pv_dims, preferred_element_type=jnp.float32)
         return acc, m_new, l, (ids_next if prefetch_ids else ids)
 
     init = (jnp.zeros((group_pad, head_dim), jnp.float32), jnp.full((group_pad,), MASK_VALUE, jnp.float32),
@@ -326,12 +331,15 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
     splits, pps = blocks["num_splits"], blocks["pages_per_split"]
     quantized = k_scales is not None
     direct = splits == 1
+    if blocks.get("v_keys_minor") and (blocks["pages_per_block"] != 1 or blocks["row_gather"] or not quantized):
+        raise ValueError(f"v_keys_minor (V pages [K, P, H, L]) takes int8 pages, pages_per_block 1 and no "
+                         f"row_gather; got {k_pages.dtype} pages, {blocks}")
     kernel = functools.partial(
         _decode_kernel, group=group, group_pad=group_pad, page_size=page_size,
         pages_per_block=blocks["pages_per_block"], pages_per_split=pps, num_pages=num_pages,
         max_pages=page_table.shape[1], scale=scale, quantized=quantized, direct=direct,
         prefetch_ids=blocks["prefetch_ids"], row_gather=blocks["row_gather"],
-        int8_qk=blocks["int8_qk"], interpret=interpret)
+        int8_qk=blocks["int8_qk"], interpret=interpret, v_keys_minor=blocks.get("v_keys_minor", False))
     whole = pl.BlockSpec()
     pools, pool_specs = pool_operands(k_pages, v_pages, k_scales, v_scales, blocks["row_gather"])
     in_specs = [whole, whole, whole] + pool_specs
@@ -351,7 +359,7 @@ def _decode_triton(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales,
         in_specs += out_specs
         aliases = {len(args) - len(out_shape) + i: i for i in range(len(out_shape))}
         kernel = _drop_aliased_inputs(kernel, len(out_shape))
-    tag = "_i8qk" if blocks["int8_qk"] else ""
+    tag = ("_i8qk" if blocks["int8_qk"] else "") + ("_vkm" if blocks.get("v_keys_minor") else "")
     outs = pl.pallas_call(
         kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, input_output_aliases=aliases, compiler_params=params, interpret=interpret,

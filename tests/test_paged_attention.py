@@ -378,3 +378,24 @@ def test_triton_decode_lowers_for_cuda(quantized, blocks):
     check = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")  # lowered, never serialized
     module = jax.export.export(f, platforms=["cuda"], disabled_checks=[check])(*args).mlir_module()
     assert module.count("xla.gpu.triton") == (1 if blocks["num_splits"] == 1 else 2)  # the kernel (+ combine)
+
+
+def test_keys_minor_v_experiment_matches_reference_and_lowers():
+    """``experiments/diag_int8_vt_decode.py`` (the decode kernel's experimental ``v_keys_minor`` option, V pages
+    [K, P, H, L]): interpret mode against the reference, and its GPU form lowered for CUDA."""
+    from experiments.diag_int8_vt_decode import check, decode_vt, keys_minor
+
+    assert all(row["rel_err"] < 1e-2 for row in check(interpret=True))
+    pool = make_pool(np.random.default_rng(1), kv_heads=2, page_size=64, lengths=[130, 64], quantized=True)
+    args = (jnp.zeros((2, 32, H), jnp.bfloat16), pool["k_pages"], keys_minor(pool["v_pages"]), pool["lengths"],
+            pool["page_table"], pool["k_scales"], pool["v_scales"])
+    f = jax.jit(lambda *a: decode_vt(*a, num_splits=2))
+    check_ = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    module = jax.export.export(f, platforms=["cuda"], disabled_checks=[check_])(*args).mlir_module()
+    assert "_vkm" in module
+    from kernels_pallas.paged_attention import _decode_triton
+
+    blocks = dict(pages_per_block=2, pages_per_split=2, num_splits=1, num_warps=4, num_stages=2, prefetch_ids=True,
+                  row_gather=False, int8_qk=True, v_keys_minor=True)
+    with pytest.raises(ValueError, match="v_keys_minor .* pages_per_block 1"):  # a block of one page only
+        _decode_triton(*args, scale=1.0, blocks=blocks, interpret=True, poison=False)
