@@ -6,9 +6,11 @@ every variant reads the same tuned table and takes the same blocks for a point u
 Timing and inputs are ``bench_paged_attention``'s (distinct layers unrolled, pools rotated past L2, GPU span of a
 call in a profiler trace). Needs a GPU.
 
-Usage: python experiments/diag_paged_ab.py --variants head=kernels_pallas/_pa_head.py [name=path ...]
+Usage: git show HEAD:kernels_pallas/paged_attention.py > kernels_pallas/_pa_head.py   # before the device call
+       python experiments/diag_paged_ab.py --variants head=kernels_pallas/_pa_head.py [name=path ...]
        [--points 32:8192:16:1 32:2048:16:0] [--rounds 3] [--out DIR]
-(a point is batch:context:page_size:int8; the tree's own kernel is the variant "tree")
+(a point is batch:context:page_size:int8; the tree's own kernel is the variant "tree"; the device tool copies
+untracked files, so the copies travel without being committed)
 """
 
 from __future__ import annotations
