@@ -295,6 +295,23 @@ def test_tuned_table_lookup_carries_programs_and_tokens(monkeypatch):
     assert not pa.decode_blocks(1, 2, 16, 3, 16, False, int8_qk=True)["int8_qk"]
 
 
+def test_committed_decode_table_entries_are_served_as_tuned(monkeypatch):
+    """Each decode entry of kernels_pallas/tuned/paged_attention.json, looked up at its own point on its own device
+    (GLM-4-9B's 2 kv heads), gives the blocks the tuner timed (its blocks passed explicitly, as the tuner passes
+    them): a hand edit or a tuner bug that wrote a key the lookup cannot match, or blocks it cannot take, fails here."""
+    from kernels_pallas import paged_attention as pa
+    table = pa._tuned_table()
+    assert table.get("decode"), "the committed paged-attention table has no decode entries"
+    for device, entries in table["decode"].items():
+        monkeypatch.setattr(pa, "device_kind", lambda device=device: device)
+        for e in entries:
+            key = e["key"]
+            point = (key["batch"], 2, key["group"], key["context"] // key["page_size"], key["page_size"],
+                     key["quantized"])
+            timed = pa.decode_blocks(*point, **{"int8_qk": False, **e["blocks"]})  # all seven given: no lookup
+            assert pa.decode_blocks(*point) == timed, (device, key)
+
+
 class MosaicGpuDecodeCases:
     """The Mosaic GPU (Hopper) decode kernel (``paged_attention_mgpu.py``): G = 8 or 16 query heads a KV head
     packed into one wgmma tile, one split writing the output or several merged by XLA, a sequence of one token,
