@@ -40,20 +40,22 @@ def keys_minor(pages):
 
 
 def decode_vt(q, k_pages, vt_pages, lengths, page_table, k_scales, v_scales, *, num_splits, num_warps=4,
-              num_stages=3, int8_qk=True, interpret=False):
-    """The decode kernel over int8 pages with V keys-minor (``vt_pages`` [K, P, H, L]); q [B, N, H] -> [B, N, H]."""
+              num_stages=3, int8_qk=True, interpret=False, poison=False):
+    """The decode kernel over int8 pages with V keys-minor (``vt_pages`` [K, P, H, L]); q [B, N, H] -> [B, N, H]
+    (poison: the outputs start as NaN and must be overwritten, as the kernel tests run it)."""
     max_pages = page_table.shape[1]
     blocks = pa.decode_blocks(q.shape[0], k_pages.shape[0], q.shape[1] // k_pages.shape[0], max_pages,
                               k_pages.shape[2], True, pages_per_block=1, num_splits=num_splits, num_warps=num_warps,
                               num_stages=num_stages, prefetch_ids=True, row_gather=False, int8_qk=int8_qk)
     blocks["v_keys_minor"] = True
     return pa._decode_triton(q, k_pages, vt_pages, lengths, page_table, k_scales, v_scales,
-                             scale=q.shape[-1] ** -0.5, blocks=blocks, interpret=interpret, poison=False)
+                             scale=q.shape[-1] ** -0.5, blocks=blocks, interpret=interpret, poison=poison)
 
 
 def check(interpret: bool) -> list[dict]:
-    """Max relative error against the reference on fresh random int8 pools (shuffled pages, ragged lengths
-    ending mid-page and on a page boundary, a one-token sequence) for a few split / stage settings."""
+    """Relative error (norm) against the reference on fresh random int8 pools (shuffled pages, ragged lengths
+    ending mid-page and on a page boundary, a one-token sequence), NaN-poisoned outputs, a few split / stage
+    settings."""
     rows = []
     for page_size, splits, stages in ((16, 1, 2), (16, 3, 3), (64, 2, 3)):
         rng = np.random.default_rng(page_size + splits)
@@ -64,7 +66,7 @@ def check(interpret: bool) -> list[dict]:
         q = jnp.asarray(rng.standard_normal((len(lengths), bench.N, bench.H)), jnp.bfloat16)
         lens = jnp.asarray(lengths, jnp.int32)
         out = decode_vt(q, kp, keys_minor(vp), lens, table, ks, vs, num_splits=splits, num_stages=stages,
-                        interpret=interpret)
+                        interpret=interpret, poison=True)
         ref = pa.paged_attention_reference(q, kp, vp, lens, table, k_scales=ks, v_scales=vs)
         o, r = (np.asarray(x, np.float64) for x in (out, ref))
         err = float(np.linalg.norm(o - r) / np.linalg.norm(r))
