@@ -235,6 +235,26 @@ def entries_from_bench(path: str, table: list[dict], margin: float = 0.9) -> lis
     return new
 
 
+def entries_from_sweep(path: str, table: list[dict]) -> list[dict]:
+    """Entries for the (format, M, shape) problems of a sweep file (the ``*_sweep.json`` a run writes beside its
+    table) that ``table`` lacks: each problem's fastest timed config, marked with the file as its ``source``. For a
+    run whose table was not kept; a problem the table already holds is left as it is."""
+    with open(path) as f:
+        sweep = json.load(f)
+    dev = qmatmul_tiles.device_key(sweep["device"])
+    have = {(e["device"], e["format"], e["m"], e["k"], e["n"]) for e in table}
+    best = {}
+    for r in sweep["rows"]:
+        name = random_weight(jax.random.key(0), r["format"], 256, 128).name
+        k, n = SHAPES[r["shape"]]
+        key = (dev, name, r["m"], k, n)
+        if key not in have and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    return [dict(device=dev, format=name, m=m, k=k, n=n, us=round(r["us"], 2), config=r["config"],
+                 source=f"{path} (the fastest timed config of a {sweep.get('date', '')} sweep)")
+            for (dev, name, m, k, n), r in best.items()]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=qmatmul_tiles.TABLE_PATH)
@@ -255,14 +275,17 @@ def main():
                     help="also sweep _wide_int8_candidates ([K, N] int8 at M <= 32: deeper pipelines, more programs)")
     ap.add_argument("--from_bench", default=None,
                     help="add entries for the problems of this bench JSON that the table lacks, then exit")
+    ap.add_argument("--from_sweep", default=None,
+                    help="add entries for the problems of this *_sweep.json that the table lacks, then exit")
     args = ap.parse_args()
-    if args.from_bench:
+    if args.from_bench or args.from_sweep:
         table = list(qmatmul_tiles.load_table())
-        new = entries_from_bench(args.from_bench, table)
+        source = args.from_bench or args.from_sweep
+        new = (entries_from_bench if args.from_bench else entries_from_sweep)(source, table)
         with open(args.out, "w") as f:
             json.dump(dict(note="written by experiments/tune_qmatmul.py; lookup rules in "
                                 "kernels_pallas/qmatmul_tiles.py", entries=table + new), f, indent=1)
-        print(f"added {len(new)} entries from {args.from_bench}")
+        print(f"added {len(new)} entries from {source}")
         return
     start = time.time()
     dev = gpu_name()

@@ -7,7 +7,8 @@ activations written as two int8 digits, ``quantized_matmul.int8_split_matmul``) 
 The format key is the weight's ``name``: a K-major ``Int8Weight`` (``qweight[N, K]``) is ``"int8_kmajor"``,
 tuned apart from ``"int8"`` ([K, N]); a K-major ``Int4Weight`` is ``"int4_g128_sym_kmajor"`` (etc.), tuned apart
 from the ``[K/2, N]`` int4 formats (its ``gemv`` is another kernel, ``qmatmul_dp4a.py``).
-No entry is written by hand. Lookup, among the format's rows of this device (per tuned problem, M bucket and shape;
+No entry is written by hand (a run's ``*_sweep.json`` whose table was not kept goes in with the tuner's
+``--from_sweep``). Lookup, among the format's rows of this device (per tuned problem, M bucket and shape;
 else a sibling chip's, see ``tuned_device``): exact (K, N) at the smallest tuned M >= M (else the largest tuned M); then the nearest shape
 (by K*N) with the same M bucket; an int4 variant with no entries uses another int4 variant's of the same layout
 (same group first); else ``default_config``.

@@ -37,3 +37,22 @@ def test_the_h200_sweep_starts_from_the_h100_row():
                                                        (100, 40, 1, 60)])
 def test_problem_budget_is_an_even_share_of_what_is_left(budget, elapsed, left, share):
     assert tune.problem_budget(budget, elapsed, left) == pytest.approx(share)
+
+
+def test_entries_from_sweep_take_each_missing_problem_fastest_row(tmp_path):
+    """``--from_sweep``: a sweep file's fastest config per (format, shape, M) becomes an entry, with the file as its
+    source; problems the table already holds stay as they are."""
+    import json
+
+    dot, gemv = TileConfig(kernel="dot").to_json(), TileConfig(kernel="gemv", block_m=1).to_json()
+    rows = [dict(format="int8_kmajor", shape="qkv", m=1, config=dot, us=9.0),
+            dict(format="int8_kmajor", shape="qkv", m=1, config=gemv, us=8.0),
+            dict(format="int8_kmajor", shape="down", m=1, config=gemv, us=20.0),
+            dict(format="int8", shape="o", m=32, config=dot, us=11.5)]
+    path = tmp_path / "run_sweep.json"
+    path.write_text(json.dumps(dict(device="NVIDIA H200", date="d", rows=rows)))
+    held = dict(device="h200", format="int8_kmajor", m=1, k=13696, n=4096, us=21.0, config=dot)
+    new = tune.entries_from_sweep(str(path), [held])
+    got = {(e["format"], e["m"], e["k"], e["n"]): (e["config"], e["us"]) for e in new}
+    assert got == {("int8_kmajor", 1, 4096, 4608): (gemv, 8.0), ("int8", 32, 4096, 4096): (dot, 11.5)}
+    assert all(e["device"] == "h200" and str(path) in e["source"] for e in new)
