@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import bench_paged_attention as bench  # noqa: E402
@@ -54,11 +54,11 @@ def check(mod, rng, batch, ctx, page_size, quantized) -> float:
     if quantized:
         kp, ks = bench.quantize_kv(kp)
         vp, vs = bench.quantize_kv(vp)
-    q = jax.numpy.asarray(rng.standard_normal((batch, bench.N, bench.H)), jax.numpy.bfloat16)
-    lens = jax.numpy.asarray(lengths, jax.numpy.int32)
+    q = jnp.asarray(rng.standard_normal((batch, bench.N, bench.H)), jnp.bfloat16)
+    lens = jnp.asarray(lengths, jnp.int32)
     out = mod.paged_attention(q, kp, vp, lens, table, k_scales=ks, v_scales=vs)
     ref = tree.paged_attention_reference(q, kp, vp, lens, table, k_scales=ks, v_scales=vs)
-    return float(jax.numpy.max(jax.numpy.abs(out.astype(np.float32) - ref.astype(np.float32))))
+    return float(jnp.max(jnp.abs(out.astype(np.float32) - ref.astype(np.float32))))
 
 
 def main():
